@@ -1,0 +1,269 @@
+"""Per-device copy-on-write state of a snapshot: which chunks hold their
+original data in diff storage, and the state machine that gets them there.
+
+A chunk is *new* (its original is still on the device), *loading* (one
+thread is copying the original out; others wait on its event), *stored*
+(diff storage holds it: the image reads it there and device writes to it go
+straight through) or, once the snapshot is corrupted, nothing matters any
+more: copy-on-write stops and the device keeps working.
+
+The chunk map is a dict of numpy pages, each holding the packed diff-storage
+location (+1, so 0 means "not stored") of ``chunk_map_page`` chunks. A page
+exists only once one of its chunks is stored, so memory follows the chunks
+touched, not the device size.
+
+Ordering rules (the hard part, as in the kernel):
+
+* a device write to a chunk returns only after that chunk's original is in
+  diff storage: ``cow`` claims every new chunk of the range, copies them, and
+  waits for chunks another thread is loading;
+* an image read never sees a half-copied chunk or new data: it reads chunks
+  not yet stored from the device *first* and checks their state *after*;
+  the location is published before the device write is let through, so a
+  chunk that is still unstored after the read was not overwritten during it.
+  Chunks found stored are read from diff storage instead.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import threading
+from collections.abc import Callable
+
+import numpy as np
+
+from .device import Device
+from .diff_storage import DiffStorage
+from .errors import BlksnapError, IOFailure
+from .filters import Bio, Op
+from .params import Params
+
+log = logging.getLogger(__name__)
+
+
+class DiffArea:
+    def __init__(
+        self,
+        device: Device,
+        storage: DiffStorage,
+        params: Params,
+        on_error: Callable[[BlksnapError], None],
+    ) -> None:
+        self.device = device
+        self.storage = storage
+        self.chunk_size = params.chunk_size
+        self.chunk_shift = self.chunk_size.bit_length() - 1
+        self.page_size = params.chunk_map_page
+        self.max_io = params.max_io_size
+        #: Device capacity frozen at take: the image's size.
+        self.capacity = device.size
+        self.chunk_count = (self.capacity + self.chunk_size - 1) >> self.chunk_shift
+        self._pages: dict[int, np.ndarray] = {}
+        self._loading: dict[int, threading.Event] = {}
+        self._lock = threading.Lock()
+        self._on_error = on_error
+        #: errno of the failure that corrupted the snapshot, 0 while healthy.
+        self.error = 0
+        self.armed = False
+        self.chunks_stored = 0
+
+    # -- chunk map ------------------------------------------------------------------
+
+    def _location(self, chunk: int) -> int:
+        page = self._pages.get(chunk // self.page_size)
+        if page is None:
+            return 0
+        return int(page[chunk % self.page_size])
+
+    def _locations(self, first: int, last: int) -> np.ndarray:
+        """Stored locations (+1; 0 = not stored) of chunks first..last."""
+        out = np.zeros(last - first + 1, dtype=np.int64)
+        ps = self.page_size
+        chunk = first
+        while chunk <= last:
+            pno, start = divmod(chunk, ps)
+            n = min(ps - start, last - chunk + 1)
+            page = self._pages.get(pno)
+            if page is not None:
+                out[chunk - first : chunk - first + n] = page[start : start + n]
+            chunk += n
+        return out
+
+    def _publish(self, chunk: int, location: int) -> None:
+        pno, idx = divmod(chunk, self.page_size)
+        page = self._pages.get(pno)
+        if page is None:
+            page = self._pages.setdefault(pno, np.zeros(self.page_size, dtype=np.int64))
+        page[idx] = location + 1
+        self.chunks_stored += 1
+
+    @property
+    def map_bytes(self) -> int:
+        """Memory held by the chunk map."""
+        return sum(p.nbytes for p in self._pages.values())
+
+    # -- failure ------------------------------------------------------------------
+
+    def fail(self, exc: BlksnapError) -> None:
+        """Diff storage could not take a chunk: stop copy-on-write for good."""
+        if self.error:
+            return
+        self.error = exc.errno or errno.EIO
+        log.error("snapshot of %s corrupted: %s", self.device.name, exc)
+        self._on_error(exc)
+
+    def check(self) -> None:
+        if self.error:
+            raise IOFailure(
+                f"snapshot image of {self.device.name} is corrupted "
+                f"({errno.errorcode.get(self.error, self.error)})"
+            )
+
+    # -- copy-on-write ------------------------------------------------------------
+
+    def _claim(self, first: int, last: int) -> tuple[list[int], list[threading.Event]]:
+        """Claim the new chunks of first..last for this thread to copy; return
+        them, and the events of chunks other threads are loading."""
+        mine: list[int] = []
+        waits: list[threading.Event] = []
+        locs = self._locations(first, last)
+        todo = [first + int(i) for i in np.flatnonzero(locs == 0)]
+        if not todo:
+            return mine, waits
+        with self._lock:
+            for chunk in todo:
+                ev = self._loading.get(chunk)
+                if ev is not None:
+                    waits.append(ev)
+                elif self._location(chunk) == 0:
+                    self._loading[chunk] = threading.Event()
+                    mine.append(chunk)
+        return mine, waits
+
+    def _copy(self, chunks: list[int]) -> None:
+        """Copy the originals of claimed chunks into diff storage, in runs of
+        adjacent chunks read with one request each."""
+        try:
+            start = 0
+            max_run = max(1, self.max_io >> self.chunk_shift)
+            while start < len(chunks):
+                end = start + 1
+                while (
+                    end < len(chunks)
+                    and chunks[end] == chunks[end - 1] + 1
+                    and end - start < max_run
+                ):
+                    end += 1
+                self._copy_run(chunks[start:end])
+                start = end
+        finally:
+            with self._lock:
+                for chunk in chunks:
+                    ev = self._loading.pop(chunk, None)
+                    if ev is not None:
+                        ev.set()
+
+    def _copy_run(self, run: list[int]) -> None:
+        if self.error:
+            return
+        cs = self.chunk_size
+        offset = run[0] << self.chunk_shift
+        length = min(len(run) * cs, self.capacity - offset)
+        try:
+            bio = Bio(Op.READ, offset, length)
+            self.device.submit_filtered(bio)
+            data = memoryview(bio.result or b"")
+            for i, chunk in enumerate(run):
+                piece = data[i * cs : (i + 1) * cs]
+                location = self.storage.alloc()
+                self.storage.write(location, piece)
+                with self._lock:
+                    self._publish(chunk, location)
+        except BlksnapError as exc:
+            self.fail(exc)
+
+    def cow(self, offset: int, length: int) -> None:
+        """Before a device write: make sure every chunk it touches is stored."""
+        if not self.armed or self.error or length <= 0:
+            return
+        end = min(offset + length, self.capacity)
+        if offset >= end:
+            return  # beyond the size frozen at take
+        first = offset >> self.chunk_shift
+        last = (end - 1) >> self.chunk_shift
+        mine, waits = self._claim(first, last)
+        if mine:
+            self._copy(mine)
+        for ev in waits:
+            ev.wait()
+
+    # -- image I/O ------------------------------------------------------------------
+
+    def read(self, offset: int, length: int) -> bytes:
+        """The device as it was at take, for ``offset``..``offset+length``."""
+        self.check()
+        if length == 0:
+            return b""
+        out = bytearray(length)
+        shift = self.chunk_shift
+        end = offset + length
+        first, last = offset >> shift, (end - 1) >> shift
+        locs = self._locations(first, last)
+        # Runs of chunks not stored: read from the device, then re-check.
+        i = 0
+        n = len(locs)
+        while i < n:
+            if locs[i]:
+                i += 1
+                continue
+            j = i
+            while j < n and not locs[j]:
+                j += 1
+            a = max(offset, (first + i) << shift)
+            b = min(end, (first + j) << shift)
+            bio = Bio(Op.READ, a, b - a)
+            self.device.submit_filtered(bio)
+            out[a - offset : b - offset] = bio.result or b""
+            i = j
+        after = self._locations(first, last)
+        for k in np.flatnonzero(after):
+            chunk = first + int(k)
+            a = max(offset, chunk << shift)
+            b = min(end, (chunk + 1) << shift)
+            out[a - offset : b - offset] = self.storage.read(
+                int(after[k]) - 1, b - a, a - (chunk << shift)
+            )
+        # A failure during the read may have let new data through unstored.
+        self.check()
+        return bytes(out)
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """An image write: lands in the chunks' copies in diff storage."""
+        self.check()
+        length = len(data)
+        if length == 0:
+            return
+        shift = self.chunk_shift
+        end = offset + length
+        first, last = offset >> shift, (end - 1) >> shift
+        while True:
+            mine, waits = self._claim(first, last)
+            if mine:
+                self._copy(mine)
+            for ev in waits:
+                ev.wait()
+            self.check()
+            locs = self._locations(first, last)
+            if locs.all():
+                break
+        view = memoryview(data)
+        for k, loc in enumerate(locs):
+            chunk = first + k
+            a = max(offset, chunk << shift)
+            b = min(end, (chunk + 1) << shift)
+            try:
+                self.storage.write(int(loc) - 1, view[a - offset : b - offset], a - (chunk << shift))
+            except BlksnapError as exc:
+                self.fail(exc)
+                raise IOFailure(f"image write to {self.device.name} failed: {exc}") from None

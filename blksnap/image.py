@@ -1,0 +1,66 @@
+"""A snapshot image: the point-in-time view of one device of a snapshot.
+
+Reads see the device as it was at take. Writes land in the image's own
+copies of the chunks in diff storage (never on the device) and mark their
+blocks changed in the CBT, so the next backup re-reads them from the device.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .errors import InvalidArgument, NoSpace
+
+if TYPE_CHECKING:
+    from .cbt import CbtMap
+    from .diff_area import DiffArea
+    from .gate import Gate
+
+
+class Image:
+    def __init__(
+        self, snapshot_id: str, name: str, diff_area: DiffArea, cbt: CbtMap, gate: Gate
+    ) -> None:
+        self.snapshot_id = snapshot_id
+        self.name = name
+        self.diff_area = diff_area
+        self.cbt = cbt
+        self._gate = gate
+        self.size = diff_area.capacity
+
+    def __repr__(self) -> str:
+        return f"<Image {self.snapshot_id}/{self.name} {self.size}B>"
+
+    def _check(self, offset: int, length: int, *, write: bool) -> None:
+        if offset < 0 or length < 0:
+            raise InvalidArgument(f"image {self.name}: negative offset or length")
+        if offset + length > self.size:
+            cls = NoSpace if write else InvalidArgument
+            raise cls(
+                f"image {self.name}: I/O at {offset}+{length} is past its end ({self.size} bytes)"
+            )
+
+    def read(self, offset: int, length: int) -> bytes:
+        self._check(offset, length, write=False)
+        self._gate.enter()
+        try:
+            return self.diff_area.read(offset, length)
+        finally:
+            self._gate.leave()
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        self._check(offset, len(data), write=True)
+        self._gate.enter()
+        try:
+            self.diff_area.write(offset, data)
+            self.cbt.mark_both(offset, len(data))
+        finally:
+            self._gate.leave()
+
+    def flush(self) -> None:
+        """Diff storage is not persistent: nothing to make durable."""
+        self._gate.enter()
+        try:
+            self.diff_area.check()
+        finally:
+            self._gate.leave()
