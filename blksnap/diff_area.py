@@ -263,7 +263,8 @@ class DiffArea:
             a = max(offset, chunk << shift)
             b = min(end, (chunk + 1) << shift)
             try:
-                self.storage.write(int(loc) - 1, view[a - offset : b - offset], a - (chunk << shift))
+                piece = view[a - offset : b - offset]
+                self.storage.write(int(loc) - 1, piece, a - (chunk << shift))
             except BlksnapError as exc:
                 self.fail(exc)
                 raise IOFailure(f"image write to {self.device.name} failed: {exc}") from None

@@ -21,6 +21,7 @@ snapshot corrupted.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import stat
@@ -143,9 +144,7 @@ class DiffStorage:
             self.sources.append(src)
             if self._free_locked() >= self._threshold_locked():
                 self._low_space_sent = False
-        log.info(
-            "diff storage: added %s %s, %d chunk slots", kind, shown, src.slots_total
-        )
+        log.info("diff storage: added %s %s, %d chunk slots", kind, shown, src.slots_total)
         return src
 
     @staticmethod
@@ -166,7 +165,7 @@ class DiffStorage:
                     raise InvalidArgument(f"range {off}+{length} is past the end of {path}")
                 out.append((off, length))
             out.sort()
-            for (a, alen), (b, _) in zip(out, out[1:], strict=False):
+            for (a, alen), (b, _) in itertools.pairwise(out):
                 if a + alen > b:
                     raise InvalidArgument(f"overlapping ranges on {path}")
             return out
@@ -206,7 +205,7 @@ class DiffStorage:
         with self._lock:
             if self._released:
                 raise NoSpace("diff storage released")
-            for index, src in enumerate(self.sources):
+            for index, src in enumerate(self.sources):  # noqa: B007 - used after the loop
                 if src.slots_used < src.slots_total:
                     break
             else:

@@ -220,9 +220,7 @@ class Engine:
             return
         for dev in devs:
             if dev.backing.identity == ident:
-                raise InvalidArgument(
-                    f"diff storage {path} is device {dev.name} of this snapshot"
-                )
+                raise InvalidArgument(f"diff storage {path} is device {dev.name} of this snapshot")
 
     def snapshot_append_storage(
         self,

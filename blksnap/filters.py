@@ -166,7 +166,9 @@ class FilterStack:
         if present is None:
             raise NotFound(f"no filter attached at the altitude of {cls.name!r}")
         if present.name != cls.name:
-            raise InvalidArgument(f"the filter attached there is {present.name!r}, not {cls.name!r}")
+            raise InvalidArgument(
+                f"the filter attached there is {present.name!r}, not {cls.name!r}"
+            )
         return present
 
     def remove(self, flt: Filter) -> None:
