@@ -1,0 +1,52 @@
+"""Shared fixtures: real files on disk and an engine that is always closed."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+import blksnap
+
+
+@pytest.fixture
+def make_file(tmp_path: Path) -> Callable[..., str]:
+    """Create a sparse backing file of ``size`` bytes (optionally with data)."""
+    counter = iter(range(10_000))
+
+    def make(size: int, name: str | None = None, data: bytes | None = None) -> str:
+        path = tmp_path / (name or f"disk{next(counter)}.img")
+        with open(path, "wb") as f:
+            f.truncate(size)
+            if data:
+                f.write(data)
+        return str(path)
+
+    return make
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Iterator[blksnap.Engine]:
+    eng = blksnap.Engine(tmp_path / "state")
+    try:
+        yield eng
+    finally:
+        eng.close()
+
+
+@pytest.fixture
+def storage_dir(tmp_path: Path) -> str:
+    path = tmp_path / "diff"
+    path.mkdir()
+    return str(path)
+
+
+def file_bytes(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def random_bytes(n: int) -> bytes:
+    return os.urandom(n)
