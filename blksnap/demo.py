@@ -107,8 +107,16 @@ class Report:
         return [name for name, ok in self.checks.items() if not ok]
 
     def say(self, text: str) -> None:
-        if not self.as_json:
+        if self.as_json:
+            return
+        try:
             print(text, flush=True)
+        except BrokenPipeError:
+            # The reader went away (a pager quit): carry on, and clean up, silently.
+            self.as_json = True
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
 
 
 # -- content of a device or an image ----------------------------------------------------
@@ -588,9 +596,9 @@ def run_demo(directory: str | None, size: str, as_json: bool) -> int:
         if not as_json:
             traceback.print_exc(file=sys.stderr)
     finally:
-        report.step("clean up")
         problems = demo.close()
         shutil.rmtree(workdir, ignore_errors=True)
+        report.step("clean up")
         if made_root:
             try:
                 os.rmdir(directory)  # type: ignore[arg-type]

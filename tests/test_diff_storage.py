@@ -81,7 +81,7 @@ def test_ranges_are_the_only_space_used(engine, make_file, tmp_path):
     data = file_bytes(str(store))
     assert data[MiB : MiB + MiB // 4] == b"\xee" * (MiB // 4)
     assert data[3 * MiB : 3 * MiB + MiB // 4] == b"\xee" * (MiB // 4)
-    outside = data[: MiB] + data[MiB + MiB // 4 : 3 * MiB] + data[3 * MiB + MiB // 4 :]
+    outside = data[:MiB] + data[MiB + MiB // 4 : 3 * MiB] + data[3 * MiB + MiB // 4 :]
     assert outside == bytes(len(outside))
     assert engine.image(sid, "d0").read(0, MiB // 2) == b"\xee" * (MiB // 2)
     engine.snapshot_destroy(sid)
@@ -245,7 +245,8 @@ def test_block_device_storage_and_a_failing_one(engine, make_file):
         with pytest.raises(blksnap.BlksnapError) as info:
             img.read(0, 512)
         assert info.value.errno == errno.EIO
-        assert dev.read(0, 4 * MiB) == bytes(MiB) + original[MiB : 2 * MiB] + b"\x44" * MiB + (
-            original[3 * MiB :]
+        assert (
+            dev.read(0, 4 * MiB)
+            == bytes(MiB) + original[MiB : 2 * MiB] + b"\x44" * MiB + (original[3 * MiB :])
         )
         engine.snapshot_destroy(sid)
