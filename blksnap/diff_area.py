@@ -174,14 +174,28 @@ class DiffArea:
             bio = Bio(Op.READ, offset, length)
             self.device.submit_filtered(bio)
             data = memoryview(bio.result or b"")
-            for i, chunk in enumerate(run):
-                piece = data[i * cs : (i + 1) * cs]
-                location = self.storage.alloc()
-                self.storage.write(location, piece)
-                with self._lock:
+            locations = self.storage.alloc_many(len(run))
+            # Slots handed out together are mostly adjacent: one write per stretch.
+            i = 0
+            while i < len(run):
+                j = i + 1
+                while j < len(run) and locations[j] == locations[j - 1] + cs:
+                    j += 1
+                self.storage.write(locations[i], data[i * cs : j * cs])
+                i = j
+            with self._lock:
+                for chunk, location in zip(run, locations, strict=True):
                     self._publish(chunk, location)
         except BlksnapError as exc:
             self.fail(exc)
+
+    def _all_stored(self, first: int, last: int) -> bool:
+        ps = self.page_size
+        pno, start = divmod(first, ps)
+        if last < (pno + 1) * ps:  # one page: the common case
+            page = self._pages.get(pno)
+            return page is not None and bool(page[start : start + last - first + 1].all())
+        return bool(self._locations(first, last).all())
 
     def cow(self, offset: int, length: int) -> None:
         """Before a device write: make sure every chunk it touches is stored."""
@@ -192,6 +206,8 @@ class DiffArea:
             return  # beyond the size frozen at take
         first = offset >> self.chunk_shift
         last = (end - 1) >> self.chunk_shift
+        if self._all_stored(first, last):
+            return
         mine, waits = self._claim(first, last)
         if mine:
             self._copy(mine)
@@ -200,43 +216,70 @@ class DiffArea:
 
     # -- image I/O ------------------------------------------------------------------
 
+    def _read_device(self, offset: int, length: int) -> bytes:
+        bio = Bio(Op.READ, offset, length)
+        self.device.submit_filtered(bio)
+        assert bio.result is not None
+        return bio.result
+
+    def _read_stored(self, location: int, chunk: int, a: int, b: int) -> bytes:
+        return self.storage.read(location - 1, b - a, a - (chunk << self.chunk_shift))
+
     def read(self, offset: int, length: int) -> bytes:
-        """The device as it was at take, for ``offset``..``offset+length``."""
+        """The device as it was at take, for ``offset``..``offset+length``.
+
+        Pieces not stored are read from the device and checked *after* the
+        read: any that became stored meanwhile are read again from diff
+        storage. Pieces are joined once at the end (no zero-filled buffer:
+        fresh pages cost more than the copy).
+        """
         self.check()
         if length == 0:
             return b""
-        out = bytearray(length)
         shift = self.chunk_shift
         end = offset + length
         first, last = offset >> shift, (end - 1) >> shift
         locs = self._locations(first, last)
-        # Runs of chunks not stored: read from the device, then re-check.
-        i = 0
-        n = len(locs)
-        while i < n:
-            if locs[i]:
-                i += 1
-                continue
-            j = i
-            while j < n and not locs[j]:
-                j += 1
-            a = max(offset, (first + i) << shift)
-            b = min(end, (first + j) << shift)
-            bio = Bio(Op.READ, a, b - a)
-            self.device.submit_filtered(bio)
-            out[a - offset : b - offset] = bio.result or b""
-            i = j
-        after = self._locations(first, last)
-        for k in np.flatnonzero(after):
-            chunk = first + int(k)
+        if not locs.any():
+            # Nothing stored: one device read, then make sure it stayed so.
+            data = self._read_device(offset, length)
+            after = self._locations(first, last)
+            if after.any():
+                data = self._patch(bytearray(data), offset, end, first, after)
+            self.check()
+            return data
+        # Pieces: (start, end, location or 0), runs of unstored chunks merged.
+        pieces: list[tuple[int, int, int]] = []
+        for k, loc in enumerate(locs.tolist()):
+            chunk = first + k
             a = max(offset, chunk << shift)
             b = min(end, (chunk + 1) << shift)
-            out[a - offset : b - offset] = self.storage.read(
-                int(after[k]) - 1, b - a, a - (chunk << shift)
-            )
-        # A failure during the read may have let new data through unstored.
+            if not loc and pieces and not pieces[-1][2]:
+                pieces[-1] = (pieces[-1][0], b, 0)
+            else:
+                pieces.append((a, b, loc))
+        parts: list[bytes] = []
+        for a, b, loc in pieces:
+            if loc:
+                parts.append(self._read_stored(loc, a >> shift, a, b))
+            else:
+                parts.append(self._read_device(a, b - a))
+        after = self._locations(first, last)
+        data = b"".join(parts)
+        if (after != locs).any():
+            data = self._patch(bytearray(data), offset, end, first, np.where(locs, 0, after))
         self.check()
-        return bytes(out)
+        return data
+
+    def _patch(self, buf: bytearray, offset: int, end: int, first: int, locs: np.ndarray) -> bytes:
+        """Overwrite ``buf`` with the stored chunks of ``locs`` (0 = keep)."""
+        shift = self.chunk_shift
+        for k in np.flatnonzero(locs).tolist():
+            chunk = first + k
+            a = max(offset, chunk << shift)
+            b = min(end, (chunk + 1) << shift)
+            buf[a - offset : b - offset] = self._read_stored(int(locs[k]), chunk, a, b)
+        return bytes(buf)
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """An image write: lands in the chunks' copies in diff storage."""

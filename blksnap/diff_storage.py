@@ -201,38 +201,49 @@ class DiffStorage:
 
     def alloc(self) -> int:
         """One chunk slot; its packed location. ``NoSpace`` when storage is full."""
-        event = None
+        return self.alloc_many(1)[0]
+
+    def alloc_many(self, count: int) -> list[int]:
+        """``count`` chunk slots, adjacent where the storage allows; all or
+        none (``NoSpace`` when fewer are left, after the low-space event)."""
+        out: list[int] = []
         with self._lock:
             if self._released:
                 raise NoSpace("diff storage released")
-            for index, src in enumerate(self.sources):  # noqa: B007 - used after the loop
-                if src.slots_used < src.slots_total:
-                    break
-            else:
-                raise NoSpace(
-                    f"diff storage full: {self.capacity} bytes in {len(self.sources)} source(s)"
-                )
-            rindex, pos = src.cursor
-            while True:
-                roff, rlen = src.ranges[rindex]
-                if pos + self.slot_size <= rlen:
-                    break
-                rindex, pos = rindex + 1, 0
-            src.cursor = (rindex, pos + self.slot_size)
-            src.slots_used += 1
-            location = (index << LOCATION_SHIFT) | (roff + pos)
-            free = self._free_locked()
-            threshold = self._threshold_locked()
-            if free < threshold and not self._low_space_sent:
-                self._low_space_sent = True
-                event = {
-                    "free": free,
-                    "capacity": self.capacity,
-                    "requested": max(threshold * 2, self.slot_size),
-                }
+            if self._free_locked() >= count * self.slot_size:
+                for index, src in enumerate(self.sources):
+                    while src.slots_used < src.slots_total and len(out) < count:
+                        rindex, pos = src.cursor
+                        roff, rlen = src.ranges[rindex]
+                        if pos + self.slot_size > rlen:
+                            src.cursor = (rindex + 1, 0)
+                            continue
+                        src.cursor = (rindex, pos + self.slot_size)
+                        src.slots_used += 1
+                        out.append((index << LOCATION_SHIFT) | (roff + pos))
+                    if len(out) == count:
+                        break
+            event = self._low_space_event_locked(count * self.slot_size - len(out) * self.slot_size)
         if event is not None and self._on_low_space is not None:
             self._on_low_space(event)
-        return location
+        if not out:
+            raise NoSpace(
+                f"diff storage full: {count * self.slot_size} bytes needed, "
+                f"{self.free} of {self.capacity} free in {len(self.sources)} source(s)"
+            )
+        return out
+
+    def _low_space_event_locked(self, unmet: int) -> dict[str, int] | None:
+        free = self._free_locked()
+        threshold = self._threshold_locked()
+        if (free >= threshold and not unmet) or self._low_space_sent:
+            return None
+        self._low_space_sent = True
+        return {
+            "free": free,
+            "capacity": self.capacity,
+            "requested": max(threshold * 2, unmet, self.slot_size),
+        }
 
     # -- I/O ------------------------------------------------------------------
 
