@@ -1,28 +1,539 @@
-"""``blksnapd``: the daemon that serves devices and images (not built yet).
+"""``blksnapd``: serves devices and snapshot images over FUSE files, and the
+control socket that ``blksnap`` and :class:`blksnap.Client` speak to.
 
-Today it only prints its usage; the engine it will own is
-:class:`blksnap.Engine`, usable in-process now.
+One trio event loop runs the FUSE session and the control socket; engine
+calls, ``losetup`` and FIFREEZE run in worker threads (they may need the
+loop to serve FUSE requests while they wait). Shutdown on SIGTERM, SIGINT or
+``daemon.stop``: snapshots destroyed, loop devices it made detached, devices
+flushed, FUSE unmounted, socket removed.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import errno
+import logging
+import os
+import signal
+import socket
+import stat
+import struct
+import subprocess
 import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+from . import __version__, loop
+from .engine import Engine
+from .errors import BlksnapError, InvalidArgument, error
+from .protocol import (
+    HEADER,
+    MAX_REQUEST,
+    VERSION,
+    ProtocolError,
+    check_length,
+    decode_body,
+    encode,
+    error_reply,
+    ok_reply,
+    validate_request,
+)
+
+log = logging.getLogger("blksnapd")
+
+DEFAULT_SOCKET = "/run/blksnap/blksnapd.sock"
+DEFAULT_MOUNT = "/run/blksnap/mnt"
+DEFAULT_STATE_DIR = "/var/lib/blksnap"
+#: Worker threads for engine calls of the control socket.
+CONTROL_THREADS = 8
+
+
+def sd_notify(message: str) -> None:
+    """Tell systemd (Type=notify) how we are; nothing without NOTIFY_SOCKET."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.connect(addr)
+            s.sendall(message.encode())
+    except OSError as exc:
+        log.warning("sd_notify failed: %s", exc)
+
+
+def clear_stale_mount(mountpoint: str) -> None:
+    """A FUSE mount left by a daemon that died: unmount it lazily."""
+    mountpoint = os.path.abspath(mountpoint)
+    with open("/proc/self/mountinfo") as f:
+        stale = any(line.split()[4] == mountpoint for line in f)
+    if stale:
+        log.warning("clearing stale mount at %s", mountpoint)
+        subprocess.run(["umount", "-l", mountpoint], check=False)
+
+
+class Daemon:
+    def __init__(
+        self,
+        state_dir: str,
+        mount: str,
+        socket_path: str,
+        *,
+        fuse_threads: int = 16,
+        direct_io: bool = True,
+    ) -> None:
+        self.state_dir = os.path.abspath(state_dir)
+        self.mount = os.path.abspath(mount)
+        self.socket_path = os.path.abspath(socket_path)
+        self.engine = Engine(self.state_dir)
+        from .frontends.fuse import BlksnapFS
+
+        self.fs = BlksnapFS(self.engine, threads=fuse_threads, direct_io=direct_io)
+        #: Loop devices this daemon attached: FUSE path -> loop device.
+        self.loops: dict[str, str] = {}
+        self.started = time.time()
+        self.stopping = trio.Event()
+        self.control_limiter = trio.CapacityLimiter(CONTROL_THREADS)
+        self.handlers: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {
+            "version": self.op_version,
+            "daemon.status": self.op_status,
+            "daemon.stop": self.op_stop,
+            "device.add": self.op_device_add,
+            "device.remove": self.op_device_remove,
+            "device.list": self.op_device_list,
+            "filter.attach": self.op_attach,
+            "filter.detach": self.op_detach,
+            "cbt.info": self.op_cbt_info,
+            "cbt.map": self.op_cbt_map,
+            "cbt.markdirty": self.op_markdirty,
+            "snapshot.create": self.op_snapshot_create,
+            "snapshot.appendstorage": self.op_appendstorage,
+            "snapshot.take": self.op_snapshot_take,
+            "snapshot.info": self.op_snapshot_info,
+            "snapshot.collect": self.op_snapshot_collect,
+            "snapshot.waitevent": self.op_waitevent,
+            "snapshot.destroy": self.op_snapshot_destroy,
+        }
+
+    # -- paths ------------------------------------------------------------------
+
+    def device_path(self, name: str) -> str:
+        return os.path.join(self.mount, "dev", name)
+
+    def image_path(self, sid: str, name: str) -> str:
+        return os.path.join(self.mount, "images", sid, name)
+
+    async def thread(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await trio.to_thread.run_sync(fn, *args, limiter=self.control_limiter)
+
+    # -- operations -------------------------------------------------------------
+
+    async def op_version(self, args: dict[str, Any]) -> Any:
+        return {"daemon": __version__, "protocol": VERSION}
+
+    async def op_status(self, args: dict[str, Any]) -> Any:
+        return {
+            "pid": os.getpid(),
+            "version": __version__,
+            "uptime": round(time.time() - self.started, 3),
+            "state_dir": self.state_dir,
+            "mount": self.mount,
+            "socket": self.socket_path,
+            "devices": len(self.engine.devices()),
+            "snapshots": len(self.engine.snapshot_collect()),
+            "loops": sorted(self.loops.values()),
+        }
+
+    async def op_stop(self, args: dict[str, Any]) -> Any:
+        self.stopping.set()
+        return {"stopping": True, "pid": os.getpid()}
+
+    def _loop_of(self, path: str) -> str | None:
+        return self.loops.get(path)
+
+    async def _attach_loop(self, path: str) -> str:
+        dev = await self.thread(loop.attach, path)
+        self.loops[path] = dev
+        return dev
+
+    async def _detach_loop(self, path: str) -> None:
+        dev = self.loops.pop(path, None)
+        if dev is not None:
+            try:
+                await self.thread(loop.detach, dev)
+            except BlksnapError as exc:
+                log.warning("detach %s: %s", dev, exc)
+
+    def _describe_device(self, name: str) -> dict[str, Any]:
+        dev = self.engine.device(name)
+        path = self.device_path(name)
+        return {
+            "name": name,
+            "path": path,
+            "loop": self._loop_of(path),
+            "backing": dev.path,
+            "size": dev.size,
+            "filters": self.engine.filters(name),
+        }
+
+    async def op_device_add(self, args: dict[str, Any]) -> Any:
+        path, name = args["path"], args["name"]
+        if not os.path.isabs(path):
+            raise InvalidArgument(f"backing path must be absolute: {path}")
+        if os.path.commonpath([os.path.abspath(path), self.mount]) == self.mount:
+            raise InvalidArgument("a file served by blksnapd cannot back another device")
+        await self.thread(self.engine.add_device, path, name)
+        self.fs.add_device(name)
+        if args.get("loop"):
+            try:
+                await self._attach_loop(self.device_path(name))
+            except BlksnapError:
+                self.fs.remove_device(name)
+                await self.thread(self.engine.remove_device, name)
+                raise
+        return self._describe_device(name)
+
+    async def op_device_remove(self, args: dict[str, Any]) -> Any:
+        name = args["name"]
+        dev = self.engine.device(name)
+        trk = dev.filters.find("blksnap")
+        if trk is not None and getattr(trk, "snapshot_id", None):
+            raise error(errno.EBUSY, f"{name} is in snapshot {trk.snapshot_id}")  # type: ignore[attr-defined]
+        path = self.device_path(name)
+        others = [
+            lp for lp in await self.thread(loop.loops_backed_by, path) if lp != self.loops.get(path)
+        ]
+        if others:
+            raise error(errno.EBUSY, f"{name} is open through loop device(s) {', '.join(others)}")
+        dev_loop = self.loops.get(path)
+        if dev_loop and await self.thread(loop.mounts_of, dev_loop):
+            raise error(errno.EBUSY, f"{dev_loop} ({name}) is mounted")
+        await self._detach_loop(path)
+        self.fs.remove_device(name)
+        await self.thread(self.engine.remove_device, name)
+        return {"name": name, "removed": True}
+
+    async def op_device_list(self, args: dict[str, Any]) -> Any:
+        return [self._describe_device(d.name) for d in self.engine.devices()]
+
+    async def op_attach(self, args: dict[str, Any]) -> Any:
+        flt = args.get("filter", "blksnap")
+        await self.thread(self.engine.attach, args["device"], flt, args.get("opts") or {})
+        return {
+            "device": args["device"],
+            "filter": flt,
+            "filters": self.engine.filters(args["device"]),
+        }
+
+    async def op_detach(self, args: dict[str, Any]) -> Any:
+        flt = args.get("filter", "blksnap")
+        await self.thread(self.engine.detach, args["device"], flt)
+        return {
+            "device": args["device"],
+            "filter": flt,
+            "filters": self.engine.filters(args["device"]),
+        }
+
+    async def op_cbt_info(self, args: dict[str, Any]) -> Any:
+        return self.engine.cbt_info(args["device"]).as_dict()
+
+    async def op_cbt_map(self, args: dict[str, Any]) -> Any:
+        info = self.engine.cbt_info(args["device"])
+        data = await self.thread(self.engine.cbt_map, args["device"])
+        return {**info.as_dict(), "map": base64.b64encode(data).decode()}
+
+    async def op_markdirty(self, args: dict[str, Any]) -> Any:
+        ranges = [(int(o), int(n)) for o, n in args["ranges"]]
+        await self.thread(self.engine.mark_dirty, args["device"], ranges)
+        return {"device": args["device"], "ranges": len(ranges)}
+
+    async def op_snapshot_create(self, args: dict[str, Any]) -> Any:
+        storage = args.get("storage")
+        if storage is not None and not os.path.isabs(storage):
+            raise InvalidArgument(f"storage path must be absolute: {storage}")
+        ranges = [tuple(r) for r in args.get("ranges", [])] or None
+        sid = await self.thread(
+            lambda: self.engine.snapshot_create(
+                args["devices"], storage=storage, limit=args.get("limit"), ranges=ranges
+            )
+        )
+        return {"id": sid}
+
+    async def op_appendstorage(self, args: dict[str, Any]) -> Any:
+        if not os.path.isabs(args["path"]):
+            raise InvalidArgument(f"storage path must be absolute: {args['path']}")
+        ranges = [tuple(r) for r in args.get("ranges", [])] or None
+        await self.thread(
+            lambda: self.engine.snapshot_append_storage(
+                args["id"], args["path"], size=args.get("size"), ranges=ranges
+            )
+        )
+        snap = self.engine.snapshot_collect(args["id"])[0]
+        return {"id": args["id"], "storage": snap["storage"]}
+
+    def _consistent_take(self, sid: str, blockdevs: list[str]) -> list[str]:
+        with loop.frozen(blockdevs) as frozen:
+            self.engine.snapshot_take(sid)
+        return frozen
+
+    async def op_snapshot_take(self, args: dict[str, Any]) -> Any:
+        sid = args["id"]
+        snap = self.engine.snapshot(sid)
+        names = sorted(snap.members)
+        blockdevs: list[str] = []
+        for name in names:
+            blockdevs += await self.thread(loop.loops_backed_by, self.device_path(name))
+        frozen = await self.thread(self._consistent_take, sid, blockdevs)
+        self.fs.add_snapshot(sid, names)
+        images: dict[str, dict[str, Any]] = {}
+        for name in names:
+            path = self.image_path(sid, name)
+            lp = await self._attach_loop(path) if args.get("loop") else None
+            images[name] = {"path": path, "loop": lp}
+        return {"id": sid, "images": images, "frozen": frozen}
+
+    async def op_snapshot_info(self, args: dict[str, Any]) -> Any:
+        info = self.engine.snapshot_info(args["device"])
+        path = self.image_path(info["id"], args["device"]) if info["image"] else None
+        return {
+            "id": info["id"],
+            "state": info["state"],
+            "error": errno.errorcode.get(info["error"]) if info["error"] else None,
+            "errno": info["error"],
+            "image": path,
+            "loop": self._loop_of(path) if path else None,
+        }
+
+    async def op_snapshot_collect(self, args: dict[str, Any]) -> Any:
+        out = []
+        for snap in self.engine.snapshot_collect(args.get("id")):
+            for d in snap["devices"]:
+                path = self.image_path(snap["id"], d["name"]) if d["image"] else None
+                d["image"] = path
+                d["loop"] = self._loop_of(path) if path else None
+            out.append(snap)
+        return out
+
+    async def op_waitevent(self, args: dict[str, Any]) -> Any:
+        sid, timeout = args["id"], args["timeout_ms"] / 1000.0
+        self.engine.snapshot(sid)  # ENOENT now, not after the wait
+        ev = await trio.to_thread.run_sync(
+            self.engine.wait_event, sid, timeout, abandon_on_cancel=True
+        )
+        if ev is None:
+            return {"event": "timeout", "data": {}}
+        return ev.as_dict()
+
+    async def op_snapshot_destroy(self, args: dict[str, Any]) -> Any:
+        sid = args["id"]
+        snap = self.engine.snapshot(sid)
+        for name in sorted(snap.members):
+            await self._detach_loop(self.image_path(sid, name))
+        self.fs.remove_snapshot(sid)
+        await self.thread(self.engine.snapshot_destroy, sid)
+        return {"id": sid, "destroyed": True}
+
+    # -- control socket -----------------------------------------------------------
+
+    async def _receive_exactly(self, stream: trio.SocketStream, n: int) -> bytes | None:
+        buf = bytearray()
+        while len(buf) < n:
+            chunk = await stream.receive_some(n - len(buf))
+            if not chunk:
+                return None
+            buf += chunk
+        return bytes(buf)
+
+    def _peer_allowed(self, stream: trio.SocketStream) -> bool:
+        creds = stream.socket.getsockopt(
+            socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")
+        )
+        _pid, uid, _gid = struct.unpack("3i", creds)
+        return uid in (0, os.getuid())
+
+    async def handle_connection(self, stream: trio.SocketStream) -> None:
+        async with stream:
+            if not self._peer_allowed(stream):
+                log.warning("control connection from a foreign uid refused")
+                await stream.send_all(encode(error_reply(None, error(errno.EPERM, "not allowed"))))
+                return
+            while True:
+                try:
+                    header = await self._receive_exactly(stream, HEADER.size)
+                    if header is None:
+                        return
+                    (length,) = HEADER.unpack(header)
+                    try:
+                        check_length(length, MAX_REQUEST)
+                    except ProtocolError as exc:
+                        # The body cannot be skipped safely: answer, then hang up.
+                        await stream.send_all(encode(error_reply(None, exc)))
+                        return
+                    body = await self._receive_exactly(stream, length)
+                    if body is None:
+                        return
+                    reply = await self.dispatch(body)
+                    await stream.send_all(encode(reply))
+                except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
+                    return
+
+    async def dispatch(self, body: bytes) -> dict[str, Any]:
+        req_id: Any = None
+        try:
+            msg = decode_body(body)
+            req_id = msg.get("id")
+            req_id, op, args = validate_request(msg)
+            result = await self.handlers[op](args)
+            return ok_reply(req_id, result)
+        except BlksnapError as exc:
+            log.info("request %s failed: %s", req_id, exc)
+            return error_reply(req_id, exc)
+        except Exception as exc:  # a bug: say so, keep serving
+            log.exception("request %s crashed", req_id)
+            return error_reply(req_id, error(errno.EIO, f"internal error: {exc!r}"))
+
+    async def serve_control(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        os.makedirs(os.path.dirname(self.socket_path), mode=0o755, exist_ok=True)
+        if os.path.exists(self.socket_path):
+            if self._socket_alive():
+                raise error(errno.EADDRINUSE, f"another blksnapd answers on {self.socket_path}")
+            os.unlink(self.socket_path)
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)
+        try:
+            await sock.bind(self.socket_path)
+        finally:
+            os.umask(old_umask)
+        os.chmod(self.socket_path, stat.S_IRUSR | stat.S_IWUSR)
+        sock.listen(64)
+        listener = trio.SocketListener(sock)
+        task_status.started()
+        await trio.serve_listeners(self.handle_connection, [listener])
+
+    def _socket_alive(self) -> bool:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(self.socket_path)
+            return True
+        except OSError:
+            return False
+        finally:
+            s.close()
+
+    # -- life -------------------------------------------------------------------
+
+    async def _signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("signal %s: shutting down", signal.Signals(signum).name)
+                self.stopping.set()
+
+    async def shutdown(self) -> None:
+        """Destroy snapshots, detach our loop devices, flush devices. FUSE is
+        still served meanwhile (losetup closes the files through it)."""
+        sd_notify("STOPPING=1")
+        for snap in self.engine.snapshot_collect():
+            try:
+                await self.op_snapshot_destroy({"id": snap["id"]})
+            except BlksnapError as exc:
+                log.error("destroy %s: %s", snap["id"], exc)
+        for path in list(self.loops):
+            await self._detach_loop(path)
+        for dev in self.engine.devices():
+            try:
+                await self.thread(dev.flush)
+            except BlksnapError as exc:
+                log.error("flush %s: %s", dev.name, exc)
+
+    async def run(self) -> None:
+        import pyfuse3
+
+        from .frontends.fuse import mount_options
+
+        os.makedirs(self.mount, mode=0o755, exist_ok=True)
+        clear_stale_mount(self.mount)
+        pyfuse3.init(self.fs, self.mount, mount_options())
+        log.info("FUSE mounted at %s", self.mount)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(pyfuse3.main, 1, 256)
+                await nursery.start(self.serve_control)
+                nursery.start_soon(self._signals)
+                log.info(
+                    "blksnapd %s ready: socket %s, mount %s, state %s",
+                    __version__,
+                    self.socket_path,
+                    self.mount,
+                    self.state_dir,
+                )
+                sd_notify(f"READY=1\nMAINPID={os.getpid()}")
+                await self.stopping.wait()
+                await self.shutdown()
+                nursery.cancel_scope.cancel()
+        finally:
+            try:
+                pyfuse3.close(unmount=True)
+            except Exception as exc:
+                log.error("unmount %s: %s", self.mount, exc)
+            self.engine.close()
+            try:
+                os.unlink(self.socket_path)
+            except FileNotFoundError:
+                pass
+            log.info("blksnapd stopped")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="blksnapd",
-        description="blksnap daemon: serves protected devices and snapshot images "
-        "over FUSE files and NBD. Not available yet: use blksnap.Engine in-process.",
+        description="blksnap daemon: serves protected devices and snapshot images as FUSE "
+        "files (<mount>/dev/N, <mount>/images/ID/N) and answers the blksnap CLI on a "
+        "Unix socket. Runs in the foreground; systemd Type=notify friendly.",
     )
-    p.add_argument("--state-dir", default="/var/lib/blksnap")
-    p.add_argument("--mount", default="/run/blksnap/mnt")
-    p.add_argument("--socket", default="/run/blksnap/blksnapd.sock")
-    p.add_argument("--nbd", default=None)
-    p.parse_args(argv)
-    print("blksnapd: the daemon is not built yet (ENOSYS)", file=sys.stderr)
-    return 38
+    p.add_argument("--state-dir", default=DEFAULT_STATE_DIR, help=f"default {DEFAULT_STATE_DIR}")
+    p.add_argument(
+        "--mount", default=DEFAULT_MOUNT, help=f"FUSE mount point, default {DEFAULT_MOUNT}"
+    )
+    p.add_argument(
+        "--socket",
+        default=os.environ.get("BLKSNAP_SOCKET", DEFAULT_SOCKET),
+        help=f"control socket (env BLKSNAP_SOCKET), default {DEFAULT_SOCKET}",
+    )
+    p.add_argument("--nbd", default=None, help="NBD listen address (not available yet)")
+    p.add_argument("--fuse-threads", type=int, default=16, help="worker threads for FUSE I/O")
+    p.add_argument(
+        "--no-direct-io", action="store_true", help="let the page cache sit in front of the files"
+    )
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    args = p.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    if args.nbd:
+        print("blksnapd: --nbd: the NBD server is not built yet (ENOSYS)", file=sys.stderr)
+        return 2
+    if os.geteuid() != 0:
+        log.warning("not root: loop devices and FIFREEZE will fail")
+    try:
+        daemon = Daemon(
+            args.state_dir,
+            args.mount,
+            args.socket,
+            fuse_threads=args.fuse_threads,
+            direct_io=not args.no_direct_io,
+        )
+        trio.run(daemon.run)
+    except BlksnapError as exc:
+        print(f"blksnapd: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

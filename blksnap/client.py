@@ -1,0 +1,196 @@
+"""``blksnap.Client``: the engine's operations, over blksnapd's control socket.
+
+Synchronous and thread-safe: each thread gets its own connection, so a long
+``wait_event`` in one thread does not hold up the others. Errors arrive as
+the same :class:`BlksnapError` subclasses, with the daemon's errno.
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import itertools
+import os
+import socket
+import threading
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from .cbt import CbtInfo
+from .errors import BlksnapError, error
+from .event_queue import Event
+from .protocol import HEADER, MAX_REPLY, VERSION, ProtocolError, check_length, decode_body, encode
+
+DEFAULT_SOCKET = "/run/blksnap/blksnapd.sock"
+
+
+def default_socket() -> str:
+    return os.environ.get("BLKSNAP_SOCKET") or DEFAULT_SOCKET
+
+
+class Client:
+    def __init__(self, socket_path: str | None = None, timeout: float | None = None) -> None:
+        self.socket_path = socket_path or default_socket()
+        self.timeout = timeout
+        self._local = threading.local()
+        self._ids = itertools.count(1)
+
+    # -- transport ------------------------------------------------------------------
+
+    def _connect(self) -> socket.socket:
+        sock = getattr(self._local, "sock", None)
+        if sock is not None:
+            return sock
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.socket_path)
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            sock.close()
+            raise error(
+                exc.errno or errno.ECONNREFUSED,
+                f"blksnapd is not running (nothing answers on {self.socket_path}); "
+                "start it with 'blksnap daemon start'",
+            ) from None
+        except PermissionError:
+            sock.close()
+            raise error(
+                errno.EACCES, f"no permission to use {self.socket_path} (root only)"
+            ) from None
+        self._local.sock = sock
+        return sock
+
+    def close(self) -> None:
+        sock = getattr(self._local, "sock", None)
+        if sock is not None:
+            sock.close()
+            self._local.sock = None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _recv_exactly(self, sock: socket.socket, n: int) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            chunk = sock.recv(min(n - len(buf), 1 << 20))
+            if not chunk:
+                raise error(errno.ECONNRESET, "blksnapd closed the connection")
+            buf += chunk
+        return bytes(buf)
+
+    def call(self, op: str, **args: Any) -> Any:
+        """Send one request; its result, or the daemon's error raised."""
+        req_id = next(self._ids)
+        msg = {
+            "version": VERSION,
+            "id": req_id,
+            "op": op,
+            "args": {k: v for k, v in args.items() if v is not None},
+        }
+        sock = self._connect()
+        try:
+            sock.sendall(encode(msg))
+            (length,) = HEADER.unpack(self._recv_exactly(sock, HEADER.size))
+            check_length(length, MAX_REPLY)
+            reply = decode_body(self._recv_exactly(sock, length))
+        except (OSError, ProtocolError, BlksnapError) as exc:
+            self.close()
+            if isinstance(exc, BlksnapError):
+                raise
+            raise error(exc.errno or errno.EIO, f"talking to blksnapd: {exc}") from None
+        if reply.get("ok"):
+            return reply.get("result")
+        code = reply.get("errno")
+        raise error(code if isinstance(code, int) else errno.EIO, str(reply.get("message", "")))
+
+    # -- operations (the Engine's, by name) ----------------------------------------------
+
+    def version(self) -> dict[str, Any]:
+        return self.call("version")
+
+    def status(self) -> dict[str, Any]:
+        return self.call("daemon.status")
+
+    def stop(self) -> dict[str, Any]:
+        return self.call("daemon.stop")
+
+    def add_device(self, path: str, name: str, loop: bool = False) -> dict[str, Any]:
+        return self.call("device.add", path=os.path.abspath(path), name=name, loop=loop)
+
+    def remove_device(self, name: str) -> None:
+        self.call("device.remove", name=name)
+
+    def devices(self) -> list[dict[str, Any]]:
+        return self.call("device.list")
+
+    def attach(
+        self, name: str, filter: str = "blksnap", opts: dict[str, str] | None = None
+    ) -> None:
+        self.call("filter.attach", device=name, filter=filter, opts=opts or None)
+
+    def detach(self, name: str, filter: str = "blksnap") -> None:
+        self.call("filter.detach", device=name, filter=filter)
+
+    def cbt_info(self, name: str) -> CbtInfo:
+        return CbtInfo(**self.call("cbt.info", device=name))
+
+    def cbt_map(self, name: str) -> bytes:
+        return base64.b64decode(self.call("cbt.map", device=name)["map"])
+
+    def mark_dirty(self, name: str, ranges: Iterable[tuple[int, int]]) -> None:
+        self.call("cbt.markdirty", device=name, ranges=[[int(o), int(n)] for o, n in ranges])
+
+    def snapshot_create(
+        self,
+        names: Sequence[str],
+        storage: str | None = None,
+        limit: int | None = None,
+        ranges: Sequence[tuple[int, int]] | None = None,
+    ) -> str:
+        if isinstance(names, str):
+            names = [names]
+        return self.call(
+            "snapshot.create",
+            devices=list(names),
+            storage=os.path.abspath(storage) if storage else None,
+            limit=limit,
+            ranges=[list(r) for r in ranges] if ranges else None,
+        )["id"]
+
+    def snapshot_append_storage(
+        self,
+        sid: str,
+        path: str,
+        *,
+        size: int | None = None,
+        ranges: Sequence[tuple[int, int]] | None = None,
+    ) -> dict[str, Any]:
+        return self.call(
+            "snapshot.appendstorage",
+            id=sid,
+            path=os.path.abspath(path),
+            size=size,
+            ranges=[list(r) for r in ranges] if ranges else None,
+        )
+
+    def snapshot_take(self, sid: str, loop: bool = False) -> dict[str, Any]:
+        return self.call("snapshot.take", id=sid, loop=loop)
+
+    def snapshot_info(self, name: str) -> dict[str, Any]:
+        return self.call("snapshot.info", device=name)
+
+    def snapshot_collect(self, sid: str | None = None) -> list[dict[str, Any]]:
+        return self.call("snapshot.collect", id=sid)
+
+    def wait_event(self, sid: str, timeout: float | None = 1.0) -> Event | None:
+        ms = 24 * 3600 * 1000 if timeout is None else max(0, int(timeout * 1000))
+        reply = self.call("snapshot.waitevent", id=sid, timeout_ms=ms)
+        if reply["event"] == "timeout":
+            return None
+        return Event(reply["event"], reply.get("data", {}), reply.get("time", 0.0))
+
+    def snapshot_destroy(self, sid: str) -> None:
+        self.call("snapshot.destroy", id=sid)

@@ -1,0 +1,1 @@
+"""How requests reach the engine: FUSE files (for loop devices) and NBD."""
