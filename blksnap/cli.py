@@ -1,60 +1,531 @@
-"""The ``blksnap`` command line.
-
-The daemon-backed commands of shared/SPEC.md arrive with blksnapd; what works
-in-process today is ``version`` and ``demo``.
+"""The ``blksnap`` command line: every operation of blksnapd, for people
+(readable text) and scripts (``--json``: one JSON document on stdout; errors
+as ``{"error": "EBUSY", "message": ...}`` on stderr). Exit status: 0 done,
+1 failed (the errno is named), 2 bad usage.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
+import shutil
+import subprocess
 import sys
+import time
+from typing import Any
 
 from . import __version__
-from .errors import BlksnapError
+from .client import Client, default_socket
+from .errors import BlksnapError, InvalidArgument, error
+from .units import SECTOR_SHIFT, format_size, parse_sector_range, parse_size
+
+EPILOG = """\
+examples:
+  blksnap daemon start
+  blksnap device add /srv/disk0.img --name disk0 --loop
+  blksnap attach -d disk0
+  ID=$(blksnap snapshot create -d disk0 -f /var/tmp -l 1G)
+  blksnap snapshot take -i $ID --loop
+  blksnap snapshot watch -i $ID --extend /var/tmp --step 1G --max 8G &
+  blksnap cbtinfo -d disk0; blksnap readcbtmap -d disk0 -f disk0.cbt
+  blksnap snapshot destroy -i $ID
+
+The daemon's socket is /run/blksnap/blksnapd.sock unless --socket or
+BLKSNAP_SOCKET says otherwise. Sizes take K, M, G, T suffixes; sector ranges
+are SECTOR:COUNT in 512-byte sectors.
+"""
+
+
+def _sizearg(text: str) -> int:
+    try:
+        return parse_size(text)
+    except BlksnapError as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
+
+
+def _rangearg(text: str) -> tuple[int, int]:
+    try:
+        return parse_sector_range(text)
+    except BlksnapError as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
+
+
+def _optarg(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"not K=V: {text!r}")
+    return key, value
 
 
 def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output"
+    )
+    common.add_argument(
+        "--socket", default=argparse.SUPPRESS, help="blksnapd control socket (env BLKSNAP_SOCKET)"
+    )
     p = argparse.ArgumentParser(
         prog="blksnap",
-        description=(
-            "Consistent snapshots of live block devices with change-block tracking. "
-            "Commands that talk to blksnapd come with the daemon; today the engine "
-            "runs in-process (see 'blksnap demo' and the Python API, blksnap.Engine)."
-        ),
+        description="Consistent snapshots of live block devices, with change-block tracking "
+        "for incremental backups. Talks to the blksnapd daemon.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--socket", default=None, help="blksnapd control socket (env BLKSNAP_SOCKET)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    sub.add_parser("version", help="print the version")
-    demo = sub.add_parser(
-        "demo", help="run the engine end to end on sample devices it creates, then remove them"
+
+    def cmd(parent: Any, name: str, help: str, **kw: Any) -> argparse.ArgumentParser:
+        return parent.add_parser(name, help=help, description=help, parents=[common], **kw)
+
+    # daemon
+    d = cmd(sub, "daemon", "start, stop or ask the blksnapd daemon")
+    dsub = d.add_subparsers(dest="action", metavar="ACTION", required=True)
+    start = cmd(dsub, "start", "start blksnapd in the background and wait until it answers")
+    start.add_argument("--state-dir", default=None, help="default /var/lib/blksnap")
+    start.add_argument("--mount", default=None, help="FUSE mount point, default /run/blksnap/mnt")
+    start.add_argument("--log", default=None, help="log file (default <state-dir>/blksnapd.log)")
+    cmd(
+        dsub, "stop", "stop blksnapd cleanly: snapshots destroyed, loop devices detached, unmounted"
+    )
+    cmd(dsub, "status", "is blksnapd up, and what does it serve")
+
+    cmd(sub, "version", "versions of this CLI and of the daemon")
+
+    # devices
+    dv = cmd(sub, "device", "serve, list and remove devices")
+    dvsub = dv.add_subparsers(dest="action", metavar="ACTION", required=True)
+    add = cmd(dvsub, "add", "serve PATH (file or block device) as device NAME at <mount>/dev/NAME")
+    add.add_argument("path")
+    add.add_argument("--name", "-n", required=True)
+    add.add_argument(
+        "--loop", action="store_true", help="also attach a loop device; print its path"
+    )
+    rm = cmd(dvsub, "remove", "stop serving a device (its loop device is detached)")
+    rm.add_argument("name")
+    cmd(dvsub, "list", "devices served")
+
+    # filters
+    at = cmd(sub, "attach", "attach a filter (default: blksnap, the CBT + snapshot tracker)")
+    at.add_argument("-d", "--device", required=True)
+    at.add_argument("--filter", default="blksnap")
+    at.add_argument("--opt", action="append", type=_optarg, default=[], metavar="K=V")
+    dt = cmd(sub, "detach", "detach a filter")
+    dt.add_argument("-d", "--device", required=True)
+    dt.add_argument("--filter", default="blksnap")
+
+    # CBT
+    ci = cmd(sub, "cbtinfo", "CBT geometry, generation and changes number of a device")
+    ci.add_argument("-d", "--device", required=True)
+    rc = cmd(sub, "readcbtmap", "write the CBT map (one byte per block) to FILE")
+    rc.add_argument("-d", "--device", required=True)
+    rc.add_argument("-f", "--file", required=True)
+    md = cmd(sub, "markdirtyblock", "mark sector ranges changed in the CBT")
+    md.add_argument("-d", "--device", required=True)
+    md.add_argument(
+        "-r",
+        "--range",
+        dest="ranges",
+        nargs="+",
+        action="extend",
+        type=_rangearg,
+        required=True,
+        metavar="SECTOR:COUNT",
+    )
+
+    # snapshots
+    sn = cmd(sub, "snapshot", "create, take, watch and destroy snapshots")
+    ssub = sn.add_subparsers(dest="action", metavar="ACTION", required=True)
+    cr = cmd(ssub, "create", "a snapshot of one or more devices; prints its id")
+    cr.add_argument("-d", "--device", dest="devices", nargs="+", action="extend", required=True)
+    cr.add_argument(
+        "-f", "--storage", help="diff storage: a directory, a regular file or a block device"
+    )
+    cr.add_argument("-l", "--limit", type=_sizearg, help="most diff storage to use from it")
+    cr.add_argument(
+        "-r",
+        "--range",
+        dest="ranges",
+        nargs="+",
+        action="extend",
+        type=_rangearg,
+        metavar="SECTOR:COUNT",
+        help="use only these sectors of the storage",
+    )
+    ap = cmd(ssub, "appendstorage", "grow the diff storage of a live snapshot")
+    ap.add_argument("-i", "--id", required=True)
+    ap.add_argument("-f", "--storage", required=True)
+    ap.add_argument("-l", "--limit", type=_sizearg, help="size to use (needed for a directory)")
+    ap.add_argument(
+        "-r",
+        "--range",
+        dest="ranges",
+        nargs="+",
+        action="extend",
+        type=_rangearg,
+        metavar="SECTOR:COUNT",
+    )
+    tk = cmd(ssub, "take", "take the snapshot: all its devices at one instant; images appear")
+    tk.add_argument("-i", "--id", required=True)
+    tk.add_argument("--loop", action="store_true", help="attach a loop device to each image")
+    si = cmd(ssub, "info", "the snapshot a device is in: state, error, image")
+    si.add_argument("-d", "--device", required=True)
+    co = cmd(ssub, "collect", "snapshots, their devices, images and state")
+    co.add_argument("-i", "--id")
+    we = cmd(ssub, "waitevent", "wait for the next event of a snapshot")
+    we.add_argument("-i", "--id", required=True)
+    we.add_argument("-t", "--timeout", type=int, default=1000, help="milliseconds (default 1000)")
+    wa = cmd(ssub, "watch", "follow a snapshot's events until it ends; optionally grow its storage")
+    wa.add_argument("-i", "--id", required=True)
+    wa.add_argument("--extend", metavar="DIR", help="on low_free_space, add storage in DIR")
+    wa.add_argument(
+        "--step", type=_sizearg, default=None, help="storage added each time (default 1G)"
+    )
+    wa.add_argument("--max", type=_sizearg, default=None, help="most storage to add in all")
+    ds = cmd(ssub, "destroy", "release a snapshot; its images vanish")
+    ds.add_argument("-i", "--id", required=True)
+
+    # backup application: not built yet
+    for name in ("backup", "restore", "backups", "verify"):
+        nb = cmd(sub, name, f"{name} (not available yet)")
+        nb.add_argument("rest", nargs=argparse.REMAINDER)
+
+    demo = cmd(
+        sub, "demo", "run the engine end to end on sample devices it creates, then remove them"
     )
     demo.add_argument("--dir", help="where to make the sample devices (default: a new temp dir)")
     demo.add_argument("--size", default="64M", help="size of each sample device (default 64M)")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+# -- output ---------------------------------------------------------------------
+
+
+class Out:
+    def __init__(self, as_json: bool) -> None:
+        self.as_json = as_json
+
+    def emit(self, doc: Any, text: str | None = None) -> None:
+        if self.as_json:
+            print(json.dumps(doc, indent=2, sort_keys=True))
+        elif text is not None:
+            print(text)
+
+    def line(self, doc: Any, text: str) -> None:
+        """One record of a stream (watch): a JSON line, or text."""
+        if self.as_json:
+            print(json.dumps(doc, sort_keys=True), flush=True)
+        else:
+            print(text, flush=True)
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths, strict=True)).rstrip()]
+    for r in rows:
+        lines.append("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    return "\n".join(lines)
+
+
+# -- commands ---------------------------------------------------------------------
+
+
+def _blksnapd() -> str:
+    here = os.path.join(os.path.dirname(sys.executable), "blksnapd")
+    return here if os.path.exists(here) else (shutil.which("blksnapd") or "blksnapd")
+
+
+def daemon_start(args: argparse.Namespace, client: Client, out: Out) -> int:
     try:
-        if args.command == "version":
-            if args.json:
-                print(json.dumps({"cli": __version__}))
-            else:
-                print(f"blksnap {__version__}")
+        st = client.status()
+        out.emit(
+            {"running": True, "started": False, **st}, f"blksnapd already running (pid {st['pid']})"
+        )
+        return 0
+    except BlksnapError:
+        client.close()
+    state_dir = args.state_dir or "/var/lib/blksnap"
+    os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    logfile = args.log or os.path.join(state_dir, "blksnapd.log")
+    cmdline = [_blksnapd(), "--socket", client.socket_path, "--state-dir", state_dir]
+    if args.mount:
+        cmdline += ["--mount", args.mount]
+    with open(logfile, "ab") as log:
+        proc = subprocess.Popen(
+            cmdline, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+        )
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            with open(logfile, errors="replace") as f:
+                tail = f.read()[-2000:]
+            raise error(
+                errno.EIO, f"blksnapd exited with status {proc.returncode}; log {logfile}:\n{tail}"
+            )
+        try:
+            st = client.status()
+            out.emit(
+                {"running": True, "started": True, "log": logfile, **st},
+                f"blksnapd started (pid {st['pid']}), log {logfile}",
+            )
             return 0
+        except BlksnapError:
+            client.close()
+            time.sleep(0.1)
+    raise error(errno.ETIMEDOUT, f"blksnapd did not answer within 20 s; see {logfile}")
+
+
+def daemon_stop(args: argparse.Namespace, client: Client, out: Out) -> int:
+    reply = client.stop()
+    client.close()
+    pid = reply["pid"]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            out.emit({"stopped": True, "pid": pid}, f"blksnapd (pid {pid}) stopped")
+            return 0
+        except PermissionError:
+            pass
+        time.sleep(0.1)
+    raise error(errno.ETIMEDOUT, f"blksnapd (pid {pid}) still running after 60 s")
+
+
+def daemon_status(args: argparse.Namespace, client: Client, out: Out) -> int:
+    st = client.status()
+    out.emit(
+        {"running": True, **st},
+        f"blksnapd {st['version']} running, pid {st['pid']}, up {st['uptime']:.0f} s\n"
+        f"  socket {st['socket']}\n  mount  {st['mount']}\n  state  {st['state_dir']}\n"
+        f"  {st['devices']} device(s), {st['snapshots']} snapshot(s), loop devices: "
+        f"{', '.join(st['loops']) or 'none'}",
+    )
+    return 0
+
+
+def watch(args: argparse.Namespace, client: Client, out: Out) -> int:
+    step = args.step or parse_size("1G")
+    cap = args.max
+    added = 0
+    if args.extend and not os.path.isdir(args.extend):
+        raise InvalidArgument(f"--extend {args.extend}: not a directory")
+    out.line({"event": "watching", "id": args.id}, f"watching snapshot {args.id} (Ctrl-C to stop)")
+    while True:
+        try:
+            ev = client.wait_event(args.id, timeout=1.0)
+        except BlksnapError as exc:
+            if exc.errno == errno.ENOENT:
+                out.line({"event": "gone", "id": args.id}, f"snapshot {args.id} is gone")
+                return 0
+            raise
+        if ev is None:
+            continue
+        out.line(
+            {"event": ev.code, "data": ev.data, "time": ev.time},
+            f"{ev.code}: {json.dumps(ev.data)}",
+        )
+        if ev.code == "corrupted":
+            return 1
+        if ev.code == "low_free_space" and args.extend:
+            size = step if cap is None else min(step, cap - added)
+            if size <= 0:
+                out.line(
+                    {"event": "limit", "added": added},
+                    f"not extending: --max {format_size(cap or 0)} reached",
+                )
+                continue
+            client.snapshot_append_storage(args.id, args.extend, size=size)
+            added += size
+            out.line(
+                {"event": "extended", "size": size, "added": added, "path": args.extend},
+                f"extended by {format_size(size)} in {args.extend} "
+                f"({format_size(added)} added in all)",
+            )
+
+
+def run(args: argparse.Namespace, client: Client, out: Out) -> int:
+    c, a = args.command, getattr(args, "action", None)
+    if c == "daemon":
+        return {"start": daemon_start, "stop": daemon_stop, "status": daemon_status}[a](
+            args, client, out
+        )
+    if c == "version":
+        try:
+            daemon: Any = client.version()
+        except BlksnapError as exc:
+            daemon = {"error": exc.errname, "message": exc.message}
+        text = f"blksnap {__version__}\nblksnapd " + (
+            daemon["daemon"] if "daemon" in daemon else f"not reachable ({daemon['error']})"
+        )
+        out.emit({"cli": __version__, "daemon": daemon}, text)
+        return 0
+    if c == "device":
+        if a == "add":
+            r = client.add_device(args.path, args.name, loop=args.loop)
+            out.emit(
+                {
+                    "name": r["name"],
+                    "path": r["path"],
+                    "loop": r["loop"],
+                    "size": r["size"],
+                    "backing": r["backing"],
+                },
+                r["loop"] or r["path"],
+            )
+        elif a == "remove":
+            client.remove_device(args.name)
+            out.emit({"name": args.name, "removed": True}, f"removed {args.name}")
+        else:
+            devs = client.devices()
+            rows = [
+                [
+                    d["name"],
+                    format_size(d["size"]),
+                    d["loop"] or "-",
+                    ",".join(d["filters"]) or "-",
+                    d["backing"],
+                ]
+                for d in devs
+            ]
+            out.emit(
+                devs,
+                _table(rows, ["NAME", "SIZE", "LOOP", "FILTERS", "BACKING"])
+                if devs
+                else "no devices",
+            )
+        return 0
+    if c == "attach":
+        client.attach(args.device, args.filter, dict(args.opt))
+        out.emit(
+            {"device": args.device, "filter": args.filter, "attached": True},
+            f"{args.filter} attached to {args.device}",
+        )
+        return 0
+    if c == "detach":
+        client.detach(args.device, args.filter)
+        out.emit(
+            {"device": args.device, "filter": args.filter, "detached": True},
+            f"{args.filter} detached from {args.device}",
+        )
+        return 0
+    if c == "cbtinfo":
+        info = client.cbt_info(args.device).as_dict()
+        out.emit(info, "\n".join(f"{k}: {v}" for k, v in info.items()))
+        return 0
+    if c == "readcbtmap":
+        data = client.cbt_map(args.device)
+        tmp = args.file + ".tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, args.file)
+        changed = sum(1 for b in data if b)
+        out.emit(
+            {"device": args.device, "file": args.file, "block_count": len(data), "marked": changed},
+            f"{len(data)} blocks written to {args.file} ({changed} marked)",
+        )
+        return 0
+    if c == "markdirtyblock":
+        client.mark_dirty(args.device, args.ranges)
+        out.emit(
+            {
+                "device": args.device,
+                "ranges": [[o >> SECTOR_SHIFT, n >> SECTOR_SHIFT] for o, n in args.ranges],
+            },
+            f"{len(args.ranges)} range(s) marked",
+        )
+        return 0
+    if c == "snapshot":
+        return snapshot(args, client, out)
+    if c in ("backup", "restore", "backups", "verify"):
+        raise error(errno.ENOSYS, f"'{c}' is not available yet")
+    raise AssertionError(c)
+
+
+def snapshot(args: argparse.Namespace, client: Client, out: Out) -> int:
+    a = args.action
+    if a == "create":
+        sid = client.snapshot_create(args.devices, args.storage, args.limit, args.ranges)
+        out.emit({"id": sid}, sid)
+    elif a == "appendstorage":
+        r = client.snapshot_append_storage(
+            args.id, args.storage, size=args.limit, ranges=args.ranges
+        )
+        out.emit(
+            r,
+            f"storage of {args.id}: {format_size(r['storage']['capacity'])}, "
+            f"{format_size(r['storage']['free'])} free",
+        )
+    elif a == "take":
+        r = client.snapshot_take(args.id, loop=args.loop)
+        text = "\n".join(f"{n}: {i['loop'] or i['path']}" for n, i in sorted(r["images"].items()))
+        out.emit(r, text)
+    elif a == "info":
+        r = client.snapshot_info(args.device)
+        out.emit(
+            r,
+            f"snapshot {r['id']} ({r['state']}), error {r['error'] or 'none'}\n"
+            f"image {r['image'] or '-'}" + (f" on {r['loop']}" if r["loop"] else ""),
+        )
+    elif a == "collect":
+        snaps = client.snapshot_collect(args.id)
+        lines = []
+        for s in snaps:
+            lines.append(
+                f"{s['id']}  {s['state']}"
+                + (f" ({s['error']})" if s["error"] else "")
+                + f"  storage {format_size(s['storage']['used'])}"
+                + f" of {format_size(s['storage']['capacity'])}"
+            )
+            for d in s["devices"]:
+                lines.append(f"  {d['name']}: " + (d["loop"] or d["image"] or "(not taken)"))
+        out.emit(snaps, "\n".join(lines) if snaps else "no snapshots")
+    elif a == "waitevent":
+        ev = client.wait_event(args.id, timeout=args.timeout / 1000.0)
+        doc = (
+            {"event": ev.code, "data": ev.data, "time": ev.time}
+            if ev
+            else {"event": "timeout", "data": {}}
+        )
+        out.emit(doc, doc["event"] + (f" {json.dumps(doc['data'])}" if doc["data"] else ""))
+    elif a == "watch":
+        return watch(args, client, out)
+    elif a == "destroy":
+        client.snapshot_destroy(args.id)
+        out.emit({"id": args.id, "destroyed": True}, f"destroyed {args.id}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    out = Out(bool(args.json))
+    try:
         if args.command == "demo":
             from .demo import run_demo
 
             return run_demo(directory=args.dir, size=args.size, as_json=args.json)
-        _parser().print_help()
-        return 2
+        with Client(args.socket or default_socket()) as client:
+            return run(args, client, out)
     except BlksnapError as exc:
         if args.json:
-            print(json.dumps({"error": exc.errname, "message": exc.message}), file=sys.stderr)
+            print(
+                json.dumps({"error": exc.errname, "errno": exc.errno, "message": exc.message}),
+                file=sys.stderr,
+            )
         else:
             print(f"blksnap: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

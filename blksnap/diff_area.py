@@ -52,7 +52,8 @@ class DiffArea:
     ) -> None:
         self.device = device
         self.storage = storage
-        self.chunk_size = params.chunk_size
+        #: The snapshot's chunk size: one diff storage slot.
+        self.chunk_size = storage.slot_size
         self.chunk_shift = self.chunk_size.bit_length() - 1
         self.page_size = params.chunk_map_page
         self.max_io = params.max_io_size
@@ -124,20 +125,23 @@ class DiffArea:
 
     def _claim(self, first: int, last: int) -> tuple[list[int], list[threading.Event]]:
         """Claim the new chunks of first..last for this thread to copy; return
-        them, and the events of chunks other threads are loading."""
+        them, and the events of chunks other threads are loading. The chunks
+        one thread claims share one event."""
         mine: list[int] = []
         waits: list[threading.Event] = []
         locs = self._locations(first, last)
         todo = [first + int(i) for i in np.flatnonzero(locs == 0)]
         if not todo:
             return mine, waits
+        event = threading.Event()
         with self._lock:
             for chunk in todo:
                 ev = self._loading.get(chunk)
                 if ev is not None:
-                    waits.append(ev)
+                    if ev not in waits:
+                        waits.append(ev)
                 elif self._location(chunk) == 0:
-                    self._loading[chunk] = threading.Event()
+                    self._loading[chunk] = event
                     mine.append(chunk)
         return mine, waits
 
@@ -159,10 +163,10 @@ class DiffArea:
                 start = end
         finally:
             with self._lock:
-                for chunk in chunks:
-                    ev = self._loading.pop(chunk, None)
-                    if ev is not None:
-                        ev.set()
+                events = {self._loading.pop(chunk, None) for chunk in chunks}
+            for ev in events:
+                if ev is not None:
+                    ev.set()
 
     def _copy_run(self, run: list[int]) -> None:
         if self.error:

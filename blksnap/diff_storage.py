@@ -74,14 +74,20 @@ class DiffStorage:
         self,
         params: Params,
         on_low_space: Callable[[dict[str, int]], None] | None = None,
+        slot_size: int | None = None,
     ) -> None:
         self.params = params
-        self.slot_size = params.chunk_size
+        self.slot_size = slot_size or params.chunk_size
         self.sources: list[StorageSource] = []
         self._lock = threading.Lock()
         self._on_low_space = on_low_space
         self._low_space_sent = False
         self._released = False
+        # Running totals and the first source with room: allocation is O(1)
+        # however many sources ``appendstorage`` has added.
+        self._slots_total = 0
+        self._slots_used = 0
+        self._next_source = 0
 
     # -- sources ------------------------------------------------------------------
 
@@ -142,6 +148,7 @@ class DiffStorage:
                 os.close(fd)
                 raise InvalidArgument("diff storage already released")
             self.sources.append(src)
+            self._slots_total += src.slots_total
             if self._free_locked() >= self._threshold_locked():
                 self._low_space_sent = False
         log.info("diff storage: added %s %s, %d chunk slots", kind, shown, src.slots_total)
@@ -181,11 +188,11 @@ class DiffStorage:
 
     @property
     def capacity(self) -> int:
-        return sum(s.slots_total for s in self.sources) * self.slot_size
+        return self._slots_total * self.slot_size
 
     @property
     def used(self) -> int:
-        return sum(s.slots_used for s in self.sources) * self.slot_size
+        return self._slots_used * self.slot_size
 
     @property
     def free(self) -> int:
@@ -193,10 +200,10 @@ class DiffStorage:
             return self._free_locked()
 
     def _free_locked(self) -> int:
-        return sum(s.slots_total - s.slots_used for s in self.sources) * self.slot_size
+        return (self._slots_total - self._slots_used) * self.slot_size
 
     def _threshold_locked(self) -> int:
-        cap = sum(s.slots_total for s in self.sources) * self.slot_size
+        cap = self._slots_total * self.slot_size
         return min(self.params.low_free_space_bytes, int(cap * self.params.low_free_space_fraction))
 
     def alloc(self) -> int:
@@ -211,18 +218,22 @@ class DiffStorage:
             if self._released:
                 raise NoSpace("diff storage released")
             if self._free_locked() >= count * self.slot_size:
-                for index, src in enumerate(self.sources):
-                    while src.slots_used < src.slots_total and len(out) < count:
-                        rindex, pos = src.cursor
-                        roff, rlen = src.ranges[rindex]
-                        if pos + self.slot_size > rlen:
-                            src.cursor = (rindex + 1, 0)
-                            continue
-                        src.cursor = (rindex, pos + self.slot_size)
-                        src.slots_used += 1
-                        out.append((index << LOCATION_SHIFT) | (roff + pos))
-                    if len(out) == count:
-                        break
+                index = self._next_source
+                while len(out) < count:
+                    src = self.sources[index]
+                    if src.slots_used == src.slots_total:
+                        index += 1
+                        continue
+                    rindex, pos = src.cursor
+                    roff, rlen = src.ranges[rindex]
+                    if pos + self.slot_size > rlen:
+                        src.cursor = (rindex + 1, 0)
+                        continue
+                    src.cursor = (rindex, pos + self.slot_size)
+                    src.slots_used += 1
+                    out.append((index << LOCATION_SHIFT) | (roff + pos))
+                self._next_source = index
+                self._slots_used += len(out)
             event = self._low_space_event_locked(count * self.slot_size - len(out) * self.slot_size)
         if event is not None and self._on_low_space is not None:
             self._on_low_space(event)

@@ -24,6 +24,9 @@ class Params:
     #: enough that a 4 KiB random write does not copy much, large enough that
     #: sequential first writes are not dominated by per-chunk cost.
     chunk_size: int = 64 * KiB
+    #: ... doubled for a snapshot whose largest device would have more chunks
+    #: than this, which bounds the chunk map (8 bytes a chunk) at 128 MiB.
+    chunk_maximum_count: int = 1 << 24
     #: Chunks per page of the lazily allocated chunk map (memory grows by pages
     #: of chunks touched, never with device size).
     chunk_map_page: int = 4096
@@ -35,6 +38,13 @@ class Params:
     #: Largest single request the engine splits work into (bounded memory).
     max_io_size: int = 8 * MiB
 
+    def chunk_size_for(self, capacity: int) -> int:
+        """The COW unit for a device of ``capacity`` bytes."""
+        size = self.chunk_size
+        while (capacity + size - 1) // size > self.chunk_maximum_count:
+            size <<= 1
+        return size
+
     def __post_init__(self) -> None:
         cs = self.chunk_size
         if cs < 4096 or cs & (cs - 1):
@@ -43,5 +53,7 @@ class Params:
             raise InvalidArgument("tracking block shifts out of order")
         if not 0.0 <= self.low_free_space_fraction < 1.0:
             raise InvalidArgument("low_free_space_fraction must be in [0, 1)")
+        if self.chunk_maximum_count <= 0:
+            raise InvalidArgument("chunk_maximum_count must be positive")
         if self.chunk_map_page <= 0 or self.max_io_size < cs:
             raise InvalidArgument("bad chunk_map_page or max_io_size")

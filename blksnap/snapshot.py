@@ -55,7 +55,9 @@ class Snapshot:
         self.state = CREATED
         self.error = 0
         self.events = EventQueue()
-        self.storage = DiffStorage(params, on_low_space=self._low_space)
+        #: One chunk size for the whole set, from its largest device.
+        self.chunk_size = max(params.chunk_size_for(dev.size) for dev, _ in devices)
+        self.storage = DiffStorage(params, on_low_space=self._low_space, slot_size=self.chunk_size)
         self.members = {dev.name: SnapshotDevice(dev, trk) for dev, trk in devices}
         #: Every image I/O holds this gate; destroy closes it.
         self.image_gate = Gate()
@@ -176,6 +178,7 @@ class Snapshot:
             "error": errno.errorcode.get(self.error) if self.error else None,
             "errno": self.error,
             "created": self.created,
+            "chunk_size": self.chunk_size,
             "taken": self.taken_at,
             "storage": {
                 "capacity": self.storage.capacity,

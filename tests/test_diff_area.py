@@ -117,3 +117,29 @@ def test_writes_before_take_are_not_copied(engine, make_file, storage_dir):
     engine.snapshot_take(sid)
     assert engine.image(sid, "d0").read(0, 11) == b"before take"
     engine.snapshot_destroy(sid)
+
+
+def test_chunk_size_grows_to_bound_the_chunk_map(tmp_path, make_file, storage_dir):
+    params = blksnap.Params(chunk_size=4096, chunk_maximum_count=64)
+    assert params.chunk_size_for(64 * 4096) == 4096
+    assert params.chunk_size_for(64 * 4096 + 1) == 8192
+    eng = blksnap.Engine(tmp_path / "st2", params=params)
+    try:
+        small = eng.add_device(make_file(64 * 4096), name="small")
+        big = eng.add_device(make_file(MiB), name="big")  # 256 chunks of 4 KiB: too many
+        original = os.urandom(MiB)
+        big.write(0, original)
+        sid = eng.snapshot_create(["small", "big"], storage=storage_dir, limit=2 * MiB)
+        eng.snapshot_take(sid)
+        [snap] = eng.snapshot_collect()
+        assert snap["chunk_size"] == 16384  # MiB / 64
+        big.write(100, b"x")
+        small.write(0, b"y")
+        assert eng.snapshot(sid).members["big"].diff_area.chunk_count == 64
+        assert snap["storage"]["used"] == 0 and eng.snapshot_collect()[0]["storage"]["used"] == (
+            2 * 16384
+        )
+        assert eng.image(sid, "big").read(0, MiB) == original
+        assert eng.image(sid, "small").read(0, 1) == b"\0"
+    finally:
+        eng.close()
