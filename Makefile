@@ -4,8 +4,9 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-# Debian packages the suite and demo use (file systems to test on, fio for benchmarks).
-APT_PACKAGES := e2fsprogs xfsprogs util-linux
+# Debian packages: libfuse3 to build pyfuse3 and mount, file systems to test on,
+# fio for benchmarks.
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc e2fsprogs xfsprogs util-linux fio
 
 .PHONY: setup apt demo test bench lint clean
 

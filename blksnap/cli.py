@@ -278,19 +278,24 @@ def daemon_start(args: argparse.Namespace, client: Client, out: Out) -> int:
     raise error(errno.ETIMEDOUT, f"blksnapd did not answer within 20 s; see {logfile}")
 
 
+def _alive(pid: int) -> bool:
+    """Is ``pid`` running (a zombie waiting for its parent is not)?"""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+
+
 def daemon_stop(args: argparse.Namespace, client: Client, out: Out) -> int:
     reply = client.stop()
     client.close()
     pid = reply["pid"]
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not _alive(pid):
             out.emit({"stopped": True, "pid": pid}, f"blksnapd (pid {pid}) stopped")
             return 0
-        except PermissionError:
-            pass
         time.sleep(0.1)
     raise error(errno.ETIMEDOUT, f"blksnapd (pid {pid}) still running after 60 s")
 
