@@ -68,8 +68,18 @@ def sd_notify(message: str) -> None:
 
 
 def clear_stale_mount(mountpoint: str) -> None:
-    """A FUSE mount left by a daemon that died: unmount it lazily."""
+    """What a daemon that died left behind: loop devices over its files
+    (detached, or auto-cleared once their users close them) and its dead
+    FUSE mount (unmounted lazily)."""
     mountpoint = os.path.abspath(mountpoint)
+    for entry in sorted(os.listdir("/sys/block")):
+        backing = loop.backing_file(entry) if entry.startswith("loop") else None
+        if backing and backing.startswith(mountpoint + "/"):
+            log.warning("detaching stale loop device /dev/%s (%s)", entry, backing)
+            try:
+                loop.detach("/dev/" + entry)
+            except BlksnapError as exc:
+                log.error("stale loop device /dev/%s: %s", entry, exc)
     with open("/proc/self/mountinfo") as f:
         stale = any(line.split()[4] == mountpoint for line in f)
     if stale:
@@ -455,8 +465,8 @@ class Daemon:
 
         from .frontends.fuse import mount_options
 
-        os.makedirs(self.mount, mode=0o755, exist_ok=True)
         clear_stale_mount(self.mount)
+        os.makedirs(self.mount, mode=0o755, exist_ok=True)
         pyfuse3.init(self.fs, self.mount, mount_options())
         log.info("FUSE mounted at %s", self.mount)
         try:
