@@ -14,12 +14,14 @@ import os
 import socket
 import threading
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .cbt import CbtInfo
 from .errors import BlksnapError, error
 from .event_queue import Event
 from .protocol import HEADER, MAX_REPLY, VERSION, ProtocolError, check_length, decode_body, encode
+
+if TYPE_CHECKING:
+    from .cbt import CbtInfo
 
 DEFAULT_SOCKET = "/run/blksnap/blksnapd.sock"
 
@@ -135,6 +137,8 @@ class Client:
         self.call("filter.detach", device=name, filter=filter)
 
     def cbt_info(self, name: str) -> CbtInfo:
+        from .cbt import CbtInfo
+
         return CbtInfo(**self.call("cbt.info", device=name))
 
     def cbt_map(self, name: str) -> bytes:
