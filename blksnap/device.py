@@ -97,6 +97,11 @@ class BackingStore:
         self.identity = (0, st.st_rdev) if self.is_blockdev else (st.st_dev, st.st_ino)
         self.size = fd_size(self.fd)
 
+    def refresh_size(self) -> int:
+        """Read the capacity again (a file or device resized under us)."""
+        self.size = fd_size(self.fd)
+        return self.size
+
     def pread(self, offset: int, length: int) -> bytes:
         try:
             return pread_full(self.fd, offset, length)

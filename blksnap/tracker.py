@@ -57,5 +57,6 @@ class Tracker(Filter):
 
     def check_capacity(self) -> None:
         """Before take: a device whose size changed starts a new generation."""
-        if self.cbt.capacity != self.device.size:
-            self.cbt.resize(self.device.size)
+        size = self.device.backing.refresh_size()
+        if self.cbt.capacity != size:
+            self.cbt.resize(size)

@@ -144,3 +144,22 @@ def test_mark_dirty(engine, make_file, storage_dir):
         assert info.value.errno == errno.EINVAL
     assert engine.cbt_map("d0") == before
     engine.snapshot_destroy(sid)
+
+
+def test_capacity_change_is_a_new_generation_at_take(engine, make_file, storage_dir):
+    path = make_file(MiB)
+    dev = engine.add_device(path, name="d0")
+    engine.attach("d0")
+    sid = engine.snapshot_create(["d0"], storage=storage_dir, limit=MiB)
+    engine.snapshot_take(sid)
+    gen = engine.cbt_info("d0").generation_id
+    engine.snapshot_destroy(sid)
+    with open(path, "r+b") as f:
+        f.truncate(2 * MiB)  # grown under us
+    sid = engine.snapshot_create(["d0"], storage=storage_dir, limit=MiB)
+    engine.snapshot_take(sid)
+    info = engine.cbt_info("d0")
+    assert info.generation_id != gen
+    assert info.device_capacity == dev.size == 2 * MiB
+    assert engine.image(sid, "d0").size == 2 * MiB
+    engine.snapshot_destroy(sid)
