@@ -193,6 +193,18 @@ class DiffArea:
         except BlksnapError as exc:
             self.fail(exc)
 
+    def _none_stored(self, first: int, last: int) -> bool:
+        """No chunk of first..last is stored (pages never made hold none)."""
+        ps = self.page_size
+        for pno in range(first // ps, last // ps + 1):
+            page = self._pages.get(pno)
+            if page is not None:
+                base = pno * ps
+                a, b = max(first, base) - base, min(last, base + ps - 1) - base + 1
+                if np.count_nonzero(page[a:b]):
+                    return False
+        return True
+
     def _all_stored(self, first: int, last: int) -> bool:
         ps = self.page_size
         pno, start = divmod(first, ps)
@@ -243,29 +255,37 @@ class DiffArea:
         shift = self.chunk_shift
         end = offset + length
         first, last = offset >> shift, (end - 1) >> shift
-        locs = self._locations(first, last)
-        if not locs.any():
+        if self._none_stored(first, last):
             # Nothing stored: one device read, then make sure it stayed so.
+            # (The common case of a backup read: checked without building
+            # location arrays, which cost more than the rest of the request.)
             data = self._read_device(offset, length)
-            after = self._locations(first, last)
-            if after.any():
+            if not self._none_stored(first, last):
+                after = self._locations(first, last)
                 data = self._patch(bytearray(data), offset, end, first, after)
             self.check()
             return data
-        # Pieces: (start, end, location or 0), runs of unstored chunks merged.
+        locs = self._locations(first, last)
+        # Pieces: (start, end, storage position of start + 1, or 0 for the
+        # device). Runs of unstored chunks are merged, and so are stored
+        # chunks that lie one after the other in diff storage (they were
+        # copied in one run), so each run is one read.
         pieces: list[tuple[int, int, int]] = []
         for k, loc in enumerate(locs.tolist()):
             chunk = first + k
             a = max(offset, chunk << shift)
             b = min(end, (chunk + 1) << shift)
-            if not loc and pieces and not pieces[-1][2]:
-                pieces[-1] = (pieces[-1][0], b, 0)
-            else:
-                pieces.append((a, b, loc))
+            spos = loc + (a - (chunk << shift)) if loc else 0
+            if pieces:
+                pa, _, ppos = pieces[-1]
+                if (not spos and not ppos) or (spos and ppos and ppos + (a - pa) == spos):
+                    pieces[-1] = (pa, b, ppos)
+                    continue
+            pieces.append((a, b, spos))
         parts: list[bytes] = []
-        for a, b, loc in pieces:
-            if loc:
-                parts.append(self._read_stored(loc, a >> shift, a, b))
+        for a, b, spos in pieces:
+            if spos:
+                parts.append(self.storage.read(spos - 1, b - a))
             else:
                 parts.append(self._read_device(a, b - a))
         after = self._locations(first, last)
