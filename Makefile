@@ -5,8 +5,10 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
 # Debian packages: libfuse3 to build pyfuse3 and mount, file systems to test on,
-# fio for benchmarks.
-APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc e2fsprogs xfsprogs util-linux fio
+# fio for benchmarks, NBD clients (qemu-img, qemu-nbd, qemu-io; nbdinfo, nbdcopy)
+# for the NBD tests and benchmark.
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc e2fsprogs xfsprogs util-linux fio \
+	qemu-utils libnbd-bin
 
 .PHONY: setup apt demo test bench lint clean
 

@@ -88,6 +88,18 @@ def _parser() -> argparse.ArgumentParser:
     start.add_argument("--state-dir", default=None, help="default /var/lib/blksnap")
     start.add_argument("--mount", default=None, help="FUSE mount point, default /run/blksnap/mnt")
     start.add_argument("--log", default=None, help="log file (default <state-dir>/blksnapd.log)")
+    start.add_argument(
+        "--nbd",
+        default=None,
+        metavar="ADDR",
+        help="also serve NBD on unix:PATH or [HOST:]PORT (exports N and ID/N)",
+    )
+    start.add_argument(
+        "--nbd-any", action="store_true", help="allow a wildcard --nbd address (all interfaces)"
+    )
+    start.add_argument(
+        "--nbd-writable-images", action="store_true", help="export snapshot images read-write"
+    )
     cmd(
         dsub, "stop", "stop blksnapd cleanly: snapshots destroyed, loop devices detached, unmounted"
     )
@@ -253,6 +265,12 @@ def daemon_start(args: argparse.Namespace, client: Client, out: Out) -> int:
     cmdline = [_blksnapd(), "--socket", client.socket_path, "--state-dir", state_dir]
     if args.mount:
         cmdline += ["--mount", args.mount]
+    if args.nbd is not None:
+        cmdline += ["--nbd", args.nbd]
+    if args.nbd_any:
+        cmdline.append("--nbd-any")
+    if args.nbd_writable_images:
+        cmdline.append("--nbd-writable-images")
     with open(logfile, "ab") as log:
         proc = subprocess.Popen(
             cmdline, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
@@ -307,7 +325,13 @@ def daemon_status(args: argparse.Namespace, client: Client, out: Out) -> int:
         f"blksnapd {st['version']} running, pid {st['pid']}, up {st['uptime']:.0f} s\n"
         f"  socket {st['socket']}\n  mount  {st['mount']}\n  state  {st['state_dir']}\n"
         f"  {st['devices']} device(s), {st['snapshots']} snapshot(s), loop devices: "
-        f"{', '.join(st['loops']) or 'none'}",
+        f"{', '.join(st['loops']) or 'none'}"
+        + (
+            f"\n  nbd    {', '.join(st.get('nbd_listen') or [st['nbd']])}, "
+            f"{st.get('nbd_clients', 0)} client(s)"
+            if st.get("nbd")
+            else ""
+        ),
     )
     return 0
 

@@ -1,11 +1,13 @@
-"""``blksnapd``: serves devices and snapshot images over FUSE files, and the
-control socket that ``blksnap`` and :class:`blksnap.Client` speak to.
+"""``blksnapd``: serves devices and snapshot images over FUSE files (and over
+NBD with ``--nbd``), and the control socket that ``blksnap`` and
+:class:`blksnap.Client` speak to.
 
-One trio event loop runs the FUSE session and the control socket; engine
+One trio event loop runs the FUSE session, the NBD server and the control socket; engine
 calls, ``losetup`` and FIFREEZE run in worker threads (they may need the
 loop to serve FUSE requests while they wait). Shutdown on SIGTERM, SIGINT or
 ``daemon.stop``: snapshots destroyed, loop devices it made detached, devices
-flushed, FUSE unmounted, socket removed.
+flushed, FUSE unmounted, socket removed. The NBD server stops first: it
+finishes the requests in flight, then closes its connections.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from contextlib import nullcontext
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -42,6 +45,9 @@ from .protocol import (
     ok_reply,
     validate_request,
 )
+
+if TYPE_CHECKING:
+    from .frontends.nbd import Address, NbdServer
 
 log = logging.getLogger("blksnapd")
 
@@ -96,6 +102,8 @@ class Daemon:
         *,
         fuse_threads: int = 16,
         direct_io: bool = True,
+        nbd: Address | None = None,
+        nbd_writable_images: bool = False,
     ) -> None:
         self.state_dir = os.path.abspath(state_dir)
         self.mount = os.path.abspath(mount)
@@ -104,6 +112,11 @@ class Daemon:
         from .frontends.fuse import BlksnapFS
 
         self.fs = BlksnapFS(self.engine, threads=fuse_threads, direct_io=direct_io)
+        self.nbd: NbdServer | None = None
+        if nbd is not None:
+            from .frontends.nbd import NbdServer
+
+            self.nbd = NbdServer(self.engine, nbd, writable_images=nbd_writable_images)
         #: Loop devices this daemon attached: FUSE path -> loop device.
         self.loops: dict[str, str] = {}
         self.started = time.time()
@@ -157,6 +170,9 @@ class Daemon:
             "devices": len(self.engine.devices()),
             "snapshots": len(self.engine.snapshot_collect()),
             "loops": sorted(self.loops.values()),
+            "nbd": self.nbd.address_text if self.nbd else None,
+            "nbd_listen": list(self.nbd.bound) if self.nbd else [],
+            "nbd_clients": len(self.nbd.connections) if self.nbd else 0,
         }
 
     async def op_stop(self, args: dict[str, Any]) -> Any:
@@ -223,9 +239,15 @@ class Daemon:
         dev_loop = self.loops.get(path)
         if dev_loop and await self.thread(loop.mounts_of, dev_loop):
             raise error(errno.EBUSY, f"{dev_loop} ({name}) is mounted")
-        await self._detach_loop(path)
-        self.fs.remove_device(name)
-        await self.thread(self.engine.remove_device, name)
+        # NBD clients hold the device itself (not its file): refuse while any
+        # is connected, and let no new one in while it goes.
+        nbd_users = self.nbd.device_users(name) if self.nbd else 0
+        if nbd_users:
+            raise error(errno.EBUSY, f"{name} is exported over NBD to {nbd_users} client(s)")
+        with self.nbd.withdrawn(name) if self.nbd else nullcontext():
+            await self._detach_loop(path)
+            self.fs.remove_device(name)
+            await self.thread(self.engine.remove_device, name)
         return {"name": name, "removed": True}
 
     async def op_device_list(self, args: dict[str, Any]) -> Any:
@@ -447,6 +469,8 @@ class Daemon:
         """Destroy snapshots, detach our loop devices, flush devices. FUSE is
         still served meanwhile (losetup closes the files through it)."""
         sd_notify("STOPPING=1")
+        if self.nbd is not None:
+            await self.nbd.close()
         for snap in self.engine.snapshot_collect():
             try:
                 await self.op_snapshot_destroy({"id": snap["id"]})
@@ -465,21 +489,31 @@ class Daemon:
 
         from .frontends.fuse import mount_options
 
+        if self.nbd is not None:
+            await self.nbd.open()  # before the mount: a bad address leaves nothing behind
         clear_stale_mount(self.mount)
         os.makedirs(self.mount, mode=0o755, exist_ok=True)
-        pyfuse3.init(self.fs, self.mount, mount_options())
+        try:
+            pyfuse3.init(self.fs, self.mount, mount_options())
+        except BaseException:
+            if self.nbd is not None:
+                self.nbd.remove_socket()
+            raise
         log.info("FUSE mounted at %s", self.mount)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(pyfuse3.main, 1, 256)
                 await nursery.start(self.serve_control)
+                if self.nbd is not None:
+                    await nursery.start(self.nbd.serve)
                 nursery.start_soon(self._signals)
                 log.info(
-                    "blksnapd %s ready: socket %s, mount %s, state %s",
+                    "blksnapd %s ready: socket %s, mount %s, state %s%s",
                     __version__,
                     self.socket_path,
                     self.mount,
                     self.state_dir,
+                    f", NBD {self.nbd.address_text}" if self.nbd else "",
                 )
                 sd_notify(f"READY=1\nMAINPID={os.getpid()}")
                 await self.stopping.wait()
@@ -514,7 +548,24 @@ def main(argv: list[str] | None = None) -> int:
         default=os.environ.get("BLKSNAP_SOCKET", DEFAULT_SOCKET),
         help=f"control socket (env BLKSNAP_SOCKET), default {DEFAULT_SOCKET}",
     )
-    p.add_argument("--nbd", default=None, help="NBD listen address (not available yet)")
+    p.add_argument(
+        "--nbd",
+        default=None,
+        metavar="ADDR",
+        help="also serve devices (export N) and snapshot images (export ID/N) over NBD on "
+        "unix:PATH or [HOST:]PORT (no host: 127.0.0.1; TCP is open to every local user, "
+        "prefer unix:)",
+    )
+    p.add_argument(
+        "--nbd-any",
+        action="store_true",
+        help="allow --nbd on a wildcard address (0.0.0.0, ::): every interface",
+    )
+    p.add_argument(
+        "--nbd-writable-images",
+        action="store_true",
+        help="export snapshot images read-write (writes land in diff storage and mark the CBT)",
+    )
     p.add_argument("--fuse-threads", type=int, default=16, help="worker threads for FUSE I/O")
     p.add_argument(
         "--no-direct-io", action="store_true", help="let the page cache sit in front of the files"
@@ -526,9 +577,15 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
         stream=sys.stderr,
     )
-    if args.nbd:
-        print("blksnapd: --nbd: the NBD server is not built yet (ENOSYS)", file=sys.stderr)
-        return 2
+    nbd_address = None
+    if args.nbd is not None:
+        from .frontends.nbd import parse_address
+
+        try:
+            nbd_address = parse_address(args.nbd, allow_any=args.nbd_any)
+        except BlksnapError as exc:
+            print(f"blksnapd: {exc}", file=sys.stderr)
+            return 2
     if os.geteuid() != 0:
         log.warning("not root: loop devices and FIFREEZE will fail")
     try:
@@ -538,6 +595,8 @@ def main(argv: list[str] | None = None) -> int:
             args.socket,
             fuse_threads=args.fuse_threads,
             direct_io=not args.no_direct_io,
+            nbd=nbd_address,
+            nbd_writable_images=args.nbd_writable_images,
         )
         trio.run(daemon.run)
     except BlksnapError as exc:

@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,6 +79,8 @@ class Daemon:
     log: Path
     client: Client
     mounted: list[str] = field(default_factory=list)
+    #: The NBD Unix socket, when the daemon was started with one.
+    nbd: str | None = None
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return cli(self.sock, *args, check=check)
@@ -101,12 +103,16 @@ class Daemon:
         return self.log.read_text(errors="replace")
 
 
-def start_daemon(root: Path) -> Daemon:
+def start_daemon(root: Path, extra: Sequence[str] = ()) -> Daemon:
     sock, mount, state = str(root / "blksnapd.sock"), str(root / "mnt"), str(root / "state")
     log = root / "blksnapd.log"
     with open(log, "wb") as f:
         proc = subprocess.Popen(
-            [str(BIN / "blksnapd"), "--socket", sock, "--mount", mount, "--state-dir", state],
+            [
+                str(BIN / "blksnapd"),
+                *("--socket", sock, "--mount", mount, "--state-dir", state),
+                *extra,
+            ],
             stdout=f,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -157,6 +163,23 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
         yield d
     finally:
         stop_daemon(d)
+        assert not mounts_under(str(tmp_path)), mounts_under(str(tmp_path))
+        assert not loops_under(str(tmp_path)), loops_under(str(tmp_path))
+
+
+@pytest.fixture
+def nbd_daemon(tmp_path: Path) -> Iterator[Daemon]:
+    """A daemon that also serves NBD on ``<tmp>/nbd.sock`` (``daemon.nbd``)."""
+    if SKIP:
+        pytest.skip(SKIP)
+    nbd = str(tmp_path / "nbd.sock")
+    d = start_daemon(tmp_path, ["--nbd", f"unix:{nbd}"])
+    d.nbd = nbd
+    try:
+        yield d
+    finally:
+        stop_daemon(d)
+        assert not os.path.exists(nbd), "NBD socket left behind"
         assert not mounts_under(str(tmp_path)), mounts_under(str(tmp_path))
         assert not loops_under(str(tmp_path)), loops_under(str(tmp_path))
 

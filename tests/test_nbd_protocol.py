@@ -1,0 +1,312 @@
+"""The NBD front-end without blksnapd: its pure protocol pieces, and the
+server itself on an in-process engine (no FUSE, no root)."""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import struct
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import trio
+
+import blksnap
+from blksnap.errors import InvalidArgument
+from blksnap.frontends import nbd
+from blksnap.frontends.nbd import (
+    CTX_ALLOCATION,
+    CTX_DIRTY,
+    REP_ERR_INVALID,
+    REP_ERR_TOO_BIG,
+    Address,
+    NbdServer,
+    OptionError,
+    match_contexts,
+    parse_address,
+    parse_info_request,
+    parse_meta_request,
+    runs_to_extents,
+)
+from tests.integration.nbd_client import OptionFailed, RawNbd
+
+MiB = 1 << 20
+
+# -- addresses ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ("unix:/run/x.sock", Address("unix", path="/run/x.sock")),
+        ("10809", Address("tcp", host="127.0.0.1", port=10809)),
+        (":0", Address("tcp", host="127.0.0.1", port=0)),
+        ("localhost:10809", Address("tcp", host="localhost", port=10809)),
+        ("192.0.2.7:1", Address("tcp", host="192.0.2.7", port=1)),
+        ("[::1]:10809", Address("tcp", host="::1", port=10809)),
+    ],
+)
+def test_parse_address(spec, expected):
+    assert parse_address(spec) == expected
+
+
+def test_parse_address_relative_unix_path_is_made_absolute():
+    assert parse_address("unix:x.sock").path == os.path.abspath("x.sock")
+
+
+@pytest.mark.parametrize(
+    "spec",
+    ["0.0.0.0:10809", "[::]:10809", "*:1", "0.0.0.0:0", "[0:0::0]:5"],
+)
+def test_wildcard_needs_allow_any(spec):
+    with pytest.raises(InvalidArgument, match="--nbd-any"):
+        parse_address(spec)
+    assert parse_address(spec, allow_any=True).kind == "tcp"
+
+
+@pytest.mark.parametrize(
+    "spec", ["unix:", "/run/x.sock", "host:port", "host:70000", "::1:10809", "[::1]10809", ""]
+)
+def test_bad_addresses(spec):
+    with pytest.raises(InvalidArgument):
+        parse_address(spec)
+
+
+def test_address_text():
+    assert str(Address("tcp", host="::1", port=5)) == "[::1]:5"
+    assert str(Address("unix", path="/a")) == "unix:/a"
+
+
+# -- option data -------------------------------------------------------------------------
+
+
+def info(name: bytes, reqs: list[int], extra: bytes = b"") -> bytes:
+    return (
+        struct.pack(">I", len(name))
+        + name
+        + struct.pack(">H", len(reqs))
+        + b"".join(struct.pack(">H", r) for r in reqs)
+        + extra
+    )
+
+
+def test_parse_info_request():
+    assert parse_info_request(info(b"sid/disk0", [3, 1, 3])) == ("sid/disk0", [3, 1])
+    assert parse_info_request(info(b"", [])) == ("", [])
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"\0\0\0\0\0",  # shorter than 6
+        struct.pack(">I", 10) + b"abc" + b"\0\0",  # name past the end
+        info(b"d", [1], b"\0"),  # trailing byte
+        info(b"d", [1])[:-1],  # request cut short
+        info(b"a\0b", []),  # NUL in the name
+        info(b"\xc3\x28", []),  # not UTF-8
+    ],
+)
+def test_parse_info_request_invalid(data):
+    with pytest.raises(OptionError) as exc:
+        parse_info_request(data)
+    assert exc.value.reply == REP_ERR_INVALID
+
+
+def test_overlong_name_is_too_big():
+    with pytest.raises(OptionError) as exc:
+        parse_info_request(info(b"n" * 4097, []))
+    assert exc.value.reply == REP_ERR_TOO_BIG
+
+
+def meta(name: bytes, queries: list[bytes], extra: bytes = b"") -> bytes:
+    out = struct.pack(">I", len(name)) + name + struct.pack(">I", len(queries))
+    return out + b"".join(struct.pack(">I", len(q)) + q for q in queries) + extra
+
+
+def test_parse_meta_request():
+    assert parse_meta_request(meta(b"d", [b"base:allocation", b"qemu:"])) == (
+        "d",
+        ["base:allocation", "qemu:"],
+    )
+    assert parse_meta_request(meta(b"", [])) == ("", [])
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\0\0\0\0",
+        meta(b"d", [b"base:allocation"])[:-1],  # query cut short
+        meta(b"d", [b"x:y"], b"junk"),  # trailing bytes
+        struct.pack(">I", 1) + b"d" + struct.pack(">I", 3),  # 3 queries, none sent
+        struct.pack(">I", 99) + b"d" + struct.pack(">I", 0),  # name past the end
+    ],
+)
+def test_parse_meta_request_invalid(data):
+    with pytest.raises(OptionError) as exc:
+        parse_meta_request(data)
+    assert exc.value.reply == REP_ERR_INVALID
+
+
+def test_match_contexts():
+    both = [CTX_ALLOCATION, CTX_DIRTY]
+    assert match_contexts([], both, listing=True) == both
+    assert match_contexts([], both, listing=False) == []
+    assert match_contexts(["base:"], both, listing=True) == [CTX_ALLOCATION]
+    assert match_contexts(["qemu:"], both, listing=True) == [CTX_DIRTY]
+    assert match_contexts(["qemu:dirty-bitmap:"], both, listing=True) == [CTX_DIRTY]
+    assert match_contexts(["base:", "qemu:"], both, listing=False) == []
+    assert match_contexts(["qemu:dirty-bitmap:other"], both, listing=False) == []
+    assert match_contexts(["x-y:z", CTX_DIRTY, CTX_DIRTY], both, listing=False) == [CTX_DIRTY]
+    assert match_contexts([CTX_DIRTY], [CTX_ALLOCATION], listing=False) == []
+    for bad in ("nocolon", ":leaf"):
+        with pytest.raises(OptionError):
+            match_contexts([bad], both, listing=True)
+
+
+# -- extents ----------------------------------------------------------------------------
+
+
+def test_runs_to_extents_merges_and_clips():
+    mask = np.array([True, True, False, False, True], dtype=bool)
+    # blocks of 16 bytes starting at block 10: bytes 160..240
+    assert runs_to_extents(mask, 10, 4, 165, 235, 1) == [(27, 1), (32, 0), (11, 1)]
+    assert runs_to_extents(mask, 10, 4, 160, 240, 1) == [(32, 1), (32, 0), (16, 1)]
+    assert runs_to_extents(mask, 10, 4, 160, 240, 1, limit=1) == [(32, 1)]
+    assert runs_to_extents(mask[:1], 10, 4, 161, 162, 1) == [(1, 1)]
+    assert runs_to_extents(np.zeros(3, dtype=bool), 0, 4, 0, 48, 1) == [(48, 0)]
+
+
+def test_runs_to_extents_large_map():
+    rng = np.random.default_rng(1)
+    mask = rng.random(100_000) < 0.5
+    ext = runs_to_extents(mask, 0, 16, 0, 100_000 << 16, 1)
+    assert sum(n for n, _ in ext) == 100_000 << 16
+    rebuilt = np.concatenate([np.full(n >> 16, f == 1) for n, f in ext])
+    assert (rebuilt == mask).all()
+    assert all(a[1] != b[1] for a, b in itertools.pairwise(ext))
+
+
+def test_errno_mapping():
+    assert nbd.nbd_errno(errno.ENOSPC) == nbd.NBD_ENOSPC
+    assert nbd.nbd_errno(errno.EDQUOT) == nbd.NBD_ENOSPC
+    assert nbd.nbd_errno(errno.ENOENT) == nbd.NBD_ESHUTDOWN
+    assert nbd.nbd_errno(errno.EINVAL) == nbd.NBD_EINVAL
+    assert nbd.nbd_errno(errno.EBUSY) == nbd.NBD_EIO
+    assert nbd.nbd_errno(None) == nbd.NBD_EIO
+
+
+def test_reply_framing():
+    chunk = nbd.error_chunk(7, nbd.NBD_EINVAL, "bad")
+    magic, flags, rtype, cookie, length = struct.unpack(">IHHQI", chunk[:20])
+    assert (magic, flags, rtype, cookie, length) == (0x668E33EF, 1, 0x8001, 7, 9)
+    assert chunk[20:] == struct.pack(">IH", 22, 3) + b"bad"
+    bs = nbd.block_status_chunk(9, 2, [(4096, 1), (512, 0)], done=False)
+    assert struct.unpack(">IHHQI", bs[:20]) == (0x668E33EF, 0, 5, 9, 20)
+    assert bs[20:] == struct.pack(">IIIII", 2, 4096, 1, 512, 0)
+    rep = nbd.option_reply(7, nbd.REP_ACK)
+    assert rep == struct.pack(">QIII", 0x3E889045565A9, 7, 1, 0)
+
+
+# -- the server, in process ------------------------------------------------------------------
+
+
+class Served:
+    """An NbdServer on a trio loop of its own thread, over a real engine."""
+
+    def __init__(self, engine: blksnap.Engine, sock: str, writable_images: bool = False) -> None:
+        self.server = NbdServer(engine, Address("unix", path=sock), writable_images=writable_images)
+        self.sock = sock
+        self.token: trio.lowlevel.TrioToken | None = None
+        self.stop: trio.Event
+        self.ready = threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run)
+        self.thread.start()
+        assert self.ready.wait(10), self.error
+
+    def _run(self) -> None:
+        async def main() -> None:
+            self.token = trio.lowlevel.current_trio_token()
+            self.stop = trio.Event()
+            async with trio.open_nursery() as n:
+                await n.start(self.server.serve)
+                self.ready.set()
+                await self.stop.wait()
+                await self.server.close()  # as the daemon does at shutdown
+
+        try:
+            trio.run(main)
+        except BaseException as exc:
+            self.error = exc
+            self.ready.set()
+
+    def close(self) -> None:
+        if self.token is not None and self.thread.is_alive():
+            self.token.run_sync_soon(self.stop.set)
+        self.thread.join(30)
+        assert not self.thread.is_alive()
+        assert self.error is None, self.error
+
+
+@pytest.fixture
+def served(engine, make_file, storage_dir, tmp_path: Path) -> Iterator[tuple[Served, str, bytes]]:
+    content = os.urandom(4 * MiB)
+    engine.add_device(make_file(4 * MiB, "d.img", content), name="d")
+    sid = engine.snapshot_create(["d"], storage=storage_dir, limit=8 * MiB)
+    engine.snapshot_take(sid)
+    s = Served(engine, str(tmp_path / "nbd.sock"))
+    try:
+        yield s, sid, content
+    finally:
+        s.close()
+
+
+def test_in_process_read_write_and_shutdown(served, engine):
+    s, sid, content = served
+    assert oct(os.stat(s.sock).st_mode & 0o777) == "0o600"
+    with RawNbd(s.sock) as c:
+        assert sorted(c.greet() and c.list_exports()) == sorted(["d", f"{sid}/d"])
+        c.structured_reply()
+        c.go("d")
+        assert c.write(MiB, b"\x11" * 5000).error == "OK"
+        assert (
+            c.read(MiB - 10, 5020)
+            == content[MiB - 10 : MiB] + b"\x11" * 5000 + content[MiB + 5000 : MiB + 5010]
+        )
+        assert s.server.device_users("d") == 1
+        c.disconnect()
+        assert c.closed_by_server()
+    with RawNbd(s.sock) as c:  # the image kept the data of take time
+        c.open(f"{sid}/d")
+        assert c.read(MiB, 5000) == content[MiB : MiB + 5000]
+        engine.snapshot_destroy(sid)
+        r = c.call("READ", 0, 512)
+        assert r.error == "ESHUTDOWN", r
+    # Shutdown: requests in flight are answered, then the connection closes.
+    c = RawNbd(s.sock)
+    c.open("d")
+    cookies = [c.request("READ", i * 65536, 65536) for i in range(32)]
+    s.close()
+    got = sorted(c.reply(65536).cookie for _ in cookies)
+    assert got == sorted(cookies)
+    assert c.closed_by_server()
+    c.close()
+    assert not os.path.exists(s.sock)
+
+
+def test_in_process_withdrawn_device_and_missing_export(served):
+    s, _sid, _content = served
+    with s.server.withdrawn("d"), RawNbd(s.sock) as c:
+        c.greet()
+        with pytest.raises(OptionFailed) as exc:
+            c.go("d")
+        assert exc.value.kind == "UNKNOWN"
+        assert c.list_exports() == [f"{_sid}/d"]
+    with RawNbd(s.sock) as c:
+        c.open("d")
+        c.disconnect()
