@@ -18,8 +18,8 @@ import stat
 import struct
 from typing import TYPE_CHECKING
 
-from .errors import BlksnapError, InvalidArgument, NoSpace, from_oserror
-from .filters import WRITE_OPS, Bio, FilterResult, FilterStack, Op
+from .errors import BlksnapError, InvalidArgument, NoDevice, NoSpace, from_oserror
+from .filters import Bio, FilterResult, FilterStack, Op
 from .gate import Gate
 from .params import Params
 
@@ -220,10 +220,11 @@ class Device:
     def submit(self, bio: Bio) -> None:
         """Send ``bio`` through the filter stack to the backing store.
 
-        Writes hold the device's gate until they are complete, so a drain
-        (take, attach) waits for them to reach the backing store.
+        Requests hold the device's gate until they are complete, so a drain
+        (take, attach, close) waits for them to reach the backing store, and
+        none can touch the backing store once the device is closed.
         """
-        if bio.filtered or bio.op not in WRITE_OPS:
+        if bio.filtered:
             self._submit(bio)
             return
         gate = self.queue
@@ -294,6 +295,9 @@ class Device:
         log.info("filter %s detached from %s", flt_cls.name, self.name)
 
     def close(self) -> None:
+        """Drain requests in flight, refuse new ones (ENODEV), release."""
+        name = self.name
+        self.queue.close(lambda: NoDevice(f"device {name} has been removed"))
         for flt in list(self.filters):
             try:
                 flt.detach()

@@ -130,3 +130,15 @@ def test_block_device_opened_exclusively(engine, make_file):
         os.close(fd)
     finally:
         subprocess.run(["losetup", "-d", loop], check=False)
+
+
+def test_removed_device_refuses_io_with_enodev(engine, make_file):
+    path = make_file(1 << 20)
+    dev = engine.add_device(path, name="d0")
+    dev.write(0, b"kept")
+    engine.remove_device("d0")
+    for call in (lambda: dev.read(0, 4), lambda: dev.write(0, b"lost"), dev.flush):
+        with pytest.raises(blksnap.BlksnapError) as info:
+            call()
+        assert info.value.errno == errno.ENODEV
+    assert file_bytes(path)[:4] == b"kept"
