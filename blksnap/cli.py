@@ -59,6 +59,21 @@ def _optarg(text: str) -> tuple[str, str]:
     return key, value
 
 
+def _add_ranges(parser: argparse.ArgumentParser, help: str, required: bool = False) -> None:
+    """``-r SECTOR:COUNT ...`` (repeatable), as byte (offset, length) pairs in ``ranges``."""
+    parser.add_argument(
+        "-r",
+        "--range",
+        dest="ranges",
+        nargs="+",
+        action="extend",
+        type=_rangearg,
+        required=required,
+        metavar="SECTOR:COUNT",
+        help=help,
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
@@ -137,16 +152,7 @@ def _parser() -> argparse.ArgumentParser:
     rc.add_argument("-f", "--file", required=True)
     md = cmd(sub, "markdirtyblock", "mark sector ranges changed in the CBT")
     md.add_argument("-d", "--device", required=True)
-    md.add_argument(
-        "-r",
-        "--range",
-        dest="ranges",
-        nargs="+",
-        action="extend",
-        type=_rangearg,
-        required=True,
-        metavar="SECTOR:COUNT",
-    )
+    _add_ranges(md, "sectors to mark changed", required=True)
 
     # snapshots
     sn = cmd(sub, "snapshot", "create, take, watch and destroy snapshots")
@@ -157,29 +163,12 @@ def _parser() -> argparse.ArgumentParser:
         "-f", "--storage", help="diff storage: a directory, a regular file or a block device"
     )
     cr.add_argument("-l", "--limit", type=_sizearg, help="most diff storage to use from it")
-    cr.add_argument(
-        "-r",
-        "--range",
-        dest="ranges",
-        nargs="+",
-        action="extend",
-        type=_rangearg,
-        metavar="SECTOR:COUNT",
-        help="use only these sectors of the storage",
-    )
+    _add_ranges(cr, "use only these sectors of the storage")
     ap = cmd(ssub, "appendstorage", "grow the diff storage of a live snapshot")
     ap.add_argument("-i", "--id", required=True)
     ap.add_argument("-f", "--storage", required=True)
     ap.add_argument("-l", "--limit", type=_sizearg, help="size to use (needed for a directory)")
-    ap.add_argument(
-        "-r",
-        "--range",
-        dest="ranges",
-        nargs="+",
-        action="extend",
-        type=_rangearg,
-        metavar="SECTOR:COUNT",
-    )
+    _add_ranges(ap, "use only these sectors of the storage")
     tk = cmd(ssub, "take", "take the snapshot: all its devices at one instant; images appear")
     tk.add_argument("-i", "--id", required=True)
     tk.add_argument("--loop", action="store_true", help="attach a loop device to each image")
