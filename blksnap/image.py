@@ -7,6 +7,7 @@ blocks changed in the CBT, so the next backup re-reads them from the device.
 
 from __future__ import annotations
 
+import threading
 from typing import TYPE_CHECKING
 
 from .errors import InvalidArgument, NoSpace
@@ -27,6 +28,12 @@ class Image:
         self.cbt = cbt
         self._gate = gate
         self.size = diff_area.capacity
+        # What has been read from and written to this image (bytes, requests):
+        # a backup tool's reads, as blksnapd saw them.
+        self._stats_lock = threading.Lock()
+        self.bytes_read = 0
+        self.reads = 0
+        self.bytes_written = 0
 
     def __repr__(self) -> str:
         return f"<Image {self.snapshot_id}/{self.name} {self.size}B>"
@@ -44,9 +51,13 @@ class Image:
         self._check(offset, length, write=False)
         self._gate.enter()
         try:
-            return self.diff_area.read(offset, length)
+            data = self.diff_area.read(offset, length)
         finally:
             self._gate.leave()
+        with self._stats_lock:
+            self.bytes_read += length
+            self.reads += 1
+        return data
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         self._check(offset, len(data), write=True)
@@ -56,6 +67,8 @@ class Image:
             self.cbt.mark_both(offset, len(data))
         finally:
             self._gate.leave()
+        with self._stats_lock:
+            self.bytes_written += len(data)
 
     def flush(self) -> None:
         """Diff storage is not persistent: nothing to make durable."""

@@ -192,6 +192,9 @@ class Snapshot:
                     "image": name if m.image is not None else None,
                     "size": m.diff_area.capacity if m.diff_area else m.device.size,
                     "chunks_stored": m.diff_area.chunks_stored if m.diff_area else 0,
+                    "image_bytes_read": m.image.bytes_read if m.image else 0,
+                    "image_reads": m.image.reads if m.image else 0,
+                    "image_bytes_written": m.image.bytes_written if m.image else 0,
                 }
                 for name, m in sorted(self.members.items())
             ],
