@@ -4,35 +4,22 @@ the process) is removed afterwards, even when the test fails."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
 import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from blksnap.client import Client
-from blksnap.errors import BlksnapError
+from blksnap import sandbox
+from blksnap.sandbox import Sandbox, why_not
 
-
-def _why_not() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (FUSE mounts, loop devices, mount, FIFREEZE)"
-    if not os.path.exists("/dev/fuse"):
-        return "no /dev/fuse on this machine"
-    if not os.path.exists("/dev/loop-control"):
-        return "no loop devices on this machine"
-    return None
-
-
-SKIP = _why_not()
-BIN = Path(sys.executable).parent
+SKIP = why_not()
+BIN = sandbox.BIN
+Daemon = Sandbox
+mounts_under = sandbox.mounts_under
+loops_under = sandbox.loops_under
 
 
 def run(*args: str, check: bool = True, **kw) -> subprocess.CompletedProcess[str]:
@@ -47,109 +34,15 @@ def cli(sock: str, *args: str, check: bool = True) -> subprocess.CompletedProces
     return run(str(BIN / "blksnap"), "--socket", sock, *args, check=check)
 
 
-def mounts_under(root: str) -> list[str]:
-    out = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            mp = line.split()[4]
-            if mp == root or mp.startswith(root + "/"):
-                out.append(mp)
-    return out
-
-
-def loops_under(root: str) -> list[str]:
-    out = []
-    for entry in Path("/sys/block").glob("loop*/loop/backing_file"):
-        try:
-            backing = entry.read_text().strip()
-        except OSError:
-            continue
-        if backing.startswith(root + "/"):
-            out.append("/dev/" + entry.parts[3])
-    return out
-
-
-@dataclass
-class Daemon:
-    root: Path
-    sock: str
-    mount: str
-    state: str
-    proc: subprocess.Popen[bytes]
-    log: Path
-    client: Client
-    mounted: list[str] = field(default_factory=list)
-    #: The NBD Unix socket, when the daemon was started with one.
-    nbd: str | None = None
-
-    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return cli(self.sock, *args, check=check)
-
-    def mount_fs(self, dev: str, where: str | Path, *opts: str) -> str:
-        where = str(where)
-        os.makedirs(where, exist_ok=True)
-        args = ["mount"]
-        if opts:
-            args += ["-o", ",".join(opts)]
-        run(*args, dev, where)
-        self.mounted.append(where)
-        return where
-
-    def umount(self, where: str | Path) -> None:
-        run("umount", str(where))
-        self.mounted.remove(str(where))
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
 def start_daemon(root: Path, extra: Sequence[str] = ()) -> Daemon:
-    sock, mount, state = str(root / "blksnapd.sock"), str(root / "mnt"), str(root / "state")
-    log = root / "blksnapd.log"
-    with open(log, "wb") as f:
-        proc = subprocess.Popen(
-            [
-                str(BIN / "blksnapd"),
-                *("--socket", sock, "--mount", mount, "--state-dir", state),
-                *extra,
-            ],
-            stdout=f,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-    client = Client(sock, timeout=120)
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            client.status()
-            break
-        except BlksnapError:
-            client.close()
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise AssertionError(f"blksnapd did not start:\n{log.read_text()}") from None
-            time.sleep(0.05)
-    return Daemon(root, sock, mount, state, proc, log, client)
+    try:
+        return sandbox.start(root, extra)
+    except RuntimeError as exc:
+        raise AssertionError(str(exc)) from None
 
 
 def stop_daemon(d: Daemon) -> None:
-    """Clean stop when possible, then make sure nothing is left behind."""
-    for where in reversed(d.mounted):
-        run("umount", "-l", where, check=False)
-    d.mounted.clear()
-    with contextlib.suppress(BlksnapError):
-        d.client.stop()
-    d.client.close()
-    try:
-        d.proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        d.proc.send_signal(signal.SIGKILL)
-        d.proc.wait(timeout=30)
-    root = str(d.root)
-    for mp in sorted(mounts_under(root), reverse=True):
-        run("umount", "-l", mp, check=False)
-    for lp in loops_under(root):
-        run("losetup", "-d", lp, check=False)
+    d.stop()
 
 
 @pytest.fixture
