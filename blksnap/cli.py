@@ -31,6 +31,10 @@ examples:
   blksnap snapshot watch -i $ID --extend /var/tmp --step 1G --max 8G &
   blksnap cbtinfo -d disk0; blksnap readcbtmap -d disk0 -f disk0.cbt
   blksnap snapshot destroy -i $ID
+  blksnap backup -d disk0 disk1 --repo /backup/r1          # full, then incremental
+  blksnap backups --repo /backup/r1
+  blksnap restore --repo /backup/r1 --backup latest -d disk0 --to /tmp/disk0.img
+  blksnap verify --repo /backup/r1
 
 The daemon's socket is /run/blksnap/blksnapd.sock unless --socket or
 BLKSNAP_SOCKET says otherwise. Sizes take K, M, G, T suffixes; sector ranges
@@ -189,10 +193,68 @@ def _parser() -> argparse.ArgumentParser:
     ds = cmd(ssub, "destroy", "release a snapshot; its images vanish")
     ds.add_argument("-i", "--id", required=True)
 
-    # backup application: not built yet
-    for name in ("backup", "restore", "backups", "verify"):
-        nb = cmd(sub, name, f"{name} (not available yet)")
-        nb.add_argument("rest", nargs=argparse.REMAINDER)
+    # backup application
+    bk = cmd(
+        sub,
+        "backup",
+        "one backup session: snapshot the devices at one instant, copy what changed "
+        "(from the CBT) into the repository, destroy the snapshot",
+        epilog="Without --full/--differential the backup is incremental where it can be "
+        "(a good earlier backup of the device in the same CBT generation) and full "
+        "where it cannot; each device's line says which and why.",
+    )
+    bk.add_argument("-d", "--device", dest="devices", nargs="+", action="extend", required=True)
+    bk.add_argument("--repo", required=True, help="repository directory (created if missing)")
+    kind = bk.add_mutually_exclusive_group()
+    kind.add_argument("--full", dest="mode", action="store_const", const="full")
+    kind.add_argument(
+        "--incremental",
+        dest="mode",
+        action="store_const",
+        const="incremental",
+        help="blocks changed since the newest good backup (the default)",
+    )
+    kind.add_argument(
+        "--differential",
+        dest="mode",
+        action="store_const",
+        const="differential",
+        help="blocks changed since the newest good full backup",
+    )
+    bk.add_argument(
+        "--storage",
+        help="diff storage of the snapshot: a directory (default: the repository), "
+        "a file or a block device",
+    )
+    bk.add_argument("--storage-size", type=_sizearg, help="first size and growth step")
+    bk.add_argument("--storage-max", type=_sizearg, help="most diff storage to use")
+    bk.add_argument(
+        "--compress",
+        choices=["zstd", "none"],
+        default="zstd",
+        help="compression of a new repository (default zstd)",
+    )
+    bk.add_argument("--no-progress", action="store_true", help="no progress bar")
+    bl = cmd(sub, "backups", "the backups in a repository")
+    bl.add_argument("--repo", required=True)
+    rs = cmd(sub, "restore", "rebuild a device as of a backup (its whole chain) into PATH")
+    rs.add_argument("--repo", required=True)
+    rs.add_argument("--backup", "-b", required=True, help="backup id, or 'latest'")
+    rs.add_argument("-d", "--device", required=True)
+    rs.add_argument("--to", required=True, metavar="PATH", help="a file, or a block device")
+    rs.add_argument("--no-progress", action="store_true", help="no progress bar")
+    vf = cmd(sub, "verify", "check every checksum of a repository (or of one backup)")
+    vf.add_argument("--repo", required=True)
+    vf.add_argument("--backup", "-b", help="only this backup")
+    vf.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pr = cmd(
+        sub,
+        "prune",
+        "remove old backups, keeping the newest N and every backup their chains need",
+    )
+    pr.add_argument("--repo", required=True)
+    pr.add_argument("--keep", type=int, required=True, metavar="N")
+    pr.add_argument("--dry-run", action="store_true", help="only say what would be removed")
 
     demo = cmd(
         sub, "demo", "run the engine end to end on sample devices it creates, then remove them"
@@ -458,8 +520,10 @@ def run(args: argparse.Namespace, client: Client, out: Out) -> int:
         return 0
     if c == "snapshot":
         return snapshot(args, client, out)
-    if c in ("backup", "restore", "backups", "verify"):
-        raise error(errno.ENOSYS, f"'{c}' is not available yet")
+    if c in ("backup", "restore", "backups", "verify", "prune"):
+        from .backup_cli import run_backup_command
+
+        return run_backup_command(args, client, out)
     raise AssertionError(c)
 
 
