@@ -1232,6 +1232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if cfg.block_layer:
         failed = not block_layer(cfg, report, progress)
         failed = not nbd_section(cfg, report, progress) or failed
+        failed = not backup_section(cfg, report, progress) or failed
 
     elapsed = time.perf_counter() - t_start
     report.add(f"_Whole run: {elapsed:.0f} s._\n")
@@ -1267,6 +1268,19 @@ def nbd_section(cfg: Config, report: Report, progress: Callable[[str], None]) ->
     except Exception as exc:  # keep the other sections; say what broke
         progress(f"NBD benchmark failed: {exc!r}")
         report.add(f"{nbd_bench.SECTION}\n\n**Failed**: `{exc!r}`\n")
+        return False
+    return True
+
+
+def backup_section(cfg: Config, report: Report, progress: Callable[[str], None]) -> bool:
+    """blksnap backup vs qemu-img convert; incremental cost (bench/backup_bench.py)."""
+    import backup_bench
+
+    try:
+        report.add(backup_bench.run_backup_bench(cfg.quick, progress))
+    except Exception as exc:  # keep the other sections; say what broke
+        progress(f"backup benchmark failed: {exc!r}")
+        report.add(f"{backup_bench.SECTION}\n\n**Failed**: `{exc!r}`\n")
         return False
     return True
 
