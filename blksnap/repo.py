@@ -96,6 +96,10 @@ _FILE_RE = re.compile(r"^dev-\d+$")
 _DIGEST = 32
 #: Restore rebuilds the device this many bytes at a time (at least one block).
 _WINDOW = 16 << 20
+#: A backup's data file is sent to the disk in the background every this many
+#: bytes (fdatasync in a helper thread), so writeback overlaps the reading of
+#: the image and the fsync at commit has little left to do.
+_WRITEBACK_STEP = 32 << 20
 #: Verify reads the data file in pieces of about this size.
 _VERIFY_CHUNK = 8 << 20
 #: Verify reports at most this many block problems per device, then a summary.
@@ -1349,9 +1353,21 @@ class _DeviceState:
     flags: array.array = field(default_factory=lambda: array.array("B"))
     sums: bytearray = field(default_factory=bytearray)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    kicked: int = 0  # data-file offset the last background fdatasync was started at
+    flushing: Future[None] | None = None
+
+    def settle(self) -> None:
+        """Wait for the background fdatasync; raise its error."""
+        job, self.flushing = self.flushing, None
+        if job is not None:
+            job.result()
 
     def close(self) -> None:
         if self.fd >= 0:
+            try:
+                self.settle()  # never close the fd under a running fdatasync
+            except OSError:
+                pass
             os.close(self.fd)
             self.fd = -1
 
@@ -1403,6 +1419,12 @@ class BackupWriter:
         self._devices: dict[str, _DeviceState] = {}
         self._zeros: dict[int, bytes] = {}
         self._done = False
+        self._pool: ThreadPoolExecutor | None = None
+
+    def _background(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blksnap-sync")
+        return self._pool
 
     def __repr__(self) -> str:
         return f"<BackupWriter {self.id} {self.kind} in {self.repo.path}>"
@@ -1543,6 +1565,15 @@ class BackupWriter:
             state.sums += digest
             state.offset += stored
             state.last = index
+            if state.offset - state.kicked >= _WRITEBACK_STEP and (
+                state.flushing is None or state.flushing.done()
+            ):
+                try:
+                    state.settle()
+                except OSError as exc:
+                    raise from_oserror(exc, f"backup {self.id} device {device}") from None
+                state.kicked = state.offset
+                state.flushing = self._background().submit(os.fdatasync, state.fd)
             record.blocks_stored += 1
             record.bytes_stored += stored
             if flags == FLAG_ZERO:
@@ -1565,6 +1596,7 @@ class BackupWriter:
             for state in self._devices.values():
                 record = state.record
                 if state.fd >= 0:
+                    state.settle()
                     os.ftruncate(state.fd, state.offset)  # drop a partial write that failed
                     os.fsync(state.fd)
                     state.close()
@@ -1645,6 +1677,9 @@ class BackupWriter:
     def _release(self) -> None:
         for state in self._devices.values():
             state.close()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
