@@ -93,6 +93,10 @@ class BackupResult:
     backup: BackupInfo
     plans: list[DevicePlan]
     seconds: float
+    #: Diff storage added on ``low_free_space`` while the snapshot lived.
+    storage_added: int = 0
+    #: The snapshot's events, in order.
+    events: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         doc = self.backup.as_dict()
@@ -103,6 +107,8 @@ class BackupResult:
                 d["reason"] = p.reason
                 d["blocks_read"] = len(p.blocks)
         doc["seconds"] = round(self.seconds, 3)
+        doc["storage_added"] = self.storage_added
+        doc["events"] = list(self.events)
         return doc
 
 
@@ -396,7 +402,9 @@ def run_backup(
             raise BackupFailed(f"backup {info.id} failed: {why}", code, info)
         info = writer.commit()
         writer = None
-        return BackupResult(info, plans, time.monotonic() - started)
+        return BackupResult(
+            info, plans, time.monotonic() - started, watcher.added, list(watcher.events)
+        )
     finally:
         watcher.stop()
         for r in readers.values():

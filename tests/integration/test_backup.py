@@ -290,3 +290,36 @@ def test_cli_backup_verify_damage_and_restore_to_block_device(
         check=False,
     )
     assert fail.returncode == 1 and "EIO" in fail.stderr
+
+
+def test_storage_grows_on_low_free_space(daemon: Daemon, tmp_path: Path) -> None:
+    """1 MiB of diff storage to start with, 4 MiB of device writes while the
+    backup reads: the session grows the storage on ``low_free_space`` and the
+    backup succeeds with the image as it was at take."""
+    dev = random_device(daemon, tmp_path, "d0", seed=9)
+    repo = Repository.init(tmp_path / "repo")
+    at_take: dict[str, str] = {}
+
+    def slow_writes(sid: str) -> None:
+        image_hashes(daemon, sid, ["d0"], at_take)
+        fd = os.open(dev, os.O_WRONLY)
+        try:
+            for off in range(0, 4 * MiB, 64 * 1024):
+                os.pwrite(fd, os.urandom(64 * 1024), off)
+                threading.Event().wait(0.03)
+        finally:
+            os.close(fd)
+
+    res = run_backup(
+        daemon.client,
+        repo,
+        ["d0"],
+        "full",
+        storage_size=MiB,
+        storage_max=16 * MiB,
+        on_take=slow_writes,
+    )
+    assert "low_free_space" in res.events and "corrupted" not in res.events
+    assert res.storage_added >= 3 * MiB
+    out = tmp_path / "restored"
+    assert repo.restore(res.backup.id, "d0", str(out))["sha256"] == at_take["d0"]
