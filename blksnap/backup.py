@@ -453,33 +453,40 @@ def _copy(
     """Read ``plan``'s blocks from ``image`` into ``writer``; bytes read."""
     bs, size = plan.block_size, plan.size
     per_read = max(1, read_size // bs)
-    pending: deque[tuple[int, int, Future[bytes]]] = deque()
+    pending: deque[Future[tuple[int, list[Any]]]] = deque()
     window = max(2, threads * 2)
     total = 0
 
+    def read_and_prepare(first: int, n: int) -> tuple[int, list[Any]]:
+        # In a reader thread: the read, then the checksums and compression
+        # (both release the GIL), so only the file appends stay in order.
+        offset = first * bs
+        data = memoryview(image.read(offset, min(n * bs, size - offset)))
+        blocks = [
+            writer.prepare(plan.name, first + i, data[i * bs : (i + 1) * bs]) for i in range(n)
+        ]
+        return len(data), blocks
+
     def drain_one() -> None:
         nonlocal total
-        first, n, fut = pending.popleft()
-        data = memoryview(fut.result())
-        total += len(data)
-        for i in range(n):
-            writer.put(plan.name, first + i, data[i * bs : (i + 1) * bs])
-        advance(len(data))
+        nbytes, blocks = pending.popleft().result()
+        for block in blocks:
+            writer.put_prepared(block)
+        total += nbytes
+        advance(nbytes)
 
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="blksnap-read") as pool:
         try:
             for first, n in runs(plan.blocks, per_read):
                 if watcher.failure is not None:
                     raise error(watcher.failure[0], watcher.failure[1])
-                offset = first * bs
-                length = min(n * bs, size - offset)
-                pending.append((first, n, pool.submit(image.read, offset, length)))
+                pending.append(pool.submit(read_and_prepare, first, n))
                 if len(pending) >= window:
                     drain_one()
             while pending:
                 drain_one()
         finally:
-            for _, _, fut in pending:
+            for fut in pending:
                 fut.cancel()
     return total
 

@@ -1337,6 +1337,18 @@ def _fill_window(
 # the writer
 
 
+@dataclass(frozen=True)
+class PreparedBlock:
+    """One block ready to be stored: what :meth:`BackupWriter.prepare` computed."""
+
+    device: str
+    index: int
+    length: int
+    flags: int
+    digest: bytes
+    blob: bytes | memoryview
+
+
 @dataclass
 class _DeviceState:
     record: DeviceRecord
@@ -1344,7 +1356,6 @@ class _DeviceState:
     data_path: str
     map_path: str
     zero: bytes  # block_size zero bytes (shared by devices of one block size)
-    cctx: zstandard.ZstdCompressor | None  # one per device: puts of devices run in parallel
     offset: int = 0  # bytes in the data file
     last: int = -1  # last block index put
     index: array.array = field(default_factory=lambda: array.array("Q"))
@@ -1420,6 +1431,7 @@ class BackupWriter:
         self._zeros: dict[int, bytes] = {}
         self._done = False
         self._pool: ThreadPoolExecutor | None = None
+        self._tls = threading.local()
 
     def _background(self) -> ThreadPoolExecutor:
         if self._pool is None:
@@ -1504,15 +1516,19 @@ class BackupWriter:
             data_path=data_path,
             map_path=os.path.join(self.path, record.file + ".map"),
             zero=zero,
-            cctx=(
-                zstandard.ZstdCompressor(level=ZSTD_LEVEL)
-                if self.repo.compression == "zstd"
-                else None
-            ),
         )
 
     def put(self, device: str, index: int, data: bytes | bytearray | memoryview) -> int:
         """Store block ``index`` of ``device``; returns the bytes stored (0 for a zero block)."""
+        return self.put_prepared(self.prepare(device, index, data))
+
+    def prepare(
+        self, device: str, index: int, data: bytes | bytearray | memoryview
+    ) -> PreparedBlock:
+        """The CPU work of :meth:`put` (zero check, checksum, compression) for
+        block ``index``, without storing it. Thread-safe: a backup prepares
+        blocks in its reader threads and stores them in order with
+        :meth:`put_prepared`. ``data`` must not change until then."""
         self._check_open()
         state = self._devices.get(device)
         if state is None:
@@ -1525,37 +1541,47 @@ class BackupWriter:
                 except TypeError:
                     raise InvalidArgument("block data must be a contiguous buffer") from None
         record = state.record
+        if index < 0 or index >= record.block_count:
+            raise InvalidArgument(
+                f"device {device}: block {index} is outside 0..{record.block_count - 1}"
+            )
+        length = len(data)
+        expect = _block_length(record.size, record.block_size, index)
+        if length != expect:
+            raise InvalidArgument(
+                f"device {device}: block {index} has {length} bytes, not {expect}"
+            )
+        if state.zero.startswith(data):
+            return PreparedBlock(device, index, length, FLAG_ZERO, _zero_digest(length), b"")
+        digest = blake3.blake3(data).digest()
+        if self.repo.compression == "zstd":
+            cctx = getattr(self._tls, "cctx", None)
+            if cctx is None:  # compressors are not thread-safe: one per thread
+                cctx = self._tls.cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+            packed = cctx.compress(data)
+            if len(packed) < length:
+                return PreparedBlock(device, index, length, FLAG_ZSTD, digest, packed)
+        return PreparedBlock(device, index, length, 0, digest, data)
+
+    def put_prepared(self, block: PreparedBlock) -> int:
+        """Store a block made by :meth:`prepare`; bytes stored."""
+        self._check_open()
+        device, index = block.device, block.index
+        state = self._devices.get(device)
+        if state is None:
+            raise NotFound(f"device {device} is not in backup {self.id}")
+        record = state.record
         with state.lock:
             if index <= state.last:
                 raise InvalidArgument(
                     f"device {device}: block {index} after block {state.last}"
                     " (indices must increase)"
                 )
-            if index < 0 or index >= record.block_count:
-                raise InvalidArgument(
-                    f"device {device}: block {index} is outside 0..{record.block_count - 1}"
-                )
-            length = len(data)
-            expect = _block_length(record.size, record.block_size, index)
-            if length != expect:
-                raise InvalidArgument(
-                    f"device {device}: block {index} has {length} bytes, not {expect}"
-                )
-            if state.zero.startswith(data):
-                digest = _zero_digest(length)
-                flags = FLAG_ZERO
-                stored = 0
-            else:
-                digest = blake3.blake3(data).digest()
-                blob: bytes | memoryview = data
-                flags = 0
-                if state.cctx is not None:
-                    packed = state.cctx.compress(data)
-                    if len(packed) < length:
-                        blob, flags = packed, FLAG_ZSTD
-                stored = len(blob)
+            flags, digest = block.flags, block.digest
+            stored = 0 if flags == FLAG_ZERO else len(block.blob)
+            if stored:
                 try:
-                    _pwrite_all(state.fd, blob, state.offset)
+                    _pwrite_all(state.fd, block.blob, state.offset)
                 except OSError as exc:
                     raise from_oserror(exc, f"backup {self.id} device {device}") from None
             state.index.append(index)
