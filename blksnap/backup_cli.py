@@ -41,6 +41,7 @@ def cmd_backup(args: argparse.Namespace, client: Any, out: Any) -> int:
     from .backup import BackupFailed, DevicePlan, run_backup
     from .repo import Repository
 
+    client.status()  # no daemon: say so before making a repository
     repo = Repository.init(args.repo, compression=args.compress)
     show = _show(args)
 

@@ -201,12 +201,21 @@ def _parser() -> argparse.ArgumentParser:
         "(from the CBT) into the repository, destroy the snapshot",
         epilog="Without --full/--differential the backup is incremental where it can be "
         "(a good earlier backup of the device in the same CBT generation) and full "
-        "where it cannot; each device's line says which and why.",
+        "where it cannot; each device's line says which and why.\n",
     )
-    bk.add_argument("-d", "--device", dest="devices", nargs="+", action="extend", required=True)
+    bk.add_argument(
+        "-d",
+        "--device",
+        dest="devices",
+        nargs="+",
+        action="extend",
+        required=True,
+        metavar="N",
+        help="devices to back up, all taken at one instant",
+    )
     bk.add_argument("--repo", required=True, help="repository directory (created if missing)")
     kind = bk.add_mutually_exclusive_group()
-    kind.add_argument("--full", dest="mode", action="store_const", const="full")
+    kind.add_argument("--full", dest="mode", action="store_const", const="full", help="every block")
     kind.add_argument(
         "--incremental",
         dest="mode",
