@@ -293,13 +293,23 @@ def rows(r: Rig) -> list[Row]:
     ]
 
 
-def run_nbd_bench(quick: bool, progress: Callable[[str], None] | None = None) -> str:
+def run_nbd_bench(
+    quick: bool,
+    progress: Callable[[str], None] | None = None,
+    *,
+    size_mib: int | None = None,
+    trials: int | None = None,
+) -> str:
     """The Markdown section: nbdcopy against blksnapd and qemu-nbd."""
     say = progress or (lambda msg: print(msg, file=sys.stderr, flush=True))
     reason = why_not()
     if reason:
         return f"{SECTION}\n\nSkipped: {reason}.\n"
     cfg = make_config(quick)
+    if size_mib is not None:
+        cfg.size = max(4, size_mib // 4 * 4) * MiB  # whole 4 MiB pieces (write_random)
+    if trials is not None:
+        cfg.trials = max(1, trials)
     started = time.monotonic()
     with rig(cfg, say) as r:
         table_rows = rows(r)
@@ -385,8 +395,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
     p.add_argument("--output", help="write the section to this file (default: stdout)")
+    p.add_argument("--size", type=int, metavar="MiB", help="data size (default 1024, quick 128)")
+    p.add_argument("--trials", type=int, help="timed trials (default 9, quick 3)")
     args = p.parse_args(argv)
-    text = run_nbd_bench(args.quick)
+    text = run_nbd_bench(args.quick, size_mib=args.size, trials=args.trials)
     if args.output:
         Path(args.output).write_text(text)
     else:

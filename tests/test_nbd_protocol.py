@@ -310,3 +310,41 @@ def test_in_process_withdrawn_device_and_missing_export(served):
     with RawNbd(s.sock) as c:
         c.open("d")
         c.disconnect()
+
+
+def test_slow_reads_go_to_the_worker_pool(served, monkeypatch):
+    """Quick reads are served by the connection's reader thread; once most
+    recent ones are slow (a disk), the shared workers serve them, several at
+    once, and the replies are still whole and right."""
+    s, sid, content = served
+    readers: list[str] = []
+    real_read = nbd.ImageExport.read
+    slow = threading.Event()
+
+    def read(self, offset, length):
+        readers.append(threading.current_thread().name)
+        if slow.is_set():
+            threading.Event().wait(nbd.SLOW_IO * 3)
+        return real_read(self, offset, length)
+
+    monkeypatch.setattr(nbd.ImageExport, "read", read)
+    with RawNbd(s.sock) as c:
+        c.open(f"{sid}/d")
+        for i in range(4):
+            assert c.read(i * 4096, 4096) == content[i * 4096 : (i + 1) * 4096]
+        assert all(name.startswith("blksnap-nbd-conn-") for name in readers)
+        slow.set()
+        for i in range(3 * nbd.SLOW_SCORE):
+            assert c.read(i * 4096, 4096) == content[i * 4096 : (i + 1) * 4096]
+        assert any(not name.startswith("blksnap-nbd-conn-") for name in readers[-4:])
+        slow.clear()
+        del readers[:]
+        cookies = {c.request("READ", i * 65536, 65536): i for i in range(32)}
+        for _ in cookies:
+            r = c.reply(65536)
+            i = cookies[r.cookie]
+            assert r.data == content[i * 65536 : (i + 1) * 65536]
+        for i in range(3 * nbd.SLOW_SCORE):
+            assert c.read(i * 4096, 4096) == content[i * 4096 : (i + 1) * 4096]
+        assert readers[-1].startswith("blksnap-nbd-conn-")  # quick again: back to the reader
+        c.disconnect()

@@ -39,16 +39,20 @@ As with ``readcbtmap``, a consumer must compare ``generation_id``
 (``blksnap cbtinfo``) with the one of its last backup before trusting the
 bitmap; the export description (``nbdinfo``) names it too.
 
-The server runs on the daemon's trio loop, which negotiates and reads
-requests; each request is then served start to finish (engine call and
-reply) by a worker thread of a small shared pool, so the loop never blocks
-and never copies reply data. A worker never waits for a client either: what
-the socket cannot take now is queued and sent by the loop as the client
-makes room, while that client's requests stay counted in flight (so a
-client that stops reading stops being served, alone). Replies may come out
-of order (the protocol allows it), each one whole. Bad traffic is answered
-as the protocol says or the connection is closed; it never takes the server
-or another client down. Every such event is logged.
+The server runs on the daemon's trio loop, which negotiates; in
+transmission a thread of the connection reads the requests. Reads and
+writes that are quick (the page cache) are served start to finish (engine
+call and reply) by that thread, since handing a request over to another
+thread costs more than a 256 KiB read; slow ones (a disk), and the other
+commands, go to a small shared pool of worker threads, so that several run
+at once. The loop never blocks and never copies reply data. No thread ever
+waits for a client to take a reply: what the socket cannot take now is
+queued and sent by the loop as the client makes room, while that client's
+requests stay counted in flight (so a client that stops reading stops being
+served, alone). Replies may come out of order (the protocol allows it),
+each one whole. Bad traffic is answered as the protocol says or the
+connection is closed; it never takes the server or another client down.
+Every such event is logged.
 """
 
 from __future__ import annotations
@@ -60,10 +64,12 @@ import itertools
 import logging
 import os
 import queue
+import select
 import socket
 import stat
 import struct
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -229,6 +235,17 @@ MAX_INFLIGHT = 64
 MAX_INFLIGHT_BYTES = 64 * MiB
 #: Worker threads serving requests, shared by every connection.
 DEFAULT_THREADS = max(4, min(16, 2 * (os.cpu_count() or 2)))
+#: Reads (and writes) are served by the connection's reader thread while
+#: they are quick, as from the page cache, where handing one to a worker
+#: costs more than the read; while they are slow, as from a disk, workers
+#: serve them, several at once. Slow: taking more than SLOW_IO seconds plus
+#: a copy of the data at COPY_RATE. Each slow one adds 1 to a score, each
+#: quick one takes 1 off (within 0..2*SLOW_SCORE); from SLOW_SCORE on, reads
+#: go to the workers. So most recent ones must have been slow: a loaded
+#: machine makes a few quick ones slow now and then.
+SLOW_IO = 1e-3
+COPY_RATE = 1 << 30
+SLOW_SCORE = 8
 #: Kernel send buffer of a connection in transmission.
 SEND_BUFFER = 4 * MiB
 #: Seconds a client may spend in the handshake.
@@ -276,6 +293,10 @@ class CommandError(Exception):
 
 class Hangup(Exception):
     """The connection is over: the client left."""
+
+
+class Stopped(Exception):
+    """The request reader was told to stop (shutdown, or replies lost)."""
 
 
 class Violation(Hangup):
@@ -697,9 +718,9 @@ class WorkerPool:
     """Threads that serve requests: engine call and reply, start to finish.
 
     A job is handed over through a queue, and nothing comes back to the
-    event loop unless a reader waits for room (see :meth:`Connection.finish`):
-    ``trio.to_thread.run_sync`` costs more CPU per call than a 256 KiB image
-    read, which made the loop the bottleneck of a copy.
+    event loop (``trio.to_thread.run_sync`` costs more CPU per call than a
+    256 KiB image read). Quick reads and writes skip even this hand-over:
+    the connection's reader serves them (see SLOW_IO).
     """
 
     def __init__(self, threads: int) -> None:
@@ -740,11 +761,12 @@ class WorkerPool:
 
 @dataclass(eq=False)
 class Connection:
-    """One client. The event loop receives (handshake, request headers,
-    write payloads). In transmission, replies are sent by the worker thread
-    that served the request through :attr:`tx` (a duplicate of the socket,
-    non-blocking) under :attr:`tx_lock`; what the socket has no room for is
-    left in :attr:`out` for :meth:`flusher`, on the loop."""
+    """One client. The event loop receives in the handshake; in
+    transmission a reader thread receives (request headers, write payloads)
+    through :attr:`tx` (a duplicate of the socket, non-blocking, so it waits
+    in poll(2)), and replies are sent by the thread that served the request
+    through the same :attr:`tx` under :attr:`tx_lock`; what the socket has
+    no room for is left in :attr:`out` for :meth:`flusher`, on the loop."""
 
     id: int
     stream: trio.SocketStream
@@ -758,19 +780,26 @@ class Connection:
     meta_export: str | None = None
     flags: int = 0
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
-    reader: trio.CancelScope = field(default_factory=trio.CancelScope)
     closing: bool = False
+    #: The request reader (a thread in transmission) is to stop taking requests.
+    stopping: bool = False
     #: Set once a reply could not be sent: the connection is over.
     dead: bool = False
     tx: socket.socket | None = None
     tx_lock: threading.Lock = field(default_factory=threading.Lock)
-    #: Requests handed to workers and not finished, and the payload bytes
-    #: they hold; guarded by ``lock``. The reader waits on ``waiter`` (set
-    #: from a worker through the trio token) when there is no room.
+    #: Requests taken and not finished, and the payload bytes they hold;
+    #: guarded by ``lock``. The reader thread waits on ``room_cond`` when
+    #: there is no room; the loop waits on ``waiter`` (set from a worker
+    #: through the trio token) for the last one at the end.
     lock: threading.Lock = field(default_factory=threading.Lock)
     inflight: int = 0
     inflight_bytes: int = 0
+    #: Recent reads and writes were slow, by this score (see SLOW_SCORE).
+    slow: int = 0
     waiter: trio.Event | None = None
+    #: The reader thread waits on this (with ``lock``) for room in flight.
+    room_cond: threading.Condition | None = None
+    room_waiting: bool = False
     token: Any = None
     #: The transmission is over on the loop's side (tx closes with the last request).
     finished: bool = False
@@ -785,10 +814,14 @@ class Connection:
     _buf: bytearray = field(default_factory=bytearray)
     _pos: int = 0
     _scratch: memoryview | None = None
-    _calls: int = 0
+    #: The reader thread's wait for input: the socket and a pipe that
+    #: :meth:`stop_reading` writes to.
+    _poll: Any = None
+    _wake: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         self.sock = self.stream.socket
+        self.room_cond = threading.Condition(self.lock)
 
     def __str__(self) -> str:
         return f"nbd#{self.id} ({self.peer})"
@@ -796,36 +829,23 @@ class Connection:
     # -- receiving (the event loop) ------------------------------------------------------
 
     async def _recv_into(self, view: memoryview) -> int:
-        """Some bytes into ``view`` (0 at end of stream).
+        """Some bytes into ``view`` (0 at end of stream)."""
+        return await self.sock.recv_into(view)
 
-        In transmission this receives on the raw socket and parks on
-        ``wait_readable`` only when nothing is there: a trio socket call
-        would go through the scheduler on every call, a cost per request
-        that showed in copies. A checkpoint every few calls keeps a client
-        that never lets the socket run dry from starving the loop.
-        """
-        raw = self.tx
-        if raw is None:
-            return await self.sock.recv_into(view)
-        self._calls += 1
-        if not self._calls & 15:
-            await trio.lowlevel.checkpoint()
-        while True:
-            try:
-                return raw.recv_into(view)
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(raw)
-
-    async def _fill(self) -> None:
-        if self._scratch is None:
-            self._scratch = memoryview(bytearray(256 * KiB))
-        got = await self._recv_into(self._scratch)
+    def _take(self, got: int) -> None:
+        """Append ``got`` bytes of the scratch buffer to the receive buffer."""
         if not got:
             raise Hangup("client closed the connection")
         if self._pos:
             del self._buf[: self._pos]
             self._pos = 0
+        assert self._scratch is not None
         self._buf += self._scratch[:got]
+
+    async def _fill(self) -> None:
+        if self._scratch is None:
+            self._scratch = memoryview(bytearray(256 * KiB))
+        self._take(await self._recv_into(self._scratch))
 
     async def recv(self, n: int) -> bytes:
         """Exactly ``n`` bytes (small: headers, option data)."""
@@ -833,23 +853,6 @@ class Connection:
             await self._fill()
         out = bytes(self._buf[self._pos : self._pos + n])
         self._pos += n
-        return out
-
-    async def recv_payload(self, n: int) -> bytearray:
-        """Exactly ``n`` bytes into a buffer of their own (write payloads)."""
-        out = bytearray(n)
-        have = min(len(self._buf) - self._pos, n)
-        out[:have] = self._buf[self._pos : self._pos + have]
-        self._pos += have
-        if self._pos == len(self._buf):
-            self._buf.clear()
-            self._pos = 0
-        view = memoryview(out)
-        while have < n:
-            got = await self._recv_into(view[have:])
-            if not got:
-                raise Hangup(f"client closed the connection {n - have} bytes into a payload")
-            have += got
         return out
 
     async def skip(self, n: int) -> None:
@@ -864,6 +867,70 @@ class Connection:
             if not got:
                 raise Hangup("client closed the connection while sending data")
             n -= got
+
+    # -- receiving in transmission (the reader thread) ---------------------------------------
+
+    def recv_sync(self, view: memoryview) -> int:
+        """Some bytes into ``view`` (0 at end of stream), waiting in poll(2)
+        when none are there; :class:`Stopped` once :meth:`stop_reading` is
+        called. The socket stays non-blocking (the workers share it)."""
+        raw = self.tx
+        assert raw is not None
+        while True:
+            if self.stopping:
+                raise Stopped
+            try:
+                return raw.recv_into(view)
+            except BlockingIOError:
+                self._poll.poll()
+
+    def fill_sync(self) -> None:
+        if self._scratch is None:
+            self._scratch = memoryview(bytearray(256 * KiB))
+        self._take(self.recv_sync(self._scratch))
+
+    def recv_payload_sync(self, n: int) -> bytearray:
+        """Exactly ``n`` bytes into a buffer of their own (write payloads)."""
+        out = bytearray(n)
+        have = min(len(self._buf) - self._pos, n)
+        out[:have] = self._buf[self._pos : self._pos + have]
+        self._pos += have
+        if self._pos == len(self._buf):
+            self._buf.clear()
+            self._pos = 0
+        view = memoryview(out)
+        while have < n:
+            got = self.recv_sync(view[have:])
+            if not got:
+                raise Hangup(f"client closed the connection {n - have} bytes into a payload")
+            have += got
+        return out
+
+    def skip_sync(self, n: int) -> None:
+        """Read ``n`` bytes and throw them away."""
+        have = min(len(self._buf) - self._pos, n)
+        self._pos += have
+        n -= have
+        scratch = bytearray(min(n, 1 * MiB))
+        view = memoryview(scratch)
+        while n:
+            got = self.recv_sync(view[: min(n, len(scratch))])
+            if not got:
+                raise Hangup("client closed the connection while sending data")
+            n -= got
+
+    def stop_reading(self) -> None:
+        """Make the reader thread stop taking requests (any thread; idempotent)."""
+        with self.lock:
+            if self.stopping:
+                return
+            self.stopping = True
+            if self.room_waiting:
+                assert self.room_cond is not None
+                self.room_cond.notify_all()
+            if self._wake is not None:
+                with suppress(OSError):
+                    os.write(self._wake[1], b"x")
 
     # -- sending in the handshake (the event loop) ------------------------------------------
 
@@ -893,10 +960,15 @@ class Connection:
             except OSError:
                 continue
         self.token = trio.lowlevel.current_trio_token()
+        self._wake = os.pipe()
+        self._poll = select.poll()
+        self._poll.register(self.tx.fileno(), select.POLLIN)
+        self._poll.register(self._wake[0], select.POLLIN)
 
     def kill(self) -> None:
         """Wake every thread blocked sending to this client, and fail them."""
         self.dead = True
+        self.stop_reading()
         with self.lock:
             if self.tx is not None:
                 with suppress(OSError):
@@ -910,6 +982,10 @@ class Connection:
             if not self.inflight and self.tx is not None:
                 self.tx.close()
                 self.tx = None
+            wake, self._wake, self._poll = self._wake, None, None
+        if wake is not None:
+            for fd in wake:
+                os.close(fd)
 
     # -- flow control between the reader (loop) and the workers ------------------------
 
@@ -924,18 +1000,26 @@ class Connection:
                 return True
         return False
 
-    async def room(self, nbytes: int) -> None:
-        """Wait until one more request of ``nbytes`` payload may be in flight."""
-        while True:
-            with self.lock:
+    def room_sync(self, nbytes: int) -> None:
+        """Wait until one more request of ``nbytes`` payload may be in flight
+        (the reader thread); :class:`Stopped` if told to stop meanwhile."""
+        cond = self.room_cond
+        assert cond is not None
+        with cond:
+            while True:
+                if self.stopping:
+                    raise Stopped
                 if self.inflight < MAX_INFLIGHT and (
                     not self.inflight_bytes or self.inflight_bytes + nbytes <= MAX_INFLIGHT_BYTES
                 ):
                     self.inflight += 1
                     self.inflight_bytes += nbytes
                     return
-                event = self.waiter = trio.Event()
-            await event.wait()
+                self.room_waiting = True
+                try:
+                    cond.wait()
+                finally:
+                    self.room_waiting = False
 
     async def drained(self) -> None:
         """Wait until no request is in flight."""
@@ -952,16 +1036,17 @@ class Connection:
             self.inflight -= 1
             self.inflight_bytes -= nbytes
             event, self.waiter = self.waiter, None
+            if self.room_waiting:
+                assert self.room_cond is not None
+                self.room_cond.notify()
             if self.finished and not self.inflight and self.tx is not None:
                 self.tx.close()
                 self.tx = None
-        try:
-            if broken:
-                self.token.run_sync_soon(self.reader.cancel)
-            if event is not None:
+        if broken:
+            self.stop_reading()
+        if event is not None:
+            with suppress(trio.RunFinishedError):
                 self.token.run_sync_soon(event.set)
-        except trio.RunFinishedError:
-            pass
 
     def _drain(self, done: list[int]) -> bool:
         """Send queued replies, oldest first, until the socket is full
@@ -1293,7 +1378,7 @@ class NbdServer:
             if conn.export is None:
                 conn.scope.cancel()  # still negotiating: nothing in flight
             else:
-                conn.reader.cancel()
+                conn.stop_reading()
         with trio.move_on_after(SHUTDOWN_GRACE):
             while self.connections:
                 await trio.sleep(0.01)
@@ -1524,19 +1609,38 @@ class NbdServer:
 
     async def _transmission(self, conn: Connection) -> None:
         conn.start_transmission()
+        done = trio.Event()
+        outcome: list[BaseException] = []
+        token = conn.token
+
+        def reader() -> None:
+            try:
+                self._read_requests(conn)
+            except Stopped:
+                pass
+            except BaseException as exc:  # handed to the loop
+                outcome.append(exc)
+            finally:
+                with suppress(trio.RunFinishedError):
+                    token.run_sync_soon(done.set)
+
+        thread = threading.Thread(target=reader, name=f"blksnap-nbd-conn-{conn.id}", daemon=True)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(conn.flusher)
+                thread.start()
+                await done.wait()
                 owed = True
-                with conn.reader:
-                    try:
-                        await self._read_requests(conn)
-                    except Violation as exc:  # hard disconnect: nothing more is owed
+                if outcome:
+                    exc = outcome[0]
+                    if isinstance(exc, Violation):  # hard disconnect: nothing more is owed
                         log.warning("%s: %s", conn, exc)
                         owed = False
-                    except Hangup as exc:  # nobody left to answer
+                    elif isinstance(exc, Hangup):  # nobody left to answer
                         log.info("%s: %s", conn, exc)
                         owed = False
+                    else:
+                        raise exc
                 if owed and not conn.dead:
                     if conn.closing:
                         log.info("%s: server shutting down; closing after requests in flight", conn)
@@ -1545,21 +1649,27 @@ class NbdServer:
                 nursery.cancel_scope.cancel()
         finally:
             conn.kill()
+            if thread.ident is not None:
+                with trio.CancelScope(shield=True):
+                    await done.wait()  # kill() wakes the reader wherever it waits
             conn.drop_queued()
             conn.end_transmission()
 
-    async def _read_requests(self, conn: Connection) -> None:
-        """Take requests off the socket and hand them to the workers. While
-        whole requests sit in the receive buffer this runs without awaiting
-        (no scheduling per request); it waits for data, for room (too much
-        in flight), and for write payloads."""
+    def _read_requests(self, conn: Connection) -> None:
+        """Take requests off the socket and hand them to the workers (the
+        connection's reader thread). It waits for data (in poll(2)), for room
+        (too much in flight), and for write payloads, never for a reply;
+        :meth:`Connection.stop_reading` ends it."""
         size = REQUEST.size
         unpack_from = REQUEST.unpack_from
+        submit = self.pool.submit
+        serve = self._serve
+        buf = conn._buf
         while True:
-            if len(conn._buf) - conn._pos < size:
-                await conn._fill()
+            if len(buf) - conn._pos < size:
+                conn.fill_sync()
                 continue
-            magic, flags, cmd, cookie, offset, length = unpack_from(conn._buf, conn._pos)
+            magic, flags, cmd, cookie, offset, length = unpack_from(buf, conn._pos)
             conn._pos += size
             if magic != REQUEST_MAGIC:
                 raise Violation(f"bad request magic {magic:#x}; hard disconnect")
@@ -1569,9 +1679,14 @@ class NbdServer:
                 return  # the requests in flight are finished before the close
             held = length if cmd in (CMD_READ, CMD_WRITE) and length <= MAX_PAYLOAD else 0
             if not conn.try_room(held):
-                await conn.room(held)
+                conn.room_sync(held)
             if cmd != CMD_WRITE:
-                self.pool.submit(self._serve, conn, req, None, None, held)
+                if cmd != CMD_READ:
+                    submit(serve, conn, req, None, None, held)
+                elif conn.slow < SLOW_SCORE:
+                    self._serve_timed(conn, req, None, held)
+                else:
+                    submit(self._serve_timed, conn, req, None, held)
                 continue
             if length > MAX_PAYLOAD:
                 log.warning("%s: WRITE of %d bytes refused (max %d)", conn, length, MAX_PAYLOAD)
@@ -1580,18 +1695,21 @@ class NbdServer:
                     f"write of {length} bytes is over the maximum payload {MAX_PAYLOAD}",
                 )
                 try:
-                    await conn.skip(length)
+                    conn.skip_sync(length)
                 except BaseException:
                     conn.finish(held)
                     raise
-                self.pool.submit(self._serve, conn, req, None, refusal, held)
+                submit(serve, conn, req, None, refusal, held)
                 continue
             try:
-                payload = await conn.recv_payload(length)
+                payload = conn.recv_payload_sync(length)
             except BaseException:
                 conn.finish(held)
                 raise
-            self.pool.submit(self._serve, conn, req, payload, None, held)
+            if conn.slow < SLOW_SCORE:
+                self._serve_timed(conn, req, payload, held)
+            else:
+                submit(self._serve_timed, conn, req, payload, held)
 
     def _validate(self, conn: Connection, req: Request) -> None:
         export = conn.export
@@ -1645,6 +1763,18 @@ class NbdServer:
             conn.send_reply(held, reply)
         except OSError as exc:  # the reply cannot go out: the client is gone
             log.info("%s: reply to %s lost: %s", conn, req.name, exc)
+
+    def _serve_timed(
+        self, conn: Connection, req: Request, payload: bytearray | None, held: int
+    ) -> None:
+        """:meth:`_serve` of a read or write, timed into ``conn.lag``."""
+        start = time.perf_counter()
+        self._serve(conn, req, payload, None, held)
+        lag = time.perf_counter() - start - req.length / COPY_RATE
+        if lag > SLOW_IO:
+            conn.slow = min(conn.slow + 1, 2 * SLOW_SCORE)
+        elif conn.slow:
+            conn.slow -= 1
 
     def _serve_one(
         self,
