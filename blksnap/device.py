@@ -85,6 +85,15 @@ def pwrite_full(fd: int, offset: int, data: bytes | bytearray | memoryview) -> N
         done += n
 
 
+def storage_identity(st: os.stat_result) -> tuple[int, int]:
+    """What identifies the same storage under any path: ``(0, st_rdev)`` of a
+    block device, ``(st_dev, st_ino)`` of anything else. Devices, diff
+    storage sources and storage paths given by users are all compared by it."""
+    if stat.S_ISBLK(st.st_mode):
+        return (0, st.st_rdev)
+    return (st.st_dev, st.st_ino)
+
+
 class BackingStore:
     """Where a device's data lives: a regular file or a block device."""
 
@@ -92,9 +101,7 @@ class BackingStore:
         self.path = os.path.abspath(path)
         self.fd, st = open_backing(self.path)
         self.is_blockdev = stat.S_ISBLK(st.st_mode)
-        #: (st_dev, st_ino) of a file, or (0, st_rdev) of a block device: what
-        #: identifies the same storage under another path.
-        self.identity = (0, st.st_rdev) if self.is_blockdev else (st.st_dev, st.st_ino)
+        self.identity = storage_identity(st)
         self.size = fd_size(self.fd)
 
     def refresh_size(self) -> int:
@@ -137,12 +144,9 @@ class BackingStore:
 def identity_of(path: str) -> tuple[int, int] | None:
     """The identity a :class:`BackingStore` would have for ``path`` (None if absent)."""
     try:
-        st = os.stat(path)
+        return storage_identity(os.stat(path))
     except OSError:
         return None
-    if stat.S_ISBLK(st.st_mode):
-        return (0, st.st_rdev)
-    return (st.st_dev, st.st_ino)
 
 
 class Device:

@@ -30,7 +30,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from .device import fd_size, open_backing, pread_full, pwrite_full
+from .device import fd_size, open_backing, pread_full, pwrite_full, storage_identity
 from .errors import InvalidArgument, NoSpace, from_oserror
 from .params import Params
 
@@ -95,11 +95,7 @@ class DiffStorage:
     def identity(path: str) -> tuple[int, int] | None:
         """What makes two paths the same storage (None for a directory)."""
         st = os.stat(path)
-        if stat.S_ISDIR(st.st_mode):
-            return None
-        if stat.S_ISBLK(st.st_mode):
-            return (0, st.st_rdev)
-        return (st.st_dev, st.st_ino)
+        return None if stat.S_ISDIR(st.st_mode) else storage_identity(st)
 
     def add(
         self,
@@ -125,12 +121,12 @@ class DiffStorage:
                 raise InvalidArgument(f"a size (limit) is needed for storage in directory {path}")
             fd, shown = _make_anonymous(path)
             kind, use = "anonymous", [(0, size)]
-            ident = (os.fstat(fd).st_dev, os.fstat(fd).st_ino)
+            ident = storage_identity(os.fstat(fd))
         else:
             fd, st = open_backing(path)
             shown = os.path.abspath(path)
             kind = "blockdev" if stat.S_ISBLK(st.st_mode) else "file"
-            ident = (0, st.st_rdev) if kind == "blockdev" else (st.st_dev, st.st_ino)
+            ident = storage_identity(st)
             try:
                 use = self._ranges_for(fd, kind, path, size, ranges)
             except BaseException:
