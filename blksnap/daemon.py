@@ -284,11 +284,16 @@ class Daemon:
         await self.thread(self.engine.mark_dirty, args["device"], ranges)
         return {"device": args["device"], "ranges": len(ranges)}
 
+    @staticmethod
+    def _storage_args(path: str | None, args: dict[str, Any]) -> list[tuple[int, int]] | None:
+        """Check a diff storage path of a request; its byte ranges, or None."""
+        if path is not None and not os.path.isabs(path):
+            raise InvalidArgument(f"storage path must be absolute: {path}")
+        return [(int(o), int(n)) for o, n in args.get("ranges", [])] or None
+
     async def op_snapshot_create(self, args: dict[str, Any]) -> Any:
         storage = args.get("storage")
-        if storage is not None and not os.path.isabs(storage):
-            raise InvalidArgument(f"storage path must be absolute: {storage}")
-        ranges = [tuple(r) for r in args.get("ranges", [])] or None
+        ranges = self._storage_args(storage, args)
         sid = await self.thread(
             lambda: self.engine.snapshot_create(
                 args["devices"], storage=storage, limit=args.get("limit"), ranges=ranges
@@ -297,9 +302,7 @@ class Daemon:
         return {"id": sid}
 
     async def op_appendstorage(self, args: dict[str, Any]) -> Any:
-        if not os.path.isabs(args["path"]):
-            raise InvalidArgument(f"storage path must be absolute: {args['path']}")
-        ranges = [tuple(r) for r in args.get("ranges", [])] or None
+        ranges = self._storage_args(args["path"], args)
         await self.thread(
             lambda: self.engine.snapshot_append_storage(
                 args["id"], args["path"], size=args.get("size"), ranges=ranges
