@@ -348,7 +348,16 @@ def run_backup(
     most = storage_max or most
     where = os.path.abspath(storage or repo.path)
 
-    sid = service.snapshot_create(names, storage=where, limit=min(first, most))
+    try:
+        sid = service.snapshot_create(names, storage=where, limit=min(first, most))
+    except BlksnapError as exc:
+        if exc.errno == errno.EBUSY and "snapshot" in exc.message:
+            raise error(
+                errno.EBUSY,
+                f"{exc.message}: another backup is running, or one was killed and left its "
+                "snapshot (see 'blksnap snapshot collect'; 'blksnap snapshot destroy -i ID')",
+            ) from None
+        raise
     watcher = _Watcher(service, sid, where, first, max(0, most - first))
     readers: dict[str, _ImageReader] = {}
     writer = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import signal
 from collections.abc import Callable
 from typing import Any
 
@@ -57,6 +58,9 @@ def cmd_backup(args: argparse.Namespace, client: Any, out: Any) -> int:
                 flush=True,
             )
 
+    # SIGTERM unwinds like Ctrl-C: the snapshot is destroyed and the staged
+    # backup removed before the process ends.
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         res = run_backup(
             client,
@@ -84,6 +88,10 @@ def cmd_backup(args: argparse.Namespace, client: Any, out: Any) -> int:
     lines.append(f"backup {b.id} ({b.kind}) done in {res.seconds:.1f} s")
     out.emit(doc, "\n".join(lines))
     return 0
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def cmd_backups(args: argparse.Namespace, client: Any, out: Any) -> int:

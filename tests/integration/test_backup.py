@@ -10,7 +10,9 @@ import hashlib
 import json
 import os
 import random
+import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,7 @@ import pytest
 from blksnap.backup import BackupFailed, run_backup
 from blksnap.errors import BlksnapError
 from blksnap.repo import Repository
-from tests.integration.conftest import Daemon, run
+from tests.integration.conftest import BIN, Daemon, run
 
 MiB = 1 << 20
 SIZE = 24 * MiB
@@ -323,3 +325,41 @@ def test_storage_grows_on_low_free_space(daemon: Daemon, tmp_path: Path) -> None
     assert res.storage_added >= 3 * MiB
     out = tmp_path / "restored"
     assert repo.restore(res.backup.id, "d0", str(out))["sha256"] == at_take["d0"]
+
+
+def test_sigterm_mid_backup_leaves_no_snapshot_and_no_backup(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    path = tmp_path / "big.img"
+    with open(path, "wb") as f:
+        for _ in range(256):
+            f.write(os.urandom(MiB))
+    daemon.client.add_device(str(path), "big")
+    repo = tmp_path / "repo"
+    proc = subprocess.Popen(
+        [str(BIN / "blksnap"), "--socket", daemon.sock, "backup", "-d", "big", "--repo",
+         str(repo), "--no-progress"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not daemon.client.snapshot_collect() and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.005)
+        assert daemon.client.snapshot_collect(), "the backup never created its snapshot"
+        proc.terminate()
+        rc = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if rc == 0:
+        pytest.skip("the backup finished before SIGTERM arrived")
+    assert rc == 128 + 15, proc.stderr.read() if proc.stderr else ""
+    assert daemon.client.snapshot_collect() == []
+    r = Repository.open(str(repo))
+    assert r.backups() == []
+    assert os.listdir(repo / "tmp") == []
+    # And the next backup runs (no snapshot left holding the device).
+    assert run_backup(daemon.client, r, ["big"]).backup.kind == "full"
