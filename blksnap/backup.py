@@ -348,21 +348,32 @@ def run_backup(
     most = storage_max or most
     where = os.path.abspath(storage or repo.path)
 
+    # The repository's writer lock first: holding it proves that the backups
+    # whose staging dirs are left over are dead, so the snapshots they name
+    # (a killed backup's) can be destroyed before they block this one.
+    writer = repo.begin(_overall_kind(mode), blocking=False)
     try:
+        for old in writer.abandoned_snapshots:
+            try:
+                service.snapshot_destroy(old)
+                log.warning("destroyed snapshot %s, left by a backup that died", old)
+            except BlksnapError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise
         sid = service.snapshot_create(names, storage=where, limit=min(first, most))
-    except BlksnapError as exc:
-        if exc.errno == errno.EBUSY and "snapshot" in exc.message:
+        writer.attach_snapshot(sid)
+    except BaseException as exc:
+        writer.abort()
+        if isinstance(exc, BlksnapError) and exc.errno == errno.EBUSY:
             raise error(
                 errno.EBUSY,
-                f"{exc.message}: another backup is running, or one was killed and left its "
-                "snapshot (see 'blksnap snapshot collect'; 'blksnap snapshot destroy -i ID')",
+                f"{exc.message} (see 'blksnap snapshot collect'; a snapshot is released "
+                "with 'blksnap snapshot destroy -i ID')",
             ) from None
         raise
     watcher = _Watcher(service, sid, where, first, max(0, most - first))
     readers: dict[str, _ImageReader] = {}
-    writer = None
     try:
-        writer = repo.begin(_overall_kind(mode), snapshot_id=sid, blocking=False)
         watcher.start()
         taken = service.snapshot_take(sid)
         if on_take:

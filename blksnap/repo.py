@@ -37,7 +37,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,6 +96,8 @@ _FILE_RE = re.compile(r"^dev-\d+$")
 _DIGEST = 32
 #: Restore rebuilds the device this many bytes at a time (at least one block).
 _WINDOW = 16 << 20
+#: In a staging dir: the id of the snapshot the backup reads.
+SNAPSHOT_FILE = "snapshot"
 #: A backup's data file is sent to the disk in the background every this many
 #: bytes (fdatasync in a helper thread), so writeback overlaps the reading of
 #: the image and the fsync at commit has little left to do.
@@ -608,19 +610,29 @@ class Repository:
             if fd >= 0:
                 os.close(fd)
 
-    def _clean_tmp(self) -> None:
-        """Remove what crashed writers and prunes left in ``tmp/`` (writer lock held)."""
+    def _clean_tmp(self) -> list[str]:
+        """Remove what crashed writers and prunes left in ``tmp/`` (writer lock
+        held, so they are dead); the snapshot ids their staging dirs name."""
         try:
             entries = os.listdir(self.tmp_dir)
         except FileNotFoundError:
             os.makedirs(self.tmp_dir, mode=0o700, exist_ok=True)
-            return
+            return []
+        snapshots = []
         for name in entries:
+            try:
+                with open(os.path.join(self.tmp_dir, name, SNAPSHOT_FILE)) as f:
+                    sid = f.read().strip()
+                if re.fullmatch(r"[0-9A-Za-z-]{1,64}", sid):
+                    snapshots.append(sid)
+            except OSError:
+                pass
             log.info("%s: removing stale %s", self.path, name)
             try:
                 _remove_tree(os.path.join(self.tmp_dir, name))
             except OSError as exc:
                 log.warning("%s: cannot remove tmp/%s: %s", self.path, name, exc)
+        return snapshots
 
     # -- listing ------------------------------------------------------------
 
@@ -758,7 +770,7 @@ class Repository:
             raise InvalidArgument(f"unknown backup kind {kind!r} (one of: {', '.join(KINDS)})")
         lock_fd = self._write_lock(blocking)
         try:
-            self._clean_tmp()
+            abandoned = self._clean_tmp()
             infos = self.backups()
             seq = 1 + max((info.seq for info in infos), default=0)
             backup_id, started = self._new_id()
@@ -781,6 +793,7 @@ class Repository:
             staging=staging,
             lock_fd=lock_fd,
             index={info.id: info for info in infos},
+            abandoned_snapshots=abandoned,
         )
 
     # -- reading ------------------------------------------------------------
@@ -1417,6 +1430,7 @@ class BackupWriter:
         staging: str,
         lock_fd: int,
         index: dict[str, BackupInfo],
+        abandoned_snapshots: list[str] | None = None,
     ) -> None:
         self.repo = repo
         self.id = backup_id
@@ -1432,6 +1446,21 @@ class BackupWriter:
         self._done = False
         self._pool: ThreadPoolExecutor | None = None
         self._tls = threading.local()
+        #: Snapshots named by the staging dirs of writers that died (a killed
+        #: backup): the caller may destroy them if they still exist.
+        self.abandoned_snapshots = list(abandoned_snapshots or [])
+        if snapshot_id is not None:
+            self.attach_snapshot(snapshot_id)
+
+    def attach_snapshot(self, snapshot_id: str) -> None:
+        """Record the snapshot this backup reads, in the manifest and in the
+        staging dir, so that if this process dies the next writer can name it
+        (:attr:`abandoned_snapshots`)."""
+        self.snapshot_id = snapshot_id
+        try:
+            _write_file(os.path.join(self.path, SNAPSHOT_FILE), snapshot_id.encode() + b"\n")
+        except OSError as exc:
+            raise from_oserror(exc, f"backup {self.id}") from None
 
     def _background(self) -> ThreadPoolExecutor:
         if self._pool is None:
@@ -1671,6 +1700,8 @@ class BackupWriter:
         manifest["manifest_checksum"] = manifest_checksum(manifest)
         final = os.path.join(self.repo.backups_dir, self.id)
         try:
+            with suppress(FileNotFoundError):  # only a staging dir names its snapshot
+                os.unlink(os.path.join(self.path, SNAPSHOT_FILE))
             _write_file(
                 os.path.join(self.path, MANIFEST), json.dumps(manifest, indent=2).encode() + b"\n"
             )
