@@ -309,7 +309,7 @@ def test_storage_grows_on_low_free_space(daemon: Daemon, tmp_path: Path) -> None
         try:
             for off in range(0, 4 * MiB, 64 * 1024):
                 os.pwrite(fd, os.urandom(64 * 1024), off)
-                threading.Event().wait(0.03)
+                threading.Event().wait(0.05)
         finally:
             os.close(fd)
 
