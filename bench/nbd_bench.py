@@ -47,6 +47,8 @@ if str(HERE) not in sys.path:
 
 from harness import Spread, table  # noqa: E402
 
+from blksnap import sandbox  # noqa: E402
+
 BIN = Path(sys.executable).parent
 SECTION = "## NBD: nbdcopy from and to blksnapd vs qemu-nbd"
 MiB = 1 << 20
@@ -136,6 +138,7 @@ class Rig:
     cfg: Config
     root: str
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    box: sandbox.Sandbox | None = None
     sid: str = ""
 
     def path(self, name: str) -> str:
@@ -160,30 +163,8 @@ class Rig:
         write_zeroes(self.path("dst.img"), size)  # the device written to
         write_zeroes(self.path("qdst.raw"), size)  # qemu-nbd's file written to
         write_random(self.path("input.raw"), size, rng)  # what the writes copy
-        log = open(self.path("blksnapd.log"), "wb")  # noqa: SIM115 - closed with the process
-        self.procs.append(
-            subprocess.Popen(
-                [
-                    str(BIN / "blksnapd"),
-                    *("--socket", self.path("blksnapd.sock"), "--mount", self.path("mnt")),
-                    *("--state-dir", self.path("state"), "--nbd", f"unix:{self.path('nbd.sock')}"),
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-        )
-        log.close()
-        wait_for_socket(self.path("nbd.sock"), self.procs[0], "blksnapd")
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                self.cli("daemon", "status")
-                break
-            except RuntimeError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+        self.box = sandbox.start(self.root, ["--nbd", f"unix:{self.path('nbd.sock')}"])
+        wait_for_socket(self.path("nbd.sock"), self.box.proc, "blksnapd")
         self.cli("device", "add", self.path("src.img"), "--name", "src")
         self.cli("device", "add", self.path("dst.img"), "--name", "dst")
         self.cli("attach", "-d", "dst")
@@ -215,14 +196,14 @@ class Rig:
         return f"nbd+unix:///{export}?socket={self.path(sock[server])}"
 
     def check_alive(self) -> None:
+        if self.box is not None and self.box.proc.poll() is not None:
+            raise RuntimeError(f"blksnapd exited with {self.box.proc.returncode}")
         for p in self.procs:
             if p.poll() is not None:
                 raise RuntimeError(f"{p.args[0]} exited with {p.returncode}")
 
     def close(self) -> None:
-        if self.procs:
-            with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
-                self.cli("daemon", "stop")
+        """qemu-nbd servers by their pid, then blksnapd (nothing left mounted)."""
         for p in self.procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
@@ -231,10 +212,8 @@ class Rig:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait(timeout=30)
-        mnt = self.path("mnt")
-        with open("/proc/self/mountinfo") as f:
-            if any(line.split()[4] == mnt for line in f):
-                subprocess.run(["umount", "-l", mnt], check=False)
+        if self.box is not None:
+            self.box.stop()
 
 
 @contextlib.contextmanager
