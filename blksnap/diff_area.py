@@ -210,11 +210,40 @@ class DiffArea:
         pno, start = divmod(first, ps)
         if last < (pno + 1) * ps:  # one page: the common case
             page = self._pages.get(pno)
-            return page is not None and bool(page[start : start + last - first + 1].all())
+            if page is None:
+                return False
+            # (cheaper than a ufunc reduction such as .all(): this runs on
+            # every device write of a snapshot, and is the fast path's check)
+            if first == last:
+                return bool(page[start])
+            n = last - first + 1
+            return np.count_nonzero(page[start : start + n]) == n
         return bool(self._locations(first, last).all())
 
+    def write_needs_copy(self, offset: int, length: int) -> bool:
+        """Could :meth:`cow` for this device write copy a chunk or wait for
+        one? False only when it is sure to return at once: copy-on-write not
+        armed, the snapshot corrupted, the range past the capacity frozen at
+        take, or every chunk it touches already stored. A chunk being loaded
+        is not stored yet (its location is published when its copy is
+        safe), so it answers True for it, as for a new chunk.
+
+        Lock-free, and an answer of False stays true for this diff area:
+        ``armed`` and ``error`` are only ever set, a stored chunk is never
+        unstored, and a chunk is published only once its copy is in diff
+        storage. (Which diff area a device's writes meet changes only while
+        its gate is drained: see :meth:`Tracker.write_may_wait`.)
+        """
+        if not self.armed or self.error or length <= 0:
+            return False
+        end = min(offset + length, self.capacity)
+        if offset >= end:
+            return False
+        return not self._all_stored(offset >> self.chunk_shift, (end - 1) >> self.chunk_shift)
+
     def cow(self, offset: int, length: int) -> None:
-        """Before a device write: make sure every chunk it touches is stored."""
+        """Before a device write: make sure every chunk it touches is stored.
+        Returns at once in every case :meth:`write_needs_copy` answers False."""
         if not self.armed or self.error or length <= 0:
             return
         end = min(offset + length, self.capacity)

@@ -3,14 +3,23 @@ copy-on-write into the diff area while a snapshot of the device is taken.
 
 Like the kernel module's, its control commands (``ctl``) are the way in:
 ``cbtinfo``, ``cbtmap``, ``markdirty``.
+
+A front-end that serves writes on a thread that must not block (the FUSE
+event loop) asks :meth:`Tracker.write_may_wait` first, and submits the write
+inside ``with no_wait:``: should the answer have gone stale before the write
+entered the device's gate (a take armed copy-on-write meanwhile), the tracker
+refuses it with :class:`WouldWait` before doing anything, and the front-end
+hands it to a worker thread instead. Like the kernel's ``REQ_NOWAIT``.
 """
 
 from __future__ import annotations
 
+import errno as _errno
+import threading
 from typing import TYPE_CHECKING, Any
 
 from .cbt import CbtMap
-from .errors import Busy
+from .errors import BlksnapError, Busy
 from .filters import WRITE_OPS, Bio, Filter, FilterResult
 
 if TYPE_CHECKING:
@@ -18,6 +27,30 @@ if TYPE_CHECKING:
     from .diff_area import DiffArea
 
 ALTITUDE_BLKSNAP = 0
+
+
+class WouldWait(BlksnapError):
+    """A write submitted inside ``with no_wait:`` would have had to copy a chunk
+    or wait for one. Nothing was done: the CBT is not marked, nothing written."""
+
+    errno = _errno.EAGAIN
+
+
+class _NoWait(threading.local):
+    """``with no_wait:`` -- writes this thread submits meanwhile fail with
+    :class:`WouldWait` rather than copy or wait (see
+    :meth:`Tracker.write_may_wait`). Not nestable."""
+
+    active = False
+
+    def __enter__(self) -> None:
+        self.active = True
+
+    def __exit__(self, *exc: object) -> None:
+        self.active = False
+
+
+no_wait = _NoWait()
 
 
 class Tracker(Filter):
@@ -34,11 +67,44 @@ class Tracker(Filter):
 
     def submit(self, bio: Bio) -> FilterResult:
         if bio.op in WRITE_OPS:
-            self.cbt.mark(bio.offset, bio.length)
             diff_area = self.diff_area
+            if diff_area is not None and no_wait.active:
+                # Inside the gate this diff area stays the device's, and the
+                # answer cannot go stale: no copy needed now, none at cow.
+                if diff_area.write_needs_copy(bio.offset, bio.length):
+                    raise WouldWait(f"write to {self.device.name} needs copy-on-write")
+                diff_area = None
+            self.cbt.mark(bio.offset, bio.length)
             if diff_area is not None:
                 diff_area.cow(bio.offset, bio.length)
         return FilterResult.PASS
+
+    def write_may_wait(self, offset: int, length: int) -> bool:
+        """Could a device write of ``offset``..``offset+length`` submitted
+        now wait in this filter (copy a chunk to diff storage, or wait for
+        another thread's copy)? False only when it surely would not:
+
+        * no snapshot holds the device: the write only marks the CBT;
+        * a snapshot is taken and its diff area needs no copy for the range
+          (:meth:`DiffArea.write_needs_copy`: every chunk stored, or the
+          snapshot corrupted, in which case writes go straight through).
+
+        True while the device is in a snapshot created but not taken: a take
+        may be under way in another thread, and arm copy-on-write before the
+        write gets in.
+
+        Lock-free. It runs outside the device's gate, so the answer may go
+        stale before the write is let in, should a take arm copy-on-write
+        meanwhile. (A False about a taken snapshot stays true as long as that
+        diff area is the device's, which changes only while the gate is
+        drained: by destroy, which leaves nothing to wait for, and only then
+        by the take of another snapshot.) Submit inside ``with no_wait:`` to be sure: the
+        tracker repeats the check inside the gate, where it cannot go stale.
+        """
+        diff_area = self.diff_area
+        if diff_area is not None:
+            return diff_area.write_needs_copy(offset, length)
+        return self.snapshot_id is not None
 
     def detach(self) -> None:
         if self.snapshot_id is not None:

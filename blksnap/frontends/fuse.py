@@ -13,14 +13,20 @@ Where a request runs (measured with ``bench/fuse_bench.py``: on this
 front-end the cost per request, not the bytes, is what limits a loop device):
 
 - *Fast path*: a page-aligned device write whose filter stack cannot make it
-  wait (no filter, or the ``blksnap`` tracker while its device is in no
-  snapshot) runs on the event loop's own thread. It is a CBT mark and a
-  ``pwrite`` into the backing store's page cache: cheaper than handing it to
-  a thread and back, which costs more event-loop time than the write itself.
+  wait (no filter, or the ``blksnap`` tracker when
+  :meth:`~blksnap.tracker.Tracker.write_may_wait` says so: the device is in
+  no snapshot, or in a taken one whose chunks under the write are all stored
+  already, a rewrite) runs on the event loop's own thread. It is a CBT mark
+  and a ``pwrite`` into the backing store's page cache: cheaper than handing
+  it to a thread and back, which costs more event-loop time than the write
+  itself. It is submitted inside :data:`~blksnap.tracker.no_wait`, so a
+  write that would copy after all (a take armed copy-on-write between the
+  check and the write) is refused untouched and goes to the pool.
 - *Slow path*: everything else (reads, which may wait for the disk; fsync;
-  image I/O; device writes while a snapshot holds the device, which may copy
-  chunks or wait for another thread's copy) runs in a :class:`WorkerPool`,
-  so requests proceed in parallel while the event loop keeps serving.
+  image I/O; device writes that may copy chunks to diff storage or wait for
+  another thread's copy, and any while the device is in a snapshot not yet
+  taken) runs in a :class:`WorkerPool`, so requests proceed in parallel
+  while the event loop keeps serving.
 
 Either way a write is acknowledged only after the engine returned.
 """
@@ -47,7 +53,7 @@ import trio
 from ..device import Device
 from ..engine import Engine
 from ..errors import BlksnapError
-from ..tracker import Tracker
+from ..tracker import Tracker, WouldWait, no_wait
 
 log = logging.getLogger(__name__)
 
@@ -357,25 +363,25 @@ class BlksnapFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
 
     @staticmethod
-    def _never_waits(target: Any) -> bool:
+    def _never_waits(target: Any, offset: int, length: int) -> bool:
         """Can a write to ``target`` wait on anything but the page cache?
 
-        Only a device whose filters are all the ``blksnap`` tracker outside a
-        snapshot qualifies: the tracker then marks the CBT and passes, with no
-        copy-on-write. A snapshot's take (the only thing that arms
-        copy-on-write) needs the device in a snapshot first, and starts only
-        from a control request, which this event loop serves: none can begin
-        while it runs the write. What remains is the device's gate, held
-        shut only for the moment attach, detach or create take to drain it,
-        with no FUSE I/O meanwhile. Any other filter (one that may delay
-        I/O) sends the write to the pool. If the tracker ever does I/O of its
-        own on a write (a CBT persisted before the first write to a block),
-        this rule must be revisited.
+        Only a device whose filters are all the ``blksnap`` tracker, and
+        whose tracker says the write will neither copy a chunk nor wait for
+        one (:meth:`Tracker.write_may_wait`), qualifies. Any other filter
+        (one that may delay I/O) sends the write to the pool. The answer is
+        taken outside the device's gate and may go stale before the write
+        gets in; the tracker checks again inside it, since the write is
+        submitted inside ``with no_wait:``. What remains is the gate itself,
+        held shut only for the moment attach, detach, take or destroy take to
+        drain it. If the tracker ever does I/O of its own on a write (a CBT
+        persisted before the first write to a block), this rule must be
+        revisited.
         """
         if type(target) is not Device:
             return False
         for flt in target.filters:
-            if type(flt) is not Tracker or flt.snapshot_id is not None or flt.diff_area is not None:
+            if type(flt) is not Tracker or flt.write_may_wait(offset, length):
                 return False
         return True
 
@@ -394,14 +400,21 @@ class BlksnapFS(pyfuse3.Operations):
         n = len(buf)
         if off + n > length:
             raise pyfuse3.FUSEError(errno.ENOSPC)
-        if n <= self.inline_write_max and not (off | n) & PAGE_MASK and self._never_waits(target):
+        if (
+            n <= self.inline_write_max
+            and not (off | n) & PAGE_MASK
+            and self._never_waits(target, off, n)
+        ):
             try:
-                target.write(off, buf)
+                with no_wait:
+                    target.write(off, buf)
+                return n
+            except WouldWait:
+                pass  # copy-on-write after all: the pool, below
             except BlksnapError as exc:
                 raise pyfuse3.FUSEError(exc.errno) from None
             except OSError as exc:
                 raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
-            return n
         await self._call(target.write, off, buf)
         return n
 
