@@ -3,15 +3,47 @@
 Requests ``enter`` and ``leave``; ``freeze`` stops new requests and waits for
 the in-flight ones to finish, ``unfreeze`` lets them go on. ``close`` makes
 every later ``enter`` fail (an image whose snapshot is being destroyed).
+
+A thread that must not block (the FUSE event loop serving a write inline)
+submits inside ``with no_wait:``. Then a gate that is frozen refuses at once
+with :class:`WouldWait` instead of waiting for the drain, and the tracker
+refuses a write that would copy a chunk or wait for one (see
+:meth:`blksnap.tracker.Tracker.write_may_wait`); the caller hands the request
+to a worker thread. Like the kernel's ``REQ_NOWAIT``.
 """
 
 from __future__ import annotations
 
+import errno as _errno
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from .errors import BlksnapError
+
+
+class WouldWait(BlksnapError):
+    """A request submitted inside ``with no_wait:`` would have had to wait (a
+    drained gate, a chunk to copy or being copied). Nothing was done: the CBT
+    is not marked, nothing written."""
+
+    errno = _errno.EAGAIN
+
+
+class _NoWait(threading.local):
+    """``with no_wait:`` -- requests this thread submits meanwhile fail with
+    :class:`WouldWait` rather than wait. Not nestable."""
+
+    active = False
+
+    def __enter__(self) -> None:
+        self.active = True
+
+    def __exit__(self, *exc: object) -> None:
+        self.active = False
+
+
+no_wait = _NoWait()
 
 
 class Gate:
@@ -26,6 +58,8 @@ class Gate:
     def enter(self) -> None:
         with self._cond:
             while self._frozen and self._closed_error is None:
+                if no_wait.active:
+                    raise WouldWait("the device is being drained (take, attach, destroy)")
                 self._cond.wait()
             if self._closed_error is not None:
                 raise self._closed_error()

@@ -14,13 +14,12 @@ hands it to a worker thread instead. Like the kernel's ``REQ_NOWAIT``.
 
 from __future__ import annotations
 
-import errno as _errno
-import threading
 from typing import TYPE_CHECKING, Any
 
 from .cbt import CbtMap
-from .errors import BlksnapError, Busy
+from .errors import Busy
 from .filters import WRITE_OPS, Bio, Filter, FilterResult
+from .gate import WouldWait, no_wait
 
 if TYPE_CHECKING:
     from .device import Device
@@ -28,29 +27,7 @@ if TYPE_CHECKING:
 
 ALTITUDE_BLKSNAP = 0
 
-
-class WouldWait(BlksnapError):
-    """A write submitted inside ``with no_wait:`` would have had to copy a chunk
-    or wait for one. Nothing was done: the CBT is not marked, nothing written."""
-
-    errno = _errno.EAGAIN
-
-
-class _NoWait(threading.local):
-    """``with no_wait:`` -- writes this thread submits meanwhile fail with
-    :class:`WouldWait` rather than copy or wait (see
-    :meth:`Tracker.write_may_wait`). Not nestable."""
-
-    active = False
-
-    def __enter__(self) -> None:
-        self.active = True
-
-    def __exit__(self, *exc: object) -> None:
-        self.active = False
-
-
-no_wait = _NoWait()
+__all__ = ["ALTITUDE_BLKSNAP", "Tracker", "WouldWait", "no_wait"]
 
 
 class Tracker(Filter):

@@ -372,9 +372,10 @@ class BlksnapFS(pyfuse3.Operations):
         (one that may delay I/O) sends the write to the pool. The answer is
         taken outside the device's gate and may go stale before the write
         gets in; the tracker checks again inside it, since the write is
-        submitted inside ``with no_wait:``. What remains is the gate itself,
-        held shut only for the moment attach, detach, take or destroy take to
-        drain it. If the tracker ever does I/O of its own on a write (a CBT
+        submitted inside ``with no_wait:``; and a gate held shut while attach,
+        detach, take or destroy drain it refuses at once rather than block
+        the loop (:class:`~blksnap.gate.WouldWait`, the write goes to the
+        pool). If the tracker ever does I/O of its own on a write (a CBT
         persisted before the first write to a block), this rule must be
         revisited.
         """
