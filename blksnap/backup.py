@@ -32,8 +32,10 @@ import contextlib
 import errno
 import logging
 import os
+import signal
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -300,6 +302,32 @@ class _Watcher(threading.Thread):
 # -- the session ------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back for a call that must not be cut in two
+    (a snapshot created in blksnapd but its answer lost); each runs its own
+    handler at the end. Only the main thread can do this; elsewhere a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    sigs = (signal.SIGINT, signal.SIGTERM)
+    old = {s: signal.getsignal(s) for s in sigs}
+    for s in sigs:
+        signal.signal(s, lambda signum, _frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        for s in sigs:
+            signal.signal(s, old[s])
+        for s in dict.fromkeys(caught):
+            handler = old[s]
+            if callable(handler):
+                handler(s, None)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(s)
+
+
 def default_storage_sizes(total: int) -> tuple[int, int]:
     """(first size and step, most) of the diff storage for devices of ``total`` bytes.
 
@@ -360,8 +388,12 @@ def run_backup(
             except BlksnapError as exc:
                 if exc.errno != errno.ENOENT:
                     raise
-        sid = service.snapshot_create(names, storage=where, limit=min(first, most))
+        # The id is chosen and recorded first: if this process dies at any
+        # point from here, the next backup can name (and destroy) the snapshot.
+        sid = str(uuid.uuid4())
         writer.attach_snapshot(sid)
+        with _signals_deferred():  # Ctrl-C / SIGTERM only once the answer is in
+            service.snapshot_create(names, storage=where, limit=min(first, most), sid=sid)
     except BaseException as exc:
         writer.abort()
         if isinstance(exc, BlksnapError) and exc.errno == errno.EBUSY:

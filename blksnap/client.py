@@ -103,6 +103,14 @@ class Client:
             if isinstance(exc, BlksnapError):
                 raise
             raise error(exc.errno or errno.EIO, f"talking to blksnapd: {exc}") from None
+        except BaseException:
+            # Interrupted mid-exchange (Ctrl-C, SIGTERM): the reply may still
+            # be on its way, so this connection can no longer be trusted.
+            self.close()
+            raise
+        if reply.get("id") not in (req_id, None):
+            self.close()
+            raise error(errno.EPROTO, f"blksnapd answered request {reply.get('id')}, not {req_id}")
         if reply.get("ok"):
             return reply.get("result")
         code = reply.get("errno")
@@ -153,11 +161,13 @@ class Client:
         storage: str | None = None,
         limit: int | None = None,
         ranges: Sequence[tuple[int, int]] | None = None,
+        sid: str | None = None,
     ) -> str:
         if isinstance(names, str):
             names = [names]
         return self.call(
             "snapshot.create",
+            id=sid,
             devices=list(names),
             storage=os.path.abspath(storage) if storage else None,
             limit=limit,

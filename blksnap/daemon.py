@@ -296,7 +296,11 @@ class Daemon:
         ranges = self._storage_args(storage, args)
         sid = await self.thread(
             lambda: self.engine.snapshot_create(
-                args["devices"], storage=storage, limit=args.get("limit"), ranges=ranges
+                args["devices"],
+                storage=storage,
+                limit=args.get("limit"),
+                ranges=ranges,
+                sid=args.get("id"),
             )
         )
         return {"id": sid}

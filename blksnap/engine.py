@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import threading
+import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -166,8 +167,13 @@ class Engine:
         storage: str | os.PathLike[str] | None = None,
         limit: int | None = None,
         ranges: Sequence[tuple[int, int]] | None = None,
+        sid: str | None = None,
     ) -> str:
         """A snapshot of ``names``; the tracker is attached where it is not.
+
+        ``sid`` lets the caller choose the id (a UUID) before the call, so a
+        caller that dies before the answer can still name the snapshot it
+        may have created (a backup records it in its staging dir first).
 
         ``storage`` is a directory (an anonymous file of up to ``limit``
         bytes), a regular file (up to ``limit`` bytes, or its ``ranges``) or a
@@ -179,8 +185,15 @@ class Engine:
             raise InvalidArgument("a snapshot needs at least one device")
         if len(set(names)) != len(names):
             raise InvalidArgument("a device is named twice")
+        if sid is not None:
+            try:
+                sid = str(uuid.UUID(sid))
+            except (ValueError, TypeError, AttributeError):
+                raise InvalidArgument(f"snapshot id {sid!r} is not a UUID") from None
         with self._lock:
             self._check_open()
+            if sid is not None and sid in self._snapshots:
+                raise Exists(f"snapshot {sid} already exists")
             devs = [self.device(n) for n in names]
             for dev in devs:
                 trk = self._tracker_or_none(dev)
@@ -198,7 +211,7 @@ class Engine:
                         attached.append(dev)
                     assert isinstance(trk, Tracker)
                     pairs.append((dev, trk))
-                snap = Snapshot(self.params, pairs)
+                snap = Snapshot(self.params, pairs, sid)
                 if storage is not None:
                     snap.storage.add(os.fspath(storage), size=limit, ranges=ranges)
             except BaseException:

@@ -155,6 +155,7 @@ SCHEMAS: dict[str, dict[str, Field]] = {
     "cbt.map": {"device": F(_str, True)},
     "cbt.markdirty": {"device": F(_str, True), "ranges": F(_ranges, True)},
     "snapshot.create": {
+        "id": F(_str),
         "devices": F(_names, True),
         "storage": F(_str),
         "limit": F(_uint),

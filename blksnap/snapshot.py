@@ -47,8 +47,10 @@ class SnapshotDevice:
 
 
 class Snapshot:
-    def __init__(self, params: Params, devices: list[tuple[Device, Tracker]]) -> None:
-        self.id = str(uuid.uuid4())
+    def __init__(
+        self, params: Params, devices: list[tuple[Device, Tracker]], sid: str | None = None
+    ) -> None:
+        self.id = sid or str(uuid.uuid4())
         self.params = params
         self.created = time.time()
         self.taken_at: float | None = None

@@ -237,3 +237,17 @@ def test_destroy_under_load(engine, two, storage_dir):
     for off, data in written.items():
         assert a.read(off, len(data)) == data
     assert os.listdir(storage_dir) == []
+
+
+def test_caller_chosen_snapshot_id(engine, two, storage_dir):
+    """A caller may pick the id (a UUID) before creating: a backup records it
+    first, so it can name the snapshot even if it dies before the answer."""
+    want = str(uuid.uuid4())
+    assert engine.snapshot_create(["a"], storage=storage_dir, limit=MiB, sid=want) == want
+    assert [s["id"] for s in engine.snapshot_collect()] == [want]
+    # The same id again: EEXIST, nothing created (b stays free).
+    assert errno_of(engine.snapshot_create, ["b"], storage_dir, MiB, sid=want) == errno.EEXIST
+    assert errno_of(engine.snapshot_create, ["b"], storage_dir, MiB, sid="nope") == errno.EINVAL
+    assert len(engine.snapshot_collect()) == 1
+    other = engine.snapshot_create(["b"], storage=storage_dir, limit=MiB)
+    assert uuid.UUID(other) and other != want

@@ -349,11 +349,16 @@ def test_killed_backup_leaves_nothing_that_blocks_the_next(
         stderr=subprocess.PIPE,
     )  # fmt: skip
     try:
+        # Strike while the image is being read: the staged data file grows.
         deadline = time.monotonic() + 30
-        while not daemon.client.snapshot_collect() and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
             assert proc.poll() is None, proc.communicate()
-            time.sleep(0.005)
-        assert daemon.client.snapshot_collect(), "the backup never created its snapshot"
+            staged = list((repo / "tmp").glob("*/dev-0.data")) if repo.exists() else []
+            if staged and staged[0].stat().st_size > 0:
+                break
+            time.sleep(0.002)
+        else:
+            raise AssertionError("the backup never started reading")
         proc.send_signal(getattr(signal, sig))
         rc = proc.wait(timeout=60)
     finally:
@@ -366,8 +371,8 @@ def test_killed_backup_leaves_nothing_that_blocks_the_next(
     assert r.backups() == []
     if sig == "SIGTERM":
         assert rc == 128 + signal.SIGTERM, proc.stderr.read() if proc.stderr else ""
-        assert daemon.client.snapshot_collect() == []
-        assert os.listdir(repo / "tmp") == []
+        assert daemon.client.snapshot_collect() == [], "SIGTERM left the snapshot"
+        assert os.listdir(repo / "tmp") == [], "SIGTERM left the staged backup"
     else:
         assert rc == -signal.SIGKILL
         assert len(daemon.client.snapshot_collect()) == 1  # left behind
