@@ -239,6 +239,15 @@ class Daemon:
         dev_loop = self.loops.get(path)
         if dev_loop and await self.thread(loop.mounts_of, dev_loop):
             raise error(errno.EBUSY, f"{dev_loop} ({name}) is mounted")
+        # A process holding <mount>/dev/N open (the daemon's own loop device
+        # holds one handle). A handle closed just now is released by the
+        # kernel a moment later: give it a second before refusing.
+        own = 1 if dev_loop else 0
+        deadline = trio.current_time() + 1.0
+        while (users := self.fs.open_count(dev) - own) > 0:
+            if trio.current_time() > deadline:
+                raise error(errno.EBUSY, f"{path} is open in {users} other file handle(s)")
+            await trio.sleep(0.02)
         # NBD clients hold the device itself (not its file): refuse while any
         # is connected, and let no new one in while it goes.
         nbd_users = self.nbd.device_users(name) if self.nbd else 0

@@ -244,6 +244,11 @@ class BlksnapFS(pyfuse3.Operations):
     def remove_device(self, name: str) -> None:
         self._remove(DEV_DIR, name)
 
+    def open_count(self, target: Any) -> int:
+        """Open handles of the file served from ``target`` (a device or an
+        image); a loop device over the file holds one."""
+        return sum(1 for t, _ in self._handles.values() if t is target)
+
     def add_snapshot(self, sid: str, names: list[str]) -> None:
         folder = self._add(Node(next(self._inos), sid, IMAGES_DIR, "dir"))
         for name in names:

@@ -150,3 +150,20 @@ def test_daemon_stop_cleans_up(daemon, backing):
     assert not os.path.exists(daemon.sock)
     r = daemon.cli("daemon", "status", check=False)
     assert r.returncode == 1 and ("ENOENT" in r.stderr or "ECONNREFUSED" in r.stderr)
+
+
+def test_device_remove_refused_while_its_file_is_open(daemon, backing):
+    """``device remove`` says EBUSY while a process holds <mount>/dev/N open
+    (its own loop device does not count), and goes through once it is closed."""
+    for name, loop in (("plain", False), ("looped", True)):
+        daemon.client.add_device(backing(name, 4 << 20), name, loop=loop)
+        path = f"{daemon.mount}/dev/{name}"
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            r = daemon.cli("device", "remove", name, check=False)
+            assert r.returncode == 1 and "EBUSY" in r.stderr and "open" in r.stderr, r.stderr
+            assert name in [d["name"] for d in daemon.client.devices()]
+        finally:
+            os.close(fd)
+        daemon.cli("device", "remove", name)  # the release may lag the close: it waits
+        assert name not in [d["name"] for d in daemon.client.devices()]
