@@ -223,7 +223,10 @@ class Demo:
             path = self.workdir / f"{name}.img"
             with open(path, "wb") as f:
                 f.truncate(self.size)
-            sandbox.run("mkfs.ext4", "-q", "-F", "-b", "4096", "-L", name, str(path))
+            sandbox.run(
+                *("mkfs.ext4", "-q", "-F", "-b", "4096", "-L", name),
+                *("-E", "lazy_itable_init=0,lazy_journal_init=0", str(path)),
+            )
             dev = self.cli_json("device", "add", str(path), "--name", name, "--loop")
             self.fs[name] = Path(self.box.mount_fs(dev["loop"], self.workdir / "fs" / name))
             (self.fs[name] / "data").mkdir()
