@@ -98,6 +98,8 @@ def cmd_backups(args: argparse.Namespace, client: Any, out: Any) -> int:
     from .repo import Repository
 
     repo = Repository.open(args.repo)
+    if args.backup:
+        return _show_backup(repo.get(args.backup), out)
     backups = repo.backups()
     rows = []
     for b in backups:
@@ -121,6 +123,33 @@ def cmd_backups(args: argparse.Namespace, client: Any, out: Any) -> int:
         if rows
         else f"no backups in {args.repo}",
     )
+    return 0
+
+
+def _show_backup(b: Any, out: Any) -> int:
+    head = (
+        f"backup {b.id}: {b.kind}, {b.state}"
+        + (f" ({b.error.get('errno')}: {b.error.get('message')})" if b.error else "")
+        + f"\n  started {b.started}, finished {b.finished}, snapshot {b.snapshot_id or '-'}"
+        + f"\n  compression {b.compression}, checksum {b.checksum}"
+    )
+    rows = [
+        [
+            d.name,
+            d.kind,
+            d.parent or "-",
+            format_size(d.size),
+            f"{d.blocks_stored - d.blocks_zero}+{d.blocks_zero}z",
+            format_size(d.bytes_read),
+            format_size(d.bytes_stored),
+            f"{d.generation_id[:8]}/{d.changes_number}",
+        ]
+        for d in b.devices
+    ]
+    table = _table(
+        rows, ["DEVICE", "KIND", "PARENT", "SIZE", "BLOCKS", "READ", "STORED", "GEN/CHANGES"]
+    )
+    out.emit(b.as_dict(), head + "\n" + table)
     return 0
 
 

@@ -244,8 +244,9 @@ def _parser() -> argparse.ArgumentParser:
         help="compression of a new repository (default zstd)",
     )
     bk.add_argument("--no-progress", action="store_true", help="no progress bar")
-    bl = cmd(sub, "backups", "the backups in a repository")
+    bl = cmd(sub, "backups", "the backups in a repository (or one backup's devices)")
     bl.add_argument("--repo", required=True)
+    bl.add_argument("--backup", "-b", help="show this backup's devices ('latest' works too)")
     rs = cmd(sub, "restore", "rebuild a device as of a backup (its whole chain) into PATH")
     rs.add_argument("--repo", required=True)
     rs.add_argument("--backup", "-b", required=True, help="backup id, or 'latest'")

@@ -65,6 +65,14 @@ def test_backups_restore_verify_prune_without_a_daemon(tmp_path: Path) -> None:
     assert listed[1]["devices"][0]["parent"] == listed[0]["id"]
     table = cli("backups", "--repo", repo.path).stdout
     assert "incremental" in table and listed[0]["id"] in table
+    # One backup's devices: the text view and the JSON document of that backup.
+    one = cli("backups", "--repo", repo.path, "-b", "latest")
+    assert one.returncode == 0, one.stderr
+    assert f"backup {listed[1]['id']}: incremental, ok" in one.stdout
+    assert "disk0" in one.stdout and listed[0]["id"] in one.stdout  # its parent
+    doc = json.loads(cli("--json", "backups", "--repo", repo.path, "-b", listed[0]["id"]).stdout)
+    assert doc["id"] == listed[0]["id"] and doc["devices"][0]["kind"] == "full"
+    assert cli("backups", "--repo", repo.path, "-b", "nope").returncode == 1
     for b, want in zip(listed, versions, strict=True):
         out = tmp_path / f"r-{b['id']}"
         r = cli("--json", "restore", "--repo", repo.path, "-b", b["id"], "-d", "disk0",
