@@ -45,7 +45,7 @@ import blake3
 import numpy as np
 import zstandard
 
-from .device import fd_size
+from .device import fd_size, pwrite_full
 from .errors import (
     AlreadyDone,
     BlksnapError,
@@ -143,16 +143,6 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
-    view = memoryview(data)
-    done = 0
-    while done < len(view):
-        n = os.pwrite(fd, view[done:], offset + done)
-        if n <= 0:
-            raise OSError(errno.EIO, "short write")
-        done += n
-
-
 def _pread_upto(fd: int, length: int, offset: int) -> bytes:
     """Read ``length`` bytes, fewer only at end of file."""
     data = os.pread(fd, length, offset)
@@ -173,7 +163,7 @@ def _write_file(path: str, data: bytes) -> None:
     """Create ``path`` with ``data`` and fsync it."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
-        _pwrite_all(fd, data, 0)
+        pwrite_full(fd, 0, data)
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -1245,7 +1235,7 @@ def _rebuild(
         sha.update(window)
         try:
             if is_blockdev or not wzero.any():
-                _pwrite_all(target_fd, window, w0 * bs)
+                pwrite_full(target_fd, w0 * bs, window)
                 return wbytes
             done = 0
             edges = np.diff(np.concatenate(([0], (~wzero).astype(np.int8), [0])))
@@ -1255,7 +1245,7 @@ def _rebuild(
                 strict=True,
             ):
                 lo, hi = a * bs, min(b * bs, wbytes)
-                _pwrite_all(target_fd, view[lo:hi], w0 * bs + lo)
+                pwrite_full(target_fd, w0 * bs + lo, view[lo:hi])
                 done += hi - lo
             return done
         except OSError as exc:
@@ -1610,7 +1600,7 @@ class BackupWriter:
             stored = 0 if flags == FLAG_ZERO else len(block.blob)
             if stored:
                 try:
-                    _pwrite_all(state.fd, block.blob, state.offset)
+                    pwrite_full(state.fd, state.offset, block.blob)
                 except OSError as exc:
                     raise from_oserror(exc, f"backup {self.id} device {device}") from None
             state.index.append(index)
