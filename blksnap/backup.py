@@ -277,11 +277,9 @@ class _Watcher(threading.Thread):
                 elif ev.code == "low_free_space":
                     self._grow()
         finally:
-            if hasattr(self.service, "close"):
+            if not hasattr(self.service, "image"):  # a Client: this thread's connection
                 with contextlib.suppress(Exception):
-                    # A Client's connection of this thread.
-                    if not hasattr(self.service, "image"):
-                        self.service.close()
+                    self.service.close()
 
     def _grow(self) -> None:
         if self.storage is None or not os.path.isdir(self.storage):
@@ -432,19 +430,17 @@ def run_backup(
             writer.add_device(rec)
             records[plan.name] = rec
             readers[plan.name] = _open_image(service, sid, plan.name, taken)
+        read_error: tuple[int, str] | None = None
         try:
             for plan in plans:
                 with progress(plan.name, plan.bytes_planned) as advance:
                     records[plan.name].bytes_read = _copy(
                         plan, readers[plan.name], writer, read_size, threads, advance, watcher
                     )
-            failure = _snapshot_failure(service, sid, watcher)
         except BlksnapError as exc:
-            failure = _snapshot_failure(service, sid, watcher) or (
-                exc.errno or errno.EIO,
-                f"reading the image failed: {exc.message}",
-            )
-        stats = _image_stats(service, sid)
+            read_error = (exc.errno or errno.EIO, f"reading the image failed: {exc.message}")
+        failure, stats = _final_state(service, sid, watcher)
+        failure = failure or read_error
         for name, rec in records.items():
             rec.image_bytes_read = stats.get(name)
         if failure is not None:
@@ -543,25 +539,24 @@ def _copy(
     return total
 
 
-def _snapshot_failure(service: Any, sid: str, watcher: _Watcher) -> tuple[int, str] | None:
-    if watcher.failure is not None:
-        return watcher.failure
+def _final_state(
+    service: Any, sid: str, watcher: _Watcher
+) -> tuple[tuple[int, str] | None, dict[str, int]]:
+    """After the read, from one ``snapshot_collect``: why the backup failed
+    (None if it did not) and the image bytes blksnapd served per device."""
     try:
         snap = service.snapshot_collect(sid)[0]
     except BlksnapError as exc:
-        return (exc.errno or errno.EIO, f"the snapshot vanished: {exc.message}")
+        vanished = (exc.errno or errno.EIO, f"the snapshot vanished: {exc.message}")
+        return watcher.failure or vanished, {}
+    stats = {
+        d["name"]: int(d["image_bytes_read"]) for d in snap["devices"] if "image_bytes_read" in d
+    }
+    if watcher.failure is not None:
+        return watcher.failure, stats
     if snap.get("state") == "corrupted":
         code = int(snap.get("errno") or errno.EIO)
         name = errno.errorcode.get(code, str(code))
-        return (code, f"the snapshot became corrupted ({name}), e.g. its diff storage overflowed")
-    return None
-
-
-def _image_stats(service: Any, sid: str) -> dict[str, int]:
-    try:
-        snap = service.snapshot_collect(sid)[0]
-    except BlksnapError:
-        return {}
-    return {
-        d["name"]: int(d["image_bytes_read"]) for d in snap["devices"] if "image_bytes_read" in d
-    }
+        why = f"the snapshot became corrupted ({name}), e.g. its diff storage overflowed"
+        return (code, why), stats
+    return None, stats
