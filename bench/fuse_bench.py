@@ -50,6 +50,7 @@ from pathlib import Path
 from harness import KiB, MiB, Spread, size_text, table
 
 from blksnap import loop as losetup
+from blksnap import sandbox
 from blksnap.client import Client
 from blksnap.errors import BlksnapError
 
@@ -228,28 +229,6 @@ def make_file(path: str, size: int, rng: random.Random) -> None:
         os.fsync(f.fileno())
 
 
-def mounts_under(root: str) -> list[str]:
-    out = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            mp = line.split()[4]
-            if mp == root or mp.startswith(root + "/"):
-                out.append(mp)
-    return out
-
-
-def loops_under(root: str) -> list[str]:
-    out = []
-    for entry in Path("/sys/block").glob("loop*/loop/backing_file"):
-        try:
-            backing = entry.read_text().strip().removesuffix(" (deleted)")
-        except OSError:
-            continue
-        if backing.startswith(root + "/"):
-            out.append("/dev/" + entry.parts[3])
-    return out
-
-
 class Rig:
     """blksnapd with three devices, the do-nothing file system, and the raw
     loop devices, all under one work directory; ``close`` removes every
@@ -402,10 +381,7 @@ class Rig:
                 proc.wait(timeout=30)
             if proc.stdout is not None:
                 proc.stdout.close()
-        for mp in sorted(mounts_under(self.dir), reverse=True):
-            subprocess.run(["umount", "-l", mp], check=False, capture_output=True)
-        for lp in loops_under(self.dir):
-            subprocess.run(["losetup", "-d", lp], check=False, capture_output=True)
+        sandbox.cleanup_under(self.dir)
         if errors:
             print("fuse bench cleanup: " + "; ".join(errors), file=sys.stderr)
 

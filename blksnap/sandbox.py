@@ -56,7 +56,8 @@ def loops_under(root: str) -> list[str]:
     out = []
     for entry in Path("/sys/block").glob("loop*/loop/backing_file"):
         try:
-            backing = entry.read_text().strip()
+            # A backing file removed while attached reads "PATH (deleted)".
+            backing = entry.read_text().strip().removesuffix(" (deleted)")
         except OSError:
             continue
         if backing.startswith(root + "/"):
