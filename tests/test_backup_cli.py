@@ -125,36 +125,10 @@ def run_in_pty(args: list[str], timeout: float = 60) -> tuple[int, str]:
 
 def test_progress_bar_on_a_terminal(tmp_path: Path) -> None:
     repo, _ = make_repo(tmp_path / "repo")
-    rc, text = run_in_pty(
-        [
-            *CLI,
-            "restore",
-            "--repo",
-            repo.path,
-            "-b",
-            "latest",
-            "-d",
-            "disk0",
-            "--to",
-            str(tmp_path / "out"),
-        ]
-    )
+    restore = [*CLI, "restore", "--repo", repo.path, "-b", "latest", "-d", "disk0", "--to"]
+    rc, text = run_in_pty([*restore, str(tmp_path / "out")])
     assert rc == 0, text
     # rich's bar: the bar itself and bytes done of the total.
     assert "\u2501" in text and "4.0/4.0 MiB" in text, text
-    rc, text = run_in_pty(
-        [
-            *CLI,
-            "restore",
-            "--no-progress",
-            "--repo",
-            repo.path,
-            "-b",
-            "latest",
-            "-d",
-            "disk0",
-            "--to",
-            str(tmp_path / "out2"),
-        ]
-    )
+    rc, text = run_in_pty([*restore, str(tmp_path / "out2"), "--no-progress"])
     assert rc == 0 and "\u2501" not in text and "MiB/s" not in text, text
