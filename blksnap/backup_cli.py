@@ -13,15 +13,10 @@ import signal
 from collections.abc import Callable
 from typing import Any
 
+from .cli import _table
 from .errors import error
 from .progress import progress
 from .units import format_size
-
-
-def _table(rows: list[list[str]], header: list[str]) -> str:
-    from .cli import _table as table
-
-    return table(rows, header)
 
 
 def run_backup_command(args: argparse.Namespace, client: Any, out: Any) -> int:
