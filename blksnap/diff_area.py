@@ -175,9 +175,7 @@ class DiffArea:
         offset = run[0] << self.chunk_shift
         length = min(len(run) * cs, self.capacity - offset)
         try:
-            bio = Bio(Op.READ, offset, length)
-            self.device.submit_filtered(bio)
-            data = memoryview(bio.result or b"")
+            data = memoryview(self._read_device(offset, length))
             locations = self.storage.alloc_many(len(run))
             # Slots handed out together are mostly adjacent: one write per stretch.
             i = 0
@@ -259,13 +257,36 @@ class DiffArea:
         for ev in waits:
             ev.wait()
 
+    def stored_runs(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
+        """Where the image reads ``offset``..``offset+length`` from: runs
+        ``(offset, length, stored)``, chunk by chunk and merged, clipped to
+        the range: ``stored`` in diff storage, else on the device. Read-only
+        and lock-free: a chunk once stored stays stored, so a chunk found
+        unstored *after* reading the device was not written since take."""
+        if length <= 0:
+            return []
+        shift = self.chunk_shift
+        end = offset + length
+        first, last = offset >> shift, (end - 1) >> shift
+        if self._none_stored(first, last):
+            return [(offset, length, False)]
+        stored = self._locations(first, last) != 0
+        out: list[tuple[int, int, bool]] = []
+        starts = (np.flatnonzero(stored[1:] != stored[:-1]) + 1).tolist()
+        edges = [offset, *((first + s) << shift for s in starts), end]
+        for i, k in enumerate([0, *starts]):
+            out.append((edges[i], edges[i + 1] - edges[i], bool(stored[k])))
+        return out
+
     # -- image I/O ------------------------------------------------------------------
 
     def _read_device(self, offset: int, length: int) -> bytes:
+        """The device's bytes as they were at take, for chunks not stored."""
         bio = Bio(Op.READ, offset, length)
         self.device.submit_filtered(bio)
         assert bio.result is not None
-        return bio.result
+        holes = self.storage.on_devices.get(self.device.name)
+        return bio.result if not holes else _zero_holes(bio.result, offset, holes)
 
     def _read_stored(self, location: int, chunk: int, a: int, b: int) -> bytes:
         return self.storage.read(location - 1, b - a, a - (chunk << self.chunk_shift))
@@ -364,3 +385,19 @@ class DiffArea:
             except BlksnapError as exc:
                 self.fail(exc)
                 raise IOFailure(f"image write to {self.device.name} failed: {exc}") from None
+
+
+def _zero_holes(data: bytes, offset: int, holes: tuple[tuple[int, int], ...]) -> bytes:
+    """``data`` (read at ``offset``) with the bytes inside ``holes`` zeroed:
+    the device's own diff storage, which held zeroes at take (the engine
+    zeroes it before) and holds copied chunks since, is no part of its image."""
+    end = offset + len(data)
+    buf: bytearray | None = None
+    for start, stop in holes:
+        if stop <= offset or start >= end:
+            continue
+        if buf is None:
+            buf = bytearray(data)
+        a, b = max(start, offset) - offset, min(stop, end) - offset
+        buf[a:b] = bytes(b - a)
+    return data if buf is None else bytes(buf)

@@ -9,7 +9,19 @@ it that may be used:
 * a **regular file**: used from offset 0 up to the given size (or the given
   sector ranges); the file grows as chunks land;
 * a **block device** (opened exclusively): the whole device up to the given
-  size, or the given sector ranges.
+  size, or the given sector ranges;
+* **mapped** byte ranges of a served device's backing store: the extents of
+  a preallocated file on a file system that the device itself carries (the
+  engine finds them with FIEMAP). Chunks are written straight to the backing
+  store, below the device's filters, so copy-on-write never writes through
+  the device it protects (no recursion, no deadlock with a take's freeze);
+  the file stays open so its blocks stay its own. Each write is reported to
+  ``on_write`` (the engine marks those blocks changed in the device's CBT),
+  and the device's image reads those ranges as the zeroes they held at take.
+
+Sources that grow (a directory's anonymous file, a regular file) can hold no
+more than their file system has free: free space counts ``statvfs`` too, so
+``low_free_space`` comes while there is still room to act on it.
 
 Space is handed out one chunk slot at a time. A location packs the source
 index and the byte offset in one int (16 + 48 bits) so the chunk map can keep
@@ -30,9 +42,11 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from .blockstack import set_immutable
 from .device import fd_size, open_backing, pread_full, pwrite_full, storage_identity
 from .errors import InvalidArgument, NoSpace, from_oserror
 from .params import Params
+from .units import format_size
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +67,21 @@ class StorageSource:
     slots_total: int = 0
     slots_used: int = 0
     extras: dict[str, object] = field(default_factory=dict)
+    #: A mapped source: the device whose backing store ``fd`` is ...
+    device: str | None = None
+    #: ... the descriptor that keeps the file (and so its blocks) alive ...
+    hold_fd: int = -1
+    #: ... and who to tell of each write (byte offset, length on the device).
+    on_write: Callable[[int, int], None] | None = None
+    #: A file blksnap made for the source (removed at release), and whether
+    #: it was made immutable (the attribute is cleared at release).
+    made: str | None = None
+    immutable: bool = False
+
+    @property
+    def grows(self) -> bool:
+        """Does it take room from its file system as chunks land?"""
+        return self.kind in ("anonymous", "file")
 
 
 def _make_anonymous(directory: str) -> tuple[int, str]:
@@ -65,6 +94,39 @@ def _make_anonymous(directory: str) -> tuple[int, str]:
     os.unlink(name)
     log.info("no O_TMPFILE in %s: using an unlinked temporary file", directory)
     return fd, directory
+
+
+def fs_room(fd: int) -> int:
+    """Bytes the file system under ``fd`` can still give an unprivileged
+    writer (``f_bavail``); what a growing source can really take."""
+    try:
+        st = os.fstatvfs(fd)
+    except OSError:
+        return 1 << 62
+    return st.f_bavail * st.f_frsize
+
+
+def _close(src: StorageSource) -> None:
+    if src.immutable:
+        set_immutable(src.hold_fd, False)
+    if src.made is not None:
+        try:
+            os.unlink(src.made)
+        except OSError as exc:
+            log.warning("diff storage file %s not removed: %s", src.made, exc)
+    for fd in (src.fd, src.hold_fd):
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def _allocated(fd: int) -> int:
+    try:
+        return os.fstat(fd).st_blocks * 512
+    except OSError:
+        return 0
 
 
 class DiffStorage:
@@ -88,14 +150,11 @@ class DiffStorage:
         self._slots_total = 0
         self._slots_used = 0
         self._next_source = 0
+        #: Device name -> sorted (start, end) byte ranges of it that mapped
+        #: sources use (replaced whole when a source is added: read lock-free).
+        self.on_devices: dict[str, tuple[tuple[int, int], ...]] = {}
 
     # -- sources ------------------------------------------------------------------
-
-    @staticmethod
-    def identity(path: str) -> tuple[int, int] | None:
-        """What makes two paths the same storage (None for a directory)."""
-        st = os.stat(path)
-        return None if stat.S_ISDIR(st.st_mode) else storage_identity(st)
 
     def add(
         self,
@@ -133,21 +192,94 @@ class DiffStorage:
                 os.close(fd)
                 raise
         src = StorageSource(shown, fd, kind, use, ident)
-        src.slots_total = sum(length // self.slot_size for _, length in use)
+        if src.grows:
+            try:
+                self._check_room(src)
+            except BaseException:
+                os.close(fd)
+                raise
+        return self._add_source(src, path)
+
+    def add_mapped(
+        self,
+        path: str,
+        fd: int,
+        ranges: Sequence[tuple[int, int]],
+        *,
+        device: str,
+        hold_fd: int,
+        on_write: Callable[[int, int], None] | None = None,
+        made: str | None = None,
+        guard: bool = False,
+    ) -> StorageSource:
+        """Add byte ``ranges`` of a served device's backing store (``fd``, a
+        descriptor of its own) as a source. ``hold_fd`` is the file those
+        ranges are the extents of: closed with the source (the file removed
+        if blksnap ``made`` it). ``guard``: make it immutable now (else at
+        :meth:`guard`). Owns the descriptors, also on failure."""
+        st = os.fstat(hold_fd)
+        src = StorageSource(
+            os.path.abspath(path),
+            fd,
+            "mapped",
+            sorted(ranges),
+            storage_identity(st),
+            device=device,
+            hold_fd=hold_fd,
+            on_write=on_write,
+            made=made,
+        )
+        self._add_source(src, path)
+        if guard:
+            self.guard()
+        return src
+
+    def guard(self) -> None:
+        """Make the files of mapped sources immutable (cleared at release)."""
+        with self._lock:
+            todo = [s for s in self.sources if s.kind == "mapped" and not s.immutable]
+            for src in todo:
+                src.immutable = set_immutable(src.hold_fd, True)
+                if not src.immutable:
+                    log.warning(
+                        "diff storage %s: cannot make it immutable: leave it alone", src.path
+                    )
+
+    def _check_room(self, src: StorageSource) -> None:
+        """A growing source may not promise more than its file system holds."""
+        want = sum(length for _, length in src.ranges)
+        room = fs_room(src.fd) + _allocated(src.fd)
+        if want > room:
+            raise NoSpace(
+                f"diff storage {src.path}: {format_size(want)} asked for, but its file "
+                f"system can hold only {format_size(room)} more: give a smaller limit "
+                "(-l), or storage on a larger file system"
+            )
+
+    def _add_source(self, src: StorageSource, path: str) -> StorageSource:
+        """Put ``src`` in service; on failure its descriptors are closed."""
+        src.slots_total = sum(length // self.slot_size for _, length in src.ranges)
         if src.slots_total == 0:
-            os.close(fd)
+            _close(src)
             raise InvalidArgument(
                 f"diff storage {path} has room for no chunk of {self.slot_size} bytes"
             )
         with self._lock:
             if self._released:
-                os.close(fd)
+                _close(src)
                 raise InvalidArgument("diff storage already released")
             self.sources.append(src)
             self._slots_total += src.slots_total
-            if self._free_locked() >= self._threshold_locked():
+            if src.device is not None:
+                ranges = {
+                    *self.on_devices.get(src.device, ()),
+                    *((o, o + n) for o, n in src.ranges),
+                }
+                self.on_devices = {**self.on_devices, src.device: tuple(sorted(ranges))}
+            free = self._usable_free_locked()
+            if free >= self._threshold_locked(free):
                 self._low_space_sent = False
-        log.info("diff storage: added %s %s, %d chunk slots", kind, shown, src.slots_total)
+        log.info("diff storage: added %s %s, %d chunk slots", src.kind, src.path, src.slots_total)
         return src
 
     @staticmethod
@@ -192,14 +324,39 @@ class DiffStorage:
 
     @property
     def free(self) -> int:
+        """Bytes that can still be stored: free slots, of growing sources
+        only as many as their file systems can still hold."""
         with self._lock:
-            return self._free_locked()
+            return self._usable_free_locked()
 
     def _free_locked(self) -> int:
         return (self._slots_total - self._slots_used) * self.slot_size
 
-    def _threshold_locked(self) -> int:
-        cap = self._slots_total * self.slot_size
+    def _usable_free_locked(self) -> int:
+        """Free slots, those of growing sources capped by ``statvfs`` of their
+        file system (one cap for all the sources on one file system)."""
+        fixed = 0
+        by_fs: dict[int, list[int]] = {}  # st_dev -> [slot bytes free, room]
+        for src in self.sources[self._next_source :]:
+            left = (src.slots_total - src.slots_used) * self.slot_size
+            if not left:
+                continue
+            if not src.grows:
+                fixed += left
+                continue
+            # Room: what the file system can give, plus blocks the file
+            # already holds beyond the slots in use (a preallocated file).
+            room = fs_room(src.fd) + max(0, _allocated(src.fd) - src.slots_used * self.slot_size)
+            acc = by_fs.setdefault(src.identity[0], [0, 0])
+            acc[0] += left
+            acc[1] = max(acc[1], room)
+        return fixed + sum(min(left, room) for left, room in by_fs.values())
+
+    def _threshold_locked(self, free: int | None = None) -> int:
+        """The low-water mark, against what can really be stored."""
+        if free is None:
+            free = self._usable_free_locked()
+        cap = self._slots_used * self.slot_size + free
         return min(self.params.low_free_space_bytes, int(cap * self.params.low_free_space_fraction))
 
     def alloc(self) -> int:
@@ -241,9 +398,11 @@ class DiffStorage:
         return out
 
     def _low_space_event_locked(self, unmet: int) -> dict[str, int] | None:
-        free = self._free_locked()
-        threshold = self._threshold_locked()
-        if (free >= threshold and not unmet) or self._low_space_sent:
+        if self._low_space_sent:
+            return None
+        free = self._usable_free_locked()
+        threshold = self._threshold_locked(free)
+        if free >= threshold and not unmet:
             return None
         self._low_space_sent = True
         return {
@@ -263,6 +422,12 @@ class DiffStorage:
             pwrite_full(src.fd, base + offset, data)
         except OSError as exc:
             raise from_oserror(exc, f"diff storage {src.path}") from None
+        if src.on_write is not None:
+            src.on_write(base + offset, len(data))
+
+    def devices_used(self) -> set[str]:
+        """Served devices whose backing stores hold mapped sources."""
+        return set(self.on_devices)
 
     def read(self, location: int, length: int, offset: int = 0) -> bytes:
         src, base = self._where(location)
@@ -279,10 +444,7 @@ class DiffStorage:
             self._released = True
             sources = list(self.sources)
         for src in sources:
-            try:
-                os.close(src.fd)
-            except OSError:
-                pass
+            _close(src)
         log.info("diff storage released (%d source(s))", len(sources))
 
     def describe(self) -> list[dict[str, object]]:

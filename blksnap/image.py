@@ -59,6 +59,49 @@ class Image:
             self.reads += 1
         return data
 
+    def allocation(self, offset: int, length: int, limit: int = 0) -> list[tuple[int, int, bool]]:
+        """Allocation of the image at ``offset``..``offset+length``: runs
+        ``(offset, length, is_hole)``, as :meth:`BackingStore.extents`. A
+        chunk in diff storage is data; one still on the device is what the
+        device's backing store says, which is the device at take: a write
+        after take stores the chunk first. (The backing store is asked
+        first and the chunks after, so a chunk found unstored was not
+        written while it was asked.) With ``limit``, at most that many runs,
+        covering a prefix of the range."""
+        self._check(offset, length, write=False)
+        if length == 0:
+            return []
+        diff_area = self.diff_area
+        self._gate.enter()
+        try:
+            diff_area.check()
+            device = diff_area.device.backing.extents(offset, length, limit)
+            stored = diff_area.stored_runs(offset, length)
+            diff_area.check()
+        finally:
+            self._gate.leave()
+        out: list[tuple[int, int, bool]] = []
+        covered = device[-1][0] + device[-1][1]
+        pos = offset
+        i = j = 0
+        while pos < covered:
+            d_off, d_len, d_hole = device[i]
+            s_off, s_len, s_stored = stored[j]
+            stop = min(d_off + d_len, s_off + s_len)
+            hole = d_hole and not s_stored
+            if out and out[-1][2] == hole:
+                out[-1] = (out[-1][0], stop - out[-1][0], hole)
+            elif limit and len(out) >= limit:
+                break
+            else:
+                out.append((pos, stop - pos, hole))
+            pos = stop
+            if pos >= d_off + d_len:
+                i += 1
+            if pos >= s_off + s_len:
+                j += 1
+        return out
+
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         self._check(offset, len(data), write=True)
         self._gate.enter()

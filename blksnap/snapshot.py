@@ -101,7 +101,11 @@ class Snapshot:
         if self.state != CREATED:
             raise AlreadyDone(f"snapshot {self.id} is {self.state}, not {CREATED}")
         if not self.storage.sources:
-            raise InvalidArgument(f"snapshot {self.id} has no diff storage")
+            # Nothing changed: the snapshot stays created, storage can still be added.
+            raise InvalidArgument(
+                f"snapshot {self.id}: no diff storage: add some with "
+                f"blksnap snapshot appendstorage -i {self.id} -f PATH [-l SIZE]"
+            )
         ordered = sorted(self.members.values(), key=lambda m: m.device.name)
         frozen: list[SnapshotDevice] = []
         try:

@@ -23,7 +23,7 @@ import pytest
 import blksnap
 from blksnap.units import KiB, MiB
 
-DEV_SIZE = 4 * MiB + 1000  # a partial last block and chunk
+DEV_SIZE = 4 * MiB + 1024  # a partial last block and chunk (whole sectors)
 
 
 @dataclass

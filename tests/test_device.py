@@ -142,3 +142,63 @@ def test_removed_device_refuses_io_with_enodev(engine, make_file):
             call()
         assert info.value.errno == errno.ENODEV
     assert file_bytes(path)[:4] == b"kept"
+
+
+@pytest.mark.parametrize(
+    ("kind", "why"),
+    [
+        ("empty", "size 0"),
+        ("odd", "not a multiple of 512"),
+        ("tiny", "not a multiple of 512"),
+        ("/proc/self/status", "pseudo file system"),
+        ("/proc/cpuinfo", "pseudo file system"),
+        ("/sys/kernel/mm/transparent_hugepage/enabled", "pseudo file system"),
+        ("/dev/null", "regular file"),
+        ("/dev/zero", "regular file"),
+        ("fifo", "regular file"),
+        ("dir", "regular file"),
+    ],
+)
+def test_add_device_refuses_what_is_no_disk(engine, make_file, tmp_path, kind, why):
+    """Size 0, sizes that are not whole sectors, /proc pseudo-files, character
+    devices, FIFOs and directories: EINVAL saying why, and nothing served."""
+    if kind == "empty":
+        path = make_file(0)
+    elif kind == "odd":
+        path = make_file((1 << 20) + 100)
+    elif kind == "tiny":
+        path = make_file(1)
+    elif kind == "fifo":
+        path = str(tmp_path / "fifo")
+        os.mkfifo(path)
+    elif kind == "dir":
+        path = str(tmp_path)
+    else:
+        path = kind
+        if not os.path.exists(path):
+            pytest.skip(f"no {path} here")
+    fds = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(blksnap.BlksnapError) as info:
+        engine.add_device(path, name="d0")
+    assert info.value.errno == errno.EINVAL, info.value
+    assert why in info.value.message and path in info.value.message, info.value.message
+    assert engine.devices() == []
+    assert len(os.listdir("/proc/self/fd")) == fds  # nothing left open
+    if kind in ("empty", "odd", "tiny"):
+        assert os.path.getsize(path) in (0, (1 << 20) + 100, 1)  # untouched
+    # The name is still free for a proper disk.
+    assert engine.add_device(make_file(1 << 20), name="d0").size == 1 << 20
+
+
+def test_backing_store_says_what_the_path_is(tmp_path):
+    from blksnap.device import BackingStore
+
+    os.mkfifo(tmp_path / "fifo")
+    for path, what in (
+        ("/dev/null", "is a character device"),
+        (str(tmp_path / "fifo"), "is a FIFO"),
+        (str(tmp_path), "is a directory"),
+    ):
+        with pytest.raises(blksnap.BlksnapError) as info:
+            BackingStore(path)
+        assert info.value.errno == errno.EINVAL and what in info.value.message, info.value

@@ -187,18 +187,42 @@ def small_tmpfs(path, size: str):
         subprocess.run(["umount", "-l", str(path)], check=False)
 
 
-def test_file_system_full_is_enospc_from_the_storage(engine, make_file, tmp_path):
-    """The storage's own file system fills up (a real 1 MiB tmpfs) long
-    before the limit: corrupted with the file system's ENOSPC."""
+def test_limit_beyond_the_file_system_is_refused(engine, make_file, tmp_path):
+    """A limit larger than the storage's file system can hold (64 MiB on a
+    real 1 MiB tmpfs) is refused at create with ENOSPC, and nothing changes."""
+    _root_or_skip()
+    engine.add_device(make_file(8 * MiB), name="d0")
+    with small_tmpfs(tmp_path / "tiny", "1m") as tiny:
+        with pytest.raises(blksnap.BlksnapError) as exc:
+            engine.snapshot_create(["d0"], storage=tiny, limit=64 * MiB)
+        assert exc.value.errno == errno.ENOSPC
+        assert "can hold only" in exc.value.message
+        assert engine.snapshot_collect() == []
+        assert engine.filters("d0") == []
+        assert os.listdir(tiny) == []
+
+
+def test_file_system_filling_up_sends_low_free_space_first(engine, make_file, tmp_path):
+    """The storage's file system fills up (another file takes most of a real
+    4 MiB tmpfs) long before the limit: free space counts statvfs, so
+    ``low_free_space`` comes first, while there is room to act; then the
+    file system's ENOSPC corrupts the snapshot and the device goes on."""
     _root_or_skip()
     dev = engine.add_device(make_file(8 * MiB), name="d0")
-    with small_tmpfs(tmp_path / "tiny", "1m") as tiny:
-        sid = engine.snapshot_create(["d0"], storage=tiny, limit=64 * MiB)
+    with small_tmpfs(tmp_path / "tiny", "4m") as tiny:
+        sid = engine.snapshot_create(["d0"], storage=tiny, limit=3 * MiB)
+        with open(os.path.join(tiny, "other"), "wb") as f:
+            f.write(os.urandom(3 * MiB))  # someone else takes the room
         engine.snapshot_take(sid)
         data = os.urandom(8 * MiB)
-        dev.write(0, data)
-        codes = [e.code for e in drain_events(engine, sid)]
-        assert codes == [NO_SPACE, CORRUPTED]
+        for off in range(0, len(data), MiB):
+            dev.write(off, data[off : off + MiB])
+        events = drain_events(engine, sid)
+        codes = [e.code for e in events]
+        assert codes == [LOW_FREE_SPACE, NO_SPACE, CORRUPTED]
+        low = events[0].data
+        # Slots alone would have said 3 MiB free: the file system held ~1 MiB.
+        assert low["free"] <= 1 * MiB, low
         [snap] = engine.snapshot_collect()
         assert snap["error"] == "ENOSPC"
         assert dev.read(0, 8 * MiB) == data

@@ -355,3 +355,91 @@ def test_slow_reads_go_to_the_worker_pool(served, monkeypatch):
             assert c.read(i * 4096, 4096) == content[i * 4096 : (i + 1) * 4096]
         assert readers[-1].startswith("blksnap-nbd-conn-")  # quick again: back to the reader
         c.disconnect()
+
+
+# -- TRIM, WRITE_ZEROES and base:allocation ---------------------------------------------
+
+
+def test_trim_and_write_zeroes_deallocate_and_allocation_reports_holes(
+    engine, make_file, storage_dir, tmp_path
+):
+    """On a device export TRIM punches holes in the backing file, and so
+    does WRITE_ZEROES unless NO_HOLE; base:allocation reports the backing
+    file's holes (HOLE|ZERO = 3) on the device and, on the image, holes for
+    chunks still on the device that were holes at take and data for chunks
+    copied to diff storage."""
+    size = 8 * MiB
+    content = os.urandom(4 * MiB)  # data in the first half, a hole after
+    path = make_file(size, "a.img", content)
+    engine.add_device(path, name="a")
+    s = Served(engine, str(tmp_path / "nbd.sock"))
+    hole = nbd.STATE_HOLE | nbd.STATE_ZERO
+    try:
+        with RawNbd(s.sock) as c:
+            c.open("a", meta=[CTX_ALLOCATION])
+            assert c.flags & nbd.FLAG_SEND_TRIM and c.flags & nbd.FLAG_SEND_WRITE_ZEROES
+            assert c.block_status(0, size) == {1: [(4 * MiB, 0), (4 * MiB, hole)]}
+            assert c.block_status(0, size, flags=nbd.CMD_FLAG_REQ_ONE) == {1: [(4 * MiB, 0)]}
+            blocks = os.stat(path).st_blocks
+            assert c.call("TRIM", 1 * MiB, 1 * MiB).error == "OK"
+            assert os.stat(path).st_blocks <= blocks - MiB // 512
+            blocks = os.stat(path).st_blocks
+            r = c.call("WRITE_ZEROES", 2 * MiB, 1 * MiB, flags=nbd.CMD_FLAG_NO_HOLE)
+            assert r.error == "OK"
+            assert os.stat(path).st_blocks == blocks  # NO_HOLE: stays allocated
+            assert c.call("WRITE_ZEROES", 3 * MiB, 1 * MiB).error == "OK"
+            assert os.stat(path).st_blocks <= blocks - MiB // 512
+            assert c.read(MiB, 3 * MiB) == bytes(3 * MiB)
+            assert c.read(0, MiB) == content[:MiB]
+            ext = c.block_status(0, size)[1]
+            assert ext[0] == (MiB, 0) and ext[1] == (MiB, hole) and ext[-1][1] == hole
+            assert sum(n for n, _ in ext) == size
+            assert c.block_status(MiB + 5, 100) == {1: [(100, hole)]}
+            c.disconnect()
+        sid = engine.snapshot_create(["a"], storage=storage_dir, limit=16 * MiB)
+        engine.snapshot_take(sid)
+        cs = engine.image(sid, "a").diff_area.chunk_size
+        dev = engine.device("a")
+        dev.write(6 * MiB, b"x" * cs)  # a hole chunk copied: data in the image
+        with RawNbd(s.sock) as c:
+            c.open(f"{sid}/a", meta=[CTX_ALLOCATION])
+            assert c.block_status(5 * MiB, 2 * MiB) == {1: [(MiB, hole), (cs, 0), (MiB - cs, hole)]}
+            assert c.block_status(MiB, MiB) == {1: [(MiB, hole)]}
+            c.disconnect()
+        engine.snapshot_destroy(sid)
+    finally:
+        s.close()
+
+
+class _Pattern(blksnap.Filter):
+    """Serves every read itself (0xAB bytes): the backing store's holes are
+    not what a client reads."""
+
+    name = "pattern"
+    altitude = 50
+
+    def submit(self, bio):
+        if bio.op == blksnap.Op.READ:
+            bio.result = b"\xab" * bio.length
+            return blksnap.FilterResult.SKIP
+        return blksnap.FilterResult.PASS
+
+
+def test_allocation_is_all_data_under_a_filter_that_serves_reads(engine, make_file, tmp_path):
+    engine.add_device(make_file(4 * MiB, "p.img"), name="p")  # all hole
+    engine.register_filter(_Pattern)
+    engine.attach("p", "pattern")
+    s = Served(engine, str(tmp_path / "nbd.sock"))
+    try:
+        with RawNbd(s.sock) as c:
+            c.open("p", meta=[CTX_ALLOCATION])
+            assert c.read(0, 4096) == b"\xab" * 4096
+            assert c.block_status(0, 4 * MiB) == {1: [(4 * MiB, 0)]}
+            c.disconnect()
+        engine.detach("p", "pattern")
+        with RawNbd(s.sock) as c:
+            c.open("p", meta=[CTX_ALLOCATION])
+            assert c.block_status(0, 4 * MiB) == {1: [(4 * MiB, nbd.STATE_HOLE | nbd.STATE_ZERO)]}
+            c.disconnect()
+    finally:
+        s.close()

@@ -24,8 +24,15 @@ nothing has to tell the server when devices or snapshots come and go:
   ``NBD_ESHUTDOWN`` on every request after that (the protocol's word for
   "this export is going away": the client is to disconnect).
 
-Meta contexts: ``base:allocation`` (everything is allocated data: flags 0)
-and ``qemu:dirty-bitmap:blksnap`` (bit 0 ``NBD_STATE_DIRTY``), at CBT block
+``TRIM`` deallocates (a hole punched in a file backing store, BLKZEROOUT
+on a block device); ``WRITE_ZEROES`` may too unless the client says
+``NO_HOLE``. On an image, ``TRIM`` is a hint it ignores and ``WRITE_ZEROES``
+writes zeros into the image's copies of the chunks.
+
+Meta contexts: ``base:allocation`` (holes of the backing store, which read
+as zeros: ``NBD_STATE_HOLE | NBD_STATE_ZERO``; on an image, chunks still on
+the device are as the device's backing store says, chunks in diff storage
+are data) and ``qemu:dirty-bitmap:blksnap`` (bit 0 ``NBD_STATE_DIRTY``), at CBT block
 granularity, runs merged, clipped to the request:
 
 * on an image taken at take *k*: the blocks whose frozen CBT number (read
@@ -257,6 +264,12 @@ _ZERO_PIECE = 1 * MiB
 
 CTX_ALLOCATION = "base:allocation"
 CTX_DIRTY = "qemu:dirty-bitmap:blksnap"
+#: Filters under which a device reads what its backing store holds (they
+#: watch writes, or fail or delay requests, but never serve reads from
+#: elsewhere): only with these attached does ``base:allocation`` on a
+#: device export report the backing store's holes. A filter that may serve
+#: reads itself (migrate, an instant restore) makes it report all data.
+BACKING_READ_FILTERS = frozenset(("blksnap",))
 #: Context ids given out by NBD_OPT_SET_META_CONTEXT (fixed: they are opaque
 #: to clients, and unique per context is all the protocol asks).
 CONTEXT_IDS = {CTX_ALLOCATION: 1, CTX_DIRTY: 2}
@@ -586,8 +599,20 @@ class Export:
     def trim(self, offset: int, length: int, fua: bool) -> None:
         raise NotImplementedError
 
-    def write_zeroes(self, offset: int, length: int, fua: bool) -> None:
+    def write_zeroes(self, offset: int, length: int, fua: bool, unmap: bool) -> None:
+        """Zeros; ``unmap`` unless the client said ``NBD_CMD_FLAG_NO_HOLE``."""
         raise NotImplementedError
+
+    def allocation(self, offset: int, length: int, limit: int) -> list[tuple[int, int]]:
+        """``base:allocation`` extents (length, flags) of a prefix of
+        ``offset``..``offset+length``, at most ``limit``: holes read as
+        zeros (``NBD_STATE_HOLE | NBD_STATE_ZERO``), data is flags 0."""
+        return [(length, 0)]
+
+    @staticmethod
+    def _state_extents(runs: list[tuple[int, int, bool]]) -> list[tuple[int, int]]:
+        hole = STATE_HOLE | STATE_ZERO
+        return [(n, hole if is_hole else 0) for _off, n, is_hole in runs]
 
     def dirty_mask(self, offset: int, end: int) -> tuple[np.ndarray, int, int]:
         """Dirty flags of the CBT blocks under ``offset``..``end``: the flags,
@@ -637,10 +662,17 @@ class DeviceExport(Export):
         if fua:
             self.dev.flush()
 
-    def write_zeroes(self, offset: int, length: int, fua: bool) -> None:
-        self.dev.write_zeroes(offset, length)
+    def write_zeroes(self, offset: int, length: int, fua: bool, unmap: bool) -> None:
+        self.dev.write_zeroes(offset, length, unmap=unmap)
         if fua:
             self.dev.flush()
+
+    def allocation(self, offset: int, length: int, limit: int) -> list[tuple[int, int]]:
+        # A hole of the backing store reads as zeros only if no filter serves
+        # reads from elsewhere (a redirect, a hydration): else say data.
+        if any(flt.name not in BACKING_READ_FILTERS for flt in self.dev.filters):
+            return [(length, 0)]
+        return self._state_extents(self.dev.backing.extents(offset, length, limit))
 
     def dirty_mask(self, offset: int, end: int) -> tuple[np.ndarray, int, int]:
         trk = self._tracker()
@@ -694,7 +726,7 @@ class ImageExport(Export):
         """A hint the image may ignore: its chunks stay as they are."""
         self.img.flush()
 
-    def write_zeroes(self, offset: int, length: int, fua: bool) -> None:
+    def write_zeroes(self, offset: int, length: int, fua: bool, unmap: bool) -> None:
         zero = bytes(min(length, _ZERO_PIECE))
         end = offset + length
         while offset < end:
@@ -703,6 +735,9 @@ class ImageExport(Export):
             offset += n
         if fua:
             self.img.flush()
+
+    def allocation(self, offset: int, length: int, limit: int) -> list[tuple[int, int]]:
+        return self._state_extents(self.img.allocation(offset, length, limit))
 
     def dirty_mask(self, offset: int, end: int) -> tuple[np.ndarray, int, int]:
         cbt = self.img.cbt
@@ -1807,7 +1842,8 @@ class NbdServer:
                     export.trim(offset, length, fua)
             elif cmd == CMD_WRITE_ZEROES:
                 if length:
-                    export.write_zeroes(offset, length, fua)
+                    unmap = not req.flags & CMD_FLAG_NO_HOLE
+                    export.write_zeroes(offset, length, fua, unmap)
             elif cmd == CMD_BLOCK_STATUS:
                 req_one = bool(req.flags & CMD_FLAG_REQ_ONE)
                 chunks = self._block_status(export, conn.meta, offset, length, req_one)
@@ -1841,7 +1877,7 @@ class NbdServer:
         out: list[tuple[int, list[tuple[int, int]]]] = []
         for ctx_id, ctx in sorted(meta.items()):
             if ctx == CTX_ALLOCATION:
-                extents = [(length, 0)]
+                extents = export.allocation(offset, length, 1 if req_one else MAX_EXTENTS)
             else:
                 mask, first, shift = export.dirty_mask(offset, end)
                 blocks = ((end - 1) >> shift) - first + 1
