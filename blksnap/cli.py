@@ -7,10 +7,12 @@ as ``{"error": "EBUSY", "message": ...}`` on stderr). Exit status: 0 done,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -18,7 +20,7 @@ from typing import Any
 
 from . import __version__
 from .client import Client, default_socket
-from .errors import BlksnapError, InvalidArgument, error
+from .errors import BlksnapError, InvalidArgument, error, from_oserror
 from .units import SECTOR_SHIFT, format_size, parse_sector_range, parse_size
 
 EPILOG = """\
@@ -49,11 +51,77 @@ def _sizearg(text: str) -> int:
         raise argparse.ArgumentTypeError(exc.message) from None
 
 
+TIMEOUT_HELP = (
+    "seconds to wait for each answer of blksnapd (env BLKSNAP_TIMEOUT; 0: no limit; "
+    "default 30, 300 for snapshot take, backup, daemon stop and device add --loop)"
+)
+
+
+def _secondsarg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"not a number of seconds >= 0: {text!r}")
+    return value
+
+
 def _rangearg(text: str) -> tuple[int, int]:
     try:
         return parse_sector_range(text)
     except BlksnapError as exc:
         raise argparse.ArgumentTypeError(exc.message) from None
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line naming EINVAL (JSON on stderr with --json), exit 2."""
+
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        if _JSON_ARGV[0]:
+            print(
+                json.dumps({"error": "EINVAL", "errno": errno.EINVAL, "message": message}),
+                file=sys.stderr,
+            )
+        else:
+            print(
+                f"{self.prog}: EINVAL: {message} (see '{self.prog} --help')",
+                file=sys.stderr,
+            )
+        self.exit(2)
+
+
+#: Whether the argv being parsed asks for --json (set by main before parsing).
+_JSON_ARGV = [False]
+
+
+def _negative_ranges(argv: list[str]) -> list[str]:
+    """``-r -5:8``: argparse takes ``-5:8`` for an option and says only "expected
+    at least one argument". Hand such values to ``-r`` itself (``--range=-5:8``)
+    so that its check says what is wrong with them."""
+
+    def negative(tok: str) -> bool:
+        return len(tok) > 1 and tok[0] == "-" and (tok[1].isdigit() or tok[1] == ":")
+
+    out: list[str] = []
+    in_range = False
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        i += 1
+        if tok == "--":
+            out += argv[i - 1 :]
+            break
+        if tok in ("-r", "--range") and i < len(argv) and negative(argv[i]):
+            out.append(f"--range={argv[i]}")
+            i += 1
+            in_range = True
+        elif in_range and negative(tok):
+            out.append(f"--range={tok}")
+        else:
+            in_range = tok in ("-r", "--range") or (in_range and not tok.startswith("-"))
+            out.append(tok)
+    return out
 
 
 def _optarg(text: str) -> tuple[str, str]:
@@ -79,14 +147,23 @@ def _add_ranges(parser: argparse.ArgumentParser, help: str, required: bool = Fal
 
 
 def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
+    base = _Parser(add_help=False)
+    base.add_argument(
         "--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output"
     )
-    common.add_argument(
+    base.add_argument(
         "--socket", default=argparse.SUPPRESS, help="blksnapd control socket (env BLKSNAP_SOCKET)"
     )
-    p = argparse.ArgumentParser(
+    common = _Parser(add_help=False, parents=[base])
+    common.add_argument(
+        "--timeout",
+        dest="call_timeout",
+        type=_secondsarg,
+        default=argparse.SUPPRESS,
+        metavar="SECONDS",
+        help=TIMEOUT_HELP,
+    )
+    p = _Parser(
         prog="blksnap",
         description="Consistent snapshots of live block devices, with change-block tracking "
         "for incremental backups. Talks to the blksnapd daemon.",
@@ -95,10 +172,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--socket", default=None, help="blksnapd control socket (env BLKSNAP_SOCKET)")
+    p.add_argument(
+        "--timeout",
+        dest="call_timeout",
+        type=_secondsarg,
+        default=None,
+        metavar="SECONDS",
+        help=TIMEOUT_HELP,
+    )
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     def cmd(parent: Any, name: str, help: str, **kw: Any) -> argparse.ArgumentParser:
-        return parent.add_parser(name, help=help, description=help, parents=[common], **kw)
+        parents = kw.pop("parents", [common])
+        return parent.add_parser(name, help=help, description=help, parents=parents, **kw)
 
     # daemon
     d = cmd(sub, "daemon", "start, stop or ask the blksnapd daemon")
@@ -119,10 +205,24 @@ def _parser() -> argparse.ArgumentParser:
     start.add_argument(
         "--nbd-writable-images", action="store_true", help="export snapshot images read-write"
     )
-    cmd(
-        dsub, "stop", "stop blksnapd cleanly: snapshots destroyed, loop devices detached, unmounted"
+    stop = cmd(
+        dsub,
+        "stop",
+        "stop blksnapd cleanly: snapshots destroyed, loop devices detached, unmounted; "
+        "refused (EBUSY, with the list) while file systems are mounted on its loop devices "
+        "or its files are open",
     )
-    cmd(dsub, "status", "is blksnapd up, and what does it serve")
+    stop.add_argument(
+        "--force",
+        action="store_true",
+        help="stop anyway: loop devices under mounted file systems go away (their I/O fails)",
+    )
+    cmd(
+        dsub,
+        "status",
+        "is blksnapd up and healthy (FUSE data path answering, no backing store errors), "
+        "and what does it serve",
+    )
 
     cmd(sub, "version", "versions of this CLI and of the daemon")
 
@@ -161,7 +261,16 @@ def _parser() -> argparse.ArgumentParser:
     # snapshots
     sn = cmd(sub, "snapshot", "create, take, watch and destroy snapshots")
     ssub = sn.add_subparsers(dest="action", metavar="ACTION", required=True)
-    cr = cmd(ssub, "create", "a snapshot of one or more devices; prints its id")
+    cr = cmd(
+        ssub,
+        "create",
+        "a snapshot of one or more devices; prints its id",
+        epilog="Diff storage is given here with -f (and -l), or afterwards in two steps, "
+        "as with the kernel module's tool: 'blksnap snapshot create -d N' (no -f), then "
+        "'blksnap snapshot appendstorage -i ID -f PATH -l SIZE' (as often as needed), then "
+        "'blksnap snapshot take -i ID'. A take without any diff storage is refused "
+        "(EINVAL) and leaves the snapshot as it was.",
+    )
     cr.add_argument("-d", "--device", dest="devices", nargs="+", action="extend", required=True)
     cr.add_argument(
         "-f", "--storage", help="diff storage: a directory, a regular file or a block device"
@@ -180,7 +289,9 @@ def _parser() -> argparse.ArgumentParser:
     si.add_argument("-d", "--device", required=True)
     co = cmd(ssub, "collect", "snapshots, their devices, images and state")
     co.add_argument("-i", "--id")
-    we = cmd(ssub, "waitevent", "wait for the next event of a snapshot")
+    # Its -t/--timeout is the wait in milliseconds, as in the kernel module's
+    # tool; the global --timeout goes before the command here.
+    we = cmd(ssub, "waitevent", "wait for the next event of a snapshot", parents=[base])
     we.add_argument("-i", "--id", required=True)
     we.add_argument("-t", "--timeout", type=int, default=1000, help="milliseconds (default 1000)")
     wa = cmd(ssub, "watch", "follow a snapshot's events until it ends; optionally grow its storage")
@@ -190,8 +301,14 @@ def _parser() -> argparse.ArgumentParser:
         "--step", type=_sizearg, default=None, help="storage added each time (default 1G)"
     )
     wa.add_argument("--max", type=_sizearg, default=None, help="most storage to add in all")
-    ds = cmd(ssub, "destroy", "release a snapshot; its images vanish")
+    ds = cmd(
+        ssub,
+        "destroy",
+        "release a snapshot; its images vanish (refused with EBUSY while an image is "
+        "mounted or open)",
+    )
     ds.add_argument("-i", "--id", required=True)
+    ds.add_argument("--force", action="store_true", help="destroy even while its images are in use")
 
     # backup application
     bk = cmd(
@@ -247,11 +364,35 @@ def _parser() -> argparse.ArgumentParser:
     bl = cmd(sub, "backups", "the backups in a repository (or one backup's devices)")
     bl.add_argument("--repo", required=True)
     bl.add_argument("--backup", "-b", help="show this backup's devices ('latest' works too)")
-    rs = cmd(sub, "restore", "rebuild a device as of a backup (its whole chain) into PATH")
+    rs = cmd(
+        sub,
+        "restore",
+        "rebuild a device as of a backup (its whole chain) into PATH",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="""\
+PATH in use is refused with EBUSY, --force or not: a file some process holds
+open (blksnapd holds the backing files it serves), a file a loop device is
+attached to, a file of blksnapd's FUSE mount, a block device that is mounted,
+held (device-mapper, md), has a mounted or held partition, or cannot be opened
+exclusively. Unmount or remove the device first.
+
+An existing file of non-zero size, or any block device, is overwritten only
+with --force (else EEXIST). A file is written to a temporary file
+.NAME.blksnap-restore-XXXX beside it and renamed over PATH only once complete:
+a restore that fails or is interrupted leaves PATH as it was (after a SIGKILL
+the temporary may remain; remove it by hand). On a block device the first
+64 KiB are zeroed first and written last: a half-restored device shows no file
+system signature.""",
+    )
     rs.add_argument("--repo", required=True)
     rs.add_argument("--backup", "-b", required=True, help="backup id, or 'latest'")
     rs.add_argument("-d", "--device", required=True)
     rs.add_argument("--to", required=True, metavar="PATH", help="a file, or a block device")
+    rs.add_argument(
+        "--force",
+        action="store_true",
+        help="overwrite an existing non-empty file or a block device (never one in use)",
+    )
     rs.add_argument("--no-progress", action="store_true", help="no progress bar")
     vf = cmd(sub, "verify", "check every checksum of a repository (or of one backup)")
     vf.add_argument("--repo", required=True)
@@ -318,8 +459,10 @@ def daemon_start(args: argparse.Namespace, client: Client, out: Out) -> int:
             {"running": True, "started": False, **st}, f"blksnapd already running (pid {st['pid']})"
         )
         return 0
-    except BlksnapError:
+    except BlksnapError as exc:
         client.close()
+        if exc.errno == errno.ETIMEDOUT:
+            raise  # something holds the socket but does not answer: not a second daemon
     state_dir = args.state_dir or "/var/lib/blksnap"
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
     logfile = args.log or os.path.join(state_dir, "blksnapd.log")
@@ -367,7 +510,7 @@ def _alive(pid: int) -> bool:
 
 
 def daemon_stop(args: argparse.Namespace, client: Client, out: Out) -> int:
-    reply = client.stop()
+    reply = client.stop(force=args.force)
     client.close()
     pid = reply["pid"]
     deadline = time.monotonic() + 60
@@ -381,9 +524,13 @@ def daemon_stop(args: argparse.Namespace, client: Client, out: Out) -> int:
 
 def daemon_status(args: argparse.Namespace, client: Client, out: Out) -> int:
     st = client.status()
+    healthy = st.get("healthy", True)
+    problems = st.get("problems") or []
+    health = "healthy" if healthy else "NOT HEALTHY:\n" + "\n".join(f"  - {p}" for p in problems)
     out.emit(
         {"running": True, **st},
-        f"blksnapd {st['version']} running, pid {st['pid']}, up {st['uptime']:.0f} s\n"
+        f"blksnapd {st['version']} running, pid {st['pid']}, up {st['uptime']:.0f} s, "
+        f"{health}\n"
         f"  socket {st['socket']}\n  mount  {st['mount']}\n  state  {st['state_dir']}\n"
         f"  {st['devices']} device(s), {st['snapshots']} snapshot(s), loop devices: "
         f"{', '.join(st['loops']) or 'none'}"
@@ -435,6 +582,37 @@ def watch(args: argparse.Namespace, client: Client, out: Out) -> int:
                 f"extended by {format_size(size)} in {args.extend} "
                 f"({format_size(added)} added in all)",
             )
+
+
+def _write_file(path: str, data: bytes) -> None:
+    """``data`` into ``path``: a regular file is replaced whole (written beside
+    it, then renamed); anything else that exists (``/dev/stdout``, a pipe) is
+    written as it is, never replaced."""
+    try:
+        st: os.stat_result | None = os.stat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:
+        raise from_oserror(exc, f"-f {path}") from None
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        try:
+            with open(path, "wb") as f:
+                f.write(data)
+        except OSError as exc:
+            raise from_oserror(exc, f"-f {path}") from None
+        return
+    tmp = f"{path}.tmp{os.getpid()}"
+    made = False
+    try:
+        with open(tmp, "xb") as f:
+            made = True
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError as exc:
+        if made:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        raise from_oserror(exc, f"-f {path}") from None
 
 
 def run(args: argparse.Namespace, client: Client, out: Out) -> int:
@@ -507,11 +685,10 @@ def run(args: argparse.Namespace, client: Client, out: Out) -> int:
         out.emit(info, "\n".join(f"{k}: {v}" for k, v in info.items()))
         return 0
     if c == "readcbtmap":
+        if os.path.isdir(args.file):
+            raise error(errno.EISDIR, f"-f {args.file}: is a directory; name a file")
         data = client.cbt_map(args.device)
-        tmp = args.file + ".tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, args.file)
+        _write_file(args.file, data)
         changed = sum(1 for b in data if b)
         out.emit(
             {"device": args.device, "file": args.file, "block_count": len(data), "marked": changed},
@@ -542,6 +719,13 @@ def snapshot(args: argparse.Namespace, client: Client, out: Out) -> int:
     if a == "create":
         sid = client.snapshot_create(args.devices, args.storage, args.limit, args.ranges)
         out.emit({"id": sid}, sid)
+        if not args.storage:
+            print(
+                f"blksnap: snapshot {sid} has no diff storage yet; add some before "
+                f"'snapshot take' with: blksnap snapshot appendstorage -i {sid} -f PATH "
+                "[-l SIZE]",
+                file=sys.stderr,
+            )
     elif a == "appendstorage":
         r = client.snapshot_append_storage(
             args.id, args.storage, size=args.limit, ranges=args.ranges
@@ -586,38 +770,87 @@ def snapshot(args: argparse.Namespace, client: Client, out: Out) -> int:
     elif a == "watch":
         return watch(args, client, out)
     elif a == "destroy":
-        client.snapshot_destroy(args.id)
+        client.snapshot_destroy(args.id, force=args.force)
         out.emit({"id": args.id, "destroyed": True}, f"destroyed {args.id}")
     return 0
 
 
+#: Seconds to wait for each answer of blksnapd, by command (default 30).
+LONG_TIMEOUT = 300.0
+DEFAULT_TIMEOUT = 30.0
+
+
+def _call_timeout(args: argparse.Namespace, parser: argparse.ArgumentParser) -> float | None:
+    """--timeout, else BLKSNAP_TIMEOUT, else the command's default; None: no limit."""
+    value = getattr(args, "call_timeout", None)
+    if value is None and os.environ.get("BLKSNAP_TIMEOUT"):
+        try:
+            value = _secondsarg(os.environ["BLKSNAP_TIMEOUT"])
+        except argparse.ArgumentTypeError as exc:
+            parser.error(f"BLKSNAP_TIMEOUT: {exc}")
+    if value is None:
+        c, a = args.command, getattr(args, "action", None)
+        slow = {("snapshot", "take"), ("snapshot", "destroy"), ("daemon", "stop")}
+        slow |= {("device", "remove")}
+        if getattr(args, "loop", False):
+            slow.add(("device", "add"))
+        long = c == "backup" or (c, a) in slow
+        value = LONG_TIMEOUT if long else DEFAULT_TIMEOUT
+    return value or None
+
+
+def _fail(exc: BlksnapError, as_json: bool) -> int:
+    """The one line of a failure (a JSON document with --json) on stderr; status 1."""
+    if as_json:
+        print(
+            json.dumps({"error": exc.errname, "errno": exc.errno, "message": exc.message}),
+            file=sys.stderr,
+        )
+    else:
+        print(f"blksnap: {exc}", file=sys.stderr)
+    return 1
+
+
+def _oserror(exc: OSError) -> BlksnapError:
+    where = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
+    return from_oserror(exc, where)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = _negative_ranges(list(sys.argv[1:] if argv is None else argv))
+    _JSON_ARGV[0] = "--json" in argv[: argv.index("--")] if "--" in argv else "--json" in argv
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
     out = Out(bool(args.json))
+    timeout = _call_timeout(args, parser)
     try:
         if args.command == "demo":
             from .demo import run_demo
 
             return run_demo(directory=args.dir, size=args.size, as_json=args.json)
-        with Client(args.socket or default_socket()) as client:
+        with Client(args.socket or default_socket(), timeout=timeout) as client:
             return run(args, client, out)
     except BlksnapError as exc:
-        if args.json:
-            print(
-                json.dumps({"error": exc.errname, "errno": exc.errno, "message": exc.message}),
-                file=sys.stderr,
-            )
-        else:
-            print(f"blksnap: {exc}", file=sys.stderr)
-        return 1
+        return _fail(exc, args.json)
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as exc:  # a file named on the command line, say
+        return _fail(_oserror(exc), args.json)
+    except Exception as exc:  # a bug: one line, the traceback only when asked for
+        if os.environ.get("BLKSNAP_DEBUG"):
+            raise
+        return _fail(
+            error(
+                errno.EIO,
+                f"internal error: {exc!r} (BLKSNAP_DEBUG=1 shows the traceback)",
+            ),
+            args.json,
+        )
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -3,6 +3,12 @@
 Synchronous and thread-safe: each thread gets its own connection, so a long
 ``wait_event`` in one thread does not hold up the others. Errors arrive as
 the same :class:`BlksnapError` subclasses, with the daemon's errno.
+
+``timeout`` (seconds, None or 0 = wait forever) bounds every request: from
+connect to the whole reply. A request that gets no answer in time fails with
+``ETIMEDOUT`` and its connection is closed, since a late reply would
+otherwise answer the next request. ``call(..., _timeout=S)`` overrides it
+for one request; ``wait_event`` adds its own wait to it.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import itertools
 import os
 import socket
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -33,18 +40,19 @@ def default_socket() -> str:
 class Client:
     def __init__(self, socket_path: str | None = None, timeout: float | None = None) -> None:
         self.socket_path = socket_path or default_socket()
-        self.timeout = timeout
+        #: Seconds a request may take (None: no limit).
+        self.timeout = timeout or None
         self._local = threading.local()
         self._ids = itertools.count(1)
 
     # -- transport ------------------------------------------------------------------
 
-    def _connect(self) -> socket.socket:
+    def _connect(self, timeout: float | None = None) -> socket.socket:
         sock = getattr(self._local, "sock", None)
         if sock is not None:
             return sock
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
+        sock.settimeout(timeout)
         try:
             sock.connect(self.socket_path)
         except (FileNotFoundError, ConnectionRefusedError) as exc:
@@ -74,17 +82,24 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _recv_exactly(self, sock: socket.socket, n: int) -> bytes:
+    def _recv_exactly(self, sock: socket.socket, n: int, deadline: float | None = None) -> bytes:
         buf = bytearray()
         while len(buf) < n:
+            _settimeout(sock, deadline)
             chunk = sock.recv(min(n - len(buf), 1 << 20))
             if not chunk:
                 raise error(errno.ECONNRESET, "blksnapd closed the connection")
             buf += chunk
         return bytes(buf)
 
-    def call(self, op: str, **args: Any) -> Any:
-        """Send one request; its result, or the daemon's error raised."""
+    def call(self, op: str, _timeout: float | None = -1.0, **args: Any) -> Any:
+        """Send one request; its result, or the daemon's error raised.
+
+        ``_timeout``: seconds for this request (None or 0: no limit), instead
+        of the client's ``timeout``; ``ETIMEDOUT`` when no reply came in time.
+        """
+        timeout = self.timeout if _timeout is not None and _timeout < 0 else (_timeout or None)
+        deadline = None if timeout is None else time.monotonic() + timeout
         req_id = next(self._ids)
         msg = {
             "version": VERSION,
@@ -92,12 +107,21 @@ class Client:
             "op": op,
             "args": {k: v for k, v in args.items() if v is not None},
         }
-        sock = self._connect()
         try:
+            sock = self._connect(timeout)
+        except TimeoutError:
+            self.close()
+            raise self._timed_out(op, req_id, timeout, "accepted no connection") from None
+        try:
+            _settimeout(sock, deadline)
             sock.sendall(encode(msg))
-            (length,) = HEADER.unpack(self._recv_exactly(sock, HEADER.size))
+            (length,) = HEADER.unpack(self._recv_exactly(sock, HEADER.size, deadline))
             check_length(length, MAX_REPLY)
-            reply = decode_body(self._recv_exactly(sock, length))
+            reply = decode_body(self._recv_exactly(sock, length, deadline))
+        except TimeoutError:
+            # A late reply would answer the next request: this connection is done.
+            self.close()
+            raise self._timed_out(op, req_id, timeout, "did not answer") from None
         except (OSError, ProtocolError, BlksnapError) as exc:
             self.close()
             if isinstance(exc, BlksnapError):
@@ -116,6 +140,15 @@ class Client:
         code = reply.get("errno")
         raise error(code if isinstance(code, int) else errno.EIO, str(reply.get("message", "")))
 
+    def _timed_out(self, op: str, req_id: int, timeout: float | None, what: str) -> BlksnapError:
+        return error(
+            errno.ETIMEDOUT,
+            f"blksnapd {what} on {self.socket_path} within {timeout:g} s "
+            f"(request {op!r}, #{req_id}); it may be wedged or very busy: "
+            "check its log and 'blksnap daemon status' (--timeout SECONDS or "
+            "BLKSNAP_TIMEOUT to wait longer, 0 for no limit)",
+        )
+
     # -- operations (the Engine's, by name) ----------------------------------------------
 
     def version(self) -> dict[str, Any]:
@@ -124,8 +157,10 @@ class Client:
     def status(self) -> dict[str, Any]:
         return self.call("daemon.status")
 
-    def stop(self) -> dict[str, Any]:
-        return self.call("daemon.stop")
+    def stop(self, force: bool = False) -> dict[str, Any]:
+        """Stop blksnapd; ``EBUSY`` (listing them) while file systems are
+        mounted on its loop devices or its files are open, unless ``force``."""
+        return self.call("daemon.stop", force=True if force else None)
 
     def add_device(self, path: str, name: str, loop: bool = False) -> dict[str, Any]:
         return self.call("device.add", path=os.path.abspath(path), name=name, loop=loop)
@@ -201,10 +236,25 @@ class Client:
 
     def wait_event(self, sid: str, timeout: float | None = 1.0) -> Event | None:
         ms = 24 * 3600 * 1000 if timeout is None else max(0, int(timeout * 1000))
-        reply = self.call("snapshot.waitevent", id=sid, timeout_ms=ms)
+        # The daemon answers after the wait: the client's timeout is the margin.
+        limit = None if self.timeout is None else self.timeout + ms / 1000.0
+        reply = self.call("snapshot.waitevent", _timeout=limit, id=sid, timeout_ms=ms)
         if reply["event"] == "timeout":
             return None
         return Event(reply["event"], reply.get("data", {}), reply.get("time", 0.0))
 
-    def snapshot_destroy(self, sid: str) -> None:
-        self.call("snapshot.destroy", id=sid)
+    def snapshot_destroy(self, sid: str, force: bool = False) -> None:
+        """Release snapshot ``sid``; ``EBUSY`` while an image is mounted or
+        open (loop device, file handle, NBD client), unless ``force``."""
+        self.call("snapshot.destroy", id=sid, force=True if force else None)
+
+
+def _settimeout(sock: socket.socket, deadline: float | None) -> None:
+    """Let the next socket operation run until ``deadline`` (monotonic) at most."""
+    if deadline is None:
+        sock.settimeout(None)
+        return
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("deadline passed")
+    sock.settimeout(left)

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from . import __version__, loop
+from . import __version__, inuse, loop
 from .engine import Engine
 from .errors import BlksnapError, InvalidArgument, error
 from .protocol import (
@@ -56,6 +56,12 @@ DEFAULT_MOUNT = "/run/blksnap/mnt"
 DEFAULT_STATE_DIR = "/var/lib/blksnap"
 #: Worker threads for engine calls of the control socket.
 CONTROL_THREADS = 8
+#: A handle closed (or a file system unmounted lazily) just before a check is
+#: released by the kernel a moment later: users are looked for again for
+#: this long before a command refuses with EBUSY.
+USERS_GRACE = 1.0
+#: ``daemon status`` gives the FUSE data path this long to answer a stat.
+HEALTH_TIMEOUT = 2.0
 
 
 def sd_notify(message: str) -> None:
@@ -86,11 +92,75 @@ def clear_stale_mount(mountpoint: str) -> None:
                 loop.detach("/dev/" + entry)
             except BlksnapError as exc:
                 log.error("stale loop device /dev/%s: %s", entry, exc)
-    with open("/proc/self/mountinfo") as f:
-        stale = any(line.split()[4] == mountpoint for line in f)
-    if stale:
+    if is_mounted(mountpoint):
         log.warning("clearing stale mount at %s", mountpoint)
         subprocess.run(["umount", "-l", mountpoint], check=False)
+
+
+def is_mounted(mountpoint: str) -> bool:
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == mountpoint for line in f)
+
+
+def open_exclusively_elsewhere(blockdev: str) -> bool:
+    """Does something hold ``blockdev`` exclusively (a file system, mounted
+    in another namespace or lazily unmounted and still busy; device mapper,
+    md, mkfs ...)? An ``O_EXCL`` open of a block device fails with EBUSY then."""
+    try:
+        fd = os.open(blockdev, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
+    except OSError as exc:
+        return exc.errno == errno.EBUSY
+    os.close(fd)
+    return False
+
+
+def holds_files_on(blockdev: str) -> bool:
+    """Does this process have a file open on the file system of ``blockdev``
+    (diff storage on a protected file system, say)? Such a file system may
+    be kept alive, lazily unmounted, by blksnapd alone, which a stop
+    releases (snapshots destroyed) before it detaches the loop devices."""
+    try:
+        rdev = os.stat(blockdev).st_rdev
+        fds = os.listdir("/proc/self/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.fstat(int(fd)).st_dev == rdev:
+                return True
+        except (OSError, ValueError):
+            continue
+    return False
+
+
+def host_users(path: str, own_loop: str | None) -> tuple[list[str], int, bool]:
+    """Who uses the FUSE file ``path`` through the host: loop devices over it
+    (blksnapd's own ``own_loop`` counts only if mounted or held), file
+    systems on them, their holders and the processes that have them or the
+    file open. Returns (descriptions, loop devices over the file that are
+    not ``own_loop`` (each holds one handle of the file), whether processes
+    were found with the file open). Blocking."""
+    out: list[str] = []
+    loops = loop.loops_backed_by(path)
+    others = [lp for lp in loops if lp != own_loop]
+    procs = inuse.openers({path, *loops})
+    for lp in loops:
+        what = lp if lp == own_loop else f"loop device {lp} (not blksnapd's) over {path}"
+        mounts = loop.mounts_of(lp)
+        for m in mounts:
+            out.append(f"{lp} is mounted on {m.mountpoint} ({m.fstype})")
+        holders = inuse.holders(os.path.basename(lp))
+        if holders:
+            out.append(f"{what} is held by {', '.join(holders)}")
+        elif not mounts and open_exclusively_elsewhere(lp) and not holds_files_on(lp):
+            out.append(f"{what} is held open exclusively (a file system still unmounting?)")
+        elif lp != own_loop and not mounts:
+            out.append(f"{what} is attached")
+        if lp in procs:
+            out.append(f"{lp} is open in {', '.join(procs[lp])}")
+    if path in procs:
+        out.append(f"{path} is open in {', '.join(procs[path])}")
+    return out, len(others), path in procs
 
 
 class Daemon:
@@ -109,6 +179,7 @@ class Daemon:
         self.mount = os.path.abspath(mount)
         self.socket_path = os.path.abspath(socket_path)
         self.engine = Engine(self.state_dir)
+        self.engine.served_root = self.mount
         from .frontends.fuse import BlksnapFS
 
         self.fs = BlksnapFS(self.engine, threads=fuse_threads, direct_io=direct_io)
@@ -121,6 +192,9 @@ class Daemon:
         self.loops: dict[str, str] = {}
         self.started = time.time()
         self.stopping = trio.Event()
+        #: Why the FUSE session ended while blksnapd still runs (the kernel
+        #: aborted the connection, the mount went away), or None.
+        self.fuse_ended: str | None = None
         self.control_limiter = trio.CapacityLimiter(CONTROL_THREADS)
         self.handlers: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {
             "version": self.op_version,
@@ -159,8 +233,47 @@ class Daemon:
     async def op_version(self, args: dict[str, Any]) -> Any:
         return {"daemon": __version__, "protocol": VERSION}
 
+    async def _stat_path(self, fn: Callable[[str], Any], path: str) -> str | None:
+        """``fn(path)`` in a thread, bounded by HEALTH_TIMEOUT: what went
+        wrong, or None. (A thread: the event loop serves the FUSE request.)"""
+        with trio.move_on_after(HEALTH_TIMEOUT):
+            try:
+                await trio.to_thread.run_sync(fn, path, abandon_on_cancel=True)
+                return None
+            except OSError as exc:
+                name = errno.errorcode.get(exc.errno or 0, "EIO")
+                return f"{path}: {name} ({exc.strerror}): the FUSE data path is down"
+        return f"{path}: no answer in {HEALTH_TIMEOUT:g} s: the FUSE data path is stuck"
+
+    async def health(self) -> tuple[list[str], dict[str, Any]]:
+        """(problems, device errors): the FUSE session, the data path (a
+        statfs of the mount and a stat of its dev/ directory, which the
+        kernel must ask this daemon for) and devices whose backing store
+        failed requests."""
+        problems: list[str] = []
+        if self.fuse_ended:
+            problems.append(self.fuse_ended)
+        for fn, path in ((os.statvfs, self.mount), (os.stat, os.path.join(self.mount, "dev"))):
+            problem = await self._stat_path(fn, path)
+            if problem:
+                problems.append(problem)
+                break
+        dev_errors = self.engine.device_errors()
+        for name, err in sorted(dev_errors.items()):
+            last = err["last"]
+            problems.append(
+                f"device {name}: {err['errors']} I/O error(s) from its backing store, "
+                f"last {last['error']} on {last['op']} at {last['offset']}: {last['message']}"
+            )
+        return problems, dev_errors
+
     async def op_status(self, args: dict[str, Any]) -> Any:
+        problems, dev_errors = await self.health()
         return {
+            "healthy": not problems,
+            "problems": problems,
+            "device_errors": dev_errors,
+            "fuse": "down" if self.fuse_ended else "up",
             "pid": os.getpid(),
             "version": __version__,
             "uptime": round(time.time() - self.started, 3),
@@ -176,8 +289,103 @@ class Daemon:
         }
 
     async def op_stop(self, args: dict[str, Any]) -> Any:
+        if not args.get("force"):
+            users = await self.all_users()
+            if users:
+                raise error(
+                    errno.EBUSY,
+                    "blksnapd is in use, not stopping (unmount and close these first, "
+                    "or stop with --force, which detaches the loop devices under them): "
+                    + "; ".join(users),
+                )
+        else:
+            log.warning("daemon stop --force: devices and images go away under whoever uses them")
         self.stopping.set()
         return {"stopping": True, "pid": os.getpid()}
+
+    # -- who uses what ------------------------------------------------------------
+
+    def _nbd_image_users(self, sid: str, name: str) -> int:
+        if self.nbd is None:
+            return 0
+        export = f"{sid}/{name}"
+        return sum(
+            1
+            for c in list(self.nbd.connections)
+            if c.export is not None and c.export.name == export and not c.finished
+        )
+
+    async def users(
+        self, name: str, sid: str | None = None, *, grace: float = USERS_GRACE
+    ) -> list[str]:
+        """Who uses device ``name`` (or, with ``sid``, its image in snapshot
+        ``sid``): file systems mounted on loop devices over its FUSE file,
+        other loop devices over the file, holders of those, processes with
+        the loop device or the file open (blksnapd's own loop device holds
+        one handle of it), NBD clients. Empty when nothing does. A user
+        gone a moment ago (a handle the kernel releases late, a lazy
+        unmount finishing) is waited for up to ``grace`` seconds."""
+        if sid is None:
+            target: Any = self.engine.device(name)
+            path, label = self.device_path(name), f"device {name}"
+        else:
+            target = self.engine.image(sid, name)
+            path, label = self.image_path(sid, name), f"image {sid}/{name}"
+        deadline = trio.current_time() + grace
+        while True:
+            own = self.loops.get(path)
+            found, other_loops, named = await self.thread(host_users, path, own)
+            handles = self.fs.open_count(target) - (1 if own else 0) - other_loops
+            if handles > 0 and not named:  # held, but not by a process we can name
+                found.append(f"{path} is open in {handles} file handle(s)")
+            nbd = (
+                self._nbd_image_users(sid, name)
+                if sid is not None
+                else (self.nbd.device_users(name) if self.nbd else 0)
+            )
+            if nbd:
+                found.append(f"{nbd} NBD client(s) on export {sid + '/' if sid else ''}{name}")
+            if not found or trio.current_time() > deadline:
+                return [f"{label}: {what}" for what in found]
+            await trio.sleep(0.05)
+
+    async def _users_of_all(self, targets: Callable[[], list[tuple[str, str | None]]]) -> list[str]:
+        """Users of every (device, snapshot id or None) ``targets()`` lists,
+        with one USERS_GRACE for them all."""
+        deadline = trio.current_time() + USERS_GRACE
+        while True:
+            out: list[str] = []
+            for name, sid in targets():
+                try:
+                    out += await self.users(name, sid, grace=0)
+                except BlksnapError:  # removed or destroyed meanwhile
+                    pass
+            if not out or trio.current_time() > deadline:
+                return out
+            await trio.sleep(0.05)
+
+    def _images(self, sid: str) -> list[tuple[str, str | None]]:
+        snap = self.engine.snapshot(sid)
+        return [(n, sid) for n in sorted(snap.members) if snap.members[n].image is not None]
+
+    async def snapshot_users(self, sid: str) -> list[str]:
+        """Who uses the images of snapshot ``sid`` (see :meth:`users`)."""
+        self.engine.snapshot(sid)  # ENOENT
+        return await self._users_of_all(lambda: self._images(sid))
+
+    async def all_users(self) -> list[str]:
+        """Who uses any device or image: what a stop would break."""
+
+        def targets() -> list[tuple[str, str | None]]:
+            out: list[tuple[str, str | None]] = [(d.name, None) for d in self.engine.devices()]
+            for snap in self.engine.snapshot_collect():
+                try:
+                    out += self._images(snap["id"])
+                except BlksnapError:
+                    pass
+            return out
+
+        return await self._users_of_all(targets)
 
     def _loop_of(self, path: str) -> str | None:
         return self.loops.get(path)
@@ -231,28 +439,12 @@ class Daemon:
         if trk is not None and getattr(trk, "snapshot_id", None):
             raise error(errno.EBUSY, f"{name} is in snapshot {trk.snapshot_id}")  # type: ignore[attr-defined]
         path = self.device_path(name)
-        others = [
-            lp for lp in await self.thread(loop.loops_backed_by, path) if lp != self.loops.get(path)
-        ]
-        if others:
-            raise error(errno.EBUSY, f"{name} is open through loop device(s) {', '.join(others)}")
-        dev_loop = self.loops.get(path)
-        if dev_loop and await self.thread(loop.mounts_of, dev_loop):
-            raise error(errno.EBUSY, f"{dev_loop} ({name}) is mounted")
-        # A process holding <mount>/dev/N open (the daemon's own loop device
-        # holds one handle). A handle closed just now is released by the
-        # kernel a moment later: give it a second before refusing.
-        own = 1 if dev_loop else 0
-        deadline = trio.current_time() + 1.0
-        while (users := self.fs.open_count(dev) - own) > 0:
-            if trio.current_time() > deadline:
-                raise error(errno.EBUSY, f"{path} is open in {users} other file handle(s)")
-            await trio.sleep(0.02)
-        # NBD clients hold the device itself (not its file): refuse while any
-        # is connected, and let no new one in while it goes.
-        nbd_users = self.nbd.device_users(name) if self.nbd else 0
-        if nbd_users:
-            raise error(errno.EBUSY, f"{name} is exported over NBD to {nbd_users} client(s)")
+        # Mounted or held loop devices, other loop devices over the file,
+        # processes with it open, NBD clients (NBD lets no new one in while
+        # the device goes).
+        users = await self.users(name)
+        if users:
+            raise error(errno.EBUSY, "in use, not removing: " + "; ".join(users))
         with self.nbd.withdrawn(name) if self.nbd else nullcontext():
             await self._detach_loop(path)
             self.fs.remove_device(name)
@@ -326,7 +518,8 @@ class Daemon:
 
     def _consistent_take(self, sid: str, blockdevs: list[str]) -> list[str]:
         with loop.frozen(blockdevs) as frozen:
-            self.engine.snapshot_take(sid)
+            self.engine.snapshot_take(sid, guard_storage=False)
+        self.engine.guard_storage(sid)  # a file system write: after the thaw
         return frozen
 
     async def op_snapshot_take(self, args: dict[str, Any]) -> Any:
@@ -379,6 +572,20 @@ class Daemon:
 
     async def op_snapshot_destroy(self, args: dict[str, Any]) -> Any:
         sid = args["id"]
+        self.engine.snapshot(sid)  # ENOENT
+        if not args.get("force"):
+            users = await self.snapshot_users(sid)
+            if users:
+                raise error(
+                    errno.EBUSY,
+                    f"snapshot {sid} is in use, not destroying (unmount and close its "
+                    "images first, or destroy with --force): " + "; ".join(users),
+                )
+        else:
+            log.warning("snapshot destroy --force %s: whoever uses its images loses them", sid)
+        return await self._destroy(sid)
+
+    async def _destroy(self, sid: str) -> Any:
         snap = self.engine.snapshot(sid)
         for name in sorted(snap.members):
             await self._detach_loop(self.image_path(sid, name))
@@ -478,8 +685,49 @@ class Daemon:
     async def _signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
-                log.info("signal %s: shutting down", signal.Signals(signum).name)
+                sig = signal.Signals(signum).name
+                if self.stopping.is_set():
+                    continue
+                # Stopping detaches the loop devices under mounted file
+                # systems (their journals abort): refuse, keep serving, and
+                # say why. A second signal does not force; only
+                # 'blksnap daemon stop --force' does.
+                users = await self.all_users()
+                if users:
+                    log.error(
+                        "signal %s: NOT stopping, blksnapd is in use (unmount and close "
+                        "these first, or 'blksnap daemon stop --force'): %s",
+                        sig,
+                        "; ".join(users),
+                    )
+                    sd_notify("STATUS=refused to stop: in use: " + "; ".join(users)[:400])
+                    continue
+                log.info("signal %s: shutting down", sig)
                 self.stopping.set()
+
+    async def _serve_fuse(self) -> None:
+        """pyfuse3's main loop. It returns when the kernel ends the session
+        (an abort through /sys/fs/fuse/connections/N/abort, the mount taken
+        away) and may raise on a read error of /dev/fuse: either way the
+        daemon keeps answering its control socket, so that ``daemon status``
+        can say what is wrong and ``daemon stop`` can clear the dead mount."""
+        import pyfuse3
+
+        # 32 idle pyfuse3 tasks: requests handed to the worker pool each
+        # hold one, and creating tasks per request costs (bench: +28%).
+        try:
+            await pyfuse3.main(32, 256)
+        except Exception as exc:
+            why = f"the FUSE session failed: {exc!r}"
+        else:
+            if self.stopping.is_set():
+                return
+            why = (
+                "the FUSE session ended (connection aborted or mount removed): "
+                f"{self.mount} no longer serves the devices; 'blksnap daemon stop' clears it"
+            )
+        self.fuse_ended = why
+        log.error("%s", why)
 
     async def shutdown(self) -> None:
         """Destroy snapshots, detach our loop devices, flush devices. FUSE is
@@ -489,7 +737,7 @@ class Daemon:
             await self.nbd.close()
         for snap in self.engine.snapshot_collect():
             try:
-                await self.op_snapshot_destroy({"id": snap["id"]})
+                await self._destroy(snap["id"])
             except BlksnapError as exc:
                 log.error("destroy %s: %s", snap["id"], exc)
         for path in list(self.loops):
@@ -518,9 +766,7 @@ class Daemon:
         log.info("FUSE mounted at %s", self.mount)
         try:
             async with trio.open_nursery() as nursery:
-                # 32 idle pyfuse3 tasks: requests handed to the worker pool each
-                # hold one, and creating tasks per request costs (bench: +28%).
-                nursery.start_soon(pyfuse3.main, 32, 256)
+                nursery.start_soon(self._serve_fuse)
                 await nursery.start(self.serve_control)
                 if self.nbd is not None:
                     await nursery.start(self.nbd.serve)
@@ -541,6 +787,14 @@ class Daemon:
             try:
                 pyfuse3.close(unmount=True)
             except Exception as exc:
+                log.error("unmount %s: %s", self.mount, exc)
+            # libfuse does not unmount a connection aborted through
+            # /sys/fs/fuse/connections: clear the dead mount lazily.
+            try:
+                if is_mounted(self.mount):
+                    log.warning("FUSE mount %s still there: unmounting lazily", self.mount)
+                    subprocess.run(["umount", "-l", self.mount], check=False)
+            except OSError as exc:
                 log.error("unmount %s: %s", self.mount, exc)
             self.fs.close()  # join the FUSE worker threads
             self.engine.close()

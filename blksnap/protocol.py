@@ -48,7 +48,11 @@ def encode(message: dict[str, Any]) -> bytes:
 def decode_body(body: bytes) -> dict[str, Any]:
     try:
         msg = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except RecursionError:
+        # '[' * 100000: the decoder's recursion limit, not a crash of ours.
+        raise ProtocolError("malformed message: JSON nested too deeply", errno.EBADMSG) from None
+    except ValueError as exc:
+        # JSONDecodeError, UnicodeDecodeError, and integers of too many digits.
         raise ProtocolError(f"malformed message: {exc}", errno.EBADMSG) from None
     if not isinstance(msg, dict):
         raise ProtocolError("a message must be a JSON object", errno.EBADMSG)
@@ -141,7 +145,7 @@ def F(check: Check, required: bool = False, doc: str = "") -> Field:
 SCHEMAS: dict[str, dict[str, Field]] = {
     "version": {},
     "daemon.status": {},
-    "daemon.stop": {},
+    "daemon.stop": {"force": F(_bool, doc="stop even with file systems mounted on its devices")},
     "device.add": {
         "path": F(_str, True, "backing file or block device"),
         "name": F(_str, True),
@@ -171,7 +175,7 @@ SCHEMAS: dict[str, dict[str, Field]] = {
     "snapshot.info": {"device": F(_str, True)},
     "snapshot.collect": {"id": F(_str)},
     "snapshot.waitevent": {"id": F(_str, True), "timeout_ms": F(_timeout, True)},
-    "snapshot.destroy": {"id": F(_str, True)},
+    "snapshot.destroy": {"id": F(_str, True), "force": F(_bool, doc="even with images in use")},
 }
 
 

@@ -34,9 +34,13 @@ def parse_sector_range(text: str) -> tuple[int, int]:
     try:
         first, count = (int(part, 0) for part in text.split(":"))
     except ValueError:
-        raise InvalidArgument(f"not a sector range: {text!r} (use SECTOR:COUNT)") from None
-    if first < 0 or count <= 0:
-        raise InvalidArgument(f"bad sector range {text!r}")
+        raise InvalidArgument(
+            f"{text}: not a sector range; give SECTOR:COUNT (512-byte sectors)"
+        ) from None
+    if first < 0:
+        raise InvalidArgument(f"{text}: sector must be >= 0; give SECTOR:COUNT")
+    if count <= 0:
+        raise InvalidArgument(f"{text}: sector count must be > 0; give SECTOR:COUNT")
     return first << SECTOR_SHIFT, count << SECTOR_SHIFT
 
 

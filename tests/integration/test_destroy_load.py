@@ -50,8 +50,11 @@ def test_destroy_under_load(daemon, backing, tmp_path):
             assert p.wait_for(lambda lines: len(lines) >= 3, 30), p.describe()
         assert not dev_writer.errors() and not img_writer.errors()
 
+        # An image in use is not destroyed unless forced (issue 9 point 6).
+        refused = daemon.cli("snapshot", "destroy", "-i", sid, check=False)
+        assert refused.returncode == 1 and "EBUSY" in refused.stderr, refused.stderr
         t0 = time.monotonic()
-        daemon.cli("snapshot", "destroy", "-i", sid)
+        daemon.cli("snapshot", "destroy", "-i", sid, "--force")
         destroy_seconds = time.monotonic() - t0
         assert destroy_seconds < 30
         assert daemon.client.status()["snapshots"] == 0

@@ -307,7 +307,10 @@ def test_image_destroyed_under_a_connected_client(nbd_daemon, backing, tmp_path)
         # A device with NBD clients cannot be removed from under them.
         r = nbd_daemon.cli("device", "remove", "x", check=False)
         assert r.returncode == 1 and "EBUSY" in r.stderr
-        nbd_daemon.cli("snapshot", "destroy", "-i", sid)
+        # Nor a snapshot whose image has one, unless forced.
+        r = nbd_daemon.cli("snapshot", "destroy", "-i", sid, check=False)
+        assert r.returncode == 1 and "EBUSY" in r.stderr
+        nbd_daemon.cli("snapshot", "destroy", "-i", sid, "--force")
         for cmd in ("READ", "FLUSH", "BLOCK_STATUS"):
             r = img.call(cmd, 0, 4096 if cmd != "FLUSH" else 0)
             assert r.error == "ESHUTDOWN", (cmd, r)
