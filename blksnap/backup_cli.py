@@ -154,8 +154,10 @@ def cmd_restore(args: argparse.Namespace, client: Any, out: Any) -> int:
     repo = Repository.open(args.repo)
     b = repo.get(args.backup)
     rec = b.device(args.device)
+    # SIGTERM unwinds like Ctrl-C: the half-written temporary file is removed.
+    signal.signal(signal.SIGTERM, _terminate)
     with progress(f"{args.device:>10}", rec.size, show=_show(args)) as advance:
-        r = repo.restore(b.id, args.device, args.to, progress=advance)
+        r = repo.restore(b.id, args.device, args.to, progress=advance, force=args.force)
     out.emit(
         r,
         f"restored {args.device} as of {b.id} to {args.to}: {format_size(r['size'])}, "

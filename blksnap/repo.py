@@ -33,6 +33,7 @@ import os
 import re
 import shutil
 import stat
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -45,6 +46,7 @@ import blake3
 import numpy as np
 import zstandard
 
+from . import inuse
 from .device import fd_size, pwrite_full
 from .errors import (
     AlreadyDone,
@@ -96,6 +98,11 @@ _FILE_RE = re.compile(r"^dev-\d+$")
 _DIGEST = 32
 #: Restore rebuilds the device this many bytes at a time (at least one block).
 _WINDOW = 16 << 20
+#: Restore onto a block device zeroes this many bytes at its start first and
+#: writes them last: room for any file-system signature or superblock.
+_HEAD = 64 << 10
+#: A file is restored under ``.NAME`` + this + random, then renamed to NAME.
+_TEMP_MARK = ".blksnap-restore-"
 #: In a staging dir: the id of the snapshot the backup reads.
 SNAPSHOT_FILE = "snapshot"
 #: A backup's data file is sent to the disk in the background every this many
@@ -820,17 +827,34 @@ class Repository:
         device: str,
         target: str,
         progress: Callable[[int], None] | None = None,
+        force: bool = False,
     ) -> dict[str, Any]:
-        """Rebuild ``device`` as of ``backup_id`` into ``target`` (a regular file,
-        created or truncated, zero blocks left as holes; or a block device at least
-        as large, zero blocks written). ``progress(n)`` is called as the device is
-        rebuilt: the ``n`` sum to the device size (holes included)."""
+        """Rebuild ``device`` as of ``backup_id`` into ``target`` (symlinks
+        resolved): a regular file (zero blocks left as holes) or a block device
+        at least as large (zero blocks written). ``progress(n)`` is called as
+        the device is rebuilt: the ``n`` sum to the device size (holes included).
+
+        A target in use (:func:`blksnap.inuse.users_of`: open by a process,
+        attached to a loop device, served by blksnapd, mounted, held, or not
+        openable exclusively) is refused with ``EBUSY``, ``force`` or not. An
+        existing regular file of non-zero size, or any block device, is
+        overwritten only with ``force`` (else ``EEXIST``).
+
+        A failed restore leaves nothing that looks complete: a file is written
+        to a temporary name in the target's directory and renamed over the
+        target only when all of it is written and synced (the temporary is
+        removed on failure); on a block device the first :data:`_HEAD` bytes
+        are zeroed first and written last, so a half-restored device has no
+        valid file-system signature."""
+        real = os.path.realpath(target)
         with self._read_lock():
             chain = self.chain(backup_id, device)
             record = chain[-1].device(device)
+            st = _check_target(target, real, force)
             maps = [self._read_map(info, info.device(device)) for info in chain]
             data_fds: list[int] = []
             target_fd = -1
+            temp: str | None = None
             try:
                 for info in chain:
                     path = os.path.join(info.path, info.device(device).file + ".data")
@@ -838,19 +862,49 @@ class Repository:
                         data_fds.append(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
                     except OSError as exc:
                         raise from_oserror(exc, path) from None
-                target_fd, is_blockdev = _open_target(target, record.size, device)
-                written, sha = _rebuild(
-                    chain, maps, data_fds, record, target, target_fd, is_blockdev, progress
-                )
-                try:
-                    os.fsync(target_fd)
-                except OSError as exc:
-                    raise from_oserror(exc, f"fsync {target}") from None
+                if st is not None and stat.S_ISBLK(st.st_mode):
+                    target_fd = _open_blockdev(target, real, record.size, device)
+                    head = bytearray(min(_HEAD, record.size))
+                    try:  # no valid signature until the very end
+                        pwrite_full(target_fd, 0, head)
+                        os.fsync(target_fd)
+                    except OSError as exc:
+                        raise from_oserror(exc, f"write {target}") from None
+                    written, sha = _rebuild(
+                        chain, maps, data_fds, record, target, target_fd, True, progress, head
+                    )
+                    try:
+                        os.fsync(target_fd)
+                        pwrite_full(target_fd, 0, head)
+                        os.fsync(target_fd)
+                    except OSError as exc:
+                        raise from_oserror(exc, f"write {target}") from None
+                else:
+                    target_fd, temp = _open_temp(target, real, record.size, st)
+                    written, sha = _rebuild(
+                        chain, maps, data_fds, record, target, target_fd, False, progress
+                    )
+                    try:
+                        os.fsync(target_fd)
+                    except OSError as exc:
+                        raise from_oserror(exc, f"fsync {target}") from None
+                    users = inuse.users_of(real)
+                    if users:  # something took the target while we wrote
+                        raise Busy(f"{target} is in use: {'; '.join(users)}; nothing restored")
+                    try:
+                        os.rename(temp, real)
+                        temp = None
+                        _fsync_dir(os.path.dirname(real))
+                    except OSError as exc:
+                        raise from_oserror(exc, f"rename to {target}") from None
             finally:
                 for fd in data_fds:
                     os.close(fd)
                 if target_fd >= 0:
                     os.close(target_fd)
+                if temp is not None:
+                    with suppress(OSError):
+                        os.unlink(temp)
         return {
             "backup": chain[-1].id,
             "device": device,
@@ -1159,37 +1213,80 @@ def _map_structure_problem(rows: np.ndarray, record: DeviceRecord) -> str | None
     return None
 
 
-def _open_target(target: str, size: int, device: str) -> tuple[int, bool]:
-    """Open the restore target: (fd, is a block device)."""
+def _named(target: str, real: str) -> str:
+    return target if os.path.abspath(target) == real else f"{target} ({real})"
+
+
+def _check_target(target: str, real: str, force: bool) -> os.stat_result | None:
+    """Refuse a restore target in use (EBUSY) or holding data without ``force``
+    (EEXIST); its stat, None if it does not exist yet."""
     try:
-        st: os.stat_result | None = os.stat(target)
+        st = os.stat(real)
     except FileNotFoundError:
-        st = None
+        return None
+    except OSError as exc:
+        raise from_oserror(exc, target) from None
+    blockdev = stat.S_ISBLK(st.st_mode)
+    if not blockdev and not stat.S_ISREG(st.st_mode):
+        raise InvalidArgument(f"{target} is neither a regular file nor a block device")
+    users = inuse.users_of(real)
+    if users:
+        raise Busy(
+            f"{_named(target, real)} is in use: {'; '.join(users)}; restore will not write to it"
+        )
+    if force:
+        return st
+    if blockdev:
+        raise Exists(
+            f"{_named(target, real)} is a block device: everything on it would be"
+            " overwritten; add --force to restore onto it"
+        )
+    if st.st_size:
+        raise Exists(
+            f"{_named(target, real)} exists and holds {st.st_size} bytes; add --force to replace it"
+        )
+    return st
+
+
+def _open_blockdev(target: str, real: str, size: int, device: str) -> int:
+    """Open a block device target exclusively; EBUSY if something holds it."""
+    try:
+        fd = os.open(real, os.O_WRONLY | os.O_EXCL | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.EBUSY:
+            raise Busy(f"{_named(target, real)} is in use: cannot open it exclusively") from None
+        raise from_oserror(exc, target) from None
+    try:
+        capacity = fd_size(fd)
+    except OSError as exc:
+        os.close(fd)
+        raise from_oserror(exc, target) from None
+    if capacity < size:
+        os.close(fd)
+        raise NoSpace(f"{target} holds {capacity} bytes, device {device} needs {size}")
+    return fd
+
+
+def _open_temp(target: str, real: str, size: int, st: os.stat_result | None) -> tuple[int, str]:
+    """A new file of ``size`` bytes beside ``real`` (O_EXCL): (fd, its path).
+    It takes the mode (and, for root, the owner) of the file it will replace."""
+    directory, base = os.path.split(real)
+    try:
+        fd, temp = tempfile.mkstemp(prefix=f".{base}{_TEMP_MARK}", dir=directory)
     except OSError as exc:
         raise from_oserror(exc, target) from None
     try:
-        if st is not None and stat.S_ISBLK(st.st_mode):
-            fd = os.open(target, os.O_WRONLY | os.O_EXCL | os.O_CLOEXEC)
-            try:
-                capacity = fd_size(fd)
-            except OSError:
-                os.close(fd)
-                raise
-            if capacity < size:
-                os.close(fd)
-                raise NoSpace(f"{target} holds {capacity} bytes, device {device} needs {size}")
-            return fd, True
-        if st is not None and not stat.S_ISREG(st.st_mode):
-            raise InvalidArgument(f"{target} is neither a regular file nor a block device")
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            os.ftruncate(fd, size)
-        except OSError:
-            os.close(fd)
-            raise
-        return fd, False
+        if st is not None:
+            os.fchmod(fd, stat.S_IMODE(st.st_mode))
+            if os.geteuid() == 0:
+                os.fchown(fd, st.st_uid, st.st_gid)
+        os.ftruncate(fd, size)
     except OSError as exc:
+        os.close(fd)
+        with suppress(OSError):
+            os.unlink(temp)
         raise from_oserror(exc, target) from None
+    return fd, temp
 
 
 def _rebuild(
@@ -1201,8 +1298,11 @@ def _rebuild(
     target_fd: int,
     is_blockdev: bool,
     progress: Callable[[int], None] | None,
+    head: bytearray | None = None,
 ) -> tuple[int, str]:
-    """Write the device into ``target_fd`` window by window; (bytes written, sha256)."""
+    """Write the device into ``target_fd`` window by window; (bytes written, sha256).
+    With ``head``, its first ``len(head)`` bytes go there instead of the target
+    (counted as written): the caller writes them last."""
     device, size, bs = record.name, record.size, record.block_size
     count = record.block_count
     # Which chain member holds each block (newest wins), and at which map row.
@@ -1234,8 +1334,15 @@ def _rebuild(
         window = view[:wbytes]
         sha.update(window)
         try:
+            start = w0 * bs
+            if head is not None and start < len(head):
+                cut = min(len(head) - start, wbytes)
+                head[start : start + cut] = window[:cut]
+                if cut < wbytes:
+                    pwrite_full(target_fd, start + cut, window[cut:])
+                return wbytes
             if is_blockdev or not wzero.any():
-                pwrite_full(target_fd, w0 * bs, window)
+                pwrite_full(target_fd, start, window)
                 return wbytes
             done = 0
             edges = np.diff(np.concatenate(([0], (~wzero).astype(np.int8), [0])))

@@ -283,7 +283,7 @@ def test_full_backup_restores_and_keeps_holes(tmp_path: Path, compression: str) 
     target = tmp_path / "out.img"
     target.write_bytes(b"old contents " * 100_000)  # longer: must be truncated
     seen: list[int] = []
-    result = repo.restore(info.id, "disk0", str(target), progress=seen.append)
+    result = repo.restore(info.id, "disk0", str(target), progress=seen.append, force=True)
     out = target.read_bytes()
     assert out == bytes(data)
     assert result["sha256"] == sha256(data)
@@ -789,7 +789,7 @@ def test_restore_in_many_windows(
     for info, version in [(b0, v0), (b1, v1)]:
         seen: list[int] = []
         target = tmp_path / f"{info.id}.img"
-        result = repo.restore(info.id, "disk0", str(target), progress=seen.append)
+        result = repo.restore(info.id, "disk0", str(target), progress=seen.append, force=True)
         assert target.read_bytes() == version
         assert result["sha256"] == sha256(version)
         assert sum(seen) == SIZE and len(seen) == -(-BLOCKS // 3)

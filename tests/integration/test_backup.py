@@ -256,6 +256,7 @@ def test_cli_backup_verify_damage_and_restore_to_block_device(
                 "d0",
                 "--to",
                 loop,
+                "--force",  # a block device is always overwritten on purpose
             ).stdout
         )
         assert r["sha256"] == sha256_file(dev)
