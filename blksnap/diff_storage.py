@@ -333,24 +333,35 @@ class DiffStorage:
         return (self._slots_total - self._slots_used) * self.slot_size
 
     def _usable_free_locked(self) -> int:
-        """Free slots, those of growing sources capped by ``statvfs`` of their
-        file system (one cap for all the sources on one file system)."""
-        fixed = 0
-        by_fs: dict[int, list[int]] = {}  # st_dev -> [slot bytes free, room]
+        """Free slots, after :meth:`_trim_locked`."""
+        self._trim_locked()
+        return self._free_locked()
+
+    def _trim_locked(self) -> None:
+        """Cap each growing source at the slots its file system can still
+        hold (``statvfs``; the sources on one file system share its room),
+        so that allocation moves on to other storage instead of failing
+        with ENOSPC, and free space is what can really be stored. A
+        source's room: what its file system can give, plus the blocks the
+        file holds beyond the slots handed out (minus slots handed out and
+        not yet written). Capacity only shrinks: room freed later is not
+        taken back (``appendstorage`` adds more)."""
+        slot = self.slot_size
+        rooms: dict[int, int] = {}
         for src in self.sources[self._next_source :]:
-            left = (src.slots_total - src.slots_used) * self.slot_size
-            if not left:
+            left = src.slots_total - src.slots_used
+            if not left or not src.grows:
                 continue
-            if not src.grows:
-                fixed += left
-                continue
-            # Room: what the file system can give, plus blocks the file
-            # already holds beyond the slots in use (a preallocated file).
-            room = fs_room(src.fd) + max(0, _allocated(src.fd) - src.slots_used * self.slot_size)
-            acc = by_fs.setdefault(src.identity[0], [0, 0])
-            acc[0] += left
-            acc[1] = max(acc[1], room)
-        return fixed + sum(min(left, room) for left, room in by_fs.values())
+            fs = src.identity[0]
+            if fs not in rooms:
+                rooms[fs] = fs_room(src.fd)
+            fit = max(0, rooms[fs] + _allocated(src.fd) - src.slots_used * slot) // slot
+            if fit < left:
+                self._slots_total -= left - fit
+                src.slots_total = src.slots_used + fit
+                if not fit:
+                    log.warning("diff storage %s: its file system is full", src.path)
+            rooms[fs] -= min(left, fit) * slot
 
     def _threshold_locked(self, free: int | None = None) -> int:
         """The low-water mark, against what can really be stored."""
@@ -370,7 +381,7 @@ class DiffStorage:
         with self._lock:
             if self._released:
                 raise NoSpace("diff storage released")
-            if self._free_locked() >= count * self.slot_size:
+            if self._usable_free_locked() >= count * self.slot_size:
                 index = self._next_source
                 while len(out) < count:
                     src = self.sources[index]
