@@ -381,7 +381,8 @@ class DiffStorage:
         with self._lock:
             if self._released:
                 raise NoSpace("diff storage released")
-            if self._usable_free_locked() >= count * self.slot_size:
+            free = self._usable_free_locked()
+            if free >= count * self.slot_size:
                 index = self._next_source
                 while len(out) < count:
                     src = self.sources[index]
@@ -398,7 +399,9 @@ class DiffStorage:
                     out.append((index << LOCATION_SHIFT) | (roff + pos))
                 self._next_source = index
                 self._slots_used += len(out)
-            event = self._low_space_event_locked(count * self.slot_size - len(out) * self.slot_size)
+            event = self._low_space_event_locked(
+                (count - len(out)) * self.slot_size, free - len(out) * self.slot_size
+            )
         if event is not None and self._on_low_space is not None:
             self._on_low_space(event)
         if not out:
@@ -408,10 +411,13 @@ class DiffStorage:
             )
         return out
 
-    def _low_space_event_locked(self, unmet: int) -> dict[str, int] | None:
+    def _low_space_event_locked(self, unmet: int, free: int | None = None) -> dict[str, int] | None:
+        """The ``low_free_space`` event's data if it is due (``free``: what
+        :meth:`_usable_free_locked` says, if the caller just asked)."""
         if self._low_space_sent:
             return None
-        free = self._usable_free_locked()
+        if free is None:
+            free = self._usable_free_locked()
         threshold = self._threshold_locked(free)
         if free >= threshold and not unmet:
             return None
