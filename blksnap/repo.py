@@ -561,7 +561,7 @@ class Repository:
             raise from_oserror(exc, meta_path) from None
         try:
             meta = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise IOFailure(f"{meta_path} is not valid JSON") from None
         if not isinstance(meta, dict) or meta.get("format") != REPO_FORMAT:
             raise NotFound(f"{path} is not a blksnap repository ({REPO_FILE} has another format)")
@@ -647,7 +647,7 @@ class Repository:
             return _damaged(backup_id, path, f"manifest.json unreadable: {exc.strerror}")
         try:
             m = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):
             return _damaged(backup_id, path, "manifest.json is not valid JSON")
         if not isinstance(m, dict):
             return _damaged(backup_id, path, "manifest.json is not a JSON object")

@@ -653,6 +653,19 @@ def test_verify_finds_damaged_maps_and_manifests(repo: Repository, tmp_path: Pat
     assert any(p.block is not None for p in problems)
 
 
+def test_deeply_nested_json_is_damage_not_a_crash(repo: Repository, tmp_path: Path) -> None:
+    """A manifest or REPO.json of '[' * 100000: damaged / EIO, never a
+    RecursionError escaping as an internal error."""
+    b0 = full(repo, make_device(3))
+    Path(b0.path, "manifest.json").write_text("[" * 100_000)
+    assert repo.get(b0.id).state == "damaged"
+    assert "not valid JSON" in repo.verify()[0].message
+    Path(repo.path, "REPO.json").write_text("[" * 100_000)
+    with pytest.raises(BlksnapError) as exc:
+        Repository.open(repo.path)
+    assert errno_of(exc) == errno.EIO
+
+
 # ---------------------------------------------------------------------------
 # prune
 
