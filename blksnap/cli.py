@@ -269,11 +269,18 @@ def _parser() -> argparse.ArgumentParser:
         "as with the kernel module's tool: 'blksnap snapshot create -d N' (no -f), then "
         "'blksnap snapshot appendstorage -i ID -f PATH -l SIZE' (as often as needed), then "
         "'blksnap snapshot take -i ID'. A take without any diff storage is refused "
-        "(EINVAL) and leaves the snapshot as it was.",
+        "(EINVAL) and leaves the snapshot as it was. Storage on a file system that a "
+        "blksnapd device carries (the protected root itself) is a regular file, or a "
+        "directory where blksnap makes one: preallocated to -l, written through its "
+        "extents below the device's filters, immutable while the snapshot lives "
+        "(ext2/3/4 and xfs only). A limit its file system cannot hold: ENOSPC.",
     )
     cr.add_argument("-d", "--device", dest="devices", nargs="+", action="extend", required=True)
     cr.add_argument(
-        "-f", "--storage", help="diff storage: a directory, a regular file or a block device"
+        "-f",
+        "--storage",
+        help="diff storage: a directory (an anonymous file there), a regular file or a "
+        "block device; never a device of the snapshot itself (EINVAL)",
     )
     cr.add_argument("-l", "--limit", type=_sizearg, help="most diff storage to use from it")
     _add_ranges(cr, "use only these sectors of the storage")
