@@ -67,10 +67,14 @@ def loops_under(root: str) -> list[str]:
 
 
 def cleanup_under(root: str) -> None:
-    """Unmount everything below ``root``, then detach its loop devices."""
+    """Unmount everything below ``root``, then detach its loop devices.
+    The loop devices are listed first: once a FUSE mount under ``root`` is
+    lazily unmounted, the loop devices over its files name them relative to
+    the detached mount, and would no longer be found."""
+    loops = loops_under(root)
     for mp in sorted(mounts_under(root), reverse=True):
         run("umount", "-l", mp, check=False)
-    for lp in loops_under(root):
+    for lp in sorted({*loops, *loops_under(root)}):
         run("losetup", "-d", lp, check=False)
 
 
