@@ -39,6 +39,7 @@ import os
 import stat
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -53,6 +54,11 @@ log = logging.getLogger(__name__)
 LOCATION_SHIFT = 48
 LOCATION_MASK = (1 << LOCATION_SHIFT) - 1
 MAX_SOURCES = 1 << 14
+#: While the file systems of growing sources have this much room beyond
+#: what the sources may still take, they are looked at (statvfs) at most
+#: every TRIM_RECHECK seconds; closer to full, at every allocation.
+TRIM_SPARE = 1 << 30
+TRIM_RECHECK = 0.05
 
 
 @dataclass
@@ -150,6 +156,9 @@ class DiffStorage:
         self._slots_total = 0
         self._slots_used = 0
         self._next_source = 0
+        #: No need to look at the growing sources' file systems before this
+        #: (monotonic) time: see :meth:`_trim_locked`.
+        self._trim_after = 0.0
         #: Device name -> sorted (start, end) byte ranges of it that mapped
         #: sources use (replaced whole when a source is added: read lock-free).
         self.on_devices: dict[str, tuple[tuple[int, int], ...]] = {}
@@ -270,6 +279,7 @@ class DiffStorage:
                 raise InvalidArgument("diff storage already released")
             self.sources.append(src)
             self._slots_total += src.slots_total
+            self._trim_after = 0.0
             if src.device is not None:
                 ranges = {
                     *self.on_devices.get(src.device, ()),
@@ -346,6 +356,9 @@ class DiffStorage:
         file holds beyond the slots handed out (minus slots handed out and
         not yet written). Capacity only shrinks: room freed later is not
         taken back (``appendstorage`` adds more)."""
+        now = time.monotonic()
+        if now < self._trim_after:
+            return
         slot = self.slot_size
         rooms: dict[int, int] = {}
         for src in self.sources[self._next_source :]:
@@ -362,6 +375,10 @@ class DiffStorage:
                 if not fit:
                     log.warning("diff storage %s: its file system is full", src.path)
             rooms[fs] -= min(left, fit) * slot
+        # Room to spare beyond every promise: others must write that much
+        # before a promise breaks, so the next look can wait a little.
+        spare = min(rooms.values(), default=1 << 62)
+        self._trim_after = now + (TRIM_RECHECK if spare >= TRIM_SPARE else 0.0)
 
     def _threshold_locked(self, free: int | None = None) -> int:
         """The low-water mark, against what can really be stored."""
