@@ -8,13 +8,13 @@ from __future__ import annotations
 import logging
 import os
 import random
-import subprocess
 import tempfile
 
 import pytest
 
 import blksnap
 from blksnap.units import KiB, MiB
+from tests.test_diff_storage import loop_device
 
 CHUNK = blksnap.Params().chunk_size
 #: What a file system may add for its own bookkeeping (extent tree blocks).
@@ -259,13 +259,7 @@ def test_block_device_discard_and_write_zeroes(engine, make_file, storage_dir):
         pytest.skip("loop devices need root and /dev/loop-control")
     data = os.urandom(4 * MiB)
     path = make_file(4 * MiB, "blk.img", data)
-    out = subprocess.run(
-        ["losetup", "--find", "--show", path], capture_output=True, text=True, check=False
-    )
-    if out.returncode != 0:
-        pytest.skip(f"losetup failed: {out.stderr.strip()}")
-    loop = out.stdout.strip()
-    try:
+    with loop_device(path) as loop:
         dev = engine.add_device(loop, name="blk")
         assert dev.backing.extents(0, dev.size) == [(0, dev.size, False)]
         sid = engine.snapshot_create(["blk"], storage=storage_dir, limit=8 * MiB)
@@ -290,5 +284,3 @@ def test_block_device_discard_and_write_zeroes(engine, make_file, storage_dir):
         engine.remove_device("blk")
         with open(path, "rb") as f:
             assert f.read() == model
-    finally:
-        subprocess.run(["losetup", "-d", loop], check=False)
