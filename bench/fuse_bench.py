@@ -10,7 +10,7 @@ Variants (each a loop device, 4096-byte sectors; fio with ``ioengine=libaio``,
 ``direct=1``, queue depth 32):
 
 - ``raw``: a loop device over a plain backing file, attached exactly as
-  blksnapd attaches its own (``blksnap.loop.attach``: direct I/O on). This is
+  blksnapd attaches its own (``blksnap.control.loop.attach``: direct I/O on). This is
   the reference of the targets: the same loop device with blksnapd taken out.
 - ``raw-buffered``: the same without direct I/O: the loop device writes into
   the backing file's page cache, which is where blksnapd's engine writes go
@@ -49,10 +49,10 @@ from pathlib import Path
 
 from harness import KiB, MiB, Spread, size_text, table
 
-from blksnap import loop as losetup
-from blksnap import sandbox
-from blksnap.client import Client
+from blksnap.control import loop as losetup
+from blksnap.control.client import Client
 from blksnap.errors import BlksnapError
+from blksnap.tools import sandbox
 
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
@@ -797,7 +797,7 @@ def report(bench: FuseBench, elapsed: float) -> str:
         + f" on {os.cpu_count()} CPUs.",
         "",
         "- **Raw** (the reference of the targets): a loop device over the plain "
-        "backing file, attached as blksnapd attaches its own (`blksnap.loop.attach`: "
+        "backing file, attached as blksnapd attaches its own (`blksnap.control.loop.attach`: "
         "4096-byte sectors, direct I/O on); so the only difference from the blksnapd rows "
         "is the FUSE file and the daemon in between. Its writes go to the disk with "
         "O_DIRECT, while blksnapd's engine writes the backing file through the page "

@@ -32,7 +32,7 @@ import time
 import tracemalloc
 
 import blksnap
-from blksnap.params import Params
+from blksnap.engine.params import Params
 
 CHUNK = 4096
 RANDOM_DEVICE = 64 << 30

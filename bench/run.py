@@ -64,8 +64,8 @@ from harness import (
 )
 
 import blksnap
-from blksnap.cbt import CbtMap, tracking_block_shift
-from blksnap.params import Params
+from blksnap.engine.cbt import CbtMap, tracking_block_shift
+from blksnap.engine.params import Params
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -539,7 +539,7 @@ def alloc_scaling(cfg: Config, workdir: str) -> list[tuple[int, float]]:
     (``snapshot appendstorage``, ``snapshot watch --extend``)."""
     import resource
 
-    from blksnap.diff_storage import DiffStorage
+    from blksnap.engine.diff_storage import DiffStorage
 
     params = Params()
     slot = params.chunk_size

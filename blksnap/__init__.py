@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .errors import (
+from blksnap.errors import (
     AlreadyDone,
     BlksnapError,
     Busy,
@@ -27,35 +27,35 @@ from .errors import (
 __version__ = "0.1.0"
 
 _LAZY = {
-    "Bio": ".filters",
-    "CbtInfo": ".cbt",
-    "Client": ".client",
-    "Device": ".device",
-    "Engine": ".engine",
-    "Event": ".event_queue",
-    "Filter": ".filters",
-    "FilterResult": ".filters",
-    "Image": ".image",
-    "Op": ".filters",
-    "Params": ".params",
+    "Bio": "blksnap.engine.filters",
+    "CbtInfo": "blksnap.engine.cbt",
+    "Client": "blksnap.control.client",
+    "Device": "blksnap.engine.device",
+    "Engine": "blksnap.engine.engine",
+    "Event": "blksnap.engine.event_queue",
+    "Filter": "blksnap.engine.filters",
+    "FilterResult": "blksnap.engine.filters",
+    "Image": "blksnap.engine.image",
+    "Op": "blksnap.engine.filters",
+    "Params": "blksnap.engine.params",
 }
 
 if TYPE_CHECKING:
-    from .cbt import CbtInfo
-    from .client import Client
-    from .device import Device
-    from .engine import Engine
-    from .event_queue import Event
-    from .filters import Bio, Filter, FilterResult, Op
-    from .image import Image
-    from .params import Params
+    from blksnap.control.client import Client
+    from blksnap.engine.cbt import CbtInfo
+    from blksnap.engine.device import Device
+    from blksnap.engine.engine import Engine
+    from blksnap.engine.event_queue import Event
+    from blksnap.engine.filters import Bio, Filter, FilterResult, Op
+    from blksnap.engine.image import Image
+    from blksnap.engine.params import Params
 
 
 def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'blksnap' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
+    value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value
 

@@ -27,7 +27,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .errors import InvalidArgument, from_oserror
+from blksnap.errors import InvalidArgument, from_oserror
 
 #: ``LOOP_GET_STATUS64``: backing file's device and inode, offset, size limit.
 LOOP_GET_STATUS64 = 0x4C05

@@ -15,7 +15,7 @@ import os
 import stat
 from collections.abc import Callable
 
-from . import loop
+from blksnap import hostinfo
 
 #: The FUSE file system type of blksnapd's mount (``subtype=blksnap``).
 FUSE_TYPE = "fuse.blksnap"
@@ -64,13 +64,13 @@ def _blockdev_users(dev: str, st: os.stat_result | None, seen: set[str]) -> list
         except OSError:
             return []
     seen.add(dev)
-    out = [f"mounted on {m.mountpoint} ({m.fstype})" for m in loop.mounts_of(dev)]
+    out = [f"mounted on {m.mountpoint} ({m.fstype})" for m in hostinfo.mounts_of(dev)]
     name = _sysfs_name(st.st_rdev)
     if name:
         out += [f"held by {h}" for h in holders(name)]
         for part in _partitions(name):
             pdev = "/dev/" + part
-            for m in loop.mounts_of(pdev) if os.path.exists(pdev) else []:
+            for m in hostinfo.mounts_of(pdev) if os.path.exists(pdev) else []:
                 out.append(f"partition {pdev} mounted on {m.mountpoint} ({m.fstype})")
             out += [f"partition {pdev} held by {h}" for h in holders(part)]
     if _is_swap(dev):
@@ -81,7 +81,7 @@ def _blockdev_users(dev: str, st: os.stat_result | None, seen: set[str]) -> list
             lambda s: stat.S_ISBLK(s.st_mode) and s.st_rdev == st.st_rdev
         )
     ]
-    backing = loop.backing_file(dev) if name and name.startswith("loop") else None
+    backing = hostinfo.backing_file(dev) if name and name.startswith("loop") else None
     if backing:
         backing = backing.removesuffix(" (deleted)")
         try:
@@ -164,7 +164,7 @@ def _comm(pid: str) -> str:
 
 def _loops_of_file(real: str, st: os.stat_result) -> list[str]:
     """Loop devices whose backing file is this file (by name, then by inode)."""
-    out = set(loop.loops_backed_by(real))
+    out = set(hostinfo.loops_backed_by(real))
     for entry in glob.glob("/sys/block/loop*/loop/backing_file"):
         try:
             with open(entry) as f:
@@ -188,7 +188,7 @@ def _served_by_blksnapd(real: str, st: os.stat_result) -> str | None:
             major, _, minor = fields[2].partition(":")
             if os.makedev(int(major), int(minor)) != st.st_dev:
                 continue
-            best = loop._unescape(fields[4])
+            best = hostinfo.unescape(fields[4])
     if best is None:
         return None
     rel = os.path.relpath(real, best)
@@ -234,6 +234,6 @@ def _is_swap(real: str) -> bool:
         return False
     for line in lines:
         fields = line.split()
-        if fields and os.path.realpath(loop._unescape(fields[0])) == real:
+        if fields and os.path.realpath(hostinfo.unescape(fields[0])) == real:
             return True
     return False

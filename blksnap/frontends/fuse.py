@@ -50,10 +50,10 @@ import outcome
 import pyfuse3
 import trio
 
-from ..device import Device
-from ..engine import Engine
-from ..errors import BlksnapError
-from ..tracker import Tracker, WouldWait, no_wait
+from blksnap.engine.device import Device
+from blksnap.engine.engine import Engine
+from blksnap.engine.tracker import Tracker, WouldWait, no_wait
+from blksnap.errors import BlksnapError
 
 log = logging.getLogger(__name__)
 

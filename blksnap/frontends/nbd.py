@@ -86,11 +86,11 @@ from typing import Any
 import numpy as np
 import trio
 
-from ..device import Device
-from ..engine import Engine
-from ..errors import BlksnapError, InvalidArgument, error
-from ..image import Image
-from ..tracker import Tracker
+from blksnap.engine.device import Device
+from blksnap.engine.engine import Engine
+from blksnap.engine.image import Image
+from blksnap.engine.tracker import Tracker
+from blksnap.errors import BlksnapError, InvalidArgument, error
 
 log = logging.getLogger("blksnapd.nbd")
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from blksnap import sandbox
-from blksnap.sandbox import Sandbox, why_not
+from blksnap.tools import sandbox
+from blksnap.tools.sandbox import Sandbox, why_not
 
 SKIP = why_not()
 BIN = sandbox.BIN

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from blksnap.backup import BackupFailed, run_backup
+from blksnap.backup.repo import Repository
+from blksnap.backup.session import BackupFailed, run_backup
 from blksnap.errors import BlksnapError
-from blksnap.repo import Repository
 from tests.integration.conftest import BIN, Daemon, run
 
 MiB = 1 << 20

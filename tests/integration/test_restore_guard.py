@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from blksnap import loop as hostloop
-from blksnap.repo import Repository
+from blksnap.backup.repo import Repository
+from blksnap.control import loop as hostloop
 from tests.integration.conftest import Daemon, run
 from tests.integration.helpers import MiB, add_device, fsck_ext4, md5_file, populate, tree
 

@@ -1,0 +1,2 @@
+"""The backup application: one backup session (``session``) and the
+repository it writes (``repo``)."""

@@ -1,0 +1,562 @@
+"""One backup session: snapshot the devices, take, copy what changed, destroy.
+
+The steps, as the kernel module's backup tools do them:
+
+1. ``snapshot_create`` of every device (the tracker is attached where it is
+   not), diff storage in the repository directory (or ``storage``), grown on
+   ``low_free_space`` events by a watcher thread up to ``storage_max``.
+2. ``snapshot_take``: all devices at one instant (blksnapd freezes the file
+   systems mounted on them first).
+3. Per device, the CBT after the take decides what to read: everything for a
+   full backup; for an incremental one the blocks whose number is greater
+   than the parent backup's ``changes_number`` (the parent is the newest good
+   backup of that device; for a differential one, the newest good full).
+   No parent, another ``generation_id``, another size or block size, or a
+   chain that does not resolve: that device is backed up in full, and the
+   reason is reported.
+4. The image is read in runs of adjacent blocks by a few threads and every
+   block goes to the repository writer (checksummed, maybe compressed).
+5. A ``corrupted`` event, an image read error, or a snapshot found corrupted
+   before the commit fails the backup: it is recorded as failed (never a
+   parent) and the error says why. The snapshot is destroyed in every case.
+
+``service`` is a :class:`blksnap.Engine` (in process) or a
+:class:`blksnap.Client` (blksnapd): both have the same method names. With the
+engine the image is read through ``Engine.image``; with blksnapd through its
+FUSE file ``<mount>/images/ID/N``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import signal
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from blksnap.backup.repo import BackupInfo, DeviceRecord, Repository
+from blksnap.errors import BlksnapError, InvalidArgument, error
+from blksnap.units import GiB, MiB
+
+log = logging.getLogger("blksnap.backup")
+
+MODES = ("auto", "full", "incremental", "differential")
+
+#: Largest single read from an image (adjacent changed blocks are merged).
+READ_SIZE = 4 * MiB
+#: Reads in flight at once.
+READ_THREADS = 4
+
+ProgressFactory = Callable[[str, int], contextlib.AbstractContextManager[Callable[[int], None]]]
+
+
+@contextlib.contextmanager
+def _no_progress(_desc: str, _total: int) -> Iterator[Callable[[int], None]]:
+    yield lambda _n: None
+
+
+@dataclass
+class DevicePlan:
+    """What one device's part of the backup reads, and why."""
+
+    name: str
+    kind: str
+    parent: str | None
+    reason: str
+    size: int
+    block_size: int
+    generation_id: str
+    changes_number: int
+    blocks: np.ndarray = field(repr=False)
+
+    @property
+    def bytes_planned(self) -> int:
+        if not len(self.blocks):
+            return 0
+        n = len(self.blocks) * self.block_size
+        last = (self.size + self.block_size - 1) // self.block_size - 1
+        if self.blocks[-1] == last:
+            n -= last * self.block_size + self.block_size - self.size
+        return int(n)
+
+
+@dataclass
+class BackupResult:
+    backup: BackupInfo
+    plans: list[DevicePlan]
+    seconds: float
+    #: Diff storage added on ``low_free_space`` while the snapshot lived.
+    storage_added: int = 0
+    #: The snapshot's events, in order.
+    events: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        doc = self.backup.as_dict()
+        reasons = {p.name: p for p in self.plans}
+        for d in doc["devices"]:
+            p = reasons.get(d["name"])
+            if p is not None:
+                d["reason"] = p.reason
+                d["blocks_read"] = len(p.blocks)
+        doc["seconds"] = round(self.seconds, 3)
+        doc["storage_added"] = self.storage_added
+        doc["events"] = list(self.events)
+        return doc
+
+
+class BackupFailed(BlksnapError):
+    """The backup was recorded as failed (its ``backup`` says so)."""
+
+    def __init__(self, message: str, errno_: int, backup: BackupInfo | None) -> None:
+        super().__init__(message, errno_)
+        self.backup = backup
+
+
+# -- planning ---------------------------------------------------------------------
+
+
+def plan_device(repo: Repository, name: str, mode: str, info: Any, cbt_map: bytes) -> DevicePlan:
+    """Decide the kind and the blocks of ``name`` from its CBT after take."""
+    size, bs = int(info.device_capacity), int(info.block_size)
+    gen, number = str(info.generation_id), int(info.changes_number)
+    count = (size + bs - 1) // bs
+    everything = np.arange(count, dtype=np.int64)
+
+    def full(reason: str) -> DevicePlan:
+        return DevicePlan(name, "full", None, reason, size, bs, gen, number, everything)
+
+    if mode == "full":
+        return full("full backup asked for")
+    kind = "differential" if mode == "differential" else "incremental"
+    kinds = ("full",) if kind == "differential" else ("full", "incremental", "differential")
+    parent = repo.latest(name, kinds=kinds)
+    if parent is None:
+        what = "full backup" if kind == "differential" else "backup"
+        return full(f"no earlier good {what} of {name}")
+    rec = parent.device(name)
+    if rec.generation_id != gen:
+        return full(
+            f"CBT generation changed since {parent.id} ({rec.generation_id[:8]} -> {gen[:8]}): "
+            "the change map cannot be trusted"
+        )
+    if rec.size != size or rec.block_size != bs:
+        return full(f"size or block size changed since {parent.id}")
+    if rec.changes_number > number:
+        return full(f"{parent.id} is newer than this take (changes number {rec.changes_number})")
+    try:
+        repo.chain(parent.id, name)
+    except BlksnapError as exc:
+        return full(f"the chain of {parent.id} does not resolve: {exc.message}")
+    if len(cbt_map) != count:
+        return full(f"the CBT map has {len(cbt_map)} blocks, {count} expected")
+    numbers = np.frombuffer(cbt_map, dtype=np.uint8)
+    changed = np.flatnonzero(numbers > rec.changes_number).astype(np.int64)
+    return DevicePlan(
+        name,
+        kind,
+        parent.id,
+        f"blocks changed since {parent.id} (changes number > {rec.changes_number})",
+        size,
+        bs,
+        gen,
+        number,
+        changed,
+    )
+
+
+def runs(blocks: np.ndarray, max_blocks: int) -> list[tuple[int, int]]:
+    """Adjacent block indices merged: ``[(first, count), ...]``, each at most
+    ``max_blocks`` long."""
+    if not len(blocks):
+        return []
+    breaks = np.flatnonzero(np.diff(blocks) != 1) + 1
+    out: list[tuple[int, int]] = []
+    for seg in np.split(blocks, breaks):
+        first, n = int(seg[0]), len(seg)
+        for off in range(0, n, max_blocks):
+            out.append((first + off, min(max_blocks, n - off)))
+    return out
+
+
+# -- image access -----------------------------------------------------------------
+
+
+class _ImageReader:
+    def read(self, offset: int, length: int) -> bytes:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class _EngineImage(_ImageReader):
+    def __init__(self, image: Any) -> None:
+        self.image = image
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self.image.read(offset, length)
+
+
+class _FileImage(_ImageReader):
+    """An image file of blksnapd (``<mount>/images/ID/N``)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+
+    def read(self, offset: int, length: int) -> bytes:
+        buf = bytearray()
+        while len(buf) < length:
+            try:
+                part = os.pread(self.fd, length - len(buf), offset + len(buf))
+            except OSError as exc:
+                raise error(
+                    exc.errno or errno.EIO, f"reading {self.path}: {exc.strerror}"
+                ) from None
+            if not part:
+                raise error(errno.EIO, f"{self.path}: short read at {offset + len(buf)}")
+            buf += part
+        return bytes(buf)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def _open_image(service: Any, sid: str, name: str, taken: Any) -> _ImageReader:
+    if hasattr(service, "image"):
+        return _EngineImage(service.image(sid, name))
+    return _FileImage(taken["images"][name]["path"])
+
+
+# -- events -----------------------------------------------------------------------
+
+
+class _Watcher(threading.Thread):
+    """Follows the snapshot's events: grows its storage on ``low_free_space``,
+    remembers the first ``corrupted`` event."""
+
+    def __init__(self, service: Any, sid: str, storage: str | None, step: int, most: int) -> None:
+        super().__init__(name=f"blksnap-backup-events-{sid[:8]}", daemon=True)
+        self.service, self.sid = service, sid
+        self.storage, self.step, self.most = storage, step, most
+        self.added = 0
+        self.failure: tuple[int, str] | None = None
+        self.events: list[str] = []
+        self._halt = threading.Event()
+
+    def stop(self) -> None:
+        self._halt.set()
+
+    def run(self) -> None:
+        try:
+            while not self._halt.is_set():
+                try:
+                    ev = self.service.wait_event(self.sid, timeout=0.2)
+                except BlksnapError:
+                    return  # snapshot gone
+                if ev is None:
+                    continue
+                self.events.append(ev.code)
+                if ev.code == "corrupted":
+                    data = ev.data or {}
+                    self.failure = (
+                        int(data.get("errno") or errno.EIO),
+                        f"the snapshot became corrupted ({data.get('error', 'EIO')}: "
+                        f"{data.get('message', '')})",
+                    )
+                elif ev.code == "low_free_space":
+                    self._grow()
+        finally:
+            if not hasattr(self.service, "image"):  # a Client: this thread's connection
+                with contextlib.suppress(Exception):
+                    self.service.close()
+
+    def _grow(self) -> None:
+        if self.storage is None or not os.path.isdir(self.storage):
+            log.warning("snapshot %s: diff storage low, nowhere to grow it", self.sid)
+            return
+        size = min(self.step, self.most - self.added)
+        if size <= 0:
+            log.warning("snapshot %s: diff storage low, limit reached", self.sid)
+            return
+        try:
+            self.service.snapshot_append_storage(self.sid, self.storage, size=size)
+            self.added += size
+            log.info("snapshot %s: diff storage grown by %d bytes", self.sid, size)
+        except BlksnapError as exc:
+            log.warning("snapshot %s: growing diff storage failed: %s", self.sid, exc)
+
+
+# -- the session ------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back for a call that must not be cut in two
+    (a snapshot created in blksnapd but its answer lost); each runs its own
+    handler at the end. Only the main thread can do this; elsewhere a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    sigs = (signal.SIGINT, signal.SIGTERM)
+    old = {s: signal.getsignal(s) for s in sigs}
+    for s in sigs:
+        signal.signal(s, lambda signum, _frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        for s in sigs:
+            signal.signal(s, old[s])
+        for s in dict.fromkeys(caught):
+            handler = old[s]
+            if callable(handler):
+                handler(s, None)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(s)
+
+
+def default_storage_sizes(total: int) -> tuple[int, int]:
+    """(first size and step, most) of the diff storage for devices of ``total`` bytes.
+
+    A snapshot never needs more than the devices' size (each chunk is copied
+    at most once); it starts at an eighth of that, between 64 MiB and 1 GiB."""
+    most = max(total, 64 * MiB)
+    first = min(max(total // 8, 64 * MiB), GiB, most)
+    return first, most
+
+
+def run_backup(
+    service: Any,
+    repo: Repository,
+    devices: Sequence[str],
+    mode: str = "auto",
+    *,
+    storage: str | None = None,
+    storage_size: int | None = None,
+    storage_max: int | None = None,
+    read_size: int = READ_SIZE,
+    threads: int = READ_THREADS,
+    progress: ProgressFactory | None = None,
+    on_plan: Callable[[DevicePlan], None] | None = None,
+    on_take: Callable[[str], None] | None = None,
+) -> BackupResult:
+    """One whole backup of ``devices`` into ``repo``; raises :class:`BackupFailed`
+    (the backup is then recorded as failed) or another :class:`BlksnapError`
+    (nothing recorded). ``on_take(snapshot_id)`` runs right after the take,
+    while the images exist; ``on_plan(plan)`` once per device before it is
+    read."""
+    if mode not in MODES:
+        raise InvalidArgument(f"backup mode must be one of {', '.join(MODES)}")
+    names = list(devices)
+    if not names:
+        raise InvalidArgument("name at least one device to back up")
+    if len(set(names)) != len(names):
+        raise InvalidArgument("a device is named twice")
+    progress = progress or _no_progress
+    started = time.monotonic()
+    sizes = {d["name"]: int(d["size"]) for d in _device_list(service) if d["name"] in names}
+    missing = [n for n in names if n not in sizes]
+    if missing:
+        raise error(errno.ENOENT, f"no device {missing[0]!r}")
+    first, most = default_storage_sizes(sum(sizes.values()))
+    first = storage_size or first
+    most = storage_max or most
+    where = os.path.abspath(storage or repo.path)
+
+    # The repository's writer lock first: holding it proves that the backups
+    # whose staging dirs are left over are dead, so the snapshots they name
+    # (a killed backup's) can be destroyed before they block this one.
+    writer = repo.begin(_overall_kind(mode), blocking=False)
+    try:
+        for old in writer.abandoned_snapshots:
+            try:
+                service.snapshot_destroy(old)
+                log.warning("destroyed snapshot %s, left by a backup that died", old)
+            except BlksnapError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise
+        # The id is chosen and recorded first: if this process dies at any
+        # point from here, the next backup can name (and destroy) the snapshot.
+        sid = str(uuid.uuid4())
+        writer.attach_snapshot(sid)
+        with _signals_deferred():  # Ctrl-C / SIGTERM only once the answer is in
+            service.snapshot_create(names, storage=where, limit=min(first, most), sid=sid)
+    except BaseException as exc:
+        writer.abort()
+        if isinstance(exc, BlksnapError) and exc.errno == errno.EBUSY:
+            raise error(
+                errno.EBUSY,
+                f"{exc.message} (see 'blksnap snapshot collect'; a snapshot is released "
+                "with 'blksnap snapshot destroy -i ID')",
+            ) from None
+        raise
+    watcher = _Watcher(service, sid, where, first, max(0, most - first))
+    readers: dict[str, _ImageReader] = {}
+    try:
+        watcher.start()
+        taken = service.snapshot_take(sid)
+        if on_take:
+            on_take(sid)
+        plans = []
+        for name in names:
+            info = service.cbt_info(name)
+            plan = plan_device(repo, name, mode, info, service.cbt_map(name))
+            plans.append(plan)
+            if on_plan:
+                on_plan(plan)
+        writer.kind = _resolved_kind(mode, plans)
+        records: dict[str, DeviceRecord] = {}
+        for plan in plans:
+            rec = DeviceRecord(
+                name=plan.name,
+                size=plan.size,
+                block_size=plan.block_size,
+                generation_id=plan.generation_id,
+                changes_number=plan.changes_number,
+                kind=plan.kind,
+                parent=plan.parent,
+            )
+            writer.add_device(rec)
+            records[plan.name] = rec
+            readers[plan.name] = _open_image(service, sid, plan.name, taken)
+        read_error: tuple[int, str] | None = None
+        try:
+            for plan in plans:
+                with progress(plan.name, plan.bytes_planned) as advance:
+                    records[plan.name].bytes_read = _copy(
+                        plan, readers[plan.name], writer, read_size, threads, advance, watcher
+                    )
+        except BlksnapError as exc:
+            read_error = (exc.errno or errno.EIO, f"reading the image failed: {exc.message}")
+        failure, stats = _final_state(service, sid, watcher)
+        failure = failure or read_error
+        for name, rec in records.items():
+            rec.image_bytes_read = stats.get(name)
+        if failure is not None:
+            code, why = failure
+            info = writer.fail(code, why)
+            writer = None
+            raise BackupFailed(f"backup {info.id} failed: {why}", code, info)
+        info = writer.commit()
+        writer = None
+        return BackupResult(
+            info, plans, time.monotonic() - started, watcher.added, list(watcher.events)
+        )
+    finally:
+        watcher.stop()
+        for r in readers.values():
+            with contextlib.suppress(OSError):
+                r.close()
+        try:
+            service.snapshot_destroy(sid)
+        except BlksnapError as exc:
+            log.warning("destroying snapshot %s: %s", sid, exc)
+        if watcher.is_alive():
+            watcher.join(timeout=5)
+        if writer is not None:
+            writer.abort()
+
+
+def _device_list(service: Any) -> list[dict[str, Any]]:
+    devs = service.devices()
+    out = []
+    for d in devs:
+        if isinstance(d, dict):
+            out.append(d)
+        else:  # Engine: Device objects
+            out.append({"name": d.name, "size": d.size})
+    return out
+
+
+def _overall_kind(mode: str) -> str:
+    return "incremental" if mode == "auto" else mode
+
+
+def _resolved_kind(mode: str, plans: list[DevicePlan]) -> str:
+    if mode == "full" or all(p.kind == "full" for p in plans):
+        return "full"
+    return _overall_kind(mode)
+
+
+def _copy(
+    plan: DevicePlan,
+    image: _ImageReader,
+    writer: Any,
+    read_size: int,
+    threads: int,
+    advance: Callable[[int], None],
+    watcher: _Watcher,
+) -> int:
+    """Read ``plan``'s blocks from ``image`` into ``writer``; bytes read."""
+    bs, size = plan.block_size, plan.size
+    per_read = max(1, read_size // bs)
+    pending: deque[Future[tuple[int, list[Any]]]] = deque()
+    window = max(2, threads * 2)
+    total = 0
+
+    def read_and_prepare(first: int, n: int) -> tuple[int, list[Any]]:
+        # In a reader thread: the read, then the checksums and compression
+        # (both release the GIL), so only the file appends stay in order.
+        offset = first * bs
+        data = memoryview(image.read(offset, min(n * bs, size - offset)))
+        blocks = [
+            writer.prepare(plan.name, first + i, data[i * bs : (i + 1) * bs]) for i in range(n)
+        ]
+        return len(data), blocks
+
+    def drain_one() -> None:
+        nonlocal total
+        nbytes, blocks = pending.popleft().result()
+        for block in blocks:
+            writer.put_prepared(block)
+        total += nbytes
+        advance(nbytes)
+
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="blksnap-read") as pool:
+        try:
+            for first, n in runs(plan.blocks, per_read):
+                if watcher.failure is not None:
+                    raise error(watcher.failure[0], watcher.failure[1])
+                pending.append(pool.submit(read_and_prepare, first, n))
+                if len(pending) >= window:
+                    drain_one()
+            while pending:
+                drain_one()
+        finally:
+            for fut in pending:
+                fut.cancel()
+    return total
+
+
+def _final_state(
+    service: Any, sid: str, watcher: _Watcher
+) -> tuple[tuple[int, str] | None, dict[str, int]]:
+    """After the read, from one ``snapshot_collect``: why the backup failed
+    (None if it did not) and the image bytes blksnapd served per device."""
+    try:
+        snap = service.snapshot_collect(sid)[0]
+    except BlksnapError as exc:
+        vanished = (exc.errno or errno.EIO, f"the snapshot vanished: {exc.message}")
+        return watcher.failure or vanished, {}
+    stats = {
+        d["name"]: int(d["image_bytes_read"]) for d in snap["devices"] if "image_bytes_read" in d
+    }
+    if watcher.failure is not None:
+        return watcher.failure, stats
+    if snap.get("state") == "corrupted":
+        code = int(snap.get("errno") or errno.EIO)
+        name = errno.errorcode.get(code, str(code))
+        why = f"the snapshot became corrupted ({name}), e.g. its diff storage overflowed"
+        return (code, why), stats
+    return None, stats

@@ -1,0 +1,5 @@
+"""The ``blksnap`` command line (see :mod:`blksnap.cli.app`)."""
+
+from blksnap.cli.app import main
+
+__all__ = ["main"]

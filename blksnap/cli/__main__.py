@@ -1,0 +1,7 @@
+"""``python -m blksnap.cli``."""
+
+import sys
+
+from blksnap.cli.app import main
+
+sys.exit(main())

@@ -1,0 +1,212 @@
+"""The backup commands of ``blksnap``: backup, backups, restore, verify, prune.
+
+Only ``backup`` talks to blksnapd; the others work on the repository alone,
+so a restore needs no daemon.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import signal
+from collections.abc import Callable
+from typing import Any
+
+from blksnap.cli.output import table
+from blksnap.cli.progress import progress
+from blksnap.errors import error
+from blksnap.units import format_size
+
+
+def run_backup_command(args: argparse.Namespace, client: Any, out: Any) -> int:
+    return {
+        "backup": cmd_backup,
+        "backups": cmd_backups,
+        "restore": cmd_restore,
+        "verify": cmd_verify,
+        "prune": cmd_prune,
+    }[args.command](args, client, out)
+
+
+def _show(args: argparse.Namespace) -> bool:
+    return not args.json and not getattr(args, "no_progress", False)
+
+
+def cmd_backup(args: argparse.Namespace, client: Any, out: Any) -> int:
+    from blksnap.backup.repo import Repository
+    from blksnap.backup.session import BackupFailed, DevicePlan, run_backup
+
+    client.status()  # no daemon: say so before making a repository
+    repo = Repository.init(args.repo, compression=args.compress)
+    show = _show(args)
+
+    def bar(desc: str, total: int) -> contextlib.AbstractContextManager[Callable[[int], None]]:
+        return progress(f"{desc:>10}", total, show=show)
+
+    def planned(p: DevicePlan) -> None:
+        if not args.json:
+            what = f"{p.kind}" + (f" on {p.parent}" if p.parent else "")
+            print(
+                f"{p.name}: {what}, {len(p.blocks)} of {-(-p.size // p.block_size)} blocks "
+                f"({format_size(p.bytes_planned)}): {p.reason}",
+                flush=True,
+            )
+
+    # SIGTERM unwinds like Ctrl-C: the snapshot is destroyed and the staged
+    # backup removed before the process ends.
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        res = run_backup(
+            client,
+            repo,
+            args.devices,
+            args.mode or "auto",
+            storage=args.storage,
+            storage_size=args.storage_size,
+            storage_max=args.storage_max,
+            progress=bar,
+            on_plan=planned,
+        )
+    except BackupFailed as exc:
+        if exc.backup is not None and not args.json:
+            print(f"recorded as failed: {exc.backup.id} (never used as a parent)", flush=True)
+        raise
+    doc = res.as_dict()
+    b = res.backup
+    lines = []
+    for d in b.devices:
+        lines.append(
+            f"{d.name}: read {format_size(d.bytes_read)}, stored {format_size(d.bytes_stored)}"
+            f" ({d.blocks_stored} blocks, {d.blocks_zero} zero)"
+        )
+    lines.append(f"backup {b.id} ({b.kind}) done in {res.seconds:.1f} s")
+    out.emit(doc, "\n".join(lines))
+    return 0
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def cmd_backups(args: argparse.Namespace, client: Any, out: Any) -> int:
+    from blksnap.backup.repo import Repository
+
+    repo = Repository.open(args.repo)
+    if args.backup:
+        return _show_backup(repo.get(args.backup), out)
+    backups = repo.backups()
+    rows = []
+    for b in backups:
+        size = sum(d.size for d in b.devices)
+        stored = sum(d.bytes_stored for d in b.devices)
+        parents = sorted({d.parent for d in b.devices if d.parent})
+        rows.append(
+            [
+                b.id,
+                b.kind,
+                b.state if b.state != "failed" else f"failed ({(b.error or {}).get('errno', '?')})",
+                ",".join(d.name for d in b.devices) or "-",
+                format_size(size),
+                format_size(stored),
+                ",".join(parents) or "-",
+            ]
+        )
+    out.emit(
+        [b.as_dict() for b in backups],
+        table(rows, ["ID", "KIND", "STATE", "DEVICES", "SIZE", "STORED", "PARENT"])
+        if rows
+        else f"no backups in {args.repo}",
+    )
+    return 0
+
+
+def _show_backup(b: Any, out: Any) -> int:
+    head = (
+        f"backup {b.id}: {b.kind}, {b.state}"
+        + (f" ({b.error.get('errno')}: {b.error.get('message')})" if b.error else "")
+        + f"\n  started {b.started}, finished {b.finished}, snapshot {b.snapshot_id or '-'}"
+        + f"\n  compression {b.compression}, checksum {b.checksum}"
+    )
+    rows = [
+        [
+            d.name,
+            d.kind,
+            d.parent or "-",
+            format_size(d.size),
+            f"{d.blocks_stored - d.blocks_zero}+{d.blocks_zero}z",
+            format_size(d.bytes_read),
+            format_size(d.bytes_stored),
+            f"{d.generation_id[:8]}/{d.changes_number}",
+        ]
+        for d in b.devices
+    ]
+    text = table(
+        rows, ["DEVICE", "KIND", "PARENT", "SIZE", "BLOCKS", "READ", "STORED", "GEN/CHANGES"]
+    )
+    out.emit(b.as_dict(), head + "\n" + text)
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace, client: Any, out: Any) -> int:
+    from blksnap.backup.repo import Repository
+
+    repo = Repository.open(args.repo)
+    b = repo.get(args.backup)
+    rec = b.device(args.device)
+    # SIGTERM unwinds like Ctrl-C: the half-written temporary file is removed.
+    signal.signal(signal.SIGTERM, _terminate)
+    with progress(f"{args.device:>10}", rec.size, show=_show(args)) as advance:
+        r = repo.restore(b.id, args.device, args.to, progress=advance, force=args.force)
+    out.emit(
+        r,
+        f"restored {args.device} as of {b.id} to {args.to}: {format_size(r['size'])}, "
+        f"chain {' -> '.join(r['chain'])}\nsha256 {r['sha256']}",
+    )
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace, client: Any, out: Any) -> int:
+    from blksnap.backup.repo import Repository
+
+    repo = Repository.open(args.repo)
+    chosen = [repo.get(args.backup)] if args.backup else [b for b in repo.backups() if b.ok]
+    total = sum(d.data_size for b in chosen for d in b.devices)
+    with progress("verify", total, show=_show(args)) as advance:
+        problems = repo.verify(args.backup and chosen[0].id, progress=advance)
+    doc = {
+        "ok": not problems,
+        "backups": [b.id for b in chosen],
+        "problems": [
+            {
+                "backup": p.backup,
+                "device": p.device,
+                "block": p.block,
+                "offset": p.offset,
+                "message": p.message,
+            }
+            for p in problems
+        ],
+    }
+    if problems:
+        if not args.json:
+            for p in problems:
+                print(str(p))
+        else:
+            out.emit(doc)
+        raise error(errno.EIO, f"{len(problems)} problem(s) found in {args.repo}")
+    out.emit(doc, f"{len(chosen)} backup(s) verified, every checksum matches")
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace, client: Any, out: Any) -> int:
+    from blksnap.backup.repo import Repository
+
+    repo = Repository.open(args.repo)
+    removed = repo.prune(args.keep, dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    out.emit(
+        {"removed": removed, "dry_run": args.dry_run},
+        f"{verb} {len(removed)} backup(s)" + (": " + ", ".join(removed) if removed else ""),
+    )
+    return 0

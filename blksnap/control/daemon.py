@@ -1,0 +1,883 @@
+"""``blksnapd``: serves devices and snapshot images over FUSE files (and over
+NBD with ``--nbd``), and the control socket that ``blksnap`` and
+:class:`blksnap.Client` speak to.
+
+One trio event loop runs the FUSE session, the NBD server and the control socket; engine
+calls, ``losetup`` and FIFREEZE run in worker threads (they may need the
+loop to serve FUSE requests while they wait). Shutdown on SIGTERM, SIGINT or
+``daemon.stop``: snapshots destroyed, loop devices it made detached, devices
+flushed, FUSE unmounted, socket removed. The NBD server stops first: it
+finishes the requests in flight, then closes its connections.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import errno
+import logging
+import os
+import signal
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import nullcontext
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from blksnap import __version__, hostinfo, inuse
+from blksnap.control import loop
+from blksnap.control.protocol import (
+    HEADER,
+    MAX_REQUEST,
+    VERSION,
+    ProtocolError,
+    check_length,
+    decode_body,
+    encode,
+    error_reply,
+    ok_reply,
+    validate_request,
+)
+from blksnap.engine.engine import Engine
+from blksnap.errors import BlksnapError, InvalidArgument, error
+
+if TYPE_CHECKING:
+    from blksnap.frontends.nbd import Address, NbdServer
+
+log = logging.getLogger("blksnapd")
+
+DEFAULT_SOCKET = "/run/blksnap/blksnapd.sock"
+DEFAULT_MOUNT = "/run/blksnap/mnt"
+DEFAULT_STATE_DIR = "/var/lib/blksnap"
+#: Worker threads for engine calls of the control socket.
+CONTROL_THREADS = 8
+#: A handle closed (or a file system unmounted lazily) just before a check is
+#: released by the kernel a moment later: users are looked for again for
+#: this long before a command refuses with EBUSY.
+USERS_GRACE = 1.0
+#: ``daemon status`` gives the FUSE data path this long to answer a stat.
+HEALTH_TIMEOUT = 2.0
+
+
+def sd_notify(message: str) -> None:
+    """Tell systemd (Type=notify) how we are; nothing without NOTIFY_SOCKET."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.connect(addr)
+            s.sendall(message.encode())
+    except OSError as exc:
+        log.warning("sd_notify failed: %s", exc)
+
+
+def clear_stale_mount(mountpoint: str) -> None:
+    """What a daemon that died left behind: loop devices over its files
+    (detached, or auto-cleared once their users close them) and its dead
+    FUSE mount (unmounted lazily)."""
+    mountpoint = os.path.abspath(mountpoint)
+    for entry in sorted(os.listdir("/sys/block")):
+        backing = hostinfo.backing_file(entry) if entry.startswith("loop") else None
+        if backing and backing.startswith(mountpoint + "/"):
+            log.warning("detaching stale loop device /dev/%s (%s)", entry, backing)
+            try:
+                loop.detach("/dev/" + entry)
+            except BlksnapError as exc:
+                log.error("stale loop device /dev/%s: %s", entry, exc)
+    if is_mounted(mountpoint):
+        log.warning("clearing stale mount at %s", mountpoint)
+        subprocess.run(["umount", "-l", mountpoint], check=False)
+
+
+def is_mounted(mountpoint: str) -> bool:
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == mountpoint for line in f)
+
+
+def open_exclusively_elsewhere(blockdev: str) -> bool:
+    """Does something hold ``blockdev`` exclusively (a file system, mounted
+    in another namespace or lazily unmounted and still busy; device mapper,
+    md, mkfs ...)? An ``O_EXCL`` open of a block device fails with EBUSY then."""
+    try:
+        fd = os.open(blockdev, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
+    except OSError as exc:
+        return exc.errno == errno.EBUSY
+    os.close(fd)
+    return False
+
+
+def holds_files_on(blockdev: str) -> bool:
+    """Does this process have a file open on the file system of ``blockdev``
+    (diff storage on a protected file system, say)? Such a file system may
+    be kept alive, lazily unmounted, by blksnapd alone, which a stop
+    releases (snapshots destroyed) before it detaches the loop devices."""
+    try:
+        rdev = os.stat(blockdev).st_rdev
+        fds = os.listdir("/proc/self/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.fstat(int(fd)).st_dev == rdev:
+                return True
+        except (OSError, ValueError):
+            continue
+    return False
+
+
+def host_users(path: str, own_loop: str | None) -> tuple[list[str], int, bool]:
+    """Who uses the FUSE file ``path`` through the host: loop devices over it
+    (blksnapd's own ``own_loop`` counts only if mounted or held), file
+    systems on them, their holders and the processes that have them or the
+    file open. Returns (descriptions, loop devices over the file that are
+    not ``own_loop`` (each holds one handle of the file), whether processes
+    were found with the file open). Blocking."""
+    out: list[str] = []
+    loops = hostinfo.loops_backed_by(path)
+    others = [lp for lp in loops if lp != own_loop]
+    procs = inuse.openers({path, *loops})
+    for lp in loops:
+        what = lp if lp == own_loop else f"loop device {lp} (not blksnapd's) over {path}"
+        mounts = hostinfo.mounts_of(lp)
+        for m in mounts:
+            out.append(f"{lp} is mounted on {m.mountpoint} ({m.fstype})")
+        holders = inuse.holders(os.path.basename(lp))
+        if holders:
+            out.append(f"{what} is held by {', '.join(holders)}")
+        elif not mounts and open_exclusively_elsewhere(lp) and not holds_files_on(lp):
+            out.append(f"{what} is held open exclusively (a file system still unmounting?)")
+        elif lp != own_loop and not mounts:
+            out.append(f"{what} is attached")
+        if lp in procs:
+            out.append(f"{lp} is open in {', '.join(procs[lp])}")
+    if path in procs:
+        out.append(f"{path} is open in {', '.join(procs[path])}")
+    return out, len(others), path in procs
+
+
+class Daemon:
+    def __init__(
+        self,
+        state_dir: str,
+        mount: str,
+        socket_path: str,
+        *,
+        fuse_threads: int = 16,
+        direct_io: bool = True,
+        nbd: Address | None = None,
+        nbd_writable_images: bool = False,
+    ) -> None:
+        self.state_dir = os.path.abspath(state_dir)
+        self.mount = os.path.abspath(mount)
+        self.socket_path = os.path.abspath(socket_path)
+        self.engine = Engine(self.state_dir)
+        self.engine.served_root = self.mount
+        from blksnap.frontends.fuse import BlksnapFS
+
+        self.fs = BlksnapFS(self.engine, threads=fuse_threads, direct_io=direct_io)
+        self.nbd: NbdServer | None = None
+        if nbd is not None:
+            from blksnap.frontends.nbd import NbdServer
+
+            self.nbd = NbdServer(self.engine, nbd, writable_images=nbd_writable_images)
+        #: Loop devices this daemon attached: FUSE path -> loop device.
+        self.loops: dict[str, str] = {}
+        self.started = time.time()
+        self.stopping = trio.Event()
+        #: Why the FUSE session ended while blksnapd still runs (the kernel
+        #: aborted the connection, the mount went away), or None.
+        self.fuse_ended: str | None = None
+        self.control_limiter = trio.CapacityLimiter(CONTROL_THREADS)
+        self.handlers: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {
+            "version": self.op_version,
+            "daemon.status": self.op_status,
+            "daemon.stop": self.op_stop,
+            "device.add": self.op_device_add,
+            "device.remove": self.op_device_remove,
+            "device.list": self.op_device_list,
+            "filter.attach": self.op_attach,
+            "filter.detach": self.op_detach,
+            "cbt.info": self.op_cbt_info,
+            "cbt.map": self.op_cbt_map,
+            "cbt.markdirty": self.op_markdirty,
+            "snapshot.create": self.op_snapshot_create,
+            "snapshot.appendstorage": self.op_appendstorage,
+            "snapshot.take": self.op_snapshot_take,
+            "snapshot.info": self.op_snapshot_info,
+            "snapshot.collect": self.op_snapshot_collect,
+            "snapshot.waitevent": self.op_waitevent,
+            "snapshot.destroy": self.op_snapshot_destroy,
+        }
+
+    # -- paths ------------------------------------------------------------------
+
+    def device_path(self, name: str) -> str:
+        return os.path.join(self.mount, "dev", name)
+
+    def image_path(self, sid: str, name: str) -> str:
+        return os.path.join(self.mount, "images", sid, name)
+
+    async def thread(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await trio.to_thread.run_sync(fn, *args, limiter=self.control_limiter)
+
+    # -- operations -------------------------------------------------------------
+
+    async def op_version(self, args: dict[str, Any]) -> Any:
+        return {"daemon": __version__, "protocol": VERSION}
+
+    async def _stat_path(self, fn: Callable[[str], Any], path: str) -> str | None:
+        """``fn(path)`` in a thread, bounded by HEALTH_TIMEOUT: what went
+        wrong, or None. (A thread: the event loop serves the FUSE request.)"""
+        with trio.move_on_after(HEALTH_TIMEOUT):
+            try:
+                await trio.to_thread.run_sync(fn, path, abandon_on_cancel=True)
+                return None
+            except OSError as exc:
+                name = errno.errorcode.get(exc.errno or 0, "EIO")
+                return f"{path}: {name} ({exc.strerror}): the FUSE data path is down"
+        return f"{path}: no answer in {HEALTH_TIMEOUT:g} s: the FUSE data path is stuck"
+
+    async def health(self) -> tuple[list[str], dict[str, Any]]:
+        """(problems, device errors): the FUSE session, the data path (a
+        statfs of the mount and a stat of its dev/ directory, which the
+        kernel must ask this daemon for) and devices whose backing store
+        failed requests."""
+        problems: list[str] = []
+        if self.fuse_ended:
+            problems.append(self.fuse_ended)
+        for fn, path in ((os.statvfs, self.mount), (os.stat, os.path.join(self.mount, "dev"))):
+            problem = await self._stat_path(fn, path)
+            if problem:
+                problems.append(problem)
+                break
+        dev_errors = self.engine.device_errors()
+        for name, err in sorted(dev_errors.items()):
+            last = err["last"]
+            problems.append(
+                f"device {name}: {err['errors']} I/O error(s) from its backing store, "
+                f"last {last['error']} on {last['op']} at {last['offset']}: {last['message']}"
+            )
+        return problems, dev_errors
+
+    async def op_status(self, args: dict[str, Any]) -> Any:
+        problems, dev_errors = await self.health()
+        return {
+            "healthy": not problems,
+            "problems": problems,
+            "device_errors": dev_errors,
+            "fuse": "down" if self.fuse_ended else "up",
+            "pid": os.getpid(),
+            "version": __version__,
+            "uptime": round(time.time() - self.started, 3),
+            "state_dir": self.state_dir,
+            "mount": self.mount,
+            "socket": self.socket_path,
+            "devices": len(self.engine.devices()),
+            "snapshots": len(self.engine.snapshot_collect()),
+            "loops": sorted(self.loops.values()),
+            "nbd": self.nbd.address_text if self.nbd else None,
+            "nbd_listen": list(self.nbd.bound) if self.nbd else [],
+            "nbd_clients": len(self.nbd.connections) if self.nbd else 0,
+        }
+
+    async def op_stop(self, args: dict[str, Any]) -> Any:
+        if not args.get("force"):
+            users = await self.all_users()
+            if users:
+                raise error(
+                    errno.EBUSY,
+                    "blksnapd is in use, not stopping (unmount and close these first, "
+                    "or stop with --force, which detaches the loop devices under them): "
+                    + "; ".join(users),
+                )
+        else:
+            log.warning("daemon stop --force: devices and images go away under whoever uses them")
+        self.stopping.set()
+        return {"stopping": True, "pid": os.getpid()}
+
+    # -- who uses what ------------------------------------------------------------
+
+    def _nbd_image_users(self, sid: str, name: str) -> int:
+        if self.nbd is None:
+            return 0
+        export = f"{sid}/{name}"
+        return sum(
+            1
+            for c in list(self.nbd.connections)
+            if c.export is not None and c.export.name == export and not c.finished
+        )
+
+    async def users(
+        self, name: str, sid: str | None = None, *, grace: float = USERS_GRACE
+    ) -> list[str]:
+        """Who uses device ``name`` (or, with ``sid``, its image in snapshot
+        ``sid``): file systems mounted on loop devices over its FUSE file,
+        other loop devices over the file, holders of those, processes with
+        the loop device or the file open (blksnapd's own loop device holds
+        one handle of it), NBD clients. Empty when nothing does. A user
+        gone a moment ago (a handle the kernel releases late, a lazy
+        unmount finishing) is waited for up to ``grace`` seconds."""
+        if sid is None:
+            target: Any = self.engine.device(name)
+            path, label = self.device_path(name), f"device {name}"
+        else:
+            target = self.engine.image(sid, name)
+            path, label = self.image_path(sid, name), f"image {sid}/{name}"
+        deadline = trio.current_time() + grace
+        while True:
+            own = self.loops.get(path)
+            found, other_loops, named = await self.thread(host_users, path, own)
+            handles = self.fs.open_count(target) - (1 if own else 0) - other_loops
+            if handles > 0 and not named:  # held, but not by a process we can name
+                found.append(f"{path} is open in {handles} file handle(s)")
+            nbd = (
+                self._nbd_image_users(sid, name)
+                if sid is not None
+                else (self.nbd.device_users(name) if self.nbd else 0)
+            )
+            if nbd:
+                found.append(f"{nbd} NBD client(s) on export {sid + '/' if sid else ''}{name}")
+            if not found or trio.current_time() > deadline:
+                return [f"{label}: {what}" for what in found]
+            await trio.sleep(0.05)
+
+    async def _users_of_all(self, targets: Callable[[], list[tuple[str, str | None]]]) -> list[str]:
+        """Users of every (device, snapshot id or None) ``targets()`` lists,
+        with one USERS_GRACE for them all."""
+        deadline = trio.current_time() + USERS_GRACE
+        while True:
+            out: list[str] = []
+            for name, sid in targets():
+                try:
+                    out += await self.users(name, sid, grace=0)
+                except BlksnapError:  # removed or destroyed meanwhile
+                    pass
+            if not out or trio.current_time() > deadline:
+                return out
+            await trio.sleep(0.05)
+
+    def _images(self, sid: str) -> list[tuple[str, str | None]]:
+        snap = self.engine.snapshot(sid)
+        return [(n, sid) for n in sorted(snap.members) if snap.members[n].image is not None]
+
+    async def snapshot_users(self, sid: str) -> list[str]:
+        """Who uses the images of snapshot ``sid`` (see :meth:`users`)."""
+        self.engine.snapshot(sid)  # ENOENT
+        return await self._users_of_all(lambda: self._images(sid))
+
+    async def all_users(self) -> list[str]:
+        """Who uses any device or image: what a stop would break."""
+
+        def targets() -> list[tuple[str, str | None]]:
+            out: list[tuple[str, str | None]] = [(d.name, None) for d in self.engine.devices()]
+            for snap in self.engine.snapshot_collect():
+                try:
+                    out += self._images(snap["id"])
+                except BlksnapError:
+                    pass
+            return out
+
+        return await self._users_of_all(targets)
+
+    def _loop_of(self, path: str) -> str | None:
+        return self.loops.get(path)
+
+    async def _attach_loop(self, path: str) -> str:
+        dev = await self.thread(loop.attach, path)
+        self.loops[path] = dev
+        return dev
+
+    async def _detach_loop(self, path: str) -> None:
+        dev = self.loops.pop(path, None)
+        if dev is not None:
+            try:
+                await self.thread(loop.detach, dev)
+            except BlksnapError as exc:
+                log.warning("detach %s: %s", dev, exc)
+
+    def _describe_device(self, name: str) -> dict[str, Any]:
+        dev = self.engine.device(name)
+        path = self.device_path(name)
+        return {
+            "name": name,
+            "path": path,
+            "loop": self._loop_of(path),
+            "backing": dev.path,
+            "size": dev.size,
+            "filters": self.engine.filters(name),
+        }
+
+    async def op_device_add(self, args: dict[str, Any]) -> Any:
+        path, name = args["path"], args["name"]
+        if not os.path.isabs(path):
+            raise InvalidArgument(f"backing path must be absolute: {path}")
+        if os.path.commonpath([os.path.abspath(path), self.mount]) == self.mount:
+            raise InvalidArgument("a file served by blksnapd cannot back another device")
+        await self.thread(self.engine.add_device, path, name)
+        self.fs.add_device(name)
+        if args.get("loop"):
+            try:
+                await self._attach_loop(self.device_path(name))
+            except BlksnapError:
+                self.fs.remove_device(name)
+                await self.thread(self.engine.remove_device, name)
+                raise
+        return self._describe_device(name)
+
+    async def op_device_remove(self, args: dict[str, Any]) -> Any:
+        name = args["name"]
+        dev = self.engine.device(name)
+        trk = dev.filters.find("blksnap")
+        if trk is not None and getattr(trk, "snapshot_id", None):
+            raise error(errno.EBUSY, f"{name} is in snapshot {trk.snapshot_id}")  # type: ignore[attr-defined]
+        path = self.device_path(name)
+        # Mounted or held loop devices, other loop devices over the file,
+        # processes with it open, NBD clients (NBD lets no new one in while
+        # the device goes).
+        users = await self.users(name)
+        if users:
+            raise error(errno.EBUSY, "in use, not removing: " + "; ".join(users))
+        with self.nbd.withdrawn(name) if self.nbd else nullcontext():
+            await self._detach_loop(path)
+            self.fs.remove_device(name)
+            await self.thread(self.engine.remove_device, name)
+        return {"name": name, "removed": True}
+
+    async def op_device_list(self, args: dict[str, Any]) -> Any:
+        return [self._describe_device(d.name) for d in self.engine.devices()]
+
+    async def op_attach(self, args: dict[str, Any]) -> Any:
+        flt = args.get("filter", "blksnap")
+        await self.thread(self.engine.attach, args["device"], flt, args.get("opts") or {})
+        return {
+            "device": args["device"],
+            "filter": flt,
+            "filters": self.engine.filters(args["device"]),
+        }
+
+    async def op_detach(self, args: dict[str, Any]) -> Any:
+        flt = args.get("filter", "blksnap")
+        await self.thread(self.engine.detach, args["device"], flt)
+        return {
+            "device": args["device"],
+            "filter": flt,
+            "filters": self.engine.filters(args["device"]),
+        }
+
+    async def op_cbt_info(self, args: dict[str, Any]) -> Any:
+        return self.engine.cbt_info(args["device"]).as_dict()
+
+    async def op_cbt_map(self, args: dict[str, Any]) -> Any:
+        info = self.engine.cbt_info(args["device"])
+        data = await self.thread(self.engine.cbt_map, args["device"])
+        return {**info.as_dict(), "map": base64.b64encode(data).decode()}
+
+    async def op_markdirty(self, args: dict[str, Any]) -> Any:
+        ranges = [(int(o), int(n)) for o, n in args["ranges"]]
+        await self.thread(self.engine.mark_dirty, args["device"], ranges)
+        return {"device": args["device"], "ranges": len(ranges)}
+
+    @staticmethod
+    def _storage_args(path: str | None, args: dict[str, Any]) -> list[tuple[int, int]] | None:
+        """Check a diff storage path of a request; its byte ranges, or None."""
+        if path is not None and not os.path.isabs(path):
+            raise InvalidArgument(f"storage path must be absolute: {path}")
+        return [(int(o), int(n)) for o, n in args.get("ranges", [])] or None
+
+    async def op_snapshot_create(self, args: dict[str, Any]) -> Any:
+        storage = args.get("storage")
+        ranges = self._storage_args(storage, args)
+        sid = await self.thread(
+            lambda: self.engine.snapshot_create(
+                args["devices"],
+                storage=storage,
+                limit=args.get("limit"),
+                ranges=ranges,
+                sid=args.get("id"),
+            )
+        )
+        return {"id": sid}
+
+    async def op_appendstorage(self, args: dict[str, Any]) -> Any:
+        ranges = self._storage_args(args["path"], args)
+        await self.thread(
+            lambda: self.engine.snapshot_append_storage(
+                args["id"], args["path"], size=args.get("size"), ranges=ranges
+            )
+        )
+        snap = self.engine.snapshot_collect(args["id"])[0]
+        return {"id": args["id"], "storage": snap["storage"]}
+
+    def _consistent_take(self, sid: str, blockdevs: list[str]) -> list[str]:
+        with loop.frozen(blockdevs) as frozen:
+            self.engine.snapshot_take(sid, guard_storage=False)
+        self.engine.guard_storage(sid)  # a file system write: after the thaw
+        return frozen
+
+    async def op_snapshot_take(self, args: dict[str, Any]) -> Any:
+        sid = args["id"]
+        snap = self.engine.snapshot(sid)
+        names = sorted(snap.members)
+        blockdevs: list[str] = []
+        for name in names:
+            blockdevs += await self.thread(hostinfo.loops_backed_by, self.device_path(name))
+        frozen = await self.thread(self._consistent_take, sid, blockdevs)
+        self.fs.add_snapshot(sid, names)
+        images: dict[str, dict[str, Any]] = {}
+        for name in names:
+            path = self.image_path(sid, name)
+            lp = await self._attach_loop(path) if args.get("loop") else None
+            images[name] = {"path": path, "loop": lp}
+        return {"id": sid, "images": images, "frozen": frozen}
+
+    async def op_snapshot_info(self, args: dict[str, Any]) -> Any:
+        info = self.engine.snapshot_info(args["device"])
+        path = self.image_path(info["id"], args["device"]) if info["image"] else None
+        return {
+            "id": info["id"],
+            "state": info["state"],
+            "error": errno.errorcode.get(info["error"]) if info["error"] else None,
+            "errno": info["error"],
+            "image": path,
+            "loop": self._loop_of(path) if path else None,
+        }
+
+    async def op_snapshot_collect(self, args: dict[str, Any]) -> Any:
+        out = []
+        for snap in self.engine.snapshot_collect(args.get("id")):
+            for d in snap["devices"]:
+                path = self.image_path(snap["id"], d["name"]) if d["image"] else None
+                d["image"] = path
+                d["loop"] = self._loop_of(path) if path else None
+            out.append(snap)
+        return out
+
+    async def op_waitevent(self, args: dict[str, Any]) -> Any:
+        sid, timeout = args["id"], args["timeout_ms"] / 1000.0
+        self.engine.snapshot(sid)  # ENOENT now, not after the wait
+        ev = await trio.to_thread.run_sync(
+            self.engine.wait_event, sid, timeout, abandon_on_cancel=True
+        )
+        if ev is None:
+            return {"event": "timeout", "data": {}}
+        return ev.as_dict()
+
+    async def op_snapshot_destroy(self, args: dict[str, Any]) -> Any:
+        sid = args["id"]
+        self.engine.snapshot(sid)  # ENOENT
+        if not args.get("force"):
+            users = await self.snapshot_users(sid)
+            if users:
+                raise error(
+                    errno.EBUSY,
+                    f"snapshot {sid} is in use, not destroying (unmount and close its "
+                    "images first, or destroy with --force): " + "; ".join(users),
+                )
+        else:
+            log.warning("snapshot destroy --force %s: whoever uses its images loses them", sid)
+        return await self._destroy(sid)
+
+    async def _destroy(self, sid: str) -> Any:
+        snap = self.engine.snapshot(sid)
+        for name in sorted(snap.members):
+            await self._detach_loop(self.image_path(sid, name))
+        self.fs.remove_snapshot(sid)
+        await self.thread(self.engine.snapshot_destroy, sid)
+        return {"id": sid, "destroyed": True}
+
+    # -- control socket -----------------------------------------------------------
+
+    async def _receive_exactly(self, stream: trio.SocketStream, n: int) -> bytes | None:
+        buf = bytearray()
+        while len(buf) < n:
+            chunk = await stream.receive_some(n - len(buf))
+            if not chunk:
+                return None
+            buf += chunk
+        return bytes(buf)
+
+    def _peer_allowed(self, stream: trio.SocketStream) -> bool:
+        creds = stream.socket.getsockopt(
+            socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")
+        )
+        _pid, uid, _gid = struct.unpack("3i", creds)
+        return uid in (0, os.getuid())
+
+    async def handle_connection(self, stream: trio.SocketStream) -> None:
+        async with stream:
+            if not self._peer_allowed(stream):
+                log.warning("control connection from a foreign uid refused")
+                await stream.send_all(encode(error_reply(None, error(errno.EPERM, "not allowed"))))
+                return
+            while True:
+                try:
+                    header = await self._receive_exactly(stream, HEADER.size)
+                    if header is None:
+                        return
+                    (length,) = HEADER.unpack(header)
+                    try:
+                        check_length(length, MAX_REQUEST)
+                    except ProtocolError as exc:
+                        # The body cannot be skipped safely: answer, then hang up.
+                        await stream.send_all(encode(error_reply(None, exc)))
+                        return
+                    body = await self._receive_exactly(stream, length)
+                    if body is None:
+                        return
+                    reply = await self.dispatch(body)
+                    await stream.send_all(encode(reply))
+                except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
+                    return
+
+    async def dispatch(self, body: bytes) -> dict[str, Any]:
+        req_id: Any = None
+        try:
+            msg = decode_body(body)
+            req_id = msg.get("id")
+            req_id, op, args = validate_request(msg)
+            result = await self.handlers[op](args)
+            return ok_reply(req_id, result)
+        except BlksnapError as exc:
+            log.info("request %s failed: %s", req_id, exc)
+            return error_reply(req_id, exc)
+        except Exception as exc:  # a bug: say so, keep serving
+            log.exception("request %s crashed", req_id)
+            return error_reply(req_id, error(errno.EIO, f"internal error: {exc!r}"))
+
+    async def serve_control(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        os.makedirs(os.path.dirname(self.socket_path), mode=0o755, exist_ok=True)
+        if os.path.exists(self.socket_path):
+            if self._socket_alive():
+                raise error(errno.EADDRINUSE, f"another blksnapd answers on {self.socket_path}")
+            os.unlink(self.socket_path)
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)
+        try:
+            await sock.bind(self.socket_path)
+        finally:
+            os.umask(old_umask)
+        os.chmod(self.socket_path, stat.S_IRUSR | stat.S_IWUSR)
+        sock.listen(64)
+        listener = trio.SocketListener(sock)
+        task_status.started()
+        await trio.serve_listeners(self.handle_connection, [listener])
+
+    def _socket_alive(self) -> bool:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(self.socket_path)
+            return True
+        except OSError:
+            return False
+        finally:
+            s.close()
+
+    # -- life -------------------------------------------------------------------
+
+    async def _signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                sig = signal.Signals(signum).name
+                if self.stopping.is_set():
+                    continue
+                # Stopping detaches the loop devices under mounted file
+                # systems (their journals abort): refuse, keep serving, and
+                # say why. A second signal does not force; only
+                # 'blksnap daemon stop --force' does.
+                users = await self.all_users()
+                if users:
+                    log.error(
+                        "signal %s: NOT stopping, blksnapd is in use (unmount and close "
+                        "these first, or 'blksnap daemon stop --force'): %s",
+                        sig,
+                        "; ".join(users),
+                    )
+                    sd_notify("STATUS=refused to stop: in use: " + "; ".join(users)[:400])
+                    continue
+                log.info("signal %s: shutting down", sig)
+                self.stopping.set()
+
+    async def _serve_fuse(self) -> None:
+        """pyfuse3's main loop. It returns when the kernel ends the session
+        (an abort through /sys/fs/fuse/connections/N/abort, the mount taken
+        away) and may raise on a read error of /dev/fuse: either way the
+        daemon keeps answering its control socket, so that ``daemon status``
+        can say what is wrong and ``daemon stop`` can clear the dead mount."""
+        import pyfuse3
+
+        # 32 idle pyfuse3 tasks: requests handed to the worker pool each
+        # hold one, and creating tasks per request costs (bench: +28%).
+        try:
+            await pyfuse3.main(32, 256)
+        except Exception as exc:
+            why = f"the FUSE session failed: {exc!r}"
+        else:
+            if self.stopping.is_set():
+                return
+            why = (
+                "the FUSE session ended (connection aborted or mount removed): "
+                f"{self.mount} no longer serves the devices; 'blksnap daemon stop' clears it"
+            )
+        self.fuse_ended = why
+        log.error("%s", why)
+
+    async def shutdown(self) -> None:
+        """Destroy snapshots, detach our loop devices, flush devices. FUSE is
+        still served meanwhile (losetup closes the files through it)."""
+        sd_notify("STOPPING=1")
+        if self.nbd is not None:
+            await self.nbd.close()
+        for snap in self.engine.snapshot_collect():
+            try:
+                await self._destroy(snap["id"])
+            except BlksnapError as exc:
+                log.error("destroy %s: %s", snap["id"], exc)
+        for path in list(self.loops):
+            await self._detach_loop(path)
+        for dev in self.engine.devices():
+            try:
+                await self.thread(dev.flush)
+            except BlksnapError as exc:
+                log.error("flush %s: %s", dev.name, exc)
+
+    async def run(self) -> None:
+        import pyfuse3
+
+        from blksnap.frontends.fuse import mount_options
+
+        if self.nbd is not None:
+            await self.nbd.open()  # before the mount: a bad address leaves nothing behind
+        clear_stale_mount(self.mount)
+        os.makedirs(self.mount, mode=0o755, exist_ok=True)
+        try:
+            pyfuse3.init(self.fs, self.mount, mount_options())
+        except BaseException:
+            if self.nbd is not None:
+                self.nbd.remove_socket()
+            raise
+        log.info("FUSE mounted at %s", self.mount)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._serve_fuse)
+                await nursery.start(self.serve_control)
+                if self.nbd is not None:
+                    await nursery.start(self.nbd.serve)
+                nursery.start_soon(self._signals)
+                log.info(
+                    "blksnapd %s ready: socket %s, mount %s, state %s%s",
+                    __version__,
+                    self.socket_path,
+                    self.mount,
+                    self.state_dir,
+                    f", NBD {self.nbd.address_text}" if self.nbd else "",
+                )
+                sd_notify(f"READY=1\nMAINPID={os.getpid()}")
+                await self.stopping.wait()
+                await self.shutdown()
+                nursery.cancel_scope.cancel()
+        finally:
+            try:
+                pyfuse3.close(unmount=True)
+            except Exception as exc:
+                log.error("unmount %s: %s", self.mount, exc)
+            # libfuse does not unmount a connection aborted through
+            # /sys/fs/fuse/connections: clear the dead mount lazily.
+            try:
+                if is_mounted(self.mount):
+                    log.warning("FUSE mount %s still there: unmounting lazily", self.mount)
+                    subprocess.run(["umount", "-l", self.mount], check=False)
+            except OSError as exc:
+                log.error("unmount %s: %s", self.mount, exc)
+            self.fs.close()  # join the FUSE worker threads
+            self.engine.close()
+            try:
+                os.unlink(self.socket_path)
+            except FileNotFoundError:
+                pass
+            log.info("blksnapd stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="blksnapd",
+        description="blksnap daemon: serves protected devices and snapshot images as FUSE "
+        "files (<mount>/dev/N, <mount>/images/ID/N) and answers the blksnap CLI on a "
+        "Unix socket. Runs in the foreground; systemd Type=notify friendly.",
+    )
+    p.add_argument("--state-dir", default=DEFAULT_STATE_DIR, help=f"default {DEFAULT_STATE_DIR}")
+    p.add_argument(
+        "--mount", default=DEFAULT_MOUNT, help=f"FUSE mount point, default {DEFAULT_MOUNT}"
+    )
+    p.add_argument(
+        "--socket",
+        default=os.environ.get("BLKSNAP_SOCKET", DEFAULT_SOCKET),
+        help=f"control socket (env BLKSNAP_SOCKET), default {DEFAULT_SOCKET}",
+    )
+    p.add_argument(
+        "--nbd",
+        default=None,
+        metavar="ADDR",
+        help="also serve devices (export N) and snapshot images (export ID/N) over NBD on "
+        "unix:PATH or [HOST:]PORT (no host: 127.0.0.1; TCP is open to every local user, "
+        "prefer unix:)",
+    )
+    p.add_argument(
+        "--nbd-any",
+        action="store_true",
+        help="allow --nbd on a wildcard address (0.0.0.0, ::): every interface",
+    )
+    p.add_argument(
+        "--nbd-writable-images",
+        action="store_true",
+        help="export snapshot images read-write (writes land in diff storage and mark the CBT)",
+    )
+    p.add_argument("--fuse-threads", type=int, default=16, help="worker threads for FUSE I/O")
+    p.add_argument(
+        "--no-direct-io", action="store_true", help="let the page cache sit in front of the files"
+    )
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    args = p.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    nbd_address = None
+    if args.nbd is not None:
+        from blksnap.frontends.nbd import parse_address
+
+        try:
+            nbd_address = parse_address(args.nbd, allow_any=args.nbd_any)
+        except BlksnapError as exc:
+            print(f"blksnapd: {exc}", file=sys.stderr)
+            return 2
+    if os.geteuid() != 0:
+        log.warning("not root: loop devices and FIFREEZE will fail")
+    try:
+        daemon = Daemon(
+            args.state_dir,
+            args.mount,
+            args.socket,
+            fuse_threads=args.fuse_threads,
+            direct_io=not args.no_direct_io,
+            nbd=nbd_address,
+            nbd_writable_images=args.nbd_writable_images,
+        )
+        trio.run(daemon.run)
+    except BlksnapError as exc:
+        print(f"blksnapd: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

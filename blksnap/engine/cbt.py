@@ -1,0 +1,146 @@
+"""Change-block tracking map: one byte per tracking block.
+
+Each byte holds the snapshot number under which its block was last written.
+Writes mark the *write map* with the active number. A take copies the write
+map into the frozen *read map*; the active number at that moment becomes the
+take's ``changes_number`` (the kernel's ``snap_number_previous``) and the
+active number moves on. So the blocks changed since a backup made at take j
+are exactly those whose number is greater than ``changes_number(j)``, as long
+as ``generation_id`` is the same.
+
+A byte cannot count past 255: the take that uses number 255 still reports it
+under the current generation, and the write map then starts a new generation
+(new UUID, zeroed map, numbers from 1). A backup tool that sees a new
+generation makes a full backup, so no change is ever missed. Reattach and a
+capacity change also mean a new generation (a new map).
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+
+from blksnap.engine.params import Params
+from blksnap.errors import InvalidArgument
+
+MAX_SNAP_NUMBER = 255
+
+
+def tracking_block_shift(capacity: int, params: Params) -> int:
+    """The blksnap rule: start at the minimum block size and double while
+    there would be more than ``tracking_block_maximum_count`` blocks, but
+    never past the maximum block size."""
+    shift = params.tracking_block_minimum_shift
+    while (
+        shift < params.tracking_block_maximum_shift
+        and ((capacity + (1 << shift) - 1) >> shift) > params.tracking_block_maximum_count
+    ):
+        shift += 1
+    return shift
+
+
+@dataclass(frozen=True)
+class CbtInfo:
+    block_size: int
+    device_capacity: int
+    block_count: int
+    generation_id: str
+    changes_number: int
+
+    def as_dict(self) -> dict[str, int | str]:
+        return {
+            "block_size": self.block_size,
+            "device_capacity": self.device_capacity,
+            "block_count": self.block_count,
+            "generation_id": self.generation_id,
+            "changes_number": self.changes_number,
+        }
+
+
+class CbtMap:
+    def __init__(self, capacity: int, params: Params) -> None:
+        self._lock = threading.Lock()
+        self.params = params
+        self._reset(capacity)
+
+    def _reset(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.block_shift = tracking_block_shift(capacity, self.params)
+        self.block_size = 1 << self.block_shift
+        self.block_count = (capacity + self.block_size - 1) >> self.block_shift
+        self.generation_id = str(uuid.uuid4())
+        self.write_map = np.zeros(self.block_count, dtype=np.uint8)
+        self.active = 1
+        # The read side: what the last take froze.
+        self.read_map = np.zeros(self.block_count, dtype=np.uint8)
+        self.read_generation_id = self.generation_id
+        self.changes_number = 0
+
+    def _blocks(self, offset: int, length: int) -> slice:
+        if offset < 0 or length < 0 or offset + length > self.capacity:
+            raise InvalidArgument(
+                f"range {offset}+{length} is outside the tracked capacity {self.capacity}"
+            )
+        return slice(offset >> self.block_shift, (offset + length - 1 >> self.block_shift) + 1)
+
+    def mark(self, offset: int, length: int) -> None:
+        """A device write: its blocks changed under the active number.
+
+        Lock-free: it runs with the device's gate held, and take (the only
+        change of ``active``) drains the gate first.
+        """
+        if length > 0:
+            shift = self.block_shift
+            self.write_map[offset >> shift : ((offset + length - 1) >> shift) + 1] = self.active
+
+    def mark_both(self, offset: int, length: int) -> None:
+        """Mark blocks changed in the write map *and* in the frozen read map,
+        so both the backup under way and the next one read them (image
+        writes, ``markdirtyblock``)."""
+        if length <= 0:
+            return
+        with self._lock:
+            blocks = self._blocks(offset, length)
+            self.write_map[blocks] = self.active
+            if self.changes_number:
+                self.read_map[blocks] = self.changes_number
+
+    def switch(self) -> None:
+        """At take: freeze the read map and move to the next number."""
+        with self._lock:
+            self.read_map = self.write_map.copy()
+            self.read_generation_id = self.generation_id
+            self.changes_number = self.active
+            if self.active == MAX_SNAP_NUMBER:
+                self.generation_id = str(uuid.uuid4())
+                self.write_map.fill(0)
+                self.active = 1
+            else:
+                self.active += 1
+
+    def resize(self, capacity: int) -> None:
+        """A capacity change: nothing before it can be trusted, new generation."""
+        with self._lock:
+            self._reset(capacity)
+
+    def info(self) -> CbtInfo:
+        with self._lock:
+            return CbtInfo(
+                block_size=self.block_size,
+                device_capacity=self.capacity,
+                block_count=self.block_count,
+                generation_id=self.read_generation_id,
+                changes_number=self.changes_number,
+            )
+
+    def read_map_bytes(self) -> bytes:
+        with self._lock:
+            return self.read_map.tobytes()
+
+    def changed_blocks(self, since: int) -> np.ndarray:
+        """Indices of read-map blocks whose number is greater than ``since``."""
+        with self._lock:
+            return np.flatnonzero(self.read_map > since)

@@ -1,0 +1,538 @@
+"""Backing store I/O and the served device.
+
+A :class:`BackingStore` is a regular file or a block device: positional
+reads and writes (``os.pread``/``os.pwrite`` release the GIL, so threads give
+real I/O depth), flush with ``fsync``, capacity, exclusive open for block
+devices. A :class:`Device` is a backing store served under a name, with the
+filter stack in front of it and a gate that take and attach use to drain
+in-flight writes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import logging
+import os
+import stat
+import struct
+import threading
+import time
+from typing import TYPE_CHECKING
+
+from blksnap.engine.filters import Bio, FilterResult, FilterStack, Op
+from blksnap.engine.gate import Gate, WouldWait
+from blksnap.engine.params import Params
+from blksnap.errors import BlksnapError, InvalidArgument, NoDevice, NoSpace, from_oserror
+from blksnap.fileio import fd_size, pread_full, pwrite_full, storage_identity
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from blksnap.engine.filters import Filter
+
+log = logging.getLogger(__name__)
+
+_ZERO_PIECE = 1 << 20
+
+
+def open_backing(path: str, *, writable: bool = True) -> tuple[int, os.stat_result]:
+    """Open ``path`` for positional I/O; block devices exclusively (``EBUSY`` if in use)."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise from_oserror(exc, path) from None
+    flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
+    if stat.S_ISBLK(st.st_mode):
+        flags |= os.O_EXCL
+    elif not stat.S_ISREG(st.st_mode):
+        raise InvalidArgument(f"{path} is {_kind(st.st_mode)}: {_WANTED}")
+    elif (fstype := _pseudo_fs(st.st_dev)) is not None:
+        raise InvalidArgument(
+            f"{path} is on {fstype}, a pseudo file system whose files are made up as "
+            f"they are read: {_WANTED} on a real file system"
+        )
+    try:
+        # O_NONBLOCK: should the path turn into a FIFO after the stat, the
+        # open must not hang (it changes nothing for files and disks).
+        fd = os.open(path, flags | os.O_NONBLOCK)
+    except OSError as exc:
+        raise from_oserror(exc, path) from None
+    try:
+        st = os.fstat(fd)
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            raise InvalidArgument(f"{path} is {_kind(st.st_mode)}: {_WANTED}")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
+_WANTED = "a device or diff storage is a regular file or a block device"
+_PSEUDO_FS = frozenset(
+    {
+        *("proc", "sysfs", "debugfs", "tracefs", "securityfs", "configfs", "cgroup"),
+        *("cgroup2", "pstore", "bpf", "efivarfs", "fusectl", "binfmt_misc", "mqueue"),
+        *("rpc_pipefs", "nsfs"),
+    }
+)
+
+
+def _pseudo_fs(dev: int) -> str | None:
+    """The type of the file system of ``st_dev`` if it is a pseudo one (proc, sysfs ...)."""
+    want = f"{os.major(dev)}:{os.minor(dev)}"
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 2 and fields[2] == want and " - " in line:
+                    fstype = line.split(" - ", 1)[1].split()[0]
+                    return fstype if fstype in _PSEUDO_FS else None
+    except OSError:
+        pass
+    return None
+
+
+def _kind(mode: int) -> str:
+    """What a file of ``mode`` is, in words."""
+    for test, what in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISLNK, "a symbolic link"),
+    ):
+        if test(mode):
+            return what
+    return f"of file type {stat.S_IFMT(mode):#o}"
+
+
+# Deallocation goes to libc: fallocate(2) (os.posix_fallocate cannot punch
+# holes) and the block device ioctls. ctypes calls release the GIL.
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+BLKSSZGET = 0x1268
+BLKZEROOUT = 0x127F
+#: ``Bio.private`` key of a WRITE_ZEROES whose range may be deallocated.
+UNMAP = "unmap"
+#: The answers of a file system or device that cannot do an operation at all.
+_UNSUPPORTED = frozenset((errno.EOPNOTSUPP, errno.ENOSYS, errno.ENOTTY))
+_libc = ctypes.CDLL(None, use_errno=True)
+_fallocate = getattr(_libc, "fallocate64", None) or _libc.fallocate
+_fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+_fallocate.restype = ctypes.c_int
+_ioctl = _libc.ioctl
+_ioctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p)
+_ioctl.restype = ctypes.c_int
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) with any ``mode`` (``OSError`` on failure)."""
+    while _fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        if err != errno.EINTR:
+            raise OSError(err, os.strerror(err))
+
+
+def blkzeroout(fd: int, offset: int, length: int) -> None:
+    """BLKZEROOUT: the device zeroes the range (logical-block aligned)."""
+    rng = (ctypes.c_uint64 * 2)(offset, length)
+    while _ioctl(fd, BLKZEROOUT, ctypes.byref(rng)) != 0:
+        err = ctypes.get_errno()
+        if err != errno.EINTR:
+            raise OSError(err, os.strerror(err))
+
+
+class BackingStore:
+    """Where a device's data lives: a regular file or a block device."""
+
+    # Set (on the instance) once the file system or device has said it cannot
+    # do that at all: from then on zeros are written instead.
+    _no_punch = False
+    _no_zero_range = False
+    _no_zeroout = False
+    _no_seek_data = False
+    #: Logical block size of a block device, read at its first BLKZEROOUT.
+    _sector = 0
+
+    def __init__(self, path: str) -> None:
+        self.path = os.path.abspath(path)
+        self.fd, st = open_backing(self.path)
+        self.is_blockdev = stat.S_ISBLK(st.st_mode)
+        self.identity = storage_identity(st)
+        try:
+            self.size = fd_size(self.fd)
+            # A device is whole 512-byte sectors, at least one (a loop device
+            # or FUSE file of any other size cannot be used as a disk).
+            if self.size == 0:
+                raise InvalidArgument(
+                    f"{self.path} has size 0: nothing to serve (an empty "
+                    + ("block device" if self.is_blockdev else "file, or a pseudo-file as in /proc")
+                    + "); a device needs at least one 512-byte sector"
+                )
+            if self.size % 512:
+                raise InvalidArgument(
+                    f"{self.path} has size {self.size}, not a multiple of 512 bytes (the "
+                    f"sector size); grow or truncate it to a multiple of 512, e.g. "
+                    f"{-(-self.size // 512) * 512}"
+                )
+        except BaseException:
+            os.close(self.fd)
+            self.fd = -1
+            raise
+
+    def refresh_size(self) -> int:
+        """Read the capacity again (a file or device resized under us)."""
+        self.size = fd_size(self.fd)
+        return self.size
+
+    def pread(self, offset: int, length: int) -> bytes:
+        try:
+            return pread_full(self.fd, offset, length)
+        except OSError as exc:
+            raise from_oserror(exc, f"read {self.path}") from None
+
+    def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        try:
+            pwrite_full(self.fd, offset, data)
+        except OSError as exc:
+            raise from_oserror(exc, f"write {self.path}") from None
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        zero = bytes(min(length, _ZERO_PIECE))
+        end = offset + length
+        while offset < end:
+            n = min(len(zero), end - offset)
+            self.pwrite(offset, zero[:n] if n < len(zero) else zero)
+            offset += n
+
+    # -- deallocation ---------------------------------------------------------------
+
+    def discard(self, offset: int, length: int) -> None:
+        """Deallocate ``offset``..``offset+length``; it reads back as zeros
+        (what a device's DISCARD promises): a hole punched in a regular
+        file, BLKZEROOUT on a block device, zeros written where neither can
+        be done."""
+        if self.is_blockdev:
+            self._zeroout(offset, length)
+        elif not self._try_fallocate(
+            FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length, "_no_punch", "punch hole"
+        ):
+            self.write_zeroes(offset, length)
+
+    def zero(self, offset: int, length: int, *, unmap: bool = False) -> None:
+        """Make ``offset``..``offset+length`` read back as zeros, the quick
+        way: with ``unmap`` the space may be released (a hole, as
+        :meth:`discard`), without it the range stays allocated
+        (``FALLOC_FL_ZERO_RANGE``; BLKZEROOUT on a block device). Zeros are
+        written where the file system or device cannot do either."""
+        if self.is_blockdev:
+            self._zeroout(offset, length)
+        elif unmap:
+            self.discard(offset, length)
+        elif not self._try_fallocate(
+            FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE,
+            offset,
+            length,
+            "_no_zero_range",
+            "zero range",
+        ):
+            self.write_zeroes(offset, length)
+
+    def _try_fallocate(self, mode: int, offset: int, length: int, flag: str, what: str) -> bool:
+        """fallocate ``mode``; False (logged once) if the file system cannot."""
+        if getattr(self, flag):
+            return False
+        try:
+            fallocate(self.fd, mode, offset, length)
+        except OSError as exc:
+            if exc.errno not in _UNSUPPORTED:
+                raise from_oserror(exc, f"{what} {self.path}") from None
+            setattr(self, flag, True)
+            log.info("%s: %s not supported (%s): writing zeros instead", self.path, what, exc)
+            return False
+        return True
+
+    def _zeroout(self, offset: int, length: int) -> None:
+        """BLKZEROOUT on the logical blocks the range covers whole; zeros
+        written for the pieces at either end (and for all of it if the
+        device cannot)."""
+        end = offset + length
+        if not self._no_zeroout:
+            try:
+                if not self._sector:
+                    buf = fcntl.ioctl(self.fd, BLKSSZGET, b"\0" * 4)
+                    self._sector = struct.unpack("i", buf)[0] or 512
+                sector = self._sector
+                a = -(-offset // sector) * sector
+                b = end // sector * sector
+                if b > a:
+                    blkzeroout(self.fd, a, b - a)
+                    if a > offset:
+                        self.write_zeroes(offset, a - offset)
+                    if end > b:
+                        self.write_zeroes(b, end - b)
+                    return
+            except OSError as exc:
+                if exc.errno not in _UNSUPPORTED and exc.errno != errno.EINVAL:
+                    raise from_oserror(exc, f"zero out {self.path}") from None
+                self._no_zeroout = True
+                log.info("%s: BLKZEROOUT not supported (%s): writing zeros instead", self.path, exc)
+        self.write_zeroes(offset, length)
+
+    def extents(self, offset: int, length: int, limit: int = 0) -> list[tuple[int, int, bool]]:
+        """Allocation of ``offset``..``offset+length``: runs ``(offset,
+        length, is_hole)`` in order. A hole reads back as zeros; a data run
+        may hold anything. The runs cover the range, or (with ``limit``) a
+        prefix of it in at most ``limit`` runs. A block device, or a file
+        system that cannot tell (no ``SEEK_DATA``), is all data."""
+        if length <= 0:
+            return []
+        if self.is_blockdev or self._no_seek_data:
+            return [(offset, length, False)]
+        fd = self.fd
+        end = offset + length
+        out: list[tuple[int, int, bool]] = []
+        pos = offset
+        try:
+            while pos < end and not (limit and len(out) >= limit):
+                try:
+                    data = min(os.lseek(fd, pos, os.SEEK_DATA), end)
+                except OSError as exc:
+                    if exc.errno != errno.ENXIO:
+                        raise
+                    data = end  # no data after pos: a hole to the end of the file
+                if data > pos:
+                    out.append((pos, data - pos, True))
+                    pos = data
+                    if pos >= end or (limit and len(out) >= limit):
+                        break
+                hole = min(os.lseek(fd, pos, os.SEEK_HOLE), end)
+                if hole > pos:  # (== pos: punched meanwhile; look again)
+                    out.append((pos, hole - pos, False))
+                    pos = hole
+        except OSError as exc:
+            if exc.errno in _UNSUPPORTED or exc.errno == errno.EINVAL:
+                self._no_seek_data = True
+                return [(offset, length, False)]
+            raise from_oserror(exc, f"seek {self.path}") from None
+        return out
+
+    def flush(self) -> None:
+        try:
+            os.fsync(self.fd)
+        except OSError as exc:
+            raise from_oserror(exc, f"flush {self.path}") from None
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class Device:
+    """A backing store served under ``name``, behind its filter stack.
+
+    ``read``/``write``/``flush``/``discard``/``write_zeroes`` take byte offsets;
+    I/O outside the device is refused (``EINVAL``; a write past the end
+    ``ENOSPC``) before anything is written.
+    """
+
+    def __init__(self, name: str, path: str, params: Params) -> None:
+        self.name = name
+        self.params = params
+        self.backing = BackingStore(path)
+        self.filters = FilterStack()
+        #: Drained by snapshot take and by filter attach/detach.
+        self.queue = Gate()
+        #: Requests the backing store or a filter failed, by op name
+        #: ("read", "write", ...), and the last failure (errno, op, offset,
+        #: length, time, message). Requests refused for the caller's own
+        #: fault (out of range, in :meth:`_check`) are not counted.
+        self.error_counts: dict[str, int] = {}
+        self.last_error: dict[str, object] | None = None
+        self._error_lock = threading.Lock()
+        #: Called (in the failing request's thread) after each failure is
+        #: counted: ``on_error(device, failure)``; the engine queues an event.
+        self.on_error: Callable[[Device, dict[str, object]], None] | None = None
+
+    @property
+    def path(self) -> str:
+        return self.backing.path
+
+    @property
+    def size(self) -> int:
+        return self.backing.size
+
+    def __repr__(self) -> str:
+        return f"<Device {self.name} {self.path} {self.size}B>"
+
+    # -- bounds ---------------------------------------------------------------
+
+    def _check(self, offset: int, length: int, *, write: bool) -> None:
+        if offset < 0 or length < 0:
+            raise InvalidArgument(f"{self.name}: negative offset or length ({offset}, {length})")
+        if offset + length > self.size:
+            cls = NoSpace if write else InvalidArgument
+            raise cls(
+                f"{self.name}: I/O at {offset}+{length} is past the end of the device "
+                f"({self.size} bytes)"
+            )
+
+    # -- public I/O -------------------------------------------------------------
+
+    def read(self, offset: int, length: int) -> bytes:
+        self._check(offset, length, write=False)
+        if length == 0:
+            return b""
+        bio = Bio(Op.READ, offset, length, device=self)
+        self.submit(bio)
+        assert bio.result is not None
+        return bio.result
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        length = len(data)
+        self._check(offset, length, write=True)
+        if length:
+            self.submit(Bio(Op.WRITE, offset, length, data=data, device=self))
+
+    def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
+        """Zeros, the quick way; with ``unmap`` the backing store may
+        release the space (the kernel's REQ_NOUNMAP clear: ``bio.private[UNMAP]``)."""
+        self._check(offset, length, write=True)
+        if length:
+            bio = Bio(Op.WRITE_ZEROES, offset, length, device=self)
+            if unmap:
+                bio.private[UNMAP] = True
+            self.submit(bio)
+
+    def discard(self, offset: int, length: int) -> None:
+        """Discard reads back as zeros here: the backing store deallocates
+        (a hole in a file, BLKZEROOUT on a block device) or writes zeros."""
+        self._check(offset, length, write=True)
+        if length:
+            self.submit(Bio(Op.DISCARD, offset, length, device=self))
+
+    def flush(self) -> None:
+        self.submit(Bio(Op.FLUSH, 0, 0, device=self))
+
+    # -- the block layer -------------------------------------------------------------
+
+    def submit(self, bio: Bio) -> None:
+        """Send ``bio`` through the filter stack to the backing store.
+
+        Requests hold the device's gate until they are complete, so a drain
+        (take, attach, close) waits for them to reach the backing store, and
+        none can touch the backing store once the device is closed.
+        """
+        gate = None if bio.filtered else self.queue
+        if gate is not None:
+            gate.enter()
+        try:
+            self._submit(bio)
+        except WouldWait:
+            raise  # not a failure: nothing was done, the caller retries elsewhere
+        except BlksnapError as exc:
+            # The backing store or a filter failed (range errors were refused
+            # before submit): count it, keep the last, tell the engine.
+            failure: dict[str, object] = {
+                "errno": exc.errno,
+                "error": exc.errname,
+                "op": bio.op.name.lower(),
+                "offset": bio.offset,
+                "length": bio.length,
+                "time": time.time(),
+                "message": exc.message,
+            }
+            with self._error_lock:
+                self.error_counts[bio.op.name.lower()] = (
+                    self.error_counts.get(bio.op.name.lower(), 0) + 1
+                )
+                self.last_error = failure
+            callback = self.on_error
+            if callback is not None:
+                try:
+                    callback(self, failure)
+                except Exception:  # reporting must never hide the I/O error
+                    log.exception("%s: error callback failed", self.name)
+            raise
+        finally:
+            if gate is not None:
+                gate.leave()
+
+    def _submit(self, bio: Bio) -> None:
+        dev: Device = self
+        while True:
+            if not bio.filtered and dev.filters:
+                result = dev.filters.process(bio)
+                if result is FilterResult.SKIP:
+                    return
+                if result is FilterResult.REDIRECT:
+                    if bio.device is None or bio.device is dev:
+                        raise InvalidArgument("filter redirected a request to no other device")
+                    dev = bio.device
+                    continue
+            dev._backing_io(bio)
+            return
+
+    def submit_filtered(self, bio: Bio) -> None:
+        """I/O issued by a filter: straight to the backing store, no filter sees it."""
+        bio.filtered = True
+        bio.device = self
+        self._backing_io(bio)
+
+    def _backing_io(self, bio: Bio) -> None:
+        store = self.backing
+        op = bio.op
+        if op is Op.READ:
+            bio.result = store.pread(bio.offset, bio.length)
+        elif op is Op.WRITE:
+            assert bio.data is not None
+            store.pwrite(bio.offset, bio.data)
+        elif op is Op.FLUSH:
+            store.flush()
+        elif op is Op.DISCARD:
+            store.discard(bio.offset, bio.length)
+        elif op is Op.WRITE_ZEROES:
+            store.zero(bio.offset, bio.length, unmap=bool(bio.private.get(UNMAP)))
+        else:  # pragma: no cover - Op is closed
+            raise InvalidArgument(f"unknown op {op}")
+
+    # -- filters ------------------------------------------------------------------
+
+    def attach_filter(self, flt_cls: type[Filter], opts: dict[str, str]) -> Filter:
+        """Attach with the device drained, as the kernel freezes the queue."""
+        self.filters.check_attach(flt_cls)
+        self.queue.freeze()
+        try:
+            flt = flt_cls(self, opts)
+            self.filters.add(flt)
+        finally:
+            self.queue.unfreeze()
+        log.info("filter %s attached to %s", flt_cls.name, self.name)
+        return flt
+
+    def detach_filter(self, flt_cls: type[Filter]) -> None:
+        flt = self.filters.check_detach(flt_cls)
+        self.queue.freeze()
+        try:
+            flt.detach()
+            self.filters.remove(flt)
+        finally:
+            self.queue.unfreeze()
+        log.info("filter %s detached from %s", flt_cls.name, self.name)
+
+    def close(self) -> None:
+        """Drain requests in flight, refuse new ones (ENODEV), release."""
+        name = self.name
+        self.queue.close(lambda: NoDevice(f"device {name} has been removed"))
+        for flt in list(self.filters):
+            try:
+                flt.detach()
+            except BlksnapError:
+                pass
+            self.filters.remove(flt)
+        self.backing.close()

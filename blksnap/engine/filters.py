@@ -1,0 +1,184 @@
+"""Block-device filters, modelled on the kernel's blkfilter.
+
+A filter sees every request (a :class:`Bio`) sent to a device before the
+backing store does. Filters stack by *altitude*: the lowest altitude sees a
+request first, and there is at most one filter per altitude. A filter's
+:meth:`Filter.submit` answers with a :class:`FilterResult`:
+
+``PASS``      hand the request to the next filter, then the backing store;
+``SKIP``      the filter completed the request itself (``bio.result`` holds
+              read data); nothing below it sees it;
+``REPEAT``    call this filter again with the same request (it queued work
+              that had to finish first);
+``REDIRECT``  the filter changed ``bio.device``: start over on that device.
+
+Requests a filter issues itself carry ``filtered=True`` and go straight to the
+backing store, so they never re-enter any filter (the kernel's BIO_FILTERED).
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from blksnap.errors import AlreadyDone, Busy, Exists, InvalidArgument, NotFound, NotSupported
+
+if TYPE_CHECKING:
+    from blksnap.engine.device import Device
+
+
+class Op(enum.IntEnum):
+    READ = 0
+    WRITE = 1
+    FLUSH = 2
+    DISCARD = 3
+    WRITE_ZEROES = 4
+
+
+#: Operations that change data: the tracker marks and copies before them.
+WRITE_OPS = frozenset((Op.WRITE, Op.DISCARD, Op.WRITE_ZEROES))
+
+
+class FilterResult(enum.Enum):
+    PASS = "pass"
+    SKIP = "skip"
+    REPEAT = "repeat"
+    REDIRECT = "redirect"
+
+
+@dataclass(slots=True)
+class Bio:
+    """One block request: byte ``offset`` and ``length`` on ``device``."""
+
+    op: Op
+    offset: int
+    length: int
+    data: bytes | bytearray | memoryview | None = None
+    device: Device | None = None
+    #: Issued by a filter: skips every filter on its way down.
+    filtered: bool = False
+    #: Read data, filled by the backing store or by a filter that SKIPs.
+    result: bytes | None = None
+    #: Free for filters to leave notes for each other.
+    private: dict[str, Any] = field(default_factory=dict)
+
+
+class Filter:
+    """Base class of a filter. Subclasses set ``name`` and ``altitude``.
+
+    ``__init__`` is the attach callback (it may refuse with a BlksnapError),
+    ``detach`` is called before removal (it may refuse with ``Busy``),
+    ``submit`` sees each request, ``ctl`` serves filter-specific commands.
+    """
+
+    name: ClassVar[str] = ""
+    altitude: ClassVar[int] = 0
+
+    def __init__(self, device: Device, opts: dict[str, str]) -> None:
+        self.device = device
+        if opts:
+            raise InvalidArgument(f"filter {self.name!r} takes no option {sorted(opts)[0]!r}")
+
+    def submit(self, bio: Bio) -> FilterResult:
+        return FilterResult.PASS
+
+    def detach(self) -> None:
+        """Called with the device drained, before the filter is removed."""
+
+    def ctl(self, cmd: str, arg: Any = None) -> Any:
+        raise NotSupported(f"filter {self.name!r} has no command {cmd!r}")
+
+
+class FilterRegistry:
+    """Filter classes known by name (the kernel's registered filter drivers)."""
+
+    def __init__(self) -> None:
+        self._by_name: dict[str, type[Filter]] = {}
+        self._lock = threading.Lock()
+
+    def register(self, cls: type[Filter]) -> None:
+        if not cls.name or cls.altitude < 0:
+            raise InvalidArgument("a filter needs a name and an altitude >= 0")
+        with self._lock:
+            if cls.name in self._by_name:
+                raise Exists(f"filter {cls.name!r} is already registered")
+            self._by_name[cls.name] = cls
+
+    def unregister(self, name: str) -> None:
+        with self._lock:
+            if self._by_name.pop(name, None) is None:
+                raise NotFound(f"no filter named {name!r}")
+
+    def get(self, name: str) -> type[Filter]:
+        cls = self._by_name.get(name)
+        if cls is None:
+            raise NotFound(f"unknown filter {name!r} (known: {', '.join(sorted(self._by_name))})")
+        return cls
+
+    def names(self) -> list[str]:
+        return sorted(self._by_name)
+
+
+class FilterStack:
+    """The filters attached to one device, ordered by altitude.
+
+    Attach and detach swap in a new tuple, so :meth:`process` reads a stable
+    list with no lock on the I/O path; the device is drained while they run.
+    """
+
+    def __init__(self) -> None:
+        self._filters: tuple[Filter, ...] = ()
+
+    def __iter__(self):
+        return iter(self._filters)
+
+    def __bool__(self) -> bool:
+        return bool(self._filters)
+
+    def find(self, name: str) -> Filter | None:
+        for flt in self._filters:
+            if flt.name == name:
+                return flt
+        return None
+
+    def at(self, altitude: int) -> Filter | None:
+        for flt in self._filters:
+            if flt.altitude == altitude:
+                return flt
+        return None
+
+    def check_attach(self, cls: type[Filter]) -> None:
+        present = self.at(cls.altitude)
+        if present is None:
+            return
+        if present.name == cls.name:
+            raise AlreadyDone(f"filter {cls.name!r} is already attached")
+        raise Busy(f"filter {present.name!r} holds altitude {cls.altitude}")
+
+    def add(self, flt: Filter) -> None:
+        self.check_attach(type(flt))
+        self._filters = tuple(sorted((*self._filters, flt), key=lambda f: f.altitude))
+
+    def check_detach(self, cls: type[Filter]) -> Filter:
+        present = self.at(cls.altitude)
+        if present is None:
+            raise NotFound(f"no filter attached at the altitude of {cls.name!r}")
+        if present.name != cls.name:
+            raise InvalidArgument(
+                f"the filter attached there is {present.name!r}, not {cls.name!r}"
+            )
+        return present
+
+    def remove(self, flt: Filter) -> None:
+        self._filters = tuple(f for f in self._filters if f is not flt)
+
+    def process(self, bio: Bio) -> FilterResult:
+        for flt in self._filters:
+            result = flt.submit(bio)
+            while result is FilterResult.REPEAT:
+                result = flt.submit(bio)
+            if result is not FilterResult.PASS:
+                return result
+        return FilterResult.PASS

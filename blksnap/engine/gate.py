@@ -1,0 +1,106 @@
+"""A drainable gate for in-flight requests, the user-space twin of a queue freeze.
+
+Requests ``enter`` and ``leave``; ``freeze`` stops new requests and waits for
+the in-flight ones to finish, ``unfreeze`` lets them go on. ``close`` makes
+every later ``enter`` fail (an image whose snapshot is being destroyed).
+
+A thread that must not block (the FUSE event loop serving a write inline)
+submits inside ``with no_wait:``. Then a gate that is frozen refuses at once
+with :class:`WouldWait` instead of waiting for the drain, and the tracker
+refuses a write that would copy a chunk or wait for one (see
+:meth:`blksnap.tracker.Tracker.write_may_wait`); the caller hands the request
+to a worker thread. Like the kernel's ``REQ_NOWAIT``.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from blksnap.errors import BlksnapError
+
+
+class WouldWait(BlksnapError):
+    """A request submitted inside ``with no_wait:`` would have had to wait (a
+    drained gate, a chunk to copy or being copied). Nothing was done: the CBT
+    is not marked, nothing written."""
+
+    errno = _errno.EAGAIN
+
+
+class _NoWait(threading.local):
+    """``with no_wait:`` -- requests this thread submits meanwhile fail with
+    :class:`WouldWait` rather than wait. Not nestable."""
+
+    active = False
+
+    def __enter__(self) -> None:
+        self.active = True
+
+    def __exit__(self, *exc: object) -> None:
+        self.active = False
+
+
+no_wait = _NoWait()
+
+
+class Gate:
+    __slots__ = ("_closed_error", "_cond", "_frozen", "_inflight")
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._inflight = 0
+        self._frozen = 0
+        self._closed_error: Callable[[], BlksnapError] | None = None
+
+    def enter(self) -> None:
+        with self._cond:
+            while self._frozen and self._closed_error is None:
+                if no_wait.active:
+                    raise WouldWait("the device is being drained (take, attach, destroy)")
+                self._cond.wait()
+            if self._closed_error is not None:
+                raise self._closed_error()
+            self._inflight += 1
+
+    def leave(self) -> None:
+        with self._cond:
+            self._inflight -= 1
+            if self._frozen and not self._inflight:
+                self._cond.notify_all()
+
+    @contextmanager
+    def request(self) -> Iterator[None]:
+        self.enter()
+        try:
+            yield
+        finally:
+            self.leave()
+
+    def freeze(self) -> None:
+        """Stop new requests and wait until none is in flight."""
+        with self._cond:
+            self._frozen += 1
+            while self._inflight:
+                self._cond.wait()
+
+    def unfreeze(self) -> None:
+        with self._cond:
+            self._frozen -= 1
+            if not self._frozen:
+                self._cond.notify_all()
+
+    def close(self, make_error: Callable[[], BlksnapError]) -> None:
+        """Fail every later request with ``make_error()`` and drain the current ones."""
+        with self._cond:
+            self._closed_error = make_error
+            self._frozen += 1
+            self._cond.notify_all()
+            while self._inflight:
+                self._cond.wait()
+
+    @property
+    def inflight(self) -> int:
+        return self._inflight

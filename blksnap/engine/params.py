@@ -1,0 +1,59 @@
+"""Tunables of the engine, each with its documented default.
+
+The kernel module exposes these as module parameters; here they are fields of
+:class:`Params`, passed to :class:`blksnap.Engine`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from blksnap.errors import InvalidArgument
+from blksnap.units import GiB, KiB, MiB
+
+
+@dataclass(frozen=True)
+class Params:
+    #: CBT: the tracking block starts at 2**tracking_block_minimum_shift bytes (64 KiB) ...
+    tracking_block_minimum_shift: int = 16
+    #: ... and doubles while the device would have more blocks than this (2**21) ...
+    tracking_block_maximum_count: int = 1 << 21
+    #: ... but never beyond 2**tracking_block_maximum_shift bytes (64 MiB).
+    tracking_block_maximum_shift: int = 26
+    #: Copy-on-write unit. Chosen by `make bench` (see BENCHMARKS.md): small
+    #: enough that a 4 KiB random write does not copy much, large enough that
+    #: sequential first writes are not dominated by per-chunk cost.
+    chunk_size: int = 64 * KiB
+    #: ... doubled for a snapshot whose largest device would have more chunks
+    #: than this, which bounds the chunk map (8 bytes a chunk) at 128 MiB.
+    chunk_maximum_count: int = 1 << 24
+    #: Chunks per page of the lazily allocated chunk map (memory grows by pages
+    #: of chunks touched, never with device size).
+    chunk_map_page: int = 4096
+    #: A ``low_free_space`` event is queued when free diff storage falls below
+    #: this many bytes ...
+    low_free_space_bytes: int = 1 * GiB
+    #: ... or below this fraction of the storage capacity, whichever is smaller.
+    low_free_space_fraction: float = 0.25
+    #: Largest single request the engine splits work into (bounded memory).
+    max_io_size: int = 8 * MiB
+
+    def chunk_size_for(self, capacity: int) -> int:
+        """The COW unit for a device of ``capacity`` bytes."""
+        size = self.chunk_size
+        while (capacity + size - 1) // size > self.chunk_maximum_count:
+            size <<= 1
+        return size
+
+    def __post_init__(self) -> None:
+        cs = self.chunk_size
+        if cs < 4096 or cs & (cs - 1):
+            raise InvalidArgument(f"chunk_size {cs} is not a power of two >= 4096")
+        if not 9 <= self.tracking_block_minimum_shift <= self.tracking_block_maximum_shift:
+            raise InvalidArgument("tracking block shifts out of order")
+        if not 0.0 <= self.low_free_space_fraction < 1.0:
+            raise InvalidArgument("low_free_space_fraction must be in [0, 1)")
+        if self.chunk_maximum_count <= 0:
+            raise InvalidArgument("chunk_maximum_count must be positive")
+        if self.chunk_map_page <= 0 or self.max_io_size < cs:
+            raise InvalidArgument("bad chunk_map_page or max_io_size")

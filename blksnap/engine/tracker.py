@@ -1,0 +1,105 @@
+"""The ``blksnap`` filter: change-block tracking on every write, and
+copy-on-write into the diff area while a snapshot of the device is taken.
+
+Like the kernel module's, its control commands (``ctl``) are the way in:
+``cbtinfo``, ``cbtmap``, ``markdirty``.
+
+A front-end that serves writes on a thread that must not block (the FUSE
+event loop) asks :meth:`Tracker.write_may_wait` first, and submits the write
+inside ``with no_wait:``: should the answer have gone stale before the write
+entered the device's gate (a take armed copy-on-write meanwhile), the tracker
+refuses it with :class:`WouldWait` before doing anything, and the front-end
+hands it to a worker thread instead. Like the kernel's ``REQ_NOWAIT``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from blksnap.engine.cbt import CbtMap
+from blksnap.engine.filters import WRITE_OPS, Bio, Filter, FilterResult
+from blksnap.engine.gate import WouldWait, no_wait
+from blksnap.errors import Busy
+
+if TYPE_CHECKING:
+    from blksnap.engine.device import Device
+    from blksnap.engine.diff_area import DiffArea
+
+ALTITUDE_BLKSNAP = 0
+
+__all__ = ["ALTITUDE_BLKSNAP", "Tracker", "WouldWait", "no_wait"]
+
+
+class Tracker(Filter):
+    name = "blksnap"
+    altitude = ALTITUDE_BLKSNAP
+
+    def __init__(self, device: Device, opts: dict[str, str]) -> None:
+        super().__init__(device, opts)
+        self.cbt = CbtMap(device.size, device.params)
+        #: The snapshot holding this device, while there is one.
+        self.snapshot_id: str | None = None
+        #: Set while a taken snapshot needs copy-on-write.
+        self.diff_area: DiffArea | None = None
+
+    def submit(self, bio: Bio) -> FilterResult:
+        if bio.op in WRITE_OPS:
+            diff_area = self.diff_area
+            if diff_area is not None and no_wait.active:
+                # Inside the gate this diff area stays the device's, and the
+                # answer cannot go stale: no copy needed now, none at cow.
+                if diff_area.write_needs_copy(bio.offset, bio.length):
+                    raise WouldWait(f"write to {self.device.name} needs copy-on-write")
+                diff_area = None
+            self.cbt.mark(bio.offset, bio.length)
+            if diff_area is not None:
+                diff_area.cow(bio.offset, bio.length)
+        return FilterResult.PASS
+
+    def write_may_wait(self, offset: int, length: int) -> bool:
+        """Could a device write of ``offset``..``offset+length`` submitted
+        now wait in this filter (copy a chunk to diff storage, or wait for
+        another thread's copy)? False only when it surely would not:
+
+        * no snapshot holds the device: the write only marks the CBT;
+        * a snapshot is taken and its diff area needs no copy for the range
+          (:meth:`DiffArea.write_needs_copy`: every chunk stored, or the
+          snapshot corrupted, in which case writes go straight through).
+
+        True while the device is in a snapshot created but not taken: a take
+        may be under way in another thread, and arm copy-on-write before the
+        write gets in.
+
+        Lock-free. It runs outside the device's gate, so the answer may go
+        stale before the write is let in, should a take arm copy-on-write
+        meanwhile. (A False about a taken snapshot stays true as long as that
+        diff area is the device's, which changes only while the gate is
+        drained: by destroy, which leaves nothing to wait for, and only then
+        by the take of another snapshot.) Submit inside ``with no_wait:`` to be sure: the
+        tracker repeats the check inside the gate, where it cannot go stale.
+        """
+        diff_area = self.diff_area
+        if diff_area is not None:
+            return diff_area.write_needs_copy(offset, length)
+        return self.snapshot_id is not None
+
+    def detach(self) -> None:
+        if self.snapshot_id is not None:
+            raise Busy(f"{self.device.name} is in snapshot {self.snapshot_id}")
+
+    def ctl(self, cmd: str, arg: Any = None) -> Any:
+        if cmd == "cbtinfo":
+            return self.cbt.info()
+        if cmd == "cbtmap":
+            return self.cbt.read_map_bytes()
+        if cmd == "markdirty":
+            for offset, length in arg:
+                self.cbt.mark_both(offset, length)
+            return None
+        return super().ctl(cmd, arg)
+
+    def check_capacity(self) -> None:
+        """Before take: a device whose size changed starts a new generation."""
+        size = self.device.backing.refresh_size()
+        if self.cbt.capacity != size:
+            self.cbt.resize(size)

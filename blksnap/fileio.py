@@ -1,0 +1,66 @@
+"""Low-level file I/O shared by every layer: whole positional reads and
+writes, capacity of a file or block device, the identity of a storage, and
+a directory's fsync (what makes a rename durable)."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+import struct
+
+BLKGETSIZE64 = 0x80081272
+
+
+def fd_size(fd: int) -> int:
+    st = os.fstat(fd)
+    if stat.S_ISBLK(st.st_mode):
+        buf = fcntl.ioctl(fd, BLKGETSIZE64, b"\0" * 8)
+        return struct.unpack("Q", buf)[0]
+    return st.st_size
+
+
+def pread_full(fd: int, offset: int, length: int) -> bytes:
+    """Read exactly ``length`` bytes (zeros past end of file)."""
+    data = os.pread(fd, length, offset)
+    if len(data) == length:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < length:
+        more = os.pread(fd, length - got, offset + got)
+        if not more:
+            parts.append(bytes(length - got))
+            break
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
+
+
+def pwrite_full(fd: int, offset: int, data: bytes | bytearray | memoryview) -> None:
+    view = memoryview(data)
+    done = os.pwrite(fd, view, offset)
+    while done < len(view):
+        n = os.pwrite(fd, view[done:], offset + done)
+        if n <= 0:
+            raise OSError(errno.EIO, "short write")
+        done += n
+
+
+def storage_identity(st: os.stat_result) -> tuple[int, int]:
+    """What identifies the same storage under any path: ``(0, st_rdev)`` of a
+    block device, ``(st_dev, st_ino)`` of anything else. Devices, diff
+    storage sources and storage paths given by users are all compared by it."""
+    if stat.S_ISBLK(st.st_mode):
+        return (0, st.st_rdev)
+    return (st.st_dev, st.st_ino)
+
+
+def fsync_dir(path: str) -> None:
+    """fsync a directory: a file created or renamed in it is then durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
