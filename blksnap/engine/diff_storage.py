@@ -55,11 +55,6 @@ log = logging.getLogger(__name__)
 LOCATION_SHIFT = 48
 LOCATION_MASK = (1 << LOCATION_SHIFT) - 1
 MAX_SOURCES = 1 << 14
-#: While the file systems of growing sources have this much room beyond
-#: what the sources may still take, they are looked at (statvfs) at most
-#: every TRIM_RECHECK seconds; closer to full, at every allocation.
-TRIM_SPARE = 1 << 30
-TRIM_RECHECK = 0.05
 
 
 @dataclass
@@ -379,7 +374,8 @@ class DiffStorage:
         # Room to spare beyond every promise: others must write that much
         # before a promise breaks, so the next look can wait a little.
         spare = min(rooms.values(), default=1 << 62)
-        self._trim_after = now + (TRIM_RECHECK if spare >= TRIM_SPARE else 0.0)
+        p = self.params
+        self._trim_after = now + (p.storage_fs_recheck if spare >= p.storage_fs_spare else 0.0)
 
     def _threshold_locked(self, free: int | None = None) -> int:
         """The low-water mark, against what can really be stored."""

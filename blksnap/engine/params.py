@@ -35,6 +35,13 @@ class Params:
     low_free_space_bytes: int = 1 * GiB
     #: ... or below this fraction of the storage capacity, whichever is smaller.
     low_free_space_fraction: float = 0.25
+    #: Growing diff storage (a directory's file, a regular file) is capped at
+    #: what its file system can still hold (statvfs). While that file system
+    #: has more than this to spare beyond what the storage may take ...
+    storage_fs_spare: int = 1 * GiB
+    #: ... it is looked at no more often than every this many seconds
+    #: (closer to full, at every allocation).
+    storage_fs_recheck: float = 0.05
     #: Largest single request the engine splits work into (bounded memory).
     max_io_size: int = 8 * MiB
 
