@@ -42,6 +42,30 @@ def tracking_block_shift(capacity: int, params: Params) -> int:
     return shift
 
 
+def mask_runs(
+    mask: np.ndarray, first_block: int, block_shift: int, offset: int, end: int, limit: int = 0
+) -> list[tuple[int, int, bool]]:
+    """Runs ``(offset, length, state)`` of ``offset``..``end`` from one
+    boolean per block (``mask[i]`` is block ``first_block + i``): blocks
+    alike merged, the first and last run clipped to the range; with
+    ``limit``, at most that many runs (a prefix of the range)."""
+    n = len(mask)
+    if n == 0 or offset >= end:
+        return []
+    starts = np.flatnonzero(mask[1:] != mask[:-1]) + 1
+    bounds = ((starts + first_block) << block_shift).tolist()
+    edges = [offset, *bounds, end]
+    states = [bool(mask[0]), *mask[starts].tolist()]
+    out: list[tuple[int, int, bool]] = []
+    for i, state in enumerate(states):
+        a, b = edges[i], min(edges[i + 1], end)
+        if b > a:
+            out.append((a, b - a, state))
+        if limit and len(out) >= limit:
+            break
+    return out
+
+
 @dataclass(frozen=True)
 class CbtInfo:
     block_size: int
@@ -139,6 +163,33 @@ class CbtMap:
     def read_map_bytes(self) -> bytes:
         with self._lock:
             return self.read_map.tobytes()
+
+    def changed_runs(
+        self, offset: int, length: int, since: int, *, live: bool = False, limit: int = 0
+    ) -> list[tuple[int, int, bool]]:
+        """Runs ``(offset, length, changed)`` covering ``offset``..``offset+length``
+        in bytes: changed where the block's number in the frozen read map
+        (with ``live``, the write map) is greater than ``since``. Blocks
+        alike are merged, the first and last run clipped to the range; with
+        ``limit``, at most that many runs (a prefix of the range). Blocks
+        past the map (a range past the tracked capacity) count as changed.
+
+        Changed since the previous take, on the image of take *k*:
+        ``since=changes_number - 1``; written since the last take, on the
+        device: ``since=active - 1, live=True``.
+        """
+        if offset < 0 or length <= 0:
+            return []
+        end = offset + length
+        with self._lock:
+            shift = self.block_shift
+            first, last = offset >> shift, (end - 1) >> shift
+            numbers = (self.write_map if live else self.read_map)[first : last + 1]
+            mask = numbers > since
+        blocks = last - first + 1
+        if len(mask) < blocks:
+            mask = np.concatenate([mask, np.ones(blocks - len(mask), dtype=bool)])
+        return mask_runs(mask, first, shift, offset, end, limit)
 
     def changed_blocks(self, since: int) -> np.ndarray:
         """Indices of read-map blocks whose number is greater than ``since``."""

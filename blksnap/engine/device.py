@@ -419,6 +419,25 @@ class Device:
     def flush(self) -> None:
         self.submit(Bio(Op.FLUSH, 0, 0, device=self))
 
+    def allocation(self, offset: int, length: int, limit: int = 0) -> list[tuple[int, int, bool]]:
+        """Allocation at ``offset``..``offset+length``: runs ``(offset,
+        length, is_hole)`` of the backing store (:meth:`BackingStore.extents`),
+        a hole reading as zeros; all data if a filter may serve reads from
+        elsewhere (a redirect, a hydration: :attr:`Filter.reads_backing`)."""
+        self._check(offset, length, write=False)
+        if not all(flt.reads_backing for flt in self.filters):
+            return [(offset, length, False)]
+        return self.backing.extents(offset, length, limit)
+
+    def write_may_wait(self, offset: int, length: int) -> bool:
+        """Could a write of ``offset``..``offset+length`` submitted now wait
+        on more than the backing store's page cache? False only when every
+        attached filter says it would not (:meth:`Filter.write_may_wait`),
+        or none is attached. Asked outside the gate, the answer may go
+        stale: submit inside ``with no_wait:`` (:mod:`blksnap.engine.gate`)
+        to have a write that would wait refused untouched."""
+        return any(flt.write_may_wait(offset, length) for flt in self.filters)
+
     # -- the block layer -------------------------------------------------------------
 
     def submit(self, bio: Bio) -> None:

@@ -75,6 +75,11 @@ class Filter:
 
     name: ClassVar[str] = ""
     altitude: ClassVar[int] = 0
+    #: Under this filter the device reads what its backing store holds (it
+    #: watches writes, or fails or delays requests, but never serves reads
+    #: from elsewhere): only with every filter so does
+    #: :meth:`Device.allocation` report the backing store's holes.
+    reads_backing: ClassVar[bool] = False
 
     def __init__(self, device: Device, opts: dict[str, str]) -> None:
         self.device = device
@@ -83,6 +88,14 @@ class Filter:
 
     def submit(self, bio: Bio) -> FilterResult:
         return FilterResult.PASS
+
+    def write_may_wait(self, offset: int, length: int) -> bool:
+        """Could a device write of ``offset``..``offset+length`` submitted
+        now wait in this filter (for I/O of its own, a lock, a delay)? A
+        front-end that must not block serves the write inline only when
+        every filter says no (:meth:`Device.write_may_wait`). True unless a
+        filter knows better: the ``blksnap`` tracker does."""
+        return True
 
     def detach(self) -> None:
         """Called with the device drained, before the filter is removed."""

@@ -113,6 +113,11 @@ class Image:
         with self._stats_lock:
             self.bytes_written += len(data)
 
+    def write_may_wait(self, offset: int, length: int) -> bool:
+        """A write to an image may always wait (its chunks are copied into
+        diff storage, which may grow): as :meth:`Device.write_may_wait`."""
+        return True
+
     def flush(self) -> None:
         """Diff storage is not persistent: nothing to make durable."""
         self._gate.enter()

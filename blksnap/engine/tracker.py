@@ -5,7 +5,8 @@ Like the kernel module's, its control commands (``ctl``) are the way in:
 ``cbtinfo``, ``cbtmap``, ``markdirty``.
 
 A front-end that serves writes on a thread that must not block (the FUSE
-event loop) asks :meth:`Tracker.write_may_wait` first, and submits the write
+event loop) asks :meth:`Device.write_may_wait` (which asks
+:meth:`Tracker.write_may_wait`) first, and submits the write
 inside ``with no_wait:``: should the answer have gone stale before the write
 entered the device's gate (a take armed copy-on-write meanwhile), the tracker
 refuses it with :class:`WouldWait` before doing anything, and the front-end
@@ -33,6 +34,7 @@ __all__ = ["ALTITUDE_BLKSNAP", "Tracker", "WouldWait", "no_wait"]
 class Tracker(Filter):
     name = "blksnap"
     altitude = ALTITUDE_BLKSNAP
+    reads_backing = True
 
     def __init__(self, device: Device, opts: dict[str, str]) -> None:
         super().__init__(device, opts)

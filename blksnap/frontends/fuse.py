@@ -13,15 +13,15 @@ Where a request runs (measured with ``bench/fuse_bench.py``: on this
 front-end the cost per request, not the bytes, is what limits a loop device):
 
 - *Fast path*: a page-aligned device write whose filter stack cannot make it
-  wait (no filter, or the ``blksnap`` tracker when
-  :meth:`~blksnap.tracker.Tracker.write_may_wait` says so: the device is in
-  no snapshot, or in a taken one whose chunks under the write are all stored
-  already, a rewrite) runs on the event loop's own thread. It is a CBT mark
-  and a ``pwrite`` into the backing store's page cache: cheaper than handing
-  it to a thread and back, which costs more event-loop time than the write
-  itself. It is submitted inside :data:`~blksnap.tracker.no_wait`, so a
-  write that would copy after all (a take armed copy-on-write between the
-  check and the write) is refused untouched and goes to the pool.
+  wait (:meth:`~blksnap.engine.device.Device.write_may_wait`: no filter, or
+  the ``blksnap`` tracker when the device is in no snapshot, or in a taken
+  one whose chunks under the write are all stored already, a rewrite) runs
+  on the event loop's own thread. It is a CBT mark and a ``pwrite`` into the
+  backing store's page cache: cheaper than handing it to a thread and back,
+  which costs more event-loop time than the write itself. It is submitted
+  inside :data:`~blksnap.engine.gate.no_wait`, so a write that would copy
+  after all (a take armed copy-on-write between the check and the write) is
+  refused untouched and goes to the pool.
 - *Slow path*: everything else (reads, which may wait for the disk; fsync;
   image I/O; device writes that may copy chunks to diff storage or wait for
   another thread's copy, and any while the device is in a snapshot not yet
@@ -50,10 +50,11 @@ import outcome
 import pyfuse3
 import trio
 
-from blksnap.engine.device import Device
 from blksnap.engine.engine import Engine
-from blksnap.engine.tracker import Tracker, WouldWait, no_wait
+from blksnap.engine.gate import WouldWait, no_wait
 from blksnap.errors import BlksnapError
+from blksnap.frontends.targets import Target, device_target, image_target
+from blksnap.settings import SETTINGS, Settings
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +62,13 @@ ROOT = pyfuse3.ROOT_INODE
 DEV_DIR = ROOT + 1
 IMAGES_DIR = ROOT + 2
 FIRST_DYNAMIC = 16
-#: Attribute and entry cache time. Sizes only change on add/remove, which
-#: invalidate the entries explicitly.
-CACHE_SECONDS = 1.0
-#: Largest device write served on the event loop thread (the fast path). A
-#: 1 MiB page-cache write blocks the loop for well under a millisecond and
-#: still beats the hand-off (sequential 1 MiB writes x1.6 over 128 KiB);
-#: FUSE sends nothing larger than 1 MiB anyway.
-INLINE_WRITE_MAX = 1 << 20
+# Knobs (``SETTINGS``): ``fuse_cache_seconds``, the attribute and entry cache
+# time (sizes only change on add/remove, which invalidate the entries
+# explicitly); ``fuse_inline_write_max``, the largest device write served on
+# the event loop thread (the fast path): a 1 MiB page-cache write blocks the
+# loop for well under a millisecond and still beats the hand-off (sequential
+# 1 MiB writes x1.6 over 128 KiB); FUSE sends nothing larger than 1 MiB
+# anyway; ``fuse_threads``, the worker pool.
 #: Fast-path writes must cover whole pages: a partial page of the backing
 #: store's page cache may have to be read from the disk first.
 PAGE_MASK = 4096 - 1
@@ -167,8 +167,8 @@ class Node:
     parent: int
     kind: str  # "dir" | "device" | "image"
     children: dict[str, int] = field(default_factory=dict)
-    #: For files: what to open (a Device or an Image), looked up lazily.
-    target: Callable[[], Any] | None = None
+    #: For files: what to open (a device or an image target), looked up lazily.
+    target: Callable[[], Target] | None = None
     size: int = 0
     mtime_ns: int = field(default_factory=time.time_ns)
 
@@ -184,19 +184,26 @@ class BlksnapFS(pyfuse3.Operations):
         self,
         engine: Engine,
         *,
-        threads: int = 16,
+        threads: int | None = None,
         direct_io: bool = True,
-        inline_write_max: int = INLINE_WRITE_MAX,
+        inline_write_max: int | None = None,
+        settings: Settings | None = None,
     ) -> None:
         super().__init__()
         self.engine = engine
         self.direct_io = direct_io
+        self.settings = settings or SETTINGS
         #: 0 turns the fast path off: every request goes to the pool.
-        self.inline_write_max = inline_write_max
-        self.pool = WorkerPool(threads)
+        self.inline_write_max = (
+            inline_write_max
+            if inline_write_max is not None
+            else self.settings.fuse_inline_write_max
+        )
+        self.cache_seconds = self.settings.fuse_cache_seconds
+        self.pool = WorkerPool(threads if threads is not None else self.settings.fuse_threads)
         self._inos = itertools.count(FIRST_DYNAMIC)
         self._fhs = itertools.count(1)
-        self._handles: dict[int, Any] = {}
+        self._handles: dict[int, tuple[Target, int]] = {}
         self._lock = threading.Lock()
         self.nodes: dict[int, Node] = {}
         self._add(Node(ROOT, "", ROOT, "dir"))
@@ -236,7 +243,7 @@ class BlksnapFS(pyfuse3.Operations):
                 name,
                 DEV_DIR,
                 "device",
-                target=lambda: self.engine.device(name),
+                target=lambda: device_target(self.engine, name),
                 size=dev.size,
             )
         )
@@ -245,9 +252,9 @@ class BlksnapFS(pyfuse3.Operations):
         self._remove(DEV_DIR, name)
 
     def open_count(self, target: Any) -> int:
-        """Open handles of the file served from ``target`` (a device or an
-        image); a loop device over the file holds one."""
-        return sum(1 for t, _ in self._handles.values() if t is target)
+        """Open handles of the file served from ``target`` (a Device or an
+        Image, or its target); a loop device over the file holds one."""
+        return sum(1 for t, _ in list(self._handles.values()) if t is target or t.served is target)
 
     def add_snapshot(self, sid: str, names: list[str]) -> None:
         folder = self._add(Node(next(self._inos), sid, IMAGES_DIR, "dir"))
@@ -259,7 +266,7 @@ class BlksnapFS(pyfuse3.Operations):
                     name,
                     folder.ino,
                     "image",
-                    target=lambda name=name: self.engine.image(sid, name),
+                    target=lambda name=name: image_target(self.engine, sid, name),
                     size=img.size,
                 )
             )
@@ -288,7 +295,7 @@ class BlksnapFS(pyfuse3.Operations):
         a.st_blksize = 4096
         a.st_uid, a.st_gid = self.uid, self.gid
         a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = node.mtime_ns
-        a.attr_timeout = a.entry_timeout = CACHE_SECONDS
+        a.attr_timeout = a.entry_timeout = self.cache_seconds
         return a
 
     # -- metadata ------------------------------------------------------------------
@@ -353,7 +360,7 @@ class BlksnapFS(pyfuse3.Operations):
         self._handles[fh] = (target, node.size)
         return pyfuse3.FileInfo(fh=fh, direct_io=self.direct_io, keep_cache=False)
 
-    def _handle(self, fh: int) -> tuple[Any, int]:
+    def _handle(self, fh: int) -> tuple[Target, int]:
         handle = self._handles.get(fh)
         if handle is None:
             raise pyfuse3.FUSEError(errno.EBADF)
@@ -369,27 +376,21 @@ class BlksnapFS(pyfuse3.Operations):
 
     @staticmethod
     def _never_waits(target: Any, offset: int, length: int) -> bool:
-        """Can a write to ``target`` wait on anything but the page cache?
+        """Can a write to ``target`` wait on nothing but the page cache?
 
-        Only a device whose filters are all the ``blksnap`` tracker, and
-        whose tracker says the write will neither copy a chunk nor wait for
-        one (:meth:`Tracker.write_may_wait`), qualifies. Any other filter
-        (one that may delay I/O) sends the write to the pool. The answer is
-        taken outside the device's gate and may go stale before the write
-        gets in; the tracker checks again inside it, since the write is
-        submitted inside ``with no_wait:``; and a gate held shut while attach,
-        detach, take or destroy drain it refuses at once rather than block
-        the loop (:class:`~blksnap.gate.WouldWait`, the write goes to the
-        pool). If the tracker ever does I/O of its own on a write (a CBT
-        persisted before the first write to a block), this rule must be
-        revisited.
+        Only a device whose filters all say the write will neither wait nor
+        copy a chunk (:meth:`Device.write_may_wait`: the ``blksnap`` tracker
+        knows; any other filter may delay I/O) qualifies; an image never
+        does. The answer is taken outside the device's gate and may go
+        stale before the write gets in; the tracker checks again inside it,
+        since the write is submitted inside ``with no_wait:``; and a gate
+        held shut while attach, detach, take or destroy drain it refuses at
+        once rather than block the loop (:class:`~blksnap.engine.gate.WouldWait`,
+        the write goes to the pool). If the tracker ever does I/O of its own
+        on a write (a CBT persisted before the first write to a block), its
+        answer must be revisited.
         """
-        if type(target) is not Device:
-            return False
-        for flt in target.filters:
-            if type(flt) is not Tracker or flt.write_may_wait(offset, length):
-                return False
-        return True
+        return not target.write_may_wait(offset, length)
 
     def close(self) -> None:
         """Stop the worker threads (after the FUSE session has ended)."""

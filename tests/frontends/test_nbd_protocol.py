@@ -32,6 +32,7 @@ from blksnap.frontends.nbd import (
     parse_meta_request,
     runs_to_extents,
 )
+from blksnap.settings import SETTINGS
 from tests.integration.nbd_client import OptionFailed, RawNbd
 
 MiB = 1 << 20
@@ -331,7 +332,7 @@ def test_slow_reads_go_to_the_worker_pool(served, monkeypatch):
     def read(self, offset, length):
         readers.append(threading.current_thread().name)
         if slow.is_set():
-            threading.Event().wait(nbd.SLOW_IO * 3)
+            threading.Event().wait(SETTINGS.nbd_slow_io * 3)
         return real_read(self, offset, length)
 
     monkeypatch.setattr(nbd.ImageExport, "read", read)
@@ -341,7 +342,7 @@ def test_slow_reads_go_to_the_worker_pool(served, monkeypatch):
             assert c.read(i * 4096, 4096) == content[i * 4096 : (i + 1) * 4096]
         assert all(name.startswith("blksnap-nbd-conn-") for name in readers)
         slow.set()
-        for i in range(3 * nbd.SLOW_SCORE):
+        for i in range(3 * SETTINGS.nbd_slow_score):
             assert c.read(i * 4096, 4096) == content[i * 4096 : (i + 1) * 4096]
         assert any(not name.startswith("blksnap-nbd-conn-") for name in readers[-4:])
         slow.clear()
@@ -351,7 +352,7 @@ def test_slow_reads_go_to_the_worker_pool(served, monkeypatch):
             r = c.reply(65536)
             i = cookies[r.cookie]
             assert r.data == content[i * 65536 : (i + 1) * 65536]
-        for i in range(3 * nbd.SLOW_SCORE):
+        for i in range(3 * SETTINGS.nbd_slow_score):
             assert c.read(i * 4096, 4096) == content[i * 4096 : (i + 1) * 4096]
         assert readers[-1].startswith("blksnap-nbd-conn-")  # quick again: back to the reader
         c.disconnect()
