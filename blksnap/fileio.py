@@ -21,21 +21,27 @@ def fd_size(fd: int) -> int:
     return st.st_size
 
 
-def pread_full(fd: int, offset: int, length: int) -> bytes:
-    """Read exactly ``length`` bytes (zeros past end of file)."""
+def pread_upto(fd: int, offset: int, length: int) -> bytes:
+    """Read ``length`` bytes, fewer only at end of file (a short data file
+    is then seen as short, not as zeroes)."""
     data = os.pread(fd, length, offset)
-    if len(data) == length:
+    if len(data) == length or not data:
         return data
     parts = [data]
     got = len(data)
     while got < length:
         more = os.pread(fd, length - got, offset + got)
         if not more:
-            parts.append(bytes(length - got))
             break
         parts.append(more)
         got += len(more)
     return b"".join(parts)
+
+
+def pread_full(fd: int, offset: int, length: int) -> bytes:
+    """Read exactly ``length`` bytes (zeros past end of file)."""
+    data = pread_upto(fd, offset, length)
+    return data if len(data) == length else data + bytes(length - len(data))
 
 
 def pwrite_full(fd: int, offset: int, data: bytes | bytearray | memoryview) -> None:

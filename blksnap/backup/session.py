@@ -44,18 +44,15 @@ from typing import Any
 
 import numpy as np
 
-from blksnap.backup.repo import BackupInfo, DeviceRecord, Repository
+from blksnap.backup.format import BackupInfo, DeviceRecord
+from blksnap.backup.repository import Repository
 from blksnap.errors import BlksnapError, InvalidArgument, error
+from blksnap.settings import SETTINGS
 from blksnap.units import GiB, MiB
 
 log = logging.getLogger("blksnap.backup")
 
 MODES = ("auto", "full", "incremental", "differential")
-
-#: Largest single read from an image (adjacent changed blocks are merged).
-READ_SIZE = 4 * MiB
-#: Reads in flight at once.
-READ_THREADS = 4
 
 ProgressFactory = Callable[[str, int], contextlib.AbstractContextManager[Callable[[int], None]]]
 
@@ -345,8 +342,8 @@ def run_backup(
     storage: str | None = None,
     storage_size: int | None = None,
     storage_max: int | None = None,
-    read_size: int = READ_SIZE,
-    threads: int = READ_THREADS,
+    read_size: int | None = None,
+    threads: int | None = None,
     progress: ProgressFactory | None = None,
     on_plan: Callable[[DevicePlan], None] | None = None,
     on_take: Callable[[str], None] | None = None,
@@ -355,7 +352,11 @@ def run_backup(
     (the backup is then recorded as failed) or another :class:`BlksnapError`
     (nothing recorded). ``on_take(snapshot_id)`` runs right after the take,
     while the images exist; ``on_plan(plan)`` once per device before it is
-    read."""
+    read. The image is read ``read_size`` bytes at most at a time by
+    ``threads`` readers (by default ``backup_read_size`` and
+    ``backup_read_threads`` of :mod:`blksnap.settings`)."""
+    read_size = SETTINGS.backup_read_size if read_size is None else read_size
+    threads = SETTINGS.backup_read_threads if threads is None else threads
     if mode not in MODES:
         raise InvalidArgument(f"backup mode must be one of {', '.join(MODES)}")
     names = list(devices)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import json
@@ -14,7 +15,7 @@ import blake3
 import numpy as np
 import pytest
 
-import blksnap.backup.repo as repo_module
+import blksnap.backup.restore as restore_module
 from blksnap.backup.repo import (
     FLAG_ZERO,
     FLAG_ZSTD,
@@ -27,6 +28,7 @@ from blksnap.backup.repo import (
     manifest_checksum,
 )
 from blksnap.errors import BlksnapError
+from blksnap.settings import SETTINGS
 
 BS = 16 * 1024
 BLOCKS = 40
@@ -783,7 +785,9 @@ def test_restore_in_many_windows(
     repo: Repository, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Restore rebuilds the device a window at a time, two windows in flight."""
-    monkeypatch.setattr(repo_module, "_WINDOW", 3 * BS)
+    monkeypatch.setattr(
+        restore_module, "SETTINGS", dataclasses.replace(SETTINGS, restore_window=3 * BS)
+    )
     v0 = make_device(110)
     v0[9 * BS : 15 * BS] = bytes(6 * BS)  # whole windows of zeroes
     w = repo.begin("full")
