@@ -13,20 +13,117 @@ import signal
 from collections.abc import Callable
 from typing import Any
 
+from blksnap.cli.args import Commands, sizearg
 from blksnap.cli.output import table
 from blksnap.cli.progress import progress
 from blksnap.errors import error
 from blksnap.units import format_size
 
 
-def run_backup_command(args: argparse.Namespace, client: Any, out: Any) -> int:
-    return {
-        "backup": cmd_backup,
-        "backups": cmd_backups,
-        "restore": cmd_restore,
-        "verify": cmd_verify,
-        "prune": cmd_prune,
-    }[args.command](args, client, out)
+def register(sub: Any, cmd: Commands) -> None:
+    bk = cmd(
+        sub,
+        "backup",
+        "one backup session: snapshot the devices at one instant, copy what changed "
+        "(from the CBT) into the repository, destroy the snapshot",
+        epilog="Without --full/--differential the backup is incremental where it can be "
+        "(a good earlier backup of the device in the same CBT generation) and full "
+        "where it cannot; each device's line says which and why.\n",
+    )
+    bk.add_argument(
+        "-d",
+        "--device",
+        dest="devices",
+        nargs="+",
+        action="extend",
+        required=True,
+        metavar="N",
+        help="devices to back up, all taken at one instant",
+    )
+    bk.add_argument("--repo", required=True, help="repository directory (created if missing)")
+    kind = bk.add_mutually_exclusive_group()
+    kind.add_argument("--full", dest="mode", action="store_const", const="full", help="every block")
+    kind.add_argument(
+        "--incremental",
+        dest="mode",
+        action="store_const",
+        const="incremental",
+        help="blocks changed since the newest good backup (the default)",
+    )
+    kind.add_argument(
+        "--differential",
+        dest="mode",
+        action="store_const",
+        const="differential",
+        help="blocks changed since the newest good full backup",
+    )
+    bk.add_argument(
+        "--storage",
+        help="diff storage of the snapshot: a directory (default: the repository), "
+        "a file or a block device",
+    )
+    bk.add_argument("--storage-size", type=sizearg, help="first size and growth step")
+    bk.add_argument("--storage-max", type=sizearg, help="most diff storage to use")
+    bk.add_argument(
+        "--compress",
+        choices=["zstd", "none"],
+        default="zstd",
+        help="compression of a new repository (default zstd)",
+    )
+    bk.add_argument("--no-progress", action="store_true", help="no progress bar")
+    bk.set_defaults(handler=cmd_backup, long_timeout=True)
+    bl = cmd(sub, "backups", "the backups in a repository (or one backup's devices)")
+    bl.add_argument("--repo", required=True)
+    bl.add_argument("--backup", "-b", help="show this backup's devices ('latest' works too)")
+    bl.set_defaults(handler=cmd_backups)
+    rs = cmd(
+        sub,
+        "restore",
+        "rebuild a device as of a backup (its whole chain) into PATH",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=RESTORE_EPILOG,
+    )
+    rs.add_argument("--repo", required=True)
+    rs.add_argument("--backup", "-b", required=True, help="backup id, or 'latest'")
+    rs.add_argument("-d", "--device", required=True)
+    rs.add_argument("--to", required=True, metavar="PATH", help="a file, or a block device")
+    rs.add_argument(
+        "--force",
+        action="store_true",
+        help="overwrite an existing non-empty file or a block device (never one in use)",
+    )
+    rs.add_argument("--no-progress", action="store_true", help="no progress bar")
+    rs.set_defaults(handler=cmd_restore)
+    vf = cmd(sub, "verify", "check every checksum of a repository (or of one backup)")
+    vf.add_argument("--repo", required=True)
+    vf.add_argument("--backup", "-b", help="only this backup")
+    vf.add_argument("--no-progress", action="store_true", help="no progress bar")
+    vf.set_defaults(handler=cmd_verify)
+    pr = cmd(
+        sub,
+        "prune",
+        "remove old backups, keeping the newest N and every backup their chains need",
+    )
+    pr.add_argument("--repo", required=True)
+    pr.add_argument("--keep", type=int, required=True, metavar="N")
+    pr.add_argument("--dry-run", action="store_true", help="only say what would be removed")
+    pr.set_defaults(handler=cmd_prune)
+
+
+RESTORE_EPILOG = """\
+PATH in use is refused with EBUSY, --force or not: a file some process holds
+open (blksnapd holds the backing files it serves), a file a loop device is
+attached to, a file of blksnapd's FUSE mount, a block device that is mounted,
+held (device-mapper, md), has a mounted or held partition, or cannot be opened
+exclusively. Unmount or remove the device first.
+
+An existing file of non-zero size, or any block device, is overwritten only
+with --force (else EEXIST). A file is written to a temporary file
+.NAME.blksnap-restore-XXXX beside it and renamed over PATH only once complete:
+a restore that fails or is interrupted leaves PATH as it was (after a SIGKILL
+the temporary may remain; remove it by hand). On a block device the first
+64 KiB are zeroed first and written last: a half-restored device shows no file
+system signature."""
 
 
 def _show(args: argparse.Namespace) -> bool:

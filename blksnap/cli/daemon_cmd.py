@@ -1,0 +1,173 @@
+"""``blksnap daemon start|stop|status`` and ``blksnap version``."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import shutil
+import subprocess
+import sys
+import time
+from typing import Any
+
+from blksnap import __version__
+from blksnap.cli.args import Commands
+from blksnap.cli.output import Out
+from blksnap.control.client import Client
+from blksnap.errors import BlksnapError, error
+from blksnap.settings import SETTINGS
+
+
+def register(sub: Any, cmd: Commands) -> None:
+    d = cmd(sub, "daemon", "start, stop or ask the blksnapd daemon")
+    dsub = d.add_subparsers(dest="action", metavar="ACTION", required=True)
+    start = cmd(dsub, "start", "start blksnapd in the background and wait until it answers")
+    start.add_argument("--state-dir", default=None, help=f"default {SETTINGS.state_dir}")
+    start.add_argument("--mount", default=None, help=f"FUSE mount point, default {SETTINGS.mount}")
+    start.add_argument("--log", default=None, help="log file (default <state-dir>/blksnapd.log)")
+    start.add_argument(
+        "--nbd",
+        default=None,
+        metavar="ADDR",
+        help="also serve NBD on unix:PATH or [HOST:]PORT (exports N and ID/N)",
+    )
+    start.add_argument(
+        "--nbd-any", action="store_true", help="allow a wildcard --nbd address (all interfaces)"
+    )
+    start.add_argument(
+        "--nbd-writable-images", action="store_true", help="export snapshot images read-write"
+    )
+    start.set_defaults(handler=daemon_start)
+    stop = cmd(
+        dsub,
+        "stop",
+        "stop blksnapd cleanly: snapshots destroyed, loop devices detached, unmounted; "
+        "refused (EBUSY, with the list) while file systems are mounted on its loop devices "
+        "or its files are open",
+    )
+    stop.add_argument(
+        "--force",
+        action="store_true",
+        help="stop anyway: loop devices under mounted file systems go away (their I/O fails)",
+    )
+    stop.set_defaults(handler=daemon_stop, long_timeout=True)
+    status = cmd(
+        dsub,
+        "status",
+        "is blksnapd up and healthy (FUSE data path answering, no backing store errors), "
+        "and what does it serve",
+    )
+    status.set_defaults(handler=daemon_status)
+
+    version = cmd(sub, "version", "versions of this CLI and of the daemon")
+    version.set_defaults(handler=show_version)
+
+
+def _blksnapd() -> str:
+    here = os.path.join(os.path.dirname(sys.executable), "blksnapd")
+    return here if os.path.exists(here) else (shutil.which("blksnapd") or "blksnapd")
+
+
+def daemon_start(args: argparse.Namespace, client: Client, out: Out) -> int:
+    try:
+        st = client.status()
+        out.emit(
+            {"running": True, "started": False, **st}, f"blksnapd already running (pid {st['pid']})"
+        )
+        return 0
+    except BlksnapError as exc:
+        client.close()
+        if exc.errno == errno.ETIMEDOUT:
+            raise  # something holds the socket but does not answer: not a second daemon
+    state_dir = args.state_dir or SETTINGS.state_dir
+    os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    logfile = args.log or os.path.join(state_dir, "blksnapd.log")
+    cmdline = [_blksnapd(), "--socket", client.socket_path, "--state-dir", state_dir]
+    if args.mount:
+        cmdline += ["--mount", args.mount]
+    if args.nbd is not None:
+        cmdline += ["--nbd", args.nbd]
+    if args.nbd_any:
+        cmdline.append("--nbd-any")
+    if args.nbd_writable_images:
+        cmdline.append("--nbd-writable-images")
+    with open(logfile, "ab") as log:
+        proc = subprocess.Popen(
+            cmdline, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+        )
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            with open(logfile, errors="replace") as f:
+                tail = f.read()[-2000:]
+            raise error(
+                errno.EIO, f"blksnapd exited with status {proc.returncode}; log {logfile}:\n{tail}"
+            )
+        try:
+            st = client.status()
+            out.emit(
+                {"running": True, "started": True, "log": logfile, **st},
+                f"blksnapd started (pid {st['pid']}), log {logfile}",
+            )
+            return 0
+        except BlksnapError:
+            client.close()
+            time.sleep(0.1)
+    raise error(errno.ETIMEDOUT, f"blksnapd did not answer within 20 s; see {logfile}")
+
+
+def _alive(pid: int) -> bool:
+    """Is ``pid`` running (a zombie waiting for its parent is not)?"""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+
+
+def daemon_stop(args: argparse.Namespace, client: Client, out: Out) -> int:
+    reply = client.stop(force=args.force)
+    client.close()
+    pid = reply["pid"]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            out.emit({"stopped": True, "pid": pid}, f"blksnapd (pid {pid}) stopped")
+            return 0
+        time.sleep(0.1)
+    raise error(errno.ETIMEDOUT, f"blksnapd (pid {pid}) still running after 60 s")
+
+
+def daemon_status(args: argparse.Namespace, client: Client, out: Out) -> int:
+    st = client.status()
+    healthy = st.get("healthy", True)
+    problems = st.get("problems") or []
+    health = "healthy" if healthy else "NOT HEALTHY:\n" + "\n".join(f"  - {p}" for p in problems)
+    out.emit(
+        {"running": True, **st},
+        f"blksnapd {st['version']} running, pid {st['pid']}, up {st['uptime']:.0f} s, "
+        f"{health}\n"
+        f"  socket {st['socket']}\n  mount  {st['mount']}\n  state  {st['state_dir']}\n"
+        f"  {st['devices']} device(s), {st['snapshots']} snapshot(s), loop devices: "
+        f"{', '.join(st['loops']) or 'none'}"
+        + (
+            f"\n  nbd    {', '.join(st.get('nbd_listen') or [st['nbd']])}, "
+            f"{st.get('nbd_clients', 0)} client(s)"
+            if st.get("nbd")
+            else ""
+        ),
+    )
+    return 0
+
+
+def show_version(args: argparse.Namespace, client: Client, out: Out) -> int:
+    try:
+        daemon: Any = client.version()
+    except BlksnapError as exc:
+        daemon = {"error": exc.errname, "message": exc.message}
+    text = f"blksnap {__version__}\nblksnapd " + (
+        daemon["daemon"] if "daemon" in daemon else f"not reachable ({daemon['error']})"
+    )
+    out.emit({"cli": __version__, "daemon": daemon}, text)
+    return 0
