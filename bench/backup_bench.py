@@ -46,7 +46,7 @@ for p in (str(HERE), str(ROOT)):
 
 from harness import Spread, table  # noqa: E402
 
-from blksnap import sandbox  # noqa: E402
+from blksnap.tools import sandbox  # noqa: E402
 
 SECTION = "## Backup: blksnap backup vs qemu-img convert; incremental cost"
 MiB = 1 << 20

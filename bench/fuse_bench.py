@@ -47,7 +47,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness import KiB, MiB, Spread, size_text, table
+from harness import KiB, MiB, Spread, incompressible_file, size_text, table
 
 from blksnap.control import loop as losetup
 from blksnap.control.client import Client
@@ -116,11 +116,9 @@ class BenchError(RuntimeError):
 
 def why_not() -> str | None:
     """Why this benchmark cannot run here, or None."""
-    if os.geteuid() != 0:
-        return "needs root (FUSE mounts with allow_other, loop devices)"
-    for dev in ("/dev/fuse", "/dev/loop-control"):
-        if not os.path.exists(dev):
-            return f"no {dev} on this machine"
+    why = sandbox.why_not()
+    if why:
+        return why
     for tool in ("fio", "losetup"):
         if shutil.which(tool) is None:
             return f"{tool} is not installed"
@@ -154,9 +152,9 @@ def parse(doc: dict, wl: Workload) -> Result:
     )
 
 
-def fio_timed(target: str, wl: Workload, size: int, runtime: float) -> Result:
-    """``runtime`` seconds of ``wl`` over the first ``size`` bytes of ``target``."""
-    args = [
+def fio_job(target: str, wl: Workload, size: int) -> list[str]:
+    """fio's arguments for ``wl`` over the first ``size`` bytes of ``target``."""
+    return [
         "--name=bench",
         f"--filename={target}",
         "--ioengine=libaio",
@@ -165,6 +163,13 @@ def fio_timed(target: str, wl: Workload, size: int, runtime: float) -> Result:
         f"--rw={wl.rw}",
         f"--bs={wl.bs}",
         f"--size={size}",
+    ]
+
+
+def fio_timed(target: str, wl: Workload, size: int, runtime: float) -> Result:
+    """``runtime`` seconds of ``wl`` over the first ``size`` bytes of ``target``."""
+    args = [
+        *fio_job(target, wl, size),
         "--time_based",
         f"--runtime={round(runtime * 1000)}ms",
         "--norandommap",
@@ -175,17 +180,7 @@ def fio_timed(target: str, wl: Workload, size: int, runtime: float) -> Result:
 
 def fio_once(target: str, wl: Workload, size: int) -> Result:
     """``wl`` once over ``size`` bytes (sequential first writes)."""
-    args = [
-        "--name=bench",
-        f"--filename={target}",
-        "--ioengine=libaio",
-        "--direct=1",
-        f"--iodepth={QD}",
-        f"--rw={wl.rw}",
-        f"--bs={wl.bs}",
-        f"--size={size}",
-    ]
-    return parse(fio(args), wl)
+    return parse(fio(fio_job(target, wl, size)), wl)
 
 
 def fio_replay(log: str) -> Result:
@@ -219,16 +214,6 @@ def first_write_log(path: str, target: str, size: int, chunk: int, rng: random.R
 # -- the rig: files, processes, loop devices ---------------------------------------------
 
 
-def make_file(path: str, size: int, rng: random.Random) -> None:
-    """A file of incompressible data (no holes), written back to disk."""
-    block = rng.randbytes(MiB)
-    with open(path, "wb") as f:
-        for off in range(0, size, MiB):
-            f.write(block[: min(MiB, size - off)])
-        f.flush()
-        os.fsync(f.fileno())
-
-
 class Rig:
     """blksnapd with three devices, the do-nothing file system, and the raw
     loop devices, all under one work directory; ``close`` removes every
@@ -240,10 +225,9 @@ class Rig:
         self.cfg = cfg
         self.dir = workdir
         self.rng = rng
-        self.procs: list[subprocess.Popen[bytes]] = []
         self.my_loops: list[str] = []
+        self.box: sandbox.Sandbox | None = None
         self.client: Client | None = None
-        self.daemon: subprocess.Popen[bytes] | None = None
         self.null: subprocess.Popen[bytes] | None = None
         self.files: dict[str, str] = {}
         self.loops: dict[str, str] = {}
@@ -257,7 +241,7 @@ class Rig:
         size = self.cfg.size
         for name in ("raw", "raw-buffered", *self.DEVICES, "storage"):
             self.files[name] = self.path(f"{name}.img")
-            make_file(self.files[name], size, self.rng)
+            incompressible_file(self.files[name], size, self.rng)
         progress(f"fio: {len(self.files)} files of {size_text(size)} in {self.dir}")
         self.loops["raw"] = self._loop(self.files["raw"], direct_io=True)
         self.loops["raw-buffered"] = self._loop(self.files["raw-buffered"], direct_io=False)
@@ -290,7 +274,6 @@ class Rig:
             stdin=subprocess.DEVNULL,
         )
         log.close()
-        self.procs.append(proc)
         self.null = proc
         assert proc.stdout is not None
         line = proc.stdout.readline()
@@ -299,40 +282,18 @@ class Rig:
         self.loops["null"] = self._loop(os.path.join(mnt, "disk"), direct_io=True)
 
     def _start_daemon(self) -> None:
-        sock = self.path("blksnapd.sock")
-        log = open(self.path("blksnapd.log"), "wb")  # noqa: SIM115 - closed with the process
-        proc = subprocess.Popen(
-            [
-                str(BIN / "blksnapd"),
-                "--socket",
-                sock,
-                "--mount",
-                self.path("mnt"),
-                "--state-dir",
-                self.path("state"),
-                "--log-level",
-                "WARNING",
-                *self.cfg.daemon_args,
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-        log.close()
-        self.procs.append(proc)
-        self.daemon = proc
-        client = Client(sock, timeout=300)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                client.status()
-                break
-            except BlksnapError:
-                client.close()
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise BenchError(f"blksnapd did not start:\n{self.daemon_log()}") from None
-                time.sleep(0.05)
-        self.client = client
+        """blksnapd in a sandbox of the work directory (its socket, mount,
+        state and log there too)."""
+        try:
+            self.box = sandbox.start(
+                self.dir,
+                ["--log-level", "WARNING", *self.cfg.daemon_args],
+                timeout=30,
+                client_timeout=300,
+            )
+        except RuntimeError as exc:
+            raise BenchError(str(exc)) from None
+        self.client = self.box.client
 
     def daemon_log(self) -> str:
         try:
@@ -353,25 +314,22 @@ class Rig:
                 os.close(fd)
 
     def check_alive(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is not None:
+        for proc in (self.null, self.box.proc if self.box else None):
+            if proc is not None and proc.poll() is not None:
                 raise BenchError(f"{proc.args[0]} exited with {proc.returncode}")
 
     # -- stop --
 
     def close(self) -> None:
+        """Our loop devices, the do-nothing fs (by its pid), then blksnapd:
+        nothing left mounted or attached under the work directory."""
         errors: list[str] = []
         for lp in reversed(self.my_loops):
             with contextlib.suppress(BlksnapError):
                 losetup.detach(lp)
-        if self.client is not None and self.daemon is not None and self.daemon.poll() is None:
-            try:
-                self.client.stop()
-            except BlksnapError as exc:
-                errors.append(f"blksnapd stop: {exc}")
-            self.client.close()
-        for proc in self.procs:
-            if proc is self.null and proc.poll() is None:
+        proc = self.null
+        if proc is not None:
+            if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
             try:
                 proc.wait(timeout=60)
@@ -381,6 +339,11 @@ class Rig:
                 proc.wait(timeout=30)
             if proc.stdout is not None:
                 proc.stdout.close()
+        if self.box is not None and self.box.proc.poll() is None:
+            try:
+                self.box.stop()
+            except BlksnapError as exc:
+                errors.append(f"blksnapd stop: {exc}")
         sandbox.cleanup_under(self.dir)
         if errors:
             print("fuse bench cleanup: " + "; ".join(errors), file=sys.stderr)
@@ -587,7 +550,7 @@ def request_costs(
         devs = {}
         for name in ("plain", "engine", "engine_tracker"):
             path = os.path.join(workdir, f"costs-{name}.img")
-            make_file(path, size, rng)
+            incompressible_file(path, size, rng)
             if name == "plain":
                 fds.append(os.open(path, os.O_RDWR))
             else:

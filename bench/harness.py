@@ -250,6 +250,17 @@ def machine(tmpdir: str, repo: str) -> dict[str, str]:
 # -- tables ---------------------------------------------------------------------
 
 
+def incompressible_file(path: str, size: int, rng: random.Random) -> None:
+    """A file full of incompressible data (no holes: copy-on-write must
+    really read), written back to disk so every run starts from clean pages."""
+    block = rng.randbytes(MiB)
+    with open(path, "wb") as f:
+        for off in range(0, size, MiB):
+            f.write(block[: min(MiB, size - off)])
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     """A Markdown table, columns padded so it also reads well on a terminal."""
     cells = [list(headers), *[list(r) for r in rows]]

@@ -47,7 +47,7 @@ if str(HERE) not in sys.path:
 
 from harness import Spread, table  # noqa: E402
 
-from blksnap import sandbox  # noqa: E402
+from blksnap.tools import sandbox  # noqa: E402
 
 BIN = Path(sys.executable).parent
 SECTION = "## NBD: nbdcopy from and to blksnapd vs qemu-nbd"
@@ -145,15 +145,8 @@ class Rig:
         return os.path.join(self.root, name)
 
     def cli(self, *args: str) -> str:
-        out = subprocess.run(
-            [str(BIN / "blksnap"), "--socket", self.path("blksnapd.sock"), *args],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        if out.returncode != 0:
-            raise RuntimeError(f"blksnap {' '.join(args)}: {out.stderr.strip()}")
-        return out.stdout.strip()
+        assert self.box is not None
+        return self.box.cli(*args).stdout.strip()
 
     def start(self, progress: Callable[[str], None]) -> None:
         rng = random.Random(self.cfg.seed)

@@ -44,6 +44,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from types import ModuleType
 
 from harness import (
     CBT_CAPACITIES,
@@ -53,6 +54,7 @@ from harness import (
     Sample,
     Spread,
     TiB,
+    incompressible_file,
     machine,
     quiet_gc,
     rand_block_ops,
@@ -101,17 +103,6 @@ class Config:
 
 
 # -- setup --------------------------------------------------------------------------
-
-
-def make_device(path: str, size: int, rng: random.Random) -> None:
-    """A device file full of incompressible data (no holes: copy-on-write
-    must really read), written back so every run starts from clean pages."""
-    block = rng.randbytes(MiB)
-    with open(path, "wb") as f:
-        for off in range(0, size, MiB):
-            f.write(block[: min(MiB, size - off)])
-        f.flush()
-        os.fsync(f.fileno())
 
 
 # -- 1 + 3: writes --------------------------------------------------------------------
@@ -1184,9 +1175,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     report.add(header(cfg, env, started))
     with tempfile.TemporaryDirectory(dir=cfg.tmpdir, prefix="blksnap-bench-") as workdir:
         dev_path = os.path.join(workdir, "dev0")
-        make_device(dev_path, cfg.size, rng)
+        incompressible_file(dev_path, cfg.size, rng)
         store_path = os.path.join(workdir, "diff-storage")
-        make_device(store_path, cfg.size, rng)
+        incompressible_file(store_path, cfg.size, rng)
         progress(f"device and diff storage file, {size_text(cfg.size)} each, in {workdir}")
 
         wb = WriteBench(cfg, workdir, dev_path, store_path, rng)
@@ -1249,13 +1240,30 @@ def block_layer(cfg: Config, report: Report, progress: Callable[[str], None]) ->
     import fuse_bench
 
     fcfg = fuse_bench.make_config(cfg.quick, cfg.tmpdir, cfg.seed)
+    return _sub_section(
+        report,
+        progress,
+        fuse_bench,
+        "block-layer",
+        lambda: fuse_bench.run_section(fcfg, progress)[0],
+    )
+
+
+def _sub_section(
+    report: Report,
+    progress: Callable[[str], None],
+    module: ModuleType,
+    what: str,
+    make: Callable[[], str],
+) -> bool:
+    """Add the section ``make()`` writes; if it raises, say so in the report
+    under ``module.SECTION`` (the other sections are still written)."""
     try:
-        text, _ = fuse_bench.run_section(fcfg, progress)
-    except Exception as exc:  # keep the engine sections; say what broke
-        progress(f"block-layer benchmark failed: {exc!r}")
-        report.add(f"{fuse_bench.SECTION}\n\n**Failed**: `{exc!r}`\n")
+        report.add(make())
+    except Exception as exc:  # keep the other sections; say what broke
+        progress(f"{what} benchmark failed: {exc!r}")
+        report.add(f"{module.SECTION}\n\n**Failed**: `{exc!r}`\n")
         return False
-    report.add(text)
     return True
 
 
@@ -1263,26 +1271,22 @@ def nbd_section(cfg: Config, report: Report, progress: Callable[[str], None]) ->
     """nbdcopy against blksnapd's NBD exports and qemu-nbd (bench/nbd_bench.py)."""
     import nbd_bench
 
-    try:
-        report.add(nbd_bench.run_nbd_bench(cfg.quick, progress))
-    except Exception as exc:  # keep the other sections; say what broke
-        progress(f"NBD benchmark failed: {exc!r}")
-        report.add(f"{nbd_bench.SECTION}\n\n**Failed**: `{exc!r}`\n")
-        return False
-    return True
+    return _sub_section(
+        report, progress, nbd_bench, "NBD", lambda: nbd_bench.run_nbd_bench(cfg.quick, progress)
+    )
 
 
 def backup_section(cfg: Config, report: Report, progress: Callable[[str], None]) -> bool:
     """blksnap backup vs qemu-img convert; incremental cost (bench/backup_bench.py)."""
     import backup_bench
 
-    try:
-        report.add(backup_bench.run_backup_bench(cfg.quick, progress))
-    except Exception as exc:  # keep the other sections; say what broke
-        progress(f"backup benchmark failed: {exc!r}")
-        report.add(f"{backup_bench.SECTION}\n\n**Failed**: `{exc!r}`\n")
-        return False
-    return True
+    return _sub_section(
+        report,
+        progress,
+        backup_bench,
+        "backup",
+        lambda: backup_bench.run_backup_bench(cfg.quick, progress),
+    )
 
 
 if __name__ == "__main__":

@@ -34,15 +34,15 @@ from blksnap.control.protocol import (
 )
 from blksnap.engine.event_queue import Event
 from blksnap.errors import BlksnapError, error
+from blksnap.settings import SETTINGS
 
 if TYPE_CHECKING:
     from blksnap.engine.cbt import CbtInfo
 
-DEFAULT_SOCKET = "/run/blksnap/blksnapd.sock"
-
 
 def default_socket() -> str:
-    return os.environ.get("BLKSNAP_SOCKET") or DEFAULT_SOCKET
+    """blksnapd's control socket: $BLKSNAP_SOCKET, else ``SETTINGS.socket``."""
+    return os.environ.get("BLKSNAP_SOCKET") or SETTINGS.socket
 
 
 class Client:

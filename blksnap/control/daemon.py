@@ -18,160 +18,42 @@ import errno
 import logging
 import os
 import signal
-import socket
-import stat
-import struct
-import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
 
 import trio
 
-from blksnap import __version__, hostinfo, inuse
-from blksnap.control import loop
-from blksnap.control.protocol import (
-    HEADER,
-    MAX_REQUEST,
-    VERSION,
-    ProtocolError,
-    check_length,
-    decode_body,
-    encode,
-    error_reply,
-    ok_reply,
-    validate_request,
-)
+from blksnap import __version__, hostinfo
+from blksnap.control import host, loop
+from blksnap.control.protocol import VERSION
+from blksnap.control.server import ControlServer, Handler
+from blksnap.control.users import Users
 from blksnap.engine.engine import Engine
 from blksnap.errors import BlksnapError, InvalidArgument, error
+from blksnap.settings import SETTINGS
 
 if TYPE_CHECKING:
     from blksnap.frontends.nbd import Address, NbdServer
 
 log = logging.getLogger("blksnapd")
 
-DEFAULT_SOCKET = "/run/blksnap/blksnapd.sock"
-DEFAULT_MOUNT = "/run/blksnap/mnt"
-DEFAULT_STATE_DIR = "/var/lib/blksnap"
-#: Worker threads for engine calls of the control socket.
-CONTROL_THREADS = 8
-#: A handle closed (or a file system unmounted lazily) just before a check is
-#: released by the kernel a moment later: users are looked for again for
-#: this long before a command refuses with EBUSY.
-USERS_GRACE = 1.0
-#: ``daemon status`` gives the FUSE data path this long to answer a stat.
-HEALTH_TIMEOUT = 2.0
-
-
-def sd_notify(message: str) -> None:
-    """Tell systemd (Type=notify) how we are; nothing without NOTIFY_SOCKET."""
-    addr = os.environ.get("NOTIFY_SOCKET")
-    if not addr:
-        return
-    if addr.startswith("@"):
-        addr = "\0" + addr[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-            s.connect(addr)
-            s.sendall(message.encode())
-    except OSError as exc:
-        log.warning("sd_notify failed: %s", exc)
-
-
-def clear_stale_mount(mountpoint: str) -> None:
-    """What a daemon that died left behind: loop devices over its files
-    (detached, or auto-cleared once their users close them) and its dead
-    FUSE mount (unmounted lazily)."""
-    mountpoint = os.path.abspath(mountpoint)
-    for entry in sorted(os.listdir("/sys/block")):
-        backing = hostinfo.backing_file(entry) if entry.startswith("loop") else None
-        if backing and backing.startswith(mountpoint + "/"):
-            log.warning("detaching stale loop device /dev/%s (%s)", entry, backing)
-            try:
-                loop.detach("/dev/" + entry)
-            except BlksnapError as exc:
-                log.error("stale loop device /dev/%s: %s", entry, exc)
-    if is_mounted(mountpoint):
-        log.warning("clearing stale mount at %s", mountpoint)
-        subprocess.run(["umount", "-l", mountpoint], check=False)
-
-
-def is_mounted(mountpoint: str) -> bool:
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == mountpoint for line in f)
-
-
-def open_exclusively_elsewhere(blockdev: str) -> bool:
-    """Does something hold ``blockdev`` exclusively (a file system, mounted
-    in another namespace or lazily unmounted and still busy; device mapper,
-    md, mkfs ...)? An ``O_EXCL`` open of a block device fails with EBUSY then."""
-    try:
-        fd = os.open(blockdev, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
-    except OSError as exc:
-        return exc.errno == errno.EBUSY
-    os.close(fd)
-    return False
-
-
-def holds_files_on(blockdev: str) -> bool:
-    """Does this process have a file open on the file system of ``blockdev``
-    (diff storage on a protected file system, say)? Such a file system may
-    be kept alive, lazily unmounted, by blksnapd alone, which a stop
-    releases (snapshots destroyed) before it detaches the loop devices."""
-    try:
-        rdev = os.stat(blockdev).st_rdev
-        fds = os.listdir("/proc/self/fd")
-    except OSError:
-        return False
-    for fd in fds:
-        try:
-            if os.fstat(int(fd)).st_dev == rdev:
-                return True
-        except (OSError, ValueError):
-            continue
-    return False
-
-
-def host_users(path: str, own_loop: str | None) -> tuple[list[str], int, bool]:
-    """Who uses the FUSE file ``path`` through the host: loop devices over it
-    (blksnapd's own ``own_loop`` counts only if mounted or held), file
-    systems on them, their holders and the processes that have them or the
-    file open. Returns (descriptions, loop devices over the file that are
-    not ``own_loop`` (each holds one handle of the file), whether processes
-    were found with the file open). Blocking."""
-    out: list[str] = []
-    loops = hostinfo.loops_backed_by(path)
-    others = [lp for lp in loops if lp != own_loop]
-    procs = inuse.openers({path, *loops})
-    for lp in loops:
-        what = lp if lp == own_loop else f"loop device {lp} (not blksnapd's) over {path}"
-        mounts = hostinfo.mounts_of(lp)
-        for m in mounts:
-            out.append(f"{lp} is mounted on {m.mountpoint} ({m.fstype})")
-        holders = inuse.holders(os.path.basename(lp))
-        if holders:
-            out.append(f"{what} is held by {', '.join(holders)}")
-        elif not mounts and open_exclusively_elsewhere(lp) and not holds_files_on(lp):
-            out.append(f"{what} is held open exclusively (a file system still unmounting?)")
-        elif lp != own_loop and not mounts:
-            out.append(f"{what} is attached")
-        if lp in procs:
-            out.append(f"{lp} is open in {', '.join(procs[lp])}")
-    if path in procs:
-        out.append(f"{path} is open in {', '.join(procs[path])}")
-    return out, len(others), path in procs
-
 
 class Daemon:
+    """blksnapd's engine, front-ends and loop devices, its operations (one
+    ``op_*`` coroutine per op of the control protocol) and its life (run,
+    signals, shutdown). Who uses what is :class:`~blksnap.control.users.Users`;
+    the control socket, :class:`~blksnap.control.server.ControlServer`."""
+
     def __init__(
         self,
         state_dir: str,
         mount: str,
         socket_path: str,
         *,
-        fuse_threads: int = 16,
+        fuse_threads: int = SETTINGS.fuse_threads,
         direct_io: bool = True,
         nbd: Address | None = None,
         nbd_writable_images: bool = False,
@@ -196,8 +78,8 @@ class Daemon:
         #: Why the FUSE session ended while blksnapd still runs (the kernel
         #: aborted the connection, the mount went away), or None.
         self.fuse_ended: str | None = None
-        self.control_limiter = trio.CapacityLimiter(CONTROL_THREADS)
-        self.handlers: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {
+        self.control_limiter = trio.CapacityLimiter(SETTINGS.control_threads)
+        self.handlers: dict[str, Handler] = {
             "version": self.op_version,
             "daemon.status": self.op_status,
             "daemon.stop": self.op_stop,
@@ -217,6 +99,9 @@ class Daemon:
             "snapshot.waitevent": self.op_waitevent,
             "snapshot.destroy": self.op_snapshot_destroy,
         }
+        self.control = ControlServer(self.socket_path, self.handlers)
+        #: Who uses the devices and images (what a remove, destroy or stop would break).
+        self.who = Users(self)
 
     # -- paths ------------------------------------------------------------------
 
@@ -234,28 +119,16 @@ class Daemon:
     async def op_version(self, args: dict[str, Any]) -> Any:
         return {"daemon": __version__, "protocol": VERSION}
 
-    async def _stat_path(self, fn: Callable[[str], Any], path: str) -> str | None:
-        """``fn(path)`` in a thread, bounded by HEALTH_TIMEOUT: what went
-        wrong, or None. (A thread: the event loop serves the FUSE request.)"""
-        with trio.move_on_after(HEALTH_TIMEOUT):
-            try:
-                await trio.to_thread.run_sync(fn, path, abandon_on_cancel=True)
-                return None
-            except OSError as exc:
-                name = errno.errorcode.get(exc.errno or 0, "EIO")
-                return f"{path}: {name} ({exc.strerror}): the FUSE data path is down"
-        return f"{path}: no answer in {HEALTH_TIMEOUT:g} s: the FUSE data path is stuck"
-
     async def health(self) -> tuple[list[str], dict[str, Any]]:
         """(problems, device errors): the FUSE session, the data path (a
         statfs of the mount and a stat of its dev/ directory, which the
-        kernel must ask this daemon for) and devices whose backing store
-        failed requests."""
+        kernel must ask this daemon for, each given ``SETTINGS.health_timeout``
+        to answer) and devices whose backing store failed requests."""
         problems: list[str] = []
         if self.fuse_ended:
             problems.append(self.fuse_ended)
         for fn, path in ((os.statvfs, self.mount), (os.stat, os.path.join(self.mount, "dev"))):
-            problem = await self._stat_path(fn, path)
+            problem = await host.stat_problem(fn, path, SETTINGS.health_timeout)
             if problem:
                 problems.append(problem)
                 break
@@ -306,87 +179,18 @@ class Daemon:
 
     # -- who uses what ------------------------------------------------------------
 
-    def _nbd_image_users(self, sid: str, name: str) -> int:
-        if self.nbd is None:
-            return 0
-        export = f"{sid}/{name}"
-        return sum(
-            1
-            for c in list(self.nbd.connections)
-            if c.export is not None and c.export.name == export and not c.finished
-        )
-
-    async def users(
-        self, name: str, sid: str | None = None, *, grace: float = USERS_GRACE
-    ) -> list[str]:
-        """Who uses device ``name`` (or, with ``sid``, its image in snapshot
-        ``sid``): file systems mounted on loop devices over its FUSE file,
-        other loop devices over the file, holders of those, processes with
-        the loop device or the file open (blksnapd's own loop device holds
-        one handle of it), NBD clients. Empty when nothing does. A user
-        gone a moment ago (a handle the kernel releases late, a lazy
-        unmount finishing) is waited for up to ``grace`` seconds."""
-        if sid is None:
-            target: Any = self.engine.device(name)
-            path, label = self.device_path(name), f"device {name}"
-        else:
-            target = self.engine.image(sid, name)
-            path, label = self.image_path(sid, name), f"image {sid}/{name}"
-        deadline = trio.current_time() + grace
-        while True:
-            own = self.loops.get(path)
-            found, other_loops, named = await self.thread(host_users, path, own)
-            handles = self.fs.open_count(target) - (1 if own else 0) - other_loops
-            if handles > 0 and not named:  # held, but not by a process we can name
-                found.append(f"{path} is open in {handles} file handle(s)")
-            nbd = (
-                self._nbd_image_users(sid, name)
-                if sid is not None
-                else (self.nbd.device_users(name) if self.nbd else 0)
-            )
-            if nbd:
-                found.append(f"{nbd} NBD client(s) on export {sid + '/' if sid else ''}{name}")
-            if not found or trio.current_time() > deadline:
-                return [f"{label}: {what}" for what in found]
-            await trio.sleep(0.05)
-
-    async def _users_of_all(self, targets: Callable[[], list[tuple[str, str | None]]]) -> list[str]:
-        """Users of every (device, snapshot id or None) ``targets()`` lists,
-        with one USERS_GRACE for them all."""
-        deadline = trio.current_time() + USERS_GRACE
-        while True:
-            out: list[str] = []
-            for name, sid in targets():
-                try:
-                    out += await self.users(name, sid, grace=0)
-                except BlksnapError:  # removed or destroyed meanwhile
-                    pass
-            if not out or trio.current_time() > deadline:
-                return out
-            await trio.sleep(0.05)
-
-    def _images(self, sid: str) -> list[tuple[str, str | None]]:
-        snap = self.engine.snapshot(sid)
-        return [(n, sid) for n in sorted(snap.members) if snap.members[n].image is not None]
+    async def users(self, name: str, sid: str | None = None) -> list[str]:
+        """Who uses device ``name`` (or its image in snapshot ``sid``):
+        see :meth:`blksnap.control.users.Users.of`."""
+        return await self.who.of(name, sid)
 
     async def snapshot_users(self, sid: str) -> list[str]:
-        """Who uses the images of snapshot ``sid`` (see :meth:`users`)."""
-        self.engine.snapshot(sid)  # ENOENT
-        return await self._users_of_all(lambda: self._images(sid))
+        """Who uses the images of snapshot ``sid``."""
+        return await self.who.of_snapshot(sid)
 
     async def all_users(self) -> list[str]:
         """Who uses any device or image: what a stop would break."""
-
-        def targets() -> list[tuple[str, str | None]]:
-            out: list[tuple[str, str | None]] = [(d.name, None) for d in self.engine.devices()]
-            for snap in self.engine.snapshot_collect():
-                try:
-                    out += self._images(snap["id"])
-                except BlksnapError:
-                    pass
-            return out
-
-        return await self._users_of_all(targets)
+        return await self.who.of_all()
 
     def _loop_of(self, path: str) -> str | None:
         return self.loops.get(path)
@@ -435,10 +239,9 @@ class Daemon:
 
     async def op_device_remove(self, args: dict[str, Any]) -> Any:
         name = args["name"]
-        dev = self.engine.device(name)
-        trk = dev.filters.find("blksnap")
-        if trk is not None and getattr(trk, "snapshot_id", None):
-            raise error(errno.EBUSY, f"{name} is in snapshot {trk.snapshot_id}")  # type: ignore[attr-defined]
+        sid = self.engine.snapshot_of(name)  # NotFound without such a device
+        if sid is not None:
+            raise error(errno.EBUSY, f"{name} is in snapshot {sid}")
         path = self.device_path(name)
         # Mounted or held loop devices, other loop devices over the file,
         # processes with it open, NBD clients (NBD lets no new one in while
@@ -594,93 +397,6 @@ class Daemon:
         await self.thread(self.engine.snapshot_destroy, sid)
         return {"id": sid, "destroyed": True}
 
-    # -- control socket -----------------------------------------------------------
-
-    async def _receive_exactly(self, stream: trio.SocketStream, n: int) -> bytes | None:
-        buf = bytearray()
-        while len(buf) < n:
-            chunk = await stream.receive_some(n - len(buf))
-            if not chunk:
-                return None
-            buf += chunk
-        return bytes(buf)
-
-    def _peer_allowed(self, stream: trio.SocketStream) -> bool:
-        creds = stream.socket.getsockopt(
-            socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")
-        )
-        _pid, uid, _gid = struct.unpack("3i", creds)
-        return uid in (0, os.getuid())
-
-    async def handle_connection(self, stream: trio.SocketStream) -> None:
-        async with stream:
-            if not self._peer_allowed(stream):
-                log.warning("control connection from a foreign uid refused")
-                await stream.send_all(encode(error_reply(None, error(errno.EPERM, "not allowed"))))
-                return
-            while True:
-                try:
-                    header = await self._receive_exactly(stream, HEADER.size)
-                    if header is None:
-                        return
-                    (length,) = HEADER.unpack(header)
-                    try:
-                        check_length(length, MAX_REQUEST)
-                    except ProtocolError as exc:
-                        # The body cannot be skipped safely: answer, then hang up.
-                        await stream.send_all(encode(error_reply(None, exc)))
-                        return
-                    body = await self._receive_exactly(stream, length)
-                    if body is None:
-                        return
-                    reply = await self.dispatch(body)
-                    await stream.send_all(encode(reply))
-                except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
-                    return
-
-    async def dispatch(self, body: bytes) -> dict[str, Any]:
-        req_id: Any = None
-        try:
-            msg = decode_body(body)
-            req_id = msg.get("id")
-            req_id, op, args = validate_request(msg)
-            result = await self.handlers[op](args)
-            return ok_reply(req_id, result)
-        except BlksnapError as exc:
-            log.info("request %s failed: %s", req_id, exc)
-            return error_reply(req_id, exc)
-        except Exception as exc:  # a bug: say so, keep serving
-            log.exception("request %s crashed", req_id)
-            return error_reply(req_id, error(errno.EIO, f"internal error: {exc!r}"))
-
-    async def serve_control(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        os.makedirs(os.path.dirname(self.socket_path), mode=0o755, exist_ok=True)
-        if os.path.exists(self.socket_path):
-            if self._socket_alive():
-                raise error(errno.EADDRINUSE, f"another blksnapd answers on {self.socket_path}")
-            os.unlink(self.socket_path)
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old_umask = os.umask(0o177)
-        try:
-            await sock.bind(self.socket_path)
-        finally:
-            os.umask(old_umask)
-        os.chmod(self.socket_path, stat.S_IRUSR | stat.S_IWUSR)
-        sock.listen(64)
-        listener = trio.SocketListener(sock)
-        task_status.started()
-        await trio.serve_listeners(self.handle_connection, [listener])
-
-    def _socket_alive(self) -> bool:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            s.connect(self.socket_path)
-            return True
-        except OSError:
-            return False
-        finally:
-            s.close()
-
     # -- life -------------------------------------------------------------------
 
     async def _signals(self) -> None:
@@ -701,7 +417,7 @@ class Daemon:
                         sig,
                         "; ".join(users),
                     )
-                    sd_notify("STATUS=refused to stop: in use: " + "; ".join(users)[:400])
+                    host.sd_notify("STATUS=refused to stop: in use: " + "; ".join(users)[:400])
                     continue
                 log.info("signal %s: shutting down", sig)
                 self.stopping.set()
@@ -714,10 +430,10 @@ class Daemon:
         can say what is wrong and ``daemon stop`` can clear the dead mount."""
         import pyfuse3
 
-        # 32 idle pyfuse3 tasks: requests handed to the worker pool each
-        # hold one, and creating tasks per request costs (bench: +28%).
+        # Idle pyfuse3 tasks: requests handed to the worker pool each hold
+        # one, and creating tasks per request costs (bench: +28%).
         try:
-            await pyfuse3.main(32, 256)
+            await pyfuse3.main(SETTINGS.fuse_idle_tasks, SETTINGS.fuse_max_tasks)
         except Exception as exc:
             why = f"the FUSE session failed: {exc!r}"
         else:
@@ -733,7 +449,7 @@ class Daemon:
     async def shutdown(self) -> None:
         """Destroy snapshots, detach our loop devices, flush devices. FUSE is
         still served meanwhile (losetup closes the files through it)."""
-        sd_notify("STOPPING=1")
+        host.sd_notify("STOPPING=1")
         if self.nbd is not None:
             await self.nbd.close()
         for snap in self.engine.snapshot_collect():
@@ -756,7 +472,7 @@ class Daemon:
 
         if self.nbd is not None:
             await self.nbd.open()  # before the mount: a bad address leaves nothing behind
-        clear_stale_mount(self.mount)
+        host.clear_stale_mount(self.mount)
         os.makedirs(self.mount, mode=0o755, exist_ok=True)
         try:
             pyfuse3.init(self.fs, self.mount, mount_options())
@@ -768,7 +484,7 @@ class Daemon:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._serve_fuse)
-                await nursery.start(self.serve_control)
+                await nursery.start(self.control.serve)
                 if self.nbd is not None:
                     await nursery.start(self.nbd.serve)
                 nursery.start_soon(self._signals)
@@ -780,7 +496,7 @@ class Daemon:
                     self.state_dir,
                     f", NBD {self.nbd.address_text}" if self.nbd else "",
                 )
-                sd_notify(f"READY=1\nMAINPID={os.getpid()}")
+                host.sd_notify(f"READY=1\nMAINPID={os.getpid()}")
                 await self.stopping.wait()
                 await self.shutdown()
                 nursery.cancel_scope.cancel()
@@ -789,14 +505,7 @@ class Daemon:
                 pyfuse3.close(unmount=True)
             except Exception as exc:
                 log.error("unmount %s: %s", self.mount, exc)
-            # libfuse does not unmount a connection aborted through
-            # /sys/fs/fuse/connections: clear the dead mount lazily.
-            try:
-                if is_mounted(self.mount):
-                    log.warning("FUSE mount %s still there: unmounting lazily", self.mount)
-                    subprocess.run(["umount", "-l", self.mount], check=False)
-            except OSError as exc:
-                log.error("unmount %s: %s", self.mount, exc)
+            host.unmount_left_behind(self.mount)
             self.fs.close()  # join the FUSE worker threads
             self.engine.close()
             try:
@@ -813,14 +522,14 @@ def main(argv: list[str] | None = None) -> int:
         "files (<mount>/dev/N, <mount>/images/ID/N) and answers the blksnap CLI on a "
         "Unix socket. Runs in the foreground; systemd Type=notify friendly.",
     )
-    p.add_argument("--state-dir", default=DEFAULT_STATE_DIR, help=f"default {DEFAULT_STATE_DIR}")
+    p.add_argument("--state-dir", default=SETTINGS.state_dir, help=f"default {SETTINGS.state_dir}")
     p.add_argument(
-        "--mount", default=DEFAULT_MOUNT, help=f"FUSE mount point, default {DEFAULT_MOUNT}"
+        "--mount", default=SETTINGS.mount, help=f"FUSE mount point, default {SETTINGS.mount}"
     )
     p.add_argument(
         "--socket",
-        default=os.environ.get("BLKSNAP_SOCKET", DEFAULT_SOCKET),
-        help=f"control socket (env BLKSNAP_SOCKET), default {DEFAULT_SOCKET}",
+        default=os.environ.get("BLKSNAP_SOCKET", SETTINGS.socket),
+        help=f"control socket (env BLKSNAP_SOCKET), default {SETTINGS.socket}",
     )
     p.add_argument(
         "--nbd",
@@ -840,7 +549,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="export snapshot images read-write (writes land in diff storage and mark the CBT)",
     )
-    p.add_argument("--fuse-threads", type=int, default=16, help="worker threads for FUSE I/O")
+    p.add_argument(
+        "--fuse-threads",
+        type=int,
+        default=SETTINGS.fuse_threads,
+        help="worker threads for FUSE I/O",
+    )
     p.add_argument(
         "--no-direct-io", action="store_true", help="let the page cache sit in front of the files"
     )

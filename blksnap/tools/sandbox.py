@@ -132,8 +132,16 @@ class Sandbox:
         cleanup_under(str(self.root))
 
 
-def start(root: str | Path, extra: Sequence[str] = (), *, timeout: float = 20) -> Sandbox:
-    """Start blksnapd with everything under ``root``; wait until it answers."""
+def start(
+    root: str | Path,
+    extra: Sequence[str] = (),
+    *,
+    timeout: float = 20,
+    client_timeout: float = 120,
+) -> Sandbox:
+    """Start blksnapd with everything under ``root``; wait up to ``timeout``
+    seconds until it answers. The sandbox's client gives each request
+    ``client_timeout`` seconds."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     sock, mount, state = str(root / "blksnapd.sock"), str(root / "mnt"), str(root / "state")
@@ -149,7 +157,7 @@ def start(root: str | Path, extra: Sequence[str] = (), *, timeout: float = 20) -
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
         )
-    client = Client(sock, timeout=120)
+    client = Client(sock, timeout=client_timeout)
     deadline = time.monotonic() + timeout
     while True:
         try:
