@@ -38,9 +38,6 @@ UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]
 #: device, errno, error, op, offset, length, time, message, and how many
 #: failures since the previous report went unreported (rate limit).
 DEVICE_ERROR = "device_error"
-#: At most one log line and one ``device_error`` event per device per this
-#: many seconds, however many requests fail.
-ERROR_REPORT_INTERVAL = 10.0
 
 
 class Engine:
@@ -167,12 +164,12 @@ class Engine:
         """A request of ``dev`` failed in its backing store or a filter: log it
         and queue ``device_error`` (engine queue, and the queue of the
         snapshot holding the device), at most once per
-        :data:`ERROR_REPORT_INTERVAL` seconds per device; the reports after
+        :attr:`Params.device_error_report_interval` seconds per device; the reports after
         the first say how many failures they stand for."""
         now = time.monotonic()
         with self._error_report_lock:
             last, held = self._error_reports.get(dev.name, (None, 0))
-            if last is not None and now - last < ERROR_REPORT_INTERVAL:
+            if last is not None and now - last < self.params.device_error_report_interval:
                 self._error_reports[dev.name] = (last, held + 1)
                 return
             self._error_reports[dev.name] = (now, 0)
@@ -228,8 +225,17 @@ class Engine:
         flt = dev.filters.find(Tracker.name)
         return flt if isinstance(flt, Tracker) else None
 
+    def tracker_of(self, name: str) -> Tracker | None:
+        """The ``blksnap`` tracker of device ``name``, or None if not attached."""
+        return self._tracker_or_none(self.device(name))
+
+    def snapshot_of(self, name: str) -> str | None:
+        """The id of the snapshot holding device ``name``, or None."""
+        trk = self.tracker_of(name)
+        return trk.snapshot_id if trk is not None else None
+
     def tracker(self, name: str) -> Tracker:
-        trk = self._tracker_or_none(self.device(name))
+        trk = self.tracker_of(name)
         if trk is None:
             raise NotFound(f"the blksnap tracker is not attached to {name}")
         return trk

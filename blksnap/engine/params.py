@@ -42,6 +42,10 @@ class Params:
     #: ... it is looked at no more often than every this many seconds
     #: (closer to full, at every allocation).
     storage_fs_recheck: float = 0.05
+    #: A device whose backing store fails requests is logged, and a
+    #: ``device_error`` event queued, at most once per this many seconds
+    #: (the later reports say how many failures they stand for).
+    device_error_report_interval: float = 10.0
     #: Largest single request the engine splits work into (bounded memory).
     max_io_size: int = 8 * MiB
 
