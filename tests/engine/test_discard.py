@@ -91,7 +91,9 @@ def test_write_zeroes_unmaps_only_when_allowed(full):
     kept = blocks(dev.path)
     assert before <= kept <= before + SLACK
     dev.write_zeroes(4 * MiB, 2 * MiB, unmap=True)
-    assert blocks(dev.path) <= kept - 2 * MiB
+    # Released, give or take the file system's extent blocks (ext4 may add
+    # one when a punch splits an extent).
+    assert blocks(dev.path) <= kept - 2 * MiB + SLACK
     model[1 * MiB : 3 * MiB] = bytes(2 * MiB)
     model[4 * MiB : 6 * MiB] = bytes(2 * MiB)
     assert dev.read(0, dev.size) == model
