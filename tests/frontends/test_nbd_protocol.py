@@ -381,15 +381,18 @@ def test_trim_and_write_zeroes_deallocate_and_allocation_reports_holes(
             assert c.flags & nbd.FLAG_SEND_TRIM and c.flags & nbd.FLAG_SEND_WRITE_ZEROES
             assert c.block_status(0, size) == {1: [(4 * MiB, 0), (4 * MiB, hole)]}
             assert c.block_status(0, size, flags=nbd.CMD_FLAG_REQ_ONE) == {1: [(4 * MiB, 0)]}
+            # (give or take the file system's extent blocks: 64 KiB)
+            slack = 64 * 1024 // 512
             blocks = os.stat(path).st_blocks
             assert c.call("TRIM", 1 * MiB, 1 * MiB).error == "OK"
-            assert os.stat(path).st_blocks <= blocks - MiB // 512
+            assert os.stat(path).st_blocks <= blocks - MiB // 512 + slack
             blocks = os.stat(path).st_blocks
             r = c.call("WRITE_ZEROES", 2 * MiB, 1 * MiB, flags=nbd.CMD_FLAG_NO_HOLE)
             assert r.error == "OK"
-            assert os.stat(path).st_blocks == blocks  # NO_HOLE: stays allocated
+            # NO_HOLE: stays allocated
+            assert blocks <= os.stat(path).st_blocks <= blocks + slack
             assert c.call("WRITE_ZEROES", 3 * MiB, 1 * MiB).error == "OK"
-            assert os.stat(path).st_blocks <= blocks - MiB // 512
+            assert os.stat(path).st_blocks <= blocks - MiB // 512 + slack
             assert c.read(MiB, 3 * MiB) == bytes(3 * MiB)
             assert c.read(0, MiB) == content[:MiB]
             ext = c.block_status(0, size)[1]
