@@ -1,0 +1,303 @@
+"""Our own FUSE session against the real kernel: a mount served by reader
+threads on cloned /dev/fuse fds, one file backed by a real file; a loop
+device, ext4 and fio over it. Every mount, loop device and thread is undone
+in ``finally``, whatever fails."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import mmap
+import os
+import shutil
+import struct
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from blksnap.frontends import fuse_proto as p
+from blksnap.frontends.fuse_session import FileBacking, FuseSession, NullBacking, Tree
+
+MiB = 1 << 20
+SIZE = 256 * MiB
+
+needs_fuse = pytest.mark.skipif(
+    os.geteuid() != 0 or not os.path.exists("/dev/fuse"),
+    reason="mounting FUSE needs root and /dev/fuse",
+)
+needs_tools = pytest.mark.skipif(
+    not all(shutil.which(t) for t in ("losetup", "mkfs.ext4", "fsck.ext4", "fio")),
+    reason="needs losetup, mkfs.ext4, fsck.ext4 and fio",
+)
+
+
+def mounted(path: Path) -> bool:
+    with open("/proc/self/mounts") as f:
+        return any(line.split()[1] == str(path) for line in f)
+
+
+class RecordingBacking(FileBacking):
+    """A file backing that remembers the largest write it was given."""
+
+    largest_write = 0
+
+    def write(self, offset: int, data: memoryview) -> None:
+        self.largest_write = max(self.largest_write, len(data))
+        super().write(offset, data)
+
+
+@contextlib.contextmanager
+def served(tmp_path: Path, threads: int = 2) -> Iterator[tuple[FuseSession, Path, FileBacking]]:
+    img = tmp_path / "backing.img"
+    with open(img, "wb") as f:
+        f.truncate(SIZE)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    backing = RecordingBacking(str(img))
+    tree = Tree()
+    tree.add_file("disk", backing)
+    tree.add_file("sub/zero", NullBacking(MiB))
+    session = FuseSession(tree, str(mnt), threads=threads)
+    try:
+        session.mount()
+        yield session, mnt, backing
+    finally:
+        session.close()
+        backing.close()
+        assert not session.threads and not session.fds
+        assert not mounted(mnt)
+
+
+@contextlib.contextmanager
+def loop_device(path: Path) -> Iterator[str]:
+    dev = subprocess.run(
+        ["losetup", "--find", "--show", "--direct-io=on", "--sector-size", "4096", str(path)],
+        check=True, capture_output=True, text=True,
+    ).stdout.strip()  # fmt: skip
+    try:
+        yield dev
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False)
+
+
+@contextlib.contextmanager
+def ext4_mounted(dev: str, where: Path) -> Iterator[Path]:
+    where.mkdir()
+    subprocess.run(["mount", "-t", "ext4", dev, str(where)], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=False)
+
+
+def fio(dev: str, rw: str, bs: str, size: str) -> None:
+    # fio's random map (the default) writes no block twice: two writes of one
+    # block in flight at once could land in either order and fail the verify.
+    cmd = ["fio", "--name=v", f"--filename={dev}", "--ioengine=libaio", "--direct=1",
+           "--iodepth=32", f"--rw={rw}", f"--bs={bs}", f"--size={size}",
+           "--verify=crc32c", "--verify_fatal=1", "--do_verify=1", "--verify_state_save=0",
+           "--randrepeat=0"]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "verify:" not in r.stderr and " err= 0" in r.stdout, r.stdout
+
+
+# --- without a mount ---------------------------------------------------------
+
+
+def raw_request(opcode: int, body: bytes, unique: int, nodeid: int = 1) -> bytes:
+    return struct.pack("<IIQQIIIHH", 40 + len(body), opcode, unique, nodeid, 0, 0, 0, 0, 0) + body
+
+
+def test_node_ids_are_deterministic():
+    def build() -> Tree:
+        t = Tree()
+        t.add_file("dev/a", NullBacking(4096))
+        t.add_file("images/1/a", NullBacking(4096))
+        t.add_dir("images/2")
+        return t
+
+    one, two = build(), build()
+    ids = {nid: n.name for nid, n in one.nodes.items()}
+    assert ids == {nid: n.name for nid, n in two.nodes.items()}
+    assert ids == {1: b"", 2: b"dev", 3: b"a", 4: b"images", 5: b"1", 6: b"a", 7: b"2"}
+    with pytest.raises(FileExistsError):
+        one.add_dir("images/2")
+
+
+def test_resent_request_answered_with_its_unique():
+    tree = Tree()
+    node = tree.add_file("disk", NullBacking(MiB))
+    s = FuseSession(tree, "/nonexistent")
+    unique = p.RESEND_BIT | 0x42
+    out = b"".join(s.handle(memoryview(raw_request(p.Opcode.GETATTR, bytes(16), unique, 2))))
+    assert struct.unpack_from("<IiQ", out) == (16 + 104, 0, unique)
+    wr = struct.pack("<QQIIQI4x", node.nodeid, 0, 4, 0, 0, 0) + b"abcd"
+    out = b"".join(s.handle(memoryview(raw_request(p.Opcode.WRITE, wr, unique))))
+    assert struct.unpack_from("<IiQI", out) == (24, 0, unique, 4)
+    # INTERRUPT: ENOSYS with its own unique; FORGET: no reply; unknown: ENOSYS
+    out = b"".join(s.handle(memoryview(raw_request(p.Opcode.INTERRUPT, struct.pack("<Q", 7), 9))))
+    assert struct.unpack_from("<IiQ", out) == (16, -errno.ENOSYS, 9)
+    assert s.handle(memoryview(raw_request(p.Opcode.FORGET, struct.pack("<Q", 1), 10))) is None
+    out = b"".join(s.handle(memoryview(raw_request(47, bytes(64), 11))))
+    assert struct.unpack_from("<IiQ", out) == (16, -errno.ENOSYS, 11)
+
+
+def test_fast_and_general_paths_agree():
+    tree = Tree()
+    tree.add_file("disk", NullBacking(MiB))
+    s = FuseSession(tree, "/nonexistent")
+    wr = struct.pack("<QQIIQI4x", 2, 4096, 8, 0, 0, 0) + b"abcdefgh"
+    fast = s.handle(memoryview(raw_request(p.Opcode.WRITE, wr, 3)))
+    # with an extension after the arguments: the general decoder
+    ext = raw_request(p.Opcode.WRITE, wr + bytes(8), 3)
+    ext = ext[:36] + struct.pack("<H", 1) + ext[38:]
+    assert s.handle(memoryview(ext)) == fast
+    rd = struct.pack("<QQIIQI4x", 2, MiB - 100, 4096, 0, 0, 0)
+    rout = b"".join(s.handle(memoryview(raw_request(p.Opcode.READ, rd, 4))))
+    assert struct.unpack_from("<IiQ", rout) == (16 + 100, 0, 4) and rout[16:] == bytes(100)
+    past = struct.pack("<QQIIQI4x", 2, MiB, 8, 0, 0, 0) + b"abcdefgh"
+    out = b"".join(s.handle(memoryview(raw_request(p.Opcode.WRITE, past, 5))))
+    assert struct.unpack_from("<IiQ", out) == (16, -errno.ENOSPC, 5)
+    bad = struct.pack("<QQIIQI4x", 2, 0, 4096, 0, 0, 0) + b"short"
+    with pytest.raises(p.ProtocolError):
+        s.handle(memoryview(raw_request(p.Opcode.WRITE, bad, 6)))
+    rext = raw_request(p.Opcode.READ, rd + bytes(8), 7)
+    rext = rext[:36] + struct.pack("<H", 1) + rext[38:]
+    assert b"".join(s.handle(memoryview(rext)))[16:] == rout[16:]  # decoded generally
+    assert s.errors == 1  # the ENOSPC
+
+
+# --- with a mount --------------------------------------------------------------
+
+
+@needs_fuse
+def test_stat_ls_read_write(tmp_path):
+    with served(tmp_path) as (session, mnt, backing):
+        assert session.init is not None and session.init.max_write == MiB
+        assert session.init.flags == p.WANTED_FLAGS  # this kernel offers them all
+        assert len(session.threads) == len(session.fds) == 2
+        assert sorted(os.listdir(mnt)) == ["disk", "sub"]
+        assert os.listdir(mnt / "sub") == ["zero"]
+        st = os.stat(mnt / "disk")
+        assert st.st_size == SIZE and st.st_ino == 2
+        assert os.stat(mnt / "sub").st_mode & 0o40000
+        assert os.statvfs(mnt).f_blocks > 0
+        with pytest.raises(FileNotFoundError):
+            os.stat(mnt / "nope")
+
+        data = os.urandom(3 * MiB + 512)
+        fd = os.open(mnt / "disk", os.O_RDWR)
+        try:
+            assert os.pwrite(fd, data, 12345) == len(data)
+            assert os.pread(fd, len(data), 12345) == data
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        assert os.pread(backing.fd, len(data), 12345) == data
+
+        buf = mmap.mmap(-1, 2 * MiB)  # page-aligned, as O_DIRECT wants
+        buf.write(os.urandom(2 * MiB))
+        fd = os.open(mnt / "disk", os.O_RDWR | os.O_DIRECT)
+        try:
+            assert os.pwritev(fd, [buf], 64 * MiB) == 2 * MiB
+            assert backing.largest_write == MiB  # MAX_PAGES: whole 1 MiB requests
+            back = mmap.mmap(-1, 2 * MiB)
+            assert os.preadv(fd, [back], 64 * MiB) == 2 * MiB
+            assert back[:] == buf[:]
+            assert os.pread(fd, 4096, SIZE) == b""  # at the end
+            with pytest.raises(OSError) as e:  # past the end of a block device file
+                os.pwrite(fd, buf[:4096], SIZE)
+            assert e.value.errno == errno.ENOSPC
+        finally:
+            os.close(fd)
+        assert os.pread(backing.fd, 2 * MiB, 64 * MiB) == buf[:]
+        assert (mnt / "sub" / "zero").read_bytes() == bytes(MiB)
+        with pytest.raises(OSError) as e:
+            os.mkdir(mnt / "newdir")
+        assert e.value.errno == errno.ENOSYS
+
+
+@needs_fuse
+def test_punch_hole_reaches_backing(tmp_path):
+    with served(tmp_path) as (_, mnt, backing):
+        fd = os.open(mnt / "disk", os.O_RDWR)
+        try:
+            os.pwrite(fd, b"\xff" * (4 * MiB), 0)
+            os.fsync(fd)
+            blocks = os.fstat(backing.fd).st_blocks
+            r = subprocess.run(["fallocate", "--punch-hole", "--offset", str(MiB),
+                                "--length", str(2 * MiB), str(mnt / "disk")],
+                               capture_output=True, text=True)  # fmt: skip
+            assert r.returncode == 0, r.stderr
+            assert os.fstat(backing.fd).st_blocks <= blocks - 2 * MiB // 512
+            assert os.pread(fd, 2 * MiB, MiB) == bytes(2 * MiB)
+            assert os.pread(fd, 4096, 0) == b"\xff" * 4096
+            assert os.fstat(fd).st_size == SIZE
+        finally:
+            os.close(fd)
+
+
+@needs_fuse
+def test_many_directory_entries(tmp_path):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    tree = Tree()
+    names = sorted(f"file-with-a-longish-name-{i:04d}" for i in range(500))
+    for name in names:
+        tree.add_file(f"d/{name}", NullBacking(4096))
+    with FuseSession(tree, str(mnt), threads=3) as s:
+        assert sorted(os.listdir(mnt / "d")) == names
+        assert os.path.getsize(mnt / "d" / names[-1]) == 4096
+        threads = list(s.threads)
+    assert not mounted(mnt) and not any(t.is_alive() for t in threads)
+
+
+@needs_fuse
+@needs_tools
+def test_loop_ext4_fsck(tmp_path):
+    with served(tmp_path) as (session, mnt, _), loop_device(mnt / "disk") as dev:
+        subprocess.run(["mkfs.ext4", "-q", "-F", dev], check=True)
+        files = {f"f{i}": os.urandom(100_000 + i * 4096) for i in range(20)}
+        with ext4_mounted(dev, tmp_path / "ext4") as fs:
+            for name, data in files.items():
+                (fs / name).write_bytes(data)
+            os.sync()
+        with ext4_mounted(dev, tmp_path / "ext4b") as fs:
+            for name, data in files.items():
+                assert (fs / name).read_bytes() == data
+        r = subprocess.run(["fsck.ext4", "-f", "-n", dev], capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert session.errors == 0
+
+
+@needs_fuse
+@needs_tools
+def test_fio_verify(tmp_path):
+    with served(tmp_path, threads=2) as (session, mnt, _), loop_device(mnt / "disk") as dev:
+        fio(dev, "randwrite", "4k", "64M")
+        fio(dev, "write", "1M", "128M")
+        assert session.errors == 0
+
+
+@needs_fuse
+def test_lazy_unmount_while_busy(tmp_path):
+    with served(tmp_path) as (session, mnt, _):
+        fd = os.open(mnt / "disk", os.O_RDONLY)
+        try:
+            with pytest.raises(OSError) as e:
+                session.unmount()
+            assert e.value.errno == errno.EBUSY
+            session.unmount(lazy=True)
+            assert not mounted(mnt)
+            assert os.pread(fd, 4096, 0) == bytes(4096)  # still served
+        finally:
+            os.close(fd)
+        # the last user gone, the connection ends and the threads with it
+        for t in session.threads:
+            t.join(10)
+        assert not any(t.is_alive() for t in session.threads)
+    assert threading.active_count() >= 1
