@@ -49,6 +49,8 @@ class Settings:
     fuse_max_tasks: int = 256
     #: How long the kernel may cache names and attributes of the FUSE files.
     fuse_cache_seconds: float = 1.0
+    #: How often blksnapd checks the own FUSE session's reader threads (``--fuse own``).
+    fuse_watch_seconds: float = 0.2
     #: Device writes up to this size that cannot wait run inline on the event loop.
     fuse_inline_write_max: int = 1 * MiB
 

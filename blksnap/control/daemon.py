@@ -2,7 +2,9 @@
 NBD with ``--nbd``), and the control socket that ``blksnap`` and
 :class:`blksnap.Client` speak to.
 
-One trio event loop runs the FUSE session, the NBD server and the control socket; engine
+One trio event loop runs the FUSE session (pyfuse3; with ``--fuse own`` the
+session's reader threads run outside it, :mod:`blksnap.frontends.fuse_own`),
+the NBD server and the control socket; engine
 calls, ``losetup`` and FIFREEZE run in worker threads (they may need the
 loop to serve FUSE requests while they wait). Shutdown on SIGTERM, SIGINT or
 ``daemon.stop``: snapshots destroyed, loop devices it made detached, devices
@@ -28,6 +30,7 @@ import trio
 
 from blksnap import __version__, hostinfo
 from blksnap.control import host, loop
+from blksnap.control.fusefront import FUSE_SESSIONS, FuseFront
 from blksnap.control.protocol import VERSION
 from blksnap.control.server import ControlServer, Handler
 from blksnap.control.users import Users
@@ -57,15 +60,18 @@ class Daemon:
         direct_io: bool = True,
         nbd: Address | None = None,
         nbd_writable_images: bool = False,
+        fuse: str = "pyfuse3",
     ) -> None:
         self.state_dir = os.path.abspath(state_dir)
         self.mount = os.path.abspath(mount)
         self.socket_path = os.path.abspath(socket_path)
         self.engine = Engine(self.state_dir)
         self.engine.served_root = self.mount
-        from blksnap.frontends.fuse import BlksnapFS
-
-        self.fs = BlksnapFS(self.engine, threads=fuse_threads, direct_io=direct_io)
+        #: The FUSE session, "pyfuse3" (on the event loop) or "own" (reader threads).
+        self.fuse = FuseFront(
+            self.engine, self.mount, fuse, threads=fuse_threads, direct_io=direct_io
+        )
+        self.fs = self.fuse.fs
         self.nbd: NbdServer | None = None
         if nbd is not None:
             from blksnap.frontends.nbd import NbdServer
@@ -120,11 +126,14 @@ class Daemon:
         return {"daemon": __version__, "protocol": VERSION}
 
     async def health(self) -> tuple[list[str], dict[str, Any]]:
-        """(problems, device errors): the FUSE session, the data path (a
+        """(problems, device errors): the FUSE session (own: its reader
+        threads alive), the data path (a
         statfs of the mount and a stat of its dev/ directory, which the
         kernel must ask this daemon for, each given ``SETTINGS.health_timeout``
         to answer) and devices whose backing store failed requests."""
         problems: list[str] = []
+        if not self.fuse_ended and not self.fuse.alive():
+            self.fuse_ended = self.fuse.ended_why()  # before its watcher saw it
         if self.fuse_ended:
             problems.append(self.fuse_ended)
         for fn, path in ((os.statvfs, self.mount), (os.stat, os.path.join(self.mount, "dev"))):
@@ -148,6 +157,7 @@ class Daemon:
             "problems": problems,
             "device_errors": dev_errors,
             "fuse": "down" if self.fuse_ended else "up",
+            "fuse_session": self.fuse.kind,
             "pid": os.getpid(),
             "version": __version__,
             "uptime": round(time.time() - self.started, 3),
@@ -423,28 +433,10 @@ class Daemon:
                 self.stopping.set()
 
     async def _serve_fuse(self) -> None:
-        """pyfuse3's main loop. It returns when the kernel ends the session
-        (an abort through /sys/fs/fuse/connections/N/abort, the mount taken
-        away) and may raise on a read error of /dev/fuse: either way the
-        daemon keeps answering its control socket, so that ``daemon status``
-        can say what is wrong and ``daemon stop`` can clear the dead mount."""
-        import pyfuse3
-
-        # Idle pyfuse3 tasks: requests handed to the worker pool each hold
-        # one, and creating tasks per request costs (bench: +28%).
-        try:
-            await pyfuse3.main(SETTINGS.fuse_idle_tasks, SETTINGS.fuse_max_tasks)
-        except Exception as exc:
-            why = f"the FUSE session failed: {exc!r}"
-        else:
-            if self.stopping.is_set():
-                return
-            why = (
-                "the FUSE session ended (connection aborted or mount removed): "
-                f"{self.mount} no longer serves the devices; 'blksnap daemon stop' clears it"
-            )
-        self.fuse_ended = why
-        log.error("%s", why)
+        why = await self.fuse.serve(self.stopping)
+        if why is not None:
+            self.fuse_ended = why
+            log.error("%s", why)
 
     async def shutdown(self) -> None:
         """Destroy snapshots, detach our loop devices, flush devices. FUSE is
@@ -466,21 +458,17 @@ class Daemon:
                 log.error("flush %s: %s", dev.name, exc)
 
     async def run(self) -> None:
-        import pyfuse3
-
-        from blksnap.frontends.fuse import mount_options
-
         if self.nbd is not None:
             await self.nbd.open()  # before the mount: a bad address leaves nothing behind
         host.clear_stale_mount(self.mount)
         os.makedirs(self.mount, mode=0o755, exist_ok=True)
         try:
-            pyfuse3.init(self.fs, self.mount, mount_options())
+            self.fuse.mount_fs()
         except BaseException:
             if self.nbd is not None:
                 self.nbd.remove_socket()
             raise
-        log.info("FUSE mounted at %s", self.mount)
+        log.info("FUSE mounted at %s (%s session)", self.mount, self.fuse.kind)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._serve_fuse)
@@ -502,11 +490,11 @@ class Daemon:
                 nursery.cancel_scope.cancel()
         finally:
             try:
-                pyfuse3.close(unmount=True)
+                self.fuse.unmount()
             except Exception as exc:
                 log.error("unmount %s: %s", self.mount, exc)
             host.unmount_left_behind(self.mount)
-            self.fs.close()  # join the FUSE worker threads
+            self.fuse.close()  # join pyfuse3's worker threads
             self.engine.close()
             try:
                 os.unlink(self.socket_path)
@@ -556,6 +544,13 @@ def main(argv: list[str] | None = None) -> int:
         help="worker threads for FUSE I/O",
     )
     p.add_argument(
+        "--fuse",
+        choices=FUSE_SESSIONS,
+        default=os.environ.get("BLKSNAPD_FUSE") or "pyfuse3",
+        help="the FUSE session: pyfuse3 (default) or own (reader threads on /dev/fuse, "
+        "no libfuse; opt-in) (env BLKSNAPD_FUSE)",
+    )
+    p.add_argument(
         "--no-direct-io", action="store_true", help="let the page cache sit in front of the files"
     )
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
@@ -585,6 +580,7 @@ def main(argv: list[str] | None = None) -> int:
             direct_io=not args.no_direct_io,
             nbd=nbd_address,
             nbd_writable_images=args.nbd_writable_images,
+            fuse=args.fuse,
         )
         trio.run(daemon.run)
     except BlksnapError as exc:

@@ -14,9 +14,11 @@ by an object with ``size``, ``read``, ``write``, ``flush`` and optionally
 ``fallocate`` (:class:`Backing`). Node ids are given out in the order nodes
 are added, from the root's 1: the same tree built the same way gets the
 same ids, which a server taking over a live connection needs (the kernel
-keeps the old ones). A request the kernel resends (bit 63 of its unique,
-after ``FUSE_NOTIFY_RESEND``) is served like any other and answered with
-its unique as it came.
+keeps the old ones). The tree may change while mounted (:meth:`Tree.remove`,
+adds, under :attr:`Tree.lock`); an id is never given out twice, so a node
+the kernel still knows by a removed id answers ENOENT. A request the kernel
+resends (bit 63 of its unique, after ``FUSE_NOTIFY_RESEND``) is served like
+any other and answered with its unique as it came.
 
 Files are opened in direct-I/O mode: no page cache in front of the backing
 object (a block device has none), and writes of one file may run in
@@ -150,25 +152,55 @@ class Tree:
         self.nodes: dict[int, Node] = {proto.ROOT_ID: self.root}
         self._next = proto.ROOT_ID + 1
         self.time = int(time.time())
+        #: Held by changes of the tree (readers only take it to copy a listing).
+        self.lock = threading.RLock()
 
-    def _add(self, path: str, mode: int, backing: Backing | None) -> Node:
+    @staticmethod
+    def _parts(path: str) -> list[bytes]:
         parts = [p.encode() for p in path.strip("/").split("/") if p]
         if not parts:
             raise ValueError("the root is there already")
+        return parts
+
+    def _add(self, path: str, mode: int, backing: Backing | None) -> Node:
+        with self.lock:
+            return self._add_locked(self._parts(path), mode, backing)
+
+    def _add_locked(self, parts: list[bytes], mode: int, backing: Backing | None) -> Node:
         parent = self.root
         for i, part in enumerate(parts[:-1]):
             child = parent.children.get(part)
             if child is None:
                 child = self.add_dir(b"/".join(parts[: i + 1]).decode())
             if not child.is_dir:
-                raise NotADirectoryError(path)
+                raise NotADirectoryError(b"/".join(parts).decode())
             parent = child
         if parts[-1] in parent.children:
-            raise FileExistsError(path)
+            raise FileExistsError(b"/".join(parts).decode())
         node = Node(self._next, parts[-1], mode, backing)
         self._next += 1
-        parent.children[node.name] = node
         self.nodes[node.nodeid] = node
+        parent.children[node.name] = node
+        return node
+
+    def lookup(self, path: str) -> Node | None:
+        node: Node | None = self.root
+        for part in self._parts(path):
+            node = node.children.get(part) if node is not None else None
+        return node
+
+    def remove(self, path: str) -> Node | None:
+        """Take ``path`` and everything under it out of the tree (its ids are
+        not given out again); the node removed, or None if there was none."""
+        parts = self._parts(path)
+        with self.lock:
+            parent = self.lookup(b"/".join(parts[:-1]).decode()) if parts[:-1] else self.root
+            node = parent.children.pop(parts[-1], None) if parent is not None else None
+            stack = [node] if node is not None else []
+            while stack:
+                n = stack.pop()
+                self.nodes.pop(n.nodeid, None)
+                stack.extend(n.children.values())
         return node
 
     def add_dir(self, path: str, mode: int = 0o755) -> Node:
@@ -396,7 +428,7 @@ class FuseSession:
     def _slow(self, req: proto.Request) -> list[bytes] | None:
         op, unique, args = req.opcode, req.unique, req.args
         Op = proto.Opcode
-        if op in proto.NO_REPLY:  # the tree is static: lookup counts don't matter
+        if op in proto.NO_REPLY:  # ids are never reused: lookup counts don't matter
             return None
         if op == Op.INTERRUPT:  # its own unique: the kernel stops sending them
             return [proto.error(unique, errno.ENOSYS)]
@@ -442,23 +474,21 @@ class FuseSession:
             fallocate(args.mode, args.offset, args.length)
             return [proto.reply(unique)]
         if op == Op.STATFS:
-            blocks = sum(
-                (n.backing.size + 4095) // 4096 for n in self.tree.nodes.values() if n.backing
-            )
-            files = len(self.tree.nodes)
+            nodes = list(self.tree.nodes.values())
+            blocks = sum((n.backing.size + 4095) // 4096 for n in nodes if n.backing)
+            files = len(nodes)
             return [proto.reply(unique, proto.statfs_out(blocks, 0, 0, files, 0))]
         return [proto.error(unique, errno.ENOSYS)]
 
     def _readdir(self, node: Node, offset: int, size: int) -> bytes:
         if not node.is_dir:
             raise OSError(errno.ENOTDIR, "not a directory")
+        with self.tree.lock:
+            children = list(node.children.values())
         entries: Iterable[tuple[int, bytes, int]] = [
             (node.nodeid, b".", proto.DT_DIR),
             (proto.ROOT_ID, b"..", proto.DT_DIR),  # the kernel fixes up '..' itself
-            *(
-                (c.nodeid, c.name, proto.DT_DIR if c.is_dir else proto.DT_REG)
-                for c in node.children.values()
-            ),
+            *((c.nodeid, c.name, proto.DT_DIR if c.is_dir else proto.DT_REG) for c in children),
         ]
         out = bytearray()
         for i, (ino, name, dtype) in enumerate(entries):

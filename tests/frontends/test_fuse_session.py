@@ -301,3 +301,44 @@ def test_lazy_unmount_while_busy(tmp_path):
             t.join(10)
         assert not any(t.is_alive() for t in session.threads)
     assert threading.active_count() >= 1
+
+
+def test_tree_changes_never_reuse_ids() -> None:
+    tree = Tree()
+    a = tree.add_file("d/a", NullBacking(4096))
+    tree.add_file("d/b", NullBacking(4096))
+    assert tree.lookup("d/a") is a
+    assert tree.remove("d") is not None
+    assert tree.lookup("d/a") is None and a.nodeid not in tree.nodes
+    assert list(tree.nodes) == [p.ROOT_ID]
+    again = tree.add_file("d/a", NullBacking(4096))
+    assert again.nodeid > a.nodeid + 1
+    assert tree.remove("nothing/there") is None
+
+
+@needs_fuse
+def test_tree_changes_while_mounted(tmp_path: Path) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    tree = Tree()
+    tree.add_dir("dev")
+    session = FuseSession(tree, str(mnt), threads=2, timeout=0.0)
+    try:
+        session.mount()
+        assert os.listdir(mnt / "dev") == []
+        tree.add_file("dev/x", NullBacking(MiB))
+        assert os.listdir(mnt / "dev") == ["x"] and os.path.getsize(mnt / "dev/x") == MiB
+        fd = os.open(mnt / "dev/x", os.O_RDONLY)
+        try:
+            tree.remove("dev/x")
+            assert not os.path.exists(mnt / "dev/x")  # no stale entry
+            with pytest.raises(OSError) as exc:
+                os.pread(fd, 4096, 0)  # the node is gone: so is its file
+            assert exc.value.errno == errno.ENOENT
+        finally:
+            os.close(fd)
+        tree.add_file("dev/x", NullBacking(2 * MiB))
+        assert os.path.getsize(mnt / "dev/x") == 2 * MiB
+    finally:
+        session.close()
+        assert not mounted(mnt)
