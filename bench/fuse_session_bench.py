@@ -33,6 +33,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from blksnap.control import loop
+
 HERE = Path(__file__).resolve().parent
 MiB = 1 << 20
 SIZE = 512 * MiB
@@ -75,16 +77,9 @@ def server(kind: str, mnt: Path, threads: int) -> Iterator[Path]:
             subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
-@contextlib.contextmanager
-def loop_device(path: Path) -> Iterator[str]:
-    dev = subprocess.run(
-        ["losetup", "--find", "--show", "--direct-io=on", "--sector-size", "4096", str(path)],
-        check=True, capture_output=True, text=True,
-    ).stdout.strip()  # fmt: skip
-    try:
-        yield dev
-    finally:
-        subprocess.run(["losetup", "-d", dev], check=False)
+def loop_device(path: Path) -> contextlib.AbstractContextManager[str]:
+    """A loop device as blksnapd attaches its own: direct I/O, 4 KiB sectors."""
+    return loop.attached(str(path), direct_io=True, sector_size=4096)
 
 
 def fio_iops(dev: str, runtime: int) -> float:

@@ -69,6 +69,20 @@ def attach(
     return loop
 
 
+@contextlib.contextmanager
+def attached(path: str, **kw: object) -> Iterator[str]:
+    """A loop device over ``path`` (:func:`attach`'s options) for the
+    ``with`` block; detached on the way out, also on failure."""
+    dev = attach(path, **kw)  # type: ignore[arg-type]
+    try:
+        yield dev
+    finally:
+        try:
+            detach(dev)
+        except BlksnapError as exc:
+            log.warning("detach %s: %s", dev, exc)
+
+
 def detach(loop: str) -> None:
     """Detach ``loop``; if it is still open (mounted) the kernel detaches it
     when the last user closes it (autoclear)."""

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from blksnap.control import loop
 from blksnap.frontends import fuse_proto as p
 from blksnap.frontends.fuse_session import FileBacking, FuseSession, NullBacking, Tree
 
@@ -71,16 +72,9 @@ def served(tmp_path: Path, threads: int = 2) -> Iterator[tuple[FuseSession, Path
         assert not mounted(mnt)
 
 
-@contextlib.contextmanager
-def loop_device(path: Path) -> Iterator[str]:
-    dev = subprocess.run(
-        ["losetup", "--find", "--show", "--direct-io=on", "--sector-size", "4096", str(path)],
-        check=True, capture_output=True, text=True,
-    ).stdout.strip()  # fmt: skip
-    try:
-        yield dev
-    finally:
-        subprocess.run(["losetup", "-d", dev], check=False)
+def loop_device(path: Path) -> contextlib.AbstractContextManager[str]:
+    """A loop device as blksnapd attaches its own: direct I/O, 4 KiB sectors."""
+    return loop.attached(str(path), direct_io=True, sector_size=4096)
 
 
 @contextlib.contextmanager
