@@ -4,18 +4,20 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-# Debian packages: libfuse3 to build pyfuse3 and mount, file systems to test on,
-# fio for benchmarks, NBD clients (qemu-img, qemu-nbd, qemu-io; nbdinfo, nbdcopy)
-# for the NBD tests and benchmark.
-APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc e2fsprogs xfsprogs util-linux fio \
-	qemu-utils libnbd-bin
+# Debian packages: file systems to test on, fio, NBD clients (qemu-img,
+# qemu-nbd, qemu-io; nbdinfo, nbdcopy) for the NBD tests and benchmark.
+# blksnapd mounts its FUSE files itself (mount(2) on /dev/fuse): no libfuse.
+APT_PACKAGES := e2fsprogs xfsprogs util-linux fio qemu-utils libnbd-bin
+# make bench only: libfuse3 to build pyfuse3 for the do-nothing reference fs.
+APT_BENCH := fuse3 libfuse3-dev pkg-config gcc
+BENCH_STAMP := $(VENV)/.installed-bench
 
 .PHONY: setup apt demo test bench lint clean
 
 setup: $(STAMP)
 
 apt:
-	@missing=""; for p in $(APT_PACKAGES); do \
+	@missing=""; for p in $(APT_PACKAGES) $(EXTRA_APT); do \
 	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
@@ -35,7 +37,12 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
-bench: setup
+$(BENCH_STAMP): $(STAMP)
+	$(MAKE) apt EXTRA_APT="$(APT_BENCH)"
+	$(PY) -m pip install -q -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
 	$(PY) bench/run.py --output BENCHMARKS.md
 
 lint: setup

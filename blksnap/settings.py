@@ -40,19 +40,14 @@ class Settings:
     health_timeout: float = 2.0
 
     # -- FUSE front-end -------------------------------------------------------------
-    #: Worker threads serving FUSE requests that may wait (reads, image I/O,
-    #: copy-on-write writes).
+    #: Reader threads of the FUSE session: each serves a request start to
+    #: finish, so a copy-on-write write waiting for its chunk holds one.
     fuse_threads: int = 16
-    #: Idle pyfuse3 tasks and the most at once: requests handed to the worker
-    #: pool each hold one, and creating tasks per request costs (bench: +28%).
-    fuse_idle_tasks: int = 32
-    fuse_max_tasks: int = 256
-    #: How long the kernel may cache names and attributes of the FUSE files.
-    fuse_cache_seconds: float = 1.0
-    #: How often blksnapd checks the own FUSE session's reader threads (``--fuse own``).
+    #: How long the kernel may cache names and attributes of the FUSE files
+    #: (changes are pushed to it with invalidation notifications).
+    fuse_cache_seconds: float = 60.0
+    #: How often blksnapd checks the FUSE session's reader threads.
     fuse_watch_seconds: float = 0.2
-    #: Device writes up to this size that cannot wait run inline on the event loop.
-    fuse_inline_write_max: int = 1 * MiB
 
     # -- NBD front-end --------------------------------------------------------------
     #: Largest READ/WRITE payload a client may send or ask for.

@@ -50,7 +50,7 @@ def test_the_tree_keeps_the_layers(tree_copy: Path) -> None:
 @pytest.mark.parametrize(
     ("module", "upward"),
     [
-        ("engine/gate.py", "blksnap.frontends.fuse"),  # engine -> front-end
+        ("engine/gate.py", "blksnap.frontends.fuse_own"),  # engine -> front-end
         ("errors.py", "blksnap.engine.params"),  # shared -> engine
         ("backup/repo.py", "blksnap.control.client"),  # siblings: backup -> control
     ],

@@ -2,9 +2,10 @@
 NBD with ``--nbd``), and the control socket that ``blksnap`` and
 :class:`blksnap.Client` speak to.
 
-One trio event loop runs the FUSE session (pyfuse3; with ``--fuse own`` the
-session's reader threads run outside it, :mod:`blksnap.frontends.fuse_own`),
-the NBD server and the control socket; engine
+The FUSE files are served by reader threads of blksnapd's own FUSE session
+(:mod:`blksnap.frontends.fuse_own`), each request start to finish in the
+thread that read it; one trio event loop runs the NBD server, the control
+socket and a watch on those threads; engine
 calls, ``losetup`` and FIFREEZE run in worker threads (they may need the
 loop to serve FUSE requests while they wait). Shutdown on SIGTERM, SIGINT or
 ``daemon.stop``: snapshots destroyed, loop devices it made detached, devices
@@ -30,7 +31,7 @@ import trio
 
 from blksnap import __version__, hostinfo
 from blksnap.control import host, loop
-from blksnap.control.fusefront import FUSE_SESSIONS, FuseFront
+from blksnap.control.fusefront import FuseFront
 from blksnap.control.protocol import VERSION
 from blksnap.control.server import ControlServer, Handler
 from blksnap.control.users import Users
@@ -57,20 +58,16 @@ class Daemon:
         socket_path: str,
         *,
         fuse_threads: int = SETTINGS.fuse_threads,
-        direct_io: bool = True,
         nbd: Address | None = None,
         nbd_writable_images: bool = False,
-        fuse: str = "pyfuse3",
     ) -> None:
         self.state_dir = os.path.abspath(state_dir)
         self.mount = os.path.abspath(mount)
         self.socket_path = os.path.abspath(socket_path)
         self.engine = Engine(self.state_dir)
         self.engine.served_root = self.mount
-        #: The FUSE session, "pyfuse3" (on the event loop) or "own" (reader threads).
-        self.fuse = FuseFront(
-            self.engine, self.mount, fuse, threads=fuse_threads, direct_io=direct_io
-        )
+        #: The FUSE session: its files, its reader threads, its record.
+        self.fuse = FuseFront(self.engine, self.mount, self.state_dir, threads=fuse_threads)
         self.fs = self.fuse.fs
         self.nbd: NbdServer | None = None
         if nbd is not None:
@@ -157,7 +154,6 @@ class Daemon:
             "problems": problems,
             "device_errors": dev_errors,
             "fuse": "down" if self.fuse_ended else "up",
-            "fuse_session": self.fuse.kind,
             "pid": os.getpid(),
             "version": __version__,
             "uptime": round(time.time() - self.started, 3),
@@ -468,7 +464,7 @@ class Daemon:
             if self.nbd is not None:
                 self.nbd.remove_socket()
             raise
-        log.info("FUSE mounted at %s (%s session)", self.mount, self.fuse.kind)
+        log.info("FUSE mounted at %s (%d reader threads)", self.mount, self.fuse.threads)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._serve_fuse)
@@ -494,7 +490,6 @@ class Daemon:
             except Exception as exc:
                 log.error("unmount %s: %s", self.mount, exc)
             host.unmount_left_behind(self.mount)
-            self.fuse.close()  # join pyfuse3's worker threads
             self.engine.close()
             try:
                 os.unlink(self.socket_path)
@@ -541,17 +536,8 @@ def main(argv: list[str] | None = None) -> int:
         "--fuse-threads",
         type=int,
         default=SETTINGS.fuse_threads,
-        help="worker threads for FUSE I/O",
-    )
-    p.add_argument(
-        "--fuse",
-        choices=FUSE_SESSIONS,
-        default=os.environ.get("BLKSNAPD_FUSE") or "pyfuse3",
-        help="the FUSE session: pyfuse3 (default) or own (reader threads on /dev/fuse, "
-        "no libfuse; opt-in) (env BLKSNAPD_FUSE)",
-    )
-    p.add_argument(
-        "--no-direct-io", action="store_true", help="let the page cache sit in front of the files"
+        help="FUSE reader threads (each serves a request start to finish, so a "
+        "copy-on-write write waiting for its chunk holds one)",
     )
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     args = p.parse_args(argv)
@@ -577,10 +563,8 @@ def main(argv: list[str] | None = None) -> int:
             args.mount,
             args.socket,
             fuse_threads=args.fuse_threads,
-            direct_io=not args.no_direct_io,
             nbd=nbd_address,
             nbd_writable_images=args.nbd_writable_images,
-            fuse=args.fuse,
         )
         trio.run(daemon.run)
     except BlksnapError as exc:

@@ -11,11 +11,14 @@ keep serving meanwhile.
 
 The tree changes while mounted (devices added and removed, snapshots taken
 and destroyed): :class:`~blksnap.frontends.fuse_session.Tree` changes under
-its lock and never gives a node id out twice. Entries and attributes are
-cached for :data:`CACHE_SECONDS` (0: the kernel asks again at every path
-walk), so a name removed is never served stale; kernel invalidation
-notifications (``FUSE_NOTIFY_INVAL_ENTRY``) would let the cache time grow,
-and are not sent yet.
+its lock and never gives a node id out twice, and each name added or removed
+is invalidated in the kernel's entry cache (``FUSE_NOTIFY_INVAL_ENTRY``)
+before the change returns, so names and attributes may be cached for long
+(``SETTINGS.fuse_cache_seconds``) and still never be served stale.
+
+The node ids and the open file handles are recorded in a JSON file
+(``record``; blksnapd's state dir) on every change: what a process taking
+over the connection needs to answer the kernel's ids (:meth:`OwnFS.record`).
 
 ``FALLOCATE`` reaches the engine: a punched hole is a trim of the target
 (a loop device's DISCARD), a zeroed range its ``write_zeroes`` (a loop
@@ -27,7 +30,10 @@ from __future__ import annotations
 
 import errno
 import itertools
+import json
 import logging
+import os
+import threading
 from typing import Any
 
 from blksnap.engine.engine import Engine
@@ -38,9 +44,6 @@ from blksnap.frontends.targets import Target, device_target, image_target
 from blksnap.settings import SETTINGS, Settings
 
 log = logging.getLogger(__name__)
-
-#: Entry and attribute cache time given to the kernel (see the module doc).
-CACHE_SECONDS = 0.0
 
 
 def _os_error(exc: BlksnapError) -> OSError:
@@ -96,10 +99,14 @@ class _Session(FuseSession):
     be counted, and a handle outlives its name: a removed device's file
     still open answers ENOENT rather than someone else's data)."""
 
-    def __init__(self, tree: Tree, mountpoint: str, threads: int, timeout: float) -> None:
-        super().__init__(tree, mountpoint, threads=threads, timeout=timeout)
-        self._fhs = itertools.count(1)
+    def __init__(self, fs: OwnFS, mountpoint: str, threads: int, timeout: float) -> None:
+        super().__init__(fs.tree, mountpoint, threads=threads, timeout=timeout)
+        self.fs = fs
+        self._fhs = itertools.count(fs.next_fh)
         self.handles: dict[int, Node] = {}
+
+    def next_fh(self) -> int:
+        return next(self._fhs)
 
     def _file(self, fh: int) -> Node:
         node = self.handles.get(fh)
@@ -115,12 +122,17 @@ class _Session(FuseSession):
             node = self._node(req.nodeid)
             if node.backing is None:
                 raise OSError(errno.EISDIR, "a directory")
-            fh = next(self._fhs)
-            self.handles[fh] = node
+            with self.fs.record_lock:
+                fh = next(self._fhs)
+                self.fs.next_fh = fh + 1
+                self.handles[fh] = node
+                self.fs.save()
             flags = proto.FOPEN_DIRECT_IO | proto.FOPEN_PARALLEL_DIRECT_WRITES
             return [proto.reply(req.unique, proto.open_out(fh, flags))]
         if op == proto.Opcode.RELEASE:
-            self.handles.pop(req.args.fh, None)
+            with self.fs.record_lock:
+                if self.handles.pop(req.args.fh, None) is not None:
+                    self.fs.save()
             return [proto.reply(req.unique)]
         return super()._slow(req)
 
@@ -136,24 +148,69 @@ class OwnFS:
         *,
         threads: int | None = None,
         settings: Settings | None = None,
-        cache_seconds: float = CACHE_SECONDS,
+        cache_seconds: float | None = None,
+        record: str | None = None,
     ) -> None:
         self.engine = engine
         self.settings = settings or SETTINGS
         self.threads = threads if threads is not None else self.settings.fuse_threads
-        self.cache_seconds = cache_seconds
+        self.cache_seconds = (
+            cache_seconds if cache_seconds is not None else self.settings.fuse_cache_seconds
+        )
+        #: Where the node ids and handles are recorded (None: nowhere).
+        self.record_path = record
+        self.record_lock = threading.RLock()
+        self.next_fh = 1
         self.tree = Tree()
-        self.tree.add_dir("dev")
-        self.tree.add_dir("images")
+        self.dev = self.tree.add_dir("dev")
+        self.images = self.tree.add_dir("images")
         self.session: _Session | None = None
+        self.save()
+
+    # -- the record ---------------------------------------------------------------
+
+    def record(self) -> dict[str, Any]:
+        """``{"version", "next_id", "nodes": {path: id}, "next_fh", "handles":
+        {fh: path}}``: what a process taking over the live connection needs
+        to give every name the id the kernel knows and to know the handles
+        open on it."""
+        doc: dict[str, Any] = {"version": 1, **self.tree.record(), "next_fh": self.next_fh}
+        s = self.session
+        handles = dict(s.handles) if s is not None else {}
+        doc["handles"] = {str(fh): node.path for fh, node in sorted(handles.items())}
+        return doc
+
+    def save(self) -> None:
+        """Write :meth:`record` to ``record`` atomically (a new file renamed
+        over the old). Not fsynced: the connection it describes ends with
+        the machine anyway."""
+        if self.record_path is None:
+            return
+        with self.record_lock:
+            tmp = f"{self.record_path}.tmp"
+            with open(tmp, "w") as f:
+                json.dump(self.record(), f, indent=1, sort_keys=True)
+            os.replace(tmp, self.record_path)
+
+    def _changed(self, parent: Node, name: str) -> None:
+        """After a name of ``parent`` was added or removed: recorded, and
+        forgotten by the kernel's entry cache."""
+        self.save()
+        s = self.session
+        if s is not None:
+            s.invalidate_entry(parent.nodeid, name.encode())
 
     # -- life ---------------------------------------------------------------------
 
     def mount(self, mountpoint: str) -> None:
         """Mount at ``mountpoint`` and start the reader threads."""
-        session = _Session(self.tree, mountpoint, self.threads, self.cache_seconds)
-        session.mount()
+        session = _Session(self, mountpoint, self.threads, self.cache_seconds)
         self.session = session
+        try:
+            session.mount()
+        except BaseException:
+            self.session = None
+            raise
 
     def alive(self) -> bool:
         """Is every reader thread still serving? (They end when the kernel
@@ -171,9 +228,11 @@ class OwnFS:
 
     def add_device(self, name: str) -> None:
         self.tree.add_file(f"dev/{name}", TargetBacking(device_target(self.engine, name)))
+        self._changed(self.dev, name)
 
     def remove_device(self, name: str) -> None:
         self.tree.remove(f"dev/{name}")
+        self._changed(self.dev, name)
 
     def add_snapshot(self, sid: str, names: list[str]) -> None:
         with self.tree.lock:  # the folder appears with all its files
@@ -181,9 +240,11 @@ class OwnFS:
             for name in names:
                 backing = TargetBacking(image_target(self.engine, sid, name))
                 self.tree.add_file(f"images/{sid}/{name}", backing)
+        self._changed(self.images, sid)
 
     def remove_snapshot(self, sid: str) -> None:
         self.tree.remove(f"images/{sid}")
+        self._changed(self.images, sid)
 
     def open_count(self, target: Any) -> int:
         """Open handles of the file served from ``target`` (a Device or an

@@ -37,6 +37,8 @@ ROOT_ID = 1
 #: never answered (after ``FUSE_NOTIFY_RESEND``). Answer with the unique as it is.
 RESEND_BIT = 1 << 63
 NOTIFY_RESEND = 7
+NOTIFY_INVAL_INODE = 2
+NOTIFY_INVAL_ENTRY = 3
 
 IN_HEADER = struct.Struct("<IIQQIIIHH")  # len opcode unique nodeid uid gid pid total_extlen pad
 OUT_HEADER = struct.Struct("<IiQ")  # len error unique
@@ -338,6 +340,23 @@ def notify_resend() -> bytes:
     """``FUSE_NOTIFY_RESEND``: the kernel sends again every request it had
     handed to a server that never answered (bit 63 set in their unique)."""
     return OUT_HEADER.pack(OUT_HEADER.size, NOTIFY_RESEND, 0)
+
+
+_INVAL_ENTRY = struct.Struct("<QII")  # parent namelen flags
+_INVAL_INODE = struct.Struct("<Qqq")  # ino off len
+
+
+def notify_inval_entry(parent: int, name: bytes) -> bytes:
+    """``FUSE_NOTIFY_INVAL_ENTRY``: the kernel forgets the name ``name`` in
+    directory ``parent`` (a dentry it cached), so the next walk asks again."""
+    body = _INVAL_ENTRY.pack(parent, len(name), 0) + name + b"\0"
+    return OUT_HEADER.pack(OUT_HEADER.size + len(body), NOTIFY_INVAL_ENTRY, 0) + body
+
+
+def notify_inval_inode(nodeid: int) -> bytes:
+    """``FUSE_NOTIFY_INVAL_INODE`` of the attributes (and no data: offset -1)."""
+    body = _INVAL_INODE.pack(nodeid, -1, 0)
+    return OUT_HEADER.pack(OUT_HEADER.size + len(body), NOTIFY_INVAL_INODE, 0) + body
 
 
 class Attr(NamedTuple):

@@ -132,9 +132,11 @@ class NullBacking:
 
 
 class Node:
-    def __init__(self, nodeid: int, name: bytes, mode: int, backing: Backing | None = None):
+    def __init__(self, nodeid: int, name: bytes, mode: int, backing: Backing | None = None,
+                 path: str = "") -> None:  # fmt: skip
         self.nodeid = nodeid
         self.name = name
+        self.path = path  # from the root, no leading slash ("" for the root)
         self.mode = mode
         self.backing = backing
         self.children: dict[bytes, Node] = {}
@@ -145,12 +147,20 @@ class Node:
 
 
 class Tree:
-    """Directories and files, node ids in the order they were added."""
+    """Directories and files, node ids in the order they were added.
 
-    def __init__(self) -> None:
+    ``ids`` (from :meth:`record` of another process's tree): the id each path
+    had there, given again when that path is added (once: a path removed and
+    added again gets a new id), and ids after ``next_id`` for new paths, so
+    that a server taking over a live connection answers the node ids the
+    kernel holds.
+    """
+
+    def __init__(self, ids: dict[str, int] | None = None, next_id: int = 0) -> None:
         self.root = Node(proto.ROOT_ID, b"", stat.S_IFDIR | 0o755)
         self.nodes: dict[int, Node] = {proto.ROOT_ID: self.root}
-        self._next = proto.ROOT_ID + 1
+        self._ids = {p: i for p, i in (ids or {}).items() if i > proto.ROOT_ID}
+        self._next = max(proto.ROOT_ID + 1, next_id, *(i + 1 for i in self._ids.values()))
         self.time = int(time.time())
         #: Held by changes of the tree (readers only take it to copy a listing).
         self.lock = threading.RLock()
@@ -177,8 +187,12 @@ class Tree:
             parent = child
         if parts[-1] in parent.children:
             raise FileExistsError(b"/".join(parts).decode())
-        node = Node(self._next, parts[-1], mode, backing)
-        self._next += 1
+        path = b"/".join(parts).decode()
+        nodeid = self._ids.pop(path, None)
+        if nodeid is None or nodeid in self.nodes:
+            nodeid = self._next
+            self._next += 1
+        node = Node(nodeid, parts[-1], mode, backing, path)
         self.nodes[node.nodeid] = node
         parent.children[node.name] = node
         return node
@@ -202,6 +216,13 @@ class Tree:
                 self.nodes.pop(n.nodeid, None)
                 stack.extend(n.children.values())
         return node
+
+    def record(self) -> dict[str, object]:
+        """The ids of this tree, for :class:`Tree` of a process taking over:
+        ``{"next_id": N, "nodes": {path: id}}``."""
+        with self.lock:
+            nodes = {n.path: n.nodeid for n in self.nodes.values() if n is not self.root}
+            return {"next_id": self._next, "nodes": nodes}
 
     def add_dir(self, path: str, mode: int = 0o755) -> Node:
         return self._add(path, stat.S_IFDIR | mode, None)
@@ -332,6 +353,25 @@ class FuseSession:
     def send_resend(self) -> None:
         """``FUSE_NOTIFY_RESEND`` on the first fd (a server taking over)."""
         os.write(self.fds[0], proto.notify_resend())
+
+    def invalidate_entry(self, parent: int, name: bytes) -> bool:
+        """Make the kernel forget the name ``name`` in directory ``parent``
+        (added, removed or replaced), so that its entry cache never serves a
+        stale name however long it may keep names. False if the kernel had
+        nothing to forget or the connection is gone.
+
+        Never call it holding :attr:`Tree.lock`: the kernel takes the
+        directory's lock, which a reader thread listing that directory holds
+        while it waits for the tree's."""
+        if not self.mounted or not self.fds:
+            return False
+        try:
+            os.write(self.fds[0], proto.notify_inval_entry(parent, name))
+        except OSError as e:
+            if e.errno not in (errno.ENOENT, errno.ENODEV, errno.ENOTCONN, errno.EBADF):
+                raise
+            return False
+        return True
 
     # --- serving -----------------------------------------------------------
 

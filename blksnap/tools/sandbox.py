@@ -141,11 +141,7 @@ def start(
 ) -> Sandbox:
     """Start blksnapd with everything under ``root``; wait up to ``timeout``
     seconds until it answers. The sandbox's client gives each request
-    ``client_timeout`` seconds. Env ``BLKSNAPD_FUSE`` (``own`` or
-    ``pyfuse3``) picks its FUSE session unless ``extra`` names one."""
-    fuse = os.environ.get("BLKSNAPD_FUSE")
-    if fuse and not any(a == "--fuse" or a.startswith("--fuse=") for a in extra):
-        extra = [*extra, "--fuse", fuse]
+    ``client_timeout`` seconds."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     sock, mount, state = str(root / "blksnapd.sock"), str(root / "mnt"), str(root / "state")

@@ -336,3 +336,79 @@ def test_tree_changes_while_mounted(tmp_path: Path) -> None:
     finally:
         session.close()
         assert not mounted(mnt)
+
+
+def test_tree_record_gives_a_new_tree_the_same_ids() -> None:
+    old = Tree()
+    old.add_file("dev/a", NullBacking(4096))
+    old.add_file("dev/b", NullBacking(4096))
+    old.add_file("images/1/a", NullBacking(4096))
+    old.remove("dev/a")
+    rec = old.record()
+    assert rec["nodes"] == {"dev": 2, "dev/b": 4, "images": 5, "images/1": 6, "images/1/a": 7}
+    assert rec["next_id"] == 8
+    # A process taking over builds its tree in another order: the ids follow
+    # the paths, new paths get ids never given out before, and a removed
+    # path's old id (3) is not given again.
+    new = Tree(rec["nodes"], rec["next_id"])
+    new.add_dir("images")
+    new.add_file("images/1/a", NullBacking(4096))
+    new.add_file("dev/b", NullBacking(4096))
+    new.add_file("dev/a", NullBacking(4096))
+    got = {n.path: n.nodeid for n in new.nodes.values() if n.path}
+    assert got == {"images": 5, "images/1": 6, "images/1/a": 7, "dev": 2, "dev/b": 4, "dev/a": 8}
+    assert new.record()["next_id"] == 9
+    # Recorded once: removed and added again, a path gets a new id.
+    new.remove("dev/b")
+    assert new.add_file("dev/b", NullBacking(4096)).nodeid == 9
+
+
+@needs_fuse
+def test_invalidation_lets_names_be_cached_long(tmp_path: Path) -> None:
+    """Names and attributes cached for an hour: a removed name still goes at
+    once, and a name added again is the new file, because every change is
+    invalidated in the kernel's entry cache."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    tree = Tree()
+    dev = tree.add_dir("dev")
+    session = FuseSession(tree, str(mnt), threads=2, timeout=3600.0)
+    try:
+        session.mount()
+        tree.add_file("dev/x", NullBacking(MiB))
+        first = os.stat(mnt / "dev/x")
+        assert first.st_size == MiB
+        assert os.stat(mnt / "dev/x").st_ino == first.st_ino  # cached, same node
+        tree.remove("dev/x")
+        assert session.invalidate_entry(dev.nodeid, b"x") is True  # it was cached
+        assert not os.path.exists(mnt / "dev/x")
+        tree.add_file("dev/x", NullBacking(2 * MiB))
+        session.invalidate_entry(dev.nodeid, b"x")  # a negative entry, or none
+        again = os.stat(mnt / "dev/x")
+        assert again.st_size == 2 * MiB and again.st_ino != first.st_ino
+        # Nothing cached under that name: the kernel says so, no error.
+        assert session.invalidate_entry(dev.nodeid, b"never-there") is False
+    finally:
+        session.close()
+        assert not mounted(mnt)
+    assert session.invalidate_entry(dev.nodeid, b"x") is False  # not mounted
+
+
+@needs_fuse
+def test_without_invalidation_a_long_cache_is_stale(tmp_path: Path) -> None:
+    """The control for the test above: the same change without the
+    notification leaves the removed name served from the kernel's cache."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    tree = Tree()
+    tree.add_dir("dev")
+    session = FuseSession(tree, str(mnt), threads=2, timeout=3600.0)
+    try:
+        session.mount()
+        tree.add_file("dev/x", NullBacking(MiB))
+        assert os.stat(mnt / "dev/x").st_size == MiB
+        tree.remove("dev/x")
+        assert os.stat(mnt / "dev/x").st_size == MiB  # stale: cached for an hour
+    finally:
+        session.close()
+        assert not mounted(mnt)

@@ -1,5 +1,4 @@
-"""blksnapd on its own FUSE session (``--fuse own``, opt-in): the key
-scenarios, whatever ``BLKSNAPD_FUSE`` says. ext4 on a loop device over a
+"""blksnapd's FUSE files on its own session: the key scenarios. ext4 on a loop device over a
 device, a take with it mounted, the image mounted and its files checked; fio
 with crc32c verification at QD32 on a device in a taken snapshot; fstrim on
 the protected file system (FALLOCATE reaches the engine on this session:
@@ -35,7 +34,7 @@ IMAGE_RO_OPTS = ("ro", "noload")
 def own(tmp_path):
     if SKIP:
         pytest.skip(SKIP)
-    d = start_daemon(tmp_path, ["--fuse", "own"])
+    d = start_daemon(tmp_path)
     try:
         yield d
     finally:
@@ -57,10 +56,10 @@ def cbt_marked_after(daemon: Daemon, name: str, changes_number: int) -> set[int]
     return {i for i, b in enumerate(data) if b > changes_number}
 
 
-def test_status_says_own_session(own: Daemon) -> None:
+def test_status_and_tree(own: Daemon) -> None:
     st = own.client.status()
-    assert st["fuse_session"] == "own" and st["fuse"] == "up" and st["healthy"], st
-    assert os.listdir(own.mount) and sorted(os.listdir(own.mount)) == ["dev", "images"]
+    assert st["fuse"] == "up" and st["healthy"], st
+    assert sorted(os.listdir(own.mount)) == ["dev", "images"]
 
 
 def test_ext4_take_mounted_image_files(own: Daemon, backing, tmp_path) -> None:
@@ -155,3 +154,41 @@ def test_fstrim_reaches_the_engine(own: Daemon, backing, tmp_path) -> None:
     block = own.client.cbt_info("t").block_size
     assert len(marked) * block >= 24 * MiB, (len(marked), block)
     own.cli("snapshot", "destroy", "-i", sid2)
+
+
+def fuse_record(daemon: Daemon) -> dict:
+    with open(os.path.join(daemon.state, "fuse-nodes.json")) as f:
+        return json.load(f)
+
+
+def test_node_ids_and_handles_recorded_names_never_stale(own: Daemon, backing, tmp_path) -> None:
+    """The state dir records the id of every name and the open handles (what
+    a process taking over the connection needs); names are cached by the
+    kernel for SETTINGS.fuse_cache_seconds (60 s) yet a device removed is
+    gone at once and a device added again under its name is the new one."""
+    path = os.path.join(own.mount, "dev", "a")
+    lp = add_device(own, backing("a.img", 16 * MiB), "a")["loop"]
+    ino = os.stat(path).st_ino
+    rec = fuse_record(own)
+    assert rec["nodes"]["dev/a"] == ino
+    # The loop device holds the file open: one handle on it, recorded.
+    assert list(rec["handles"].values()) == ["dev/a"], rec
+    sid = create(own, ["a"], storage_dir(tmp_path), "64M")
+    take_full(own, sid)
+    img = os.path.join(own.mount, "images", sid, "a")
+    img_ino = os.stat(img).st_ino
+    rec = fuse_record(own)
+    assert rec["nodes"][f"images/{sid}/a"] == img_ino and rec["nodes"][f"images/{sid}"]
+    own.cli("snapshot", "destroy", "-i", sid)
+    assert not os.path.exists(img)
+    assert not os.path.exists(os.path.dirname(img))
+    assert f"images/{sid}" not in fuse_record(own)["nodes"]
+    own.cli("device", "remove", "a")
+    assert lp not in loops_under(own.mount)  # its loop device detached
+    assert not os.path.exists(path)  # gone at once, cache or not
+    rec = fuse_record(own)
+    assert "dev/a" not in rec["nodes"] and rec["handles"] == {}, rec
+    add_device(own, backing("b.img", 32 * MiB), "a", loop=False)
+    again = os.stat(path)
+    assert again.st_size == 32 * MiB and again.st_ino != ino
+    assert fuse_record(own)["nodes"]["dev/a"] == again.st_ino
