@@ -4,6 +4,7 @@ a directory's fsync (what makes a rename durable)."""
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import os
@@ -11,6 +12,21 @@ import stat
 import struct
 
 BLKGETSIZE64 = 0x80081272
+
+# fallocate(2) with any mode (os.posix_fallocate cannot punch holes); ctypes
+# calls release the GIL.
+_libc = ctypes.CDLL(None, use_errno=True)
+_fallocate = getattr(_libc, "fallocate64", None) or _libc.fallocate
+_fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+_fallocate.restype = ctypes.c_int
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) with any ``mode`` (``OSError`` on failure)."""
+    while _fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        if err != errno.EINTR:
+            raise OSError(err, os.strerror(err))
 
 
 def fd_size(fd: int) -> int:

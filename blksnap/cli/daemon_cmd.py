@@ -52,6 +52,19 @@ def register(sub: Any, cmd: Commands) -> None:
         help="stop anyway: loop devices under mounted file systems go away (their I/O fails)",
     )
     stop.set_defaults(handler=daemon_stop, long_timeout=True)
+    restart = cmd(
+        dsub,
+        "restart",
+        "a new blksnapd worker from the code on disk (upgrade in place): its supervisor "
+        "keeps the FUSE files, the loop devices over them and the control socket, so file "
+        "systems on its devices only pause; refused (EBUSY) while snapshots exist",
+    )
+    restart.add_argument(
+        "--force",
+        action="store_true",
+        help="restart with snapshots: they are lost (their images go away)",
+    )
+    restart.set_defaults(handler=daemon_restart, long_timeout=True)
     status = cmd(
         dsub,
         "status",
@@ -139,25 +152,53 @@ def daemon_stop(args: argparse.Namespace, client: Client, out: Out) -> int:
     raise error(errno.ETIMEDOUT, f"blksnapd (pid {pid}) still running after 60 s")
 
 
+def daemon_restart(args: argparse.Namespace, client: Client, out: Out) -> int:
+    reply = client.restart(force=args.force)
+    client.close()
+    old = reply["worker_pid"]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        st = client.status()  # retried while the new worker comes up
+        if st["worker_pid"] != old:
+            out.emit(
+                {"restarted": True, "pid": st["pid"], "old_worker_pid": old,
+                 "worker_pid": st["worker_pid"], "restarts": st["restarts"]},
+                f"blksnapd (pid {st['pid']}) restarted: worker {old} -> {st['worker_pid']}",
+            )  # fmt: skip
+            return 0
+        time.sleep(0.1)
+    raise error(errno.ETIMEDOUT, f"blksnapd's worker {old} was not replaced within 60 s")
+
+
 def daemon_status(args: argparse.Namespace, client: Client, out: Out) -> int:
     st = client.status()
     healthy = st.get("healthy", True)
     problems = st.get("problems") or []
     health = "healthy" if healthy else "NOT HEALTHY:\n" + "\n".join(f"  - {p}" for p in problems)
-    out.emit(
-        {"running": True, **st},
-        f"blksnapd {st['version']} running, pid {st['pid']}, up {st['uptime']:.0f} s, "
-        f"{health}\n"
-        f"  socket {st['socket']}\n  mount  {st['mount']}\n  state  {st['state_dir']}\n"
+    up = f"up {st['uptime']:.0f} s"
+    lines = [f"blksnapd {st['version']} running, pid {st['pid']}, {up}, {health}"]
+    if st.get("supervised"):
+        last = st.get("last_restart_cause")
+        lines.append(
+            f"  worker {st['worker_pid']}, {st['restarts']} restart(s)"
+            + (f", last: {last}" if last else "")
+        )
+    else:
+        lines.append("  no supervisor: a crash of blksnapd ends the FUSE connection")
+    lines += [f"  snapshot {k} {v}" for k, v in (st.get("lost_snapshots") or {}).items()]
+    lines += [
+        f"  socket {st['socket']}",
+        f"  mount  {st['mount']}",
+        f"  state  {st['state_dir']}",
         f"  {st['devices']} device(s), {st['snapshots']} snapshot(s), loop devices: "
-        f"{', '.join(st['loops']) or 'none'}"
-        + (
-            f"\n  nbd    {', '.join(st.get('nbd_listen') or [st['nbd']])}, "
+        + (", ".join(st["loops"]) or "none"),
+    ]
+    if st.get("nbd"):
+        lines.append(
+            f"  nbd    {', '.join(st.get('nbd_listen') or [st['nbd']])}, "
             f"{st.get('nbd_clients', 0)} client(s)"
-            if st.get("nbd")
-            else ""
-        ),
-    )
+        )
+    out.emit({"running": True, **st}, "\n".join(lines))
     return 0
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import errno
 import itertools
+import logging
 import os
 import socket
 import threading
@@ -38,6 +39,20 @@ from blksnap.settings import SETTINGS
 
 if TYPE_CHECKING:
     from blksnap.engine.cbt import CbtInfo
+
+
+log = logging.getLogger("blksnap.client")
+
+#: Requests that change nothing: sent again when the connection broke under
+#: them (blksnapd's worker restarted).
+IDEMPOTENT = frozenset(
+    {"version", "daemon.status", "device.list", "cbt.info", "cbt.map", "snapshot.info",
+     "snapshot.collect"}
+)  # fmt: skip
+#: How often, and the pause before each (the new worker takes about a second).
+RETRIES = 40
+RETRY_PAUSE = 0.25
+_BROKEN = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED})
 
 
 def default_socket() -> str:
@@ -105,7 +120,23 @@ class Client:
 
         ``_timeout``: seconds for this request (None or 0: no limit), instead
         of the client's ``timeout``; ``ETIMEDOUT`` when no reply came in time.
+
+        A request that only reads (:data:`IDEMPOTENT`) is sent again when the
+        connection broke under it: blksnapd's worker was restarted (crash or
+        ``daemon restart``); its supervisor keeps the socket listening, and
+        the new worker answers.
         """
+        for attempt in range(RETRIES + 1):
+            try:
+                return self._call_once(op, _timeout, args)
+            except BlksnapError as exc:
+                if op not in IDEMPOTENT or exc.errno not in _BROKEN or attempt == RETRIES:
+                    raise
+                log.info("%s: %s; blksnapd's worker may have restarted, asking again", op, exc)
+                time.sleep(RETRY_PAUSE)
+        raise AssertionError("unreachable")
+
+    def _call_once(self, op: str, _timeout: float | None, args: dict[str, Any]) -> Any:
         timeout = self.timeout if _timeout is not None and _timeout < 0 else (_timeout or None)
         deadline = None if timeout is None else time.monotonic() + timeout
         req_id = next(self._ids)
@@ -164,6 +195,12 @@ class Client:
 
     def status(self) -> dict[str, Any]:
         return self.call("daemon.status")
+
+    def restart(self, force: bool = False) -> dict[str, Any]:
+        """A new blksnapd worker from the code on disk (an upgrade in place);
+        the FUSE files and the devices stay served. ``EBUSY`` while snapshots
+        exist (they do not survive a restart yet), unless ``force``."""
+        return self.call("daemon.restart", force=True if force else None)
 
     def stop(self, force: bool = False) -> dict[str, Any]:
         """Stop blksnapd; ``EBUSY`` (listing them) while file systems are

@@ -18,9 +18,11 @@ from __future__ import annotations
 import argparse
 import base64
 import errno
+import json
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -31,9 +33,10 @@ import trio
 
 from blksnap import __version__, hostinfo
 from blksnap.control import host, loop
-from blksnap.control.fusefront import FuseFront
+from blksnap.control.fusefront import FUSE_RECORD, FuseFront
 from blksnap.control.protocol import VERSION
 from blksnap.control.server import ControlServer, Handler
+from blksnap.control.supervisor import RESTART_STATUS, Inherited
 from blksnap.control.users import Users
 from blksnap.engine.engine import Engine
 from blksnap.errors import BlksnapError, InvalidArgument, error
@@ -43,6 +46,9 @@ if TYPE_CHECKING:
     from blksnap.frontends.nbd import Address, NbdServer
 
 log = logging.getLogger("blksnapd")
+
+#: In the state dir: what a worker taking over rebuilds from (:meth:`Daemon.record`).
+DAEMON_RECORD = "daemon.json"
 
 
 class Daemon:
@@ -60,14 +66,22 @@ class Daemon:
         fuse_threads: int = SETTINGS.fuse_threads,
         nbd: Address | None = None,
         nbd_writable_images: bool = False,
+        inherited: Inherited | None = None,
     ) -> None:
         self.state_dir = os.path.abspath(state_dir)
         self.mount = os.path.abspath(mount)
         self.socket_path = os.path.abspath(socket_path)
         self.engine = Engine(self.state_dir)
         self.engine.served_root = self.mount
+        #: A worker of a supervisor: the fds it holds for us (None: alone).
+        self.inherited = inherited
+        #: Taking over from a worker that died: rebuild from the records.
+        self.takeover = inherited is not None and inherited.restarts > 0
+        resume = self._read_record(FUSE_RECORD) if self.takeover else None
         #: The FUSE session: its files, its reader threads, its record.
-        self.fuse = FuseFront(self.engine, self.mount, self.state_dir, threads=fuse_threads)
+        self.fuse = FuseFront(
+            self.engine, self.mount, self.state_dir, threads=fuse_threads, resume=resume
+        )
         self.fs = self.fuse.fs
         self.nbd: NbdServer | None = None
         if nbd is not None:
@@ -76,6 +90,12 @@ class Daemon:
             self.nbd = NbdServer(self.engine, nbd, writable_images=nbd_writable_images)
         #: Loop devices this daemon attached: FUSE path -> loop device.
         self.loops: dict[str, str] = {}
+        #: Options of the filters attached: (device, filter) -> options.
+        self.filter_opts: dict[tuple[str, str], dict[str, Any]] = {}
+        #: Snapshots a dead worker had, gone with it: id -> why.
+        self.lost_snapshots: dict[str, str] = {}
+        self.lost_image_loops: dict[str, str] = {}
+        self.rebuilt = False
         self.started = time.time()
         self.stopping = trio.Event()
         #: Why the FUSE session ended while blksnapd still runs (the kernel
@@ -85,6 +105,7 @@ class Daemon:
         self.handlers: dict[str, Handler] = {
             "version": self.op_version,
             "daemon.status": self.op_status,
+            "daemon.restart": self.op_restart,
             "daemon.stop": self.op_stop,
             "device.add": self.op_device_add,
             "device.remove": self.op_device_remove,
@@ -105,6 +126,11 @@ class Daemon:
         self.control = ControlServer(self.socket_path, self.handlers)
         #: Who uses the devices and images (what a remove, destroy or stop would break).
         self.who = Users(self)
+
+    @property
+    def pid(self) -> int:
+        """blksnapd's pid: its supervisor's (what lives until blksnapd stops)."""
+        return self.inherited.supervisor if self.inherited else os.getpid()
 
     # -- paths ------------------------------------------------------------------
 
@@ -149,12 +175,18 @@ class Daemon:
 
     async def op_status(self, args: dict[str, Any]) -> Any:
         problems, dev_errors = await self.health()
+        inh = self.inherited
         return {
             "healthy": not problems,
             "problems": problems,
             "device_errors": dev_errors,
             "fuse": "down" if self.fuse_ended else "up",
-            "pid": os.getpid(),
+            "pid": self.pid,
+            "worker_pid": os.getpid(),
+            "supervised": inh is not None,
+            "restarts": inh.restarts if inh else 0,
+            "last_restart_cause": inh.causes[-1] if inh and inh.causes else None,
+            "lost_snapshots": dict(self.lost_snapshots),
             "version": __version__,
             "uptime": round(time.time() - self.started, 3),
             "state_dir": self.state_dir,
@@ -181,7 +213,38 @@ class Daemon:
         else:
             log.warning("daemon stop --force: devices and images go away under whoever uses them")
         self.stopping.set()
-        return {"stopping": True, "pid": os.getpid()}
+        return {"stopping": True, "pid": self.pid}
+
+    async def op_restart(self, args: dict[str, Any]) -> Any:
+        """A new worker from the code on disk; the supervisor keeps the FUSE
+        connection and the control socket, so file systems see a pause."""
+        inh = self.inherited
+        if inh is None:
+            raise error(
+                errno.EOPNOTSUPP,
+                "this blksnapd runs without a supervisor (--no-supervisor): "
+                "stop and start it instead",
+            )
+        snaps = [s["id"] for s in self.engine.snapshot_collect()]
+        if snaps and not args.get("force"):
+            raise error(
+                errno.EBUSY,
+                "snapshots do not survive a worker restart yet; destroy them first "
+                "or restart with --force (they are lost): " + ", ".join(snaps),
+            )
+        log.warning("daemon restart: worker %d hands over to a new one", os.getpid())
+        trio.lowlevel.spawn_system_task(self._exit_for_restart)
+        return {"restarting": True, "pid": inh.supervisor, "worker_pid": os.getpid()}
+
+    async def _exit_for_restart(self) -> None:
+        await trio.sleep(0.1)  # the reply goes out first
+        for dev in self.engine.devices():
+            try:
+                await self.thread(dev.flush)
+            except BlksnapError as exc:
+                log.error("flush %s: %s", dev.name, exc)
+        logging.shutdown()
+        os._exit(RESTART_STATUS)
 
     # -- who uses what ------------------------------------------------------------
 
@@ -204,15 +267,104 @@ class Daemon:
     async def _attach_loop(self, path: str) -> str:
         dev = await self.thread(loop.attach, path)
         self.loops[path] = dev
+        self.save_record()
         return dev
 
     async def _detach_loop(self, path: str) -> None:
         dev = self.loops.pop(path, None)
         if dev is not None:
+            self.save_record()
             try:
                 await self.thread(loop.detach, dev)
             except BlksnapError as exc:
                 log.warning("detach %s: %s", dev, exc)
+
+    # -- the record a new worker rebuilds from ----------------------------------------
+
+    def _read_record(self, name: str) -> dict[str, Any] | None:
+        try:
+            with open(os.path.join(self.state_dir, name)) as f:
+                doc = json.load(f)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            log.error("record %s unreadable, not used: %s", name, exc)
+            return None
+        return doc if isinstance(doc, dict) else None
+
+    def record(self) -> dict[str, Any]:
+        """What a worker taking over rebuilds from: devices (backing, filters
+        and their options, the loop device made over each), the snapshots
+        and the loop devices made over their images."""
+        devices = []
+        for dev in self.engine.devices():
+            path = self.device_path(dev.name)
+            filters = [
+                {"filter": f, "opts": self.filter_opts.get((dev.name, f), {})}
+                for f in self.engine.filters(dev.name)
+            ]
+            entry = {"name": dev.name, "backing": dev.path, "filters": filters}
+            devices.append({**entry, "loop": self.loops.get(path)})
+        images = os.path.join(self.mount, "images") + "/"
+        return {
+            "version": 1,
+            "devices": devices,
+            "snapshots": [s["id"] for s in self.engine.snapshot_collect()],
+            "image_loops": {p: lp for p, lp in self.loops.items() if p.startswith(images)},
+        }
+
+    def save_record(self) -> None:
+        """:meth:`record` to the state dir, atomically (a file renamed over
+        the old one): a worker dying at any moment leaves a whole record."""
+        if self.inherited is None:
+            return
+        if self.takeover and not self.rebuilt:
+            return  # still reading the old one
+        path = os.path.join(self.state_dir, DAEMON_RECORD)
+        with open(f"{path}.tmp", "w") as f:
+            json.dump(self.record(), f, indent=1)
+        os.replace(f"{path}.tmp", path)
+
+    def rebuild(self) -> None:
+        """Taking over: the devices, filters and loop devices of the record
+        the dead worker left. Snapshots did not survive it: their ids are
+        kept in :attr:`lost_snapshots` and their images' loop devices are
+        detached once serving (:meth:`drop_lost_images`)."""
+        doc = self._read_record(DAEMON_RECORD) or {}
+        cause = self.inherited.causes[-1] if self.inherited and self.inherited.causes else "?"
+        for d in doc.get("devices", []):
+            name = d["name"]
+            try:
+                self.engine.add_device(d["backing"], name)
+                for f in d.get("filters", []):
+                    self.engine.attach(name, f["filter"], f.get("opts") or {})
+                    self.filter_opts[(name, f["filter"])] = f.get("opts") or {}
+            except BlksnapError as exc:
+                log.error("taking over: device %s (%s) not served again: %s", name,
+                          d["backing"], exc)  # fmt: skip
+                continue
+            self.fs.add_device(name)
+            lp = d.get("loop")
+            path = self.device_path(name)
+            if lp and hostinfo.backing_file(os.path.basename(lp)) == path:
+                self.loops[path] = lp
+            log.info("taking over: device %s (%s)%s", name, d["backing"],
+                     f", {lp}" if lp else "")  # fmt: skip
+        for sid in doc.get("snapshots", []):
+            self.lost_snapshots[sid] = f"lost at worker restart ({cause})"
+            log.error("taking over: snapshot %s lost with the worker (%s): its images are gone",
+                      sid, cause)  # fmt: skip
+        self.lost_image_loops = dict(doc.get("image_loops") or {})
+        self.rebuilt = True
+
+    async def drop_lost_images(self) -> None:
+        for path, lp in self.lost_image_loops.items():
+            if hostinfo.backing_file(os.path.basename(lp)) == path:
+                log.warning("detaching %s: its image %s was lost with the worker", lp, path)
+                try:
+                    await self.thread(loop.detach, lp)
+                except BlksnapError as exc:
+                    log.error("detach %s: %s", lp, exc)
 
     def _describe_device(self, name: str) -> dict[str, Any]:
         dev = self.engine.device(name)
@@ -234,6 +386,7 @@ class Daemon:
             raise InvalidArgument("a file served by blksnapd cannot back another device")
         await self.thread(self.engine.add_device, path, name)
         self.fs.add_device(name)
+        self.save_record()
         if args.get("loop"):
             try:
                 await self._attach_loop(self.device_path(name))
@@ -259,6 +412,7 @@ class Daemon:
             await self._detach_loop(path)
             self.fs.remove_device(name)
             await self.thread(self.engine.remove_device, name)
+            self.save_record()
         return {"name": name, "removed": True}
 
     async def op_device_list(self, args: dict[str, Any]) -> Any:
@@ -267,6 +421,8 @@ class Daemon:
     async def op_attach(self, args: dict[str, Any]) -> Any:
         flt = args.get("filter", "blksnap")
         await self.thread(self.engine.attach, args["device"], flt, args.get("opts") or {})
+        self.filter_opts[(args["device"], flt)] = args.get("opts") or {}
+        self.save_record()
         return {
             "device": args["device"],
             "filter": flt,
@@ -276,6 +432,8 @@ class Daemon:
     async def op_detach(self, args: dict[str, Any]) -> Any:
         flt = args.get("filter", "blksnap")
         await self.thread(self.engine.detach, args["device"], flt)
+        self.filter_opts.pop((args["device"], flt), None)
+        self.save_record()
         return {
             "device": args["device"],
             "filter": flt,
@@ -314,6 +472,7 @@ class Daemon:
                 sid=args.get("id"),
             )
         )
+        self.save_record()
         return {"id": sid}
 
     async def op_appendstorage(self, args: dict[str, Any]) -> Any:
@@ -341,6 +500,7 @@ class Daemon:
             blockdevs += await self.thread(hostinfo.loops_backed_by, self.device_path(name))
         frozen = await self.thread(self._consistent_take, sid, blockdevs)
         self.fs.add_snapshot(sid, names)
+        self.save_record()
         images: dict[str, dict[str, Any]] = {}
         for name in names:
             path = self.image_path(sid, name)
@@ -401,6 +561,7 @@ class Daemon:
             await self._detach_loop(self.image_path(sid, name))
         self.fs.remove_snapshot(sid)
         await self.thread(self.engine.snapshot_destroy, sid)
+        self.save_record()
         return {"id": sid, "destroyed": True}
 
     # -- life -------------------------------------------------------------------
@@ -456,21 +617,39 @@ class Daemon:
     async def run(self) -> None:
         if self.nbd is not None:
             await self.nbd.open()  # before the mount: a bad address leaves nothing behind
-        host.clear_stale_mount(self.mount)
-        os.makedirs(self.mount, mode=0o755, exist_ok=True)
+        inh = self.inherited
+        control_sock: socket.socket | None = None
         try:
-            self.fuse.mount_fs()
+            if inh is None:
+                host.clear_stale_mount(self.mount)
+                os.makedirs(self.mount, mode=0o755, exist_ok=True)
+                self.fuse.mount_fs()
+            else:
+                for fd in (*inh.fuse, inh.control, inh.status):
+                    os.set_inheritable(fd, False)  # not into losetup, mount ...
+                control_sock = socket.socket(fileno=inh.control)
+                if self.takeover:
+                    self.rebuild()
+                self.fuse.adopt(inh.fuse, initialized=inh.initialized)
+                inh.tell("init")
+                self.rebuilt = True
+                self.save_record()
         except BaseException:
             if self.nbd is not None:
                 self.nbd.remove_socket()
             raise
-        log.info("FUSE mounted at %s (%d reader threads)", self.mount, self.fuse.threads)
+        log.info("FUSE %s at %s (%d reader threads)%s",
+                 "mounted" if inh is None else "served", self.mount, self.fuse.threads,
+                 f", worker of supervisor {inh.supervisor}, restart {inh.restarts}"
+                 if inh else "")  # fmt: skip
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._serve_fuse)
-                await nursery.start(self.control.serve)
+                await nursery.start(self.control.serve, control_sock)
                 if self.nbd is not None:
                     await nursery.start(self.nbd.serve)
+                if self.takeover:
+                    await self.drop_lost_images()
                 nursery.start_soon(self._signals)
                 log.info(
                     "blksnapd %s ready: socket %s, mount %s, state %s%s",
@@ -480,7 +659,10 @@ class Daemon:
                     self.state_dir,
                     f", NBD {self.nbd.address_text}" if self.nbd else "",
                 )
-                host.sd_notify(f"READY=1\nMAINPID={os.getpid()}")
+                if inh is None:
+                    host.sd_notify(f"READY=1\nMAINPID={os.getpid()}")
+                else:
+                    inh.tell("ready")  # the supervisor tells systemd
                 await self.stopping.wait()
                 await self.shutdown()
                 nursery.cancel_scope.cancel()
@@ -539,8 +721,15 @@ def main(argv: list[str] | None = None) -> int:
         help="FUSE reader threads (each serves a request start to finish, so a "
         "copy-on-write write waiting for its chunk holds one)",
     )
+    p.add_argument(
+        "--no-supervisor",
+        action="store_true",
+        help="one process, no supervisor: a crash of blksnapd then ends the FUSE "
+        "connection (the file systems on its devices see I/O errors)",
+    )
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
-    args = p.parse_args(argv)
+    raw_argv = list(sys.argv[1:] if argv is None else argv)
+    args = p.parse_args(raw_argv)
     logging.basicConfig(
         level=args.log_level.upper(),
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
@@ -557,6 +746,15 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     if os.geteuid() != 0:
         log.warning("not root: loop devices and FIFREEZE will fail")
+    inherited = Inherited.from_env()
+    if inherited is None and not args.no_supervisor:
+        from blksnap.control import supervisor
+
+        try:
+            return supervisor.main(raw_argv, args.mount, args.socket, args.fuse_threads)
+        except BlksnapError as exc:
+            print(f"blksnapd: {exc}", file=sys.stderr)
+            return 1
     try:
         daemon = Daemon(
             args.state_dir,
@@ -565,6 +763,7 @@ def main(argv: list[str] | None = None) -> int:
             fuse_threads=args.fuse_threads,
             nbd=nbd_address,
             nbd_writable_images=args.nbd_writable_images,
+            inherited=inherited,
         )
         trio.run(daemon.run)
     except BlksnapError as exc:

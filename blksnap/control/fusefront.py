@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 import trio
 
@@ -28,10 +29,19 @@ class FuseFront:
     """The FUSE files of one daemon: ``fs`` has the tree methods the daemon
     calls (``add_device`` ... ``open_count``)."""
 
-    def __init__(self, engine: Engine, mount: str, state_dir: str, *, threads: int) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        mount: str,
+        state_dir: str,
+        *,
+        threads: int,
+        resume: dict[str, Any] | None = None,
+    ) -> None:
         self.mount = mount
         self.threads = threads
-        self.fs = OwnFS(engine, threads=threads, record=os.path.join(state_dir, FUSE_RECORD))
+        record = os.path.join(state_dir, FUSE_RECORD)
+        self.fs = OwnFS(engine, threads=threads, record=record, resume=resume)
 
     def ended_why(self) -> str:
         return (
@@ -45,6 +55,11 @@ class FuseFront:
 
     def mount_fs(self) -> None:
         self.fs.mount(self.mount)
+
+    def adopt(self, fds: list[int], *, initialized: bool) -> None:
+        """Serve the connection the supervisor mounted (its fds)."""
+        self.threads = len(fds)
+        self.fs.adopt(self.mount, fds, initialized=initialized)
 
     async def serve(self, stopping: trio.Event) -> str | None:
         """Until the session ends; why it ended while the daemon was not

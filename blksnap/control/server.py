@@ -119,22 +119,36 @@ class ControlServer:
                 except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
                     return
 
-    async def serve(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        """Bind the socket (EADDRINUSE if another blksnapd answers on it; a
-        stale one is replaced), then serve until cancelled."""
-        os.makedirs(os.path.dirname(self.socket_path), mode=0o755, exist_ok=True)
-        if os.path.exists(self.socket_path):
-            if socket_alive(self.socket_path):
-                raise error(errno.EADDRINUSE, f"another blksnapd answers on {self.socket_path}")
-            os.unlink(self.socket_path)
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old_umask = os.umask(0o177)
-        try:
-            await sock.bind(self.socket_path)
-        finally:
-            os.umask(old_umask)
-        os.chmod(self.socket_path, stat.S_IRUSR | stat.S_IWUSR)
-        sock.listen(64)
-        listener = trio.SocketListener(sock)
+    async def serve(
+        self, sock: socket.socket | None = None, *, task_status: Any = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Bind the socket (:func:`bind_control`), or serve on ``sock``, one
+        bound already (blksnapd's supervisor holds it across workers); serve
+        until cancelled."""
+        if sock is None:
+            sock = bind_control(self.socket_path)
+        listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
         task_status.started()
         await trio.serve_listeners(self.handle_connection, [listener])
+
+
+def bind_control(path: str) -> socket.socket:
+    """The listening control socket at ``path`` (mode 0600); EADDRINUSE if
+    another blksnapd answers there, a stale socket file replaced."""
+    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+    if os.path.exists(path):
+        if socket_alive(path):
+            raise error(errno.EADDRINUSE, f"another blksnapd answers on {path}")
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        sock.bind(path)
+    except BaseException:
+        sock.close()
+        raise
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, stat.S_IRUSR | stat.S_IWUSR)
+    sock.listen(64)
+    return sock

@@ -25,7 +25,7 @@ from blksnap.engine.filters import Bio, FilterResult, FilterStack, Op
 from blksnap.engine.gate import Gate, WouldWait
 from blksnap.engine.params import Params
 from blksnap.errors import BlksnapError, InvalidArgument, NoDevice, NoSpace, from_oserror
-from blksnap.fileio import fd_size, pread_full, pwrite_full, storage_identity
+from blksnap.fileio import fallocate, fd_size, pread_full, pwrite_full, storage_identity
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -121,20 +121,9 @@ UNMAP = "unmap"
 #: The answers of a file system or device that cannot do an operation at all.
 _UNSUPPORTED = frozenset((errno.EOPNOTSUPP, errno.ENOSYS, errno.ENOTTY))
 _libc = ctypes.CDLL(None, use_errno=True)
-_fallocate = getattr(_libc, "fallocate64", None) or _libc.fallocate
-_fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
-_fallocate.restype = ctypes.c_int
 _ioctl = _libc.ioctl
 _ioctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p)
 _ioctl.restype = ctypes.c_int
-
-
-def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    """fallocate(2) with any ``mode`` (``OSError`` on failure)."""
-    while _fallocate(fd, mode, offset, length) != 0:
-        err = ctypes.get_errno()
-        if err != errno.EINTR:
-            raise OSError(err, os.strerror(err))
 
 
 def blkzeroout(fd: int, offset: int, length: int) -> None:

@@ -150,6 +150,7 @@ class OwnFS:
         settings: Settings | None = None,
         cache_seconds: float | None = None,
         record: str | None = None,
+        resume: dict[str, Any] | None = None,
     ) -> None:
         self.engine = engine
         self.settings = settings or SETTINGS
@@ -161,7 +162,16 @@ class OwnFS:
         self.record_path = record
         self.record_lock = threading.RLock()
         self.next_fh = 1
-        self.tree = Tree()
+        #: The record of the process this one takes over from (:meth:`record`).
+        self.resume = resume
+        #: Taking over: the record is not written until the tree is rebuilt
+        #: (a crash meanwhile leaves the next process the complete old one).
+        self._rebuilding = resume is not None
+        if resume is not None:
+            self.tree = Tree(resume.get("nodes") or {}, int(resume.get("next_id", 0)))
+            self.next_fh = int(resume.get("next_fh", 1))
+        else:
+            self.tree = Tree()
         self.dev = self.tree.add_dir("dev")
         self.images = self.tree.add_dir("images")
         self.session: _Session | None = None
@@ -184,7 +194,7 @@ class OwnFS:
         """Write :meth:`record` to ``record`` atomically (a new file renamed
         over the old). Not fsynced: the connection it describes ends with
         the machine anyway."""
-        if self.record_path is None:
+        if self.record_path is None or self._rebuilding:
             return
         with self.record_lock:
             tmp = f"{self.record_path}.tmp"
@@ -211,6 +221,42 @@ class OwnFS:
         except BaseException:
             self.session = None
             raise
+
+    def adopt(self, mountpoint: str, fds: list[int], *, initialized: bool) -> None:
+        """Serve the connection on ``fds`` that another process mounted at
+        ``mountpoint`` (:meth:`FuseSession.adopt`). Taking over (a ``resume``
+        record given), the kernel's open file handles are given back to the
+        files they were opened on: call it after the tree was rebuilt."""
+        session = _Session(self, mountpoint, len(fds), self.cache_seconds)
+        if self.resume is not None:
+            for fh, path in (self.resume.get("handles") or {}).items():
+                node = self.tree.lookup(path)
+                if node is None:
+                    log.warning("file handle %s: %s is gone; its reads and writes fail", fh, path)
+                    continue
+                session.handles[int(fh)] = node
+        self.session = session
+        try:
+            session.adopt(fds, initialized=initialized)
+        except BaseException:
+            self.session = None
+            raise
+        self._rebuilding = False
+        self.save()
+        if self.resume is not None:
+            self._forget_gone(session, self.resume.get("nodes") or {})
+
+    def _forget_gone(self, session: _Session, old: dict[str, int]) -> None:
+        """Names the process before had and this one has not (a snapshot that
+        did not survive it): out of the kernel's entry cache."""
+        for path in sorted(old, key=len):
+            if self.tree.lookup(path) is not None:
+                continue
+            parent, _, name = path.rpartition("/")
+            if parent and self.tree.lookup(parent) is None:
+                continue  # gone with its parent
+            pid = old.get(parent, proto.ROOT_ID) if parent else proto.ROOT_ID
+            session.invalidate_entry(pid, name.encode())
 
     def alive(self) -> bool:
         """Is every reader thread still serving? (They end when the kernel

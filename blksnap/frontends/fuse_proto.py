@@ -36,6 +36,8 @@ ROOT_ID = 1
 #: Bit 63 of a unique: the kernel resends a request the previous server read but
 #: never answered (after ``FUSE_NOTIFY_RESEND``). Answer with the unique as it is.
 RESEND_BIT = 1 << 63
+#: Bit 0 of the unique of an INTERRUPT (the interrupted request's unique | 1).
+INT_REQ_BIT = 1
 NOTIFY_RESEND = 7
 NOTIFY_INVAL_INODE = 2
 NOTIFY_INVAL_ENTRY = 3

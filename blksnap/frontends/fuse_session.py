@@ -40,7 +40,7 @@ import time
 from collections.abc import Iterable
 from typing import Protocol
 
-from blksnap.engine.device import fallocate
+from blksnap.fileio import fallocate
 from blksnap.frontends import fuse_proto as proto
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,42 @@ def _check(ret: int, what: str) -> None:
     if ret != 0:
         e = ctypes.get_errno()
         raise OSError(e, f"{what}: {os.strerror(e)}")
+
+
+# --- the connection: what a supervisor holding it needs, no serving -----------
+
+
+def mount_fuse(mountpoint: str) -> int:
+    """Open ``/dev/fuse`` and mount it at ``mountpoint``; the fd of the new
+    connection (the kernel queues INIT on it)."""
+    fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        opts = f"fd={fd},rootmode=40000,user_id=0,group_id=0,allow_other".encode()
+        _check(
+            _libc.mount(SOURCE, mountpoint.encode(), FSTYPE, MS_NOSUID | MS_NODEV, opts),
+            f"mount {mountpoint}",
+        )
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def clone_fd(fd: int) -> int:
+    """A new fd of the connection of ``fd`` with its own queue of requests
+    being processed (``FUSE_DEV_IOC_CLONE``)."""
+    cfd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(cfd, FUSE_DEV_IOC_CLONE, struct.pack("I", fd))
+    except BaseException:
+        os.close(cfd)
+        raise
+    return cfd
+
+
+def umount(mountpoint: str, lazy: bool = False) -> None:
+    """Unmount (the kernel ends the connection once the mount is gone)."""
+    _check(_libc.umount2(mountpoint.encode(), MNT_DETACH if lazy else 0), f"umount {mountpoint}")
 
 
 class Backing(Protocol):
@@ -272,36 +308,48 @@ class FuseSession:
         self.close()
 
     def mount(self) -> None:
-        fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
-        self.fds.append(fd)
+        """Mount, answer INIT, clone an fd per further thread, start them."""
         try:
-            opts = f"fd={fd},rootmode=40000,user_id=0,group_id=0,allow_other".encode()
-            _check(
-                _libc.mount(SOURCE, self.mountpoint.encode(), FSTYPE, MS_NOSUID | MS_NODEV, opts),
-                f"mount {self.mountpoint}",
-            )
+            fd = mount_fuse(self.mountpoint)
+            self.fds.append(fd)
             self.mounted = True
             self._answer_init(fd)
             for _ in range(self.nthreads - 1):
-                self.fds.append(self._clone(fd))
-            for i, cfd in enumerate(self.fds):
-                t = threading.Thread(target=self._serve, args=(cfd,), name=f"blksnap-fuse-{i}",
-                                     daemon=True)  # fmt: skip
-                t.start()
-                self.threads.append(t)
+                self.fds.append(clone_fd(fd))
+            self._start()
         except BaseException:
             self.close()
             raise
 
-    @staticmethod
-    def _clone(fd: int) -> int:
-        cfd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+    def adopt(self, fds: list[int], *, initialized: bool) -> None:
+        """Serve a connection another process mounted (blksnapd's
+        supervisor, which holds its fds across workers): ``fds`` are the
+        connection's fd and its clones, one reader thread each. A connection
+        not ``initialized`` yet gets its INIT answered first; one a previous
+        server served gets ``FUSE_NOTIFY_RESEND`` before any thread reads, so
+        the requests that server read and never answered come again. The
+        session unmounts on :meth:`close` like one it mounted itself."""
+        if not fds:
+            raise ValueError("no /dev/fuse fd to serve")
+        self.fds = list(fds)
+        self.nthreads = len(fds)
+        self.mounted = True
         try:
-            fcntl.ioctl(cfd, FUSE_DEV_IOC_CLONE, struct.pack("I", fd))
+            if initialized:
+                self.send_resend()
+            else:
+                self._answer_init(fds[0])
+            self._start()
         except BaseException:
-            os.close(cfd)
+            self.close()
             raise
-        return cfd
+
+    def _start(self) -> None:
+        for i, cfd in enumerate(self.fds):
+            t = threading.Thread(target=self._serve, args=(cfd,), name=f"blksnap-fuse-{i}",
+                                 daemon=True)  # fmt: skip
+            t.start()
+            self.threads.append(t)
 
     def _answer_init(self, fd: int) -> None:
         buf = bytearray(self._bufsize)
@@ -325,8 +373,7 @@ class FuseSession:
         """Unmount; the kernel aborts the connection and the threads end (a
         lazy unmount: once the last user of the mount is gone)."""
         if self.mounted:
-            _check(_libc.umount2(self.mountpoint.encode(), MNT_DETACH if lazy else 0),
-                   f"umount {self.mountpoint}")  # fmt: skip
+            umount(self.mountpoint, lazy)
             self.mounted = False
 
     def close(self, timeout: float = 10.0) -> None:
@@ -400,11 +447,14 @@ class FuseSession:
             try:
                 writev(fd, out)
             except OSError as e:
-                # ENOENT: the request was interrupted or aborted meanwhile.
+                # ENOENT: the request was interrupted or aborted meanwhile,
+                # or (an INTERRUPT's answer, odd unique) another fd has it.
                 if e.errno == errno.ENODEV:
                     return
                 if e.errno != errno.ENOENT:
                     log.error("answering FUSE request: %s", e)
+                elif out[0][8] & proto.INT_REQ_BIT:
+                    self._answer_elsewhere(fd, out)
 
     def handle(self, raw: memoryview) -> list[bytes] | None:
         """The reply to one request, as buffers for one ``writev`` (None: no reply).
@@ -472,6 +522,10 @@ class FuseSession:
             return None
         if op == Op.INTERRUPT:  # its own unique: the kernel stops sending them
             return [proto.error(unique, errno.ENOSYS)]
+        if op == Op.INIT:  # resent to a server taking over from one that read it
+            init = proto.negotiate(args, self.max_write, self.max_background)
+            self.init = self.init or init
+            return [proto.reply(unique, init.pack())]
         if op == Op.LOOKUP:
             parent = self._node(req.nodeid)
             child = parent.children.get(args.name)
@@ -519,6 +573,21 @@ class FuseSession:
             files = len(nodes)
             return [proto.reply(unique, proto.statfs_out(blocks, 0, 0, files, 0))]
         return [proto.error(unique, errno.ENOSYS)]
+
+    def _answer_elsewhere(self, fd: int, out: list[bytes]) -> None:
+        """An answer to an INTERRUPT (ENOSYS, so that the kernel sends no
+        more) that the fd it was read on refused: the kernel takes it only on
+        the fd whose thread is processing the interrupted request. Try the
+        others; if none takes it, that request was answered meanwhile."""
+        for other in list(self.fds):
+            if other == fd:
+                continue
+            try:
+                os.writev(other, out)
+                return
+            except OSError as e:
+                if e.errno != errno.ENOENT:
+                    return
 
     def _readdir(self, node: Node, offset: int, size: int) -> bytes:
         if not node.is_dir:

@@ -213,3 +213,205 @@ def test_dirents_padded_and_parsed():
     raw = p.dirent(2, 1, b"disk", p.DT_REG) + p.dirent(3, 2, b"images", p.DT_DIR)
     assert len(raw) % 8 == 0 and len(p.dirent(2, 1, b"12345678", 8)) == 32
     assert p.parse_dirents(raw) == [(2, 1, b"disk", 8), (3, 2, b"images", 4)]
+
+
+# --- against fuse.h: numbers, every handled request, every reply, notifications --
+
+#: ``enum fuse_opcode`` of include/uapi/linux/fuse.h, for the opcodes served.
+FUSE_H_OPCODES = {
+    "LOOKUP": 1, "FORGET": 2, "GETATTR": 3, "SETATTR": 4, "OPEN": 14, "READ": 15,
+    "WRITE": 16, "STATFS": 17, "RELEASE": 18, "FSYNC": 20, "FLUSH": 25, "INIT": 26,
+    "OPENDIR": 27, "READDIR": 28, "RELEASEDIR": 29, "ACCESS": 34, "INTERRUPT": 36,
+    "DESTROY": 38, "BATCH_FORGET": 42, "FALLOCATE": 43,
+}  # fmt: skip
+
+
+def test_numbers_match_fuse_h() -> None:
+    assert {op.name: int(op) for op in p.Opcode} == FUSE_H_OPCODES
+    # enum fuse_notify_code
+    assert (p.NOTIFY_INVAL_INODE, p.NOTIFY_INVAL_ENTRY, p.NOTIFY_RESEND) == (2, 3, 7)
+    assert p.MIN_READ_BUFFER == 8192  # FUSE_MIN_READ_BUFFER
+    # INIT flags, FATTR_*, FOPEN_*, and the unique's resend bit
+    assert (p.ASYNC_READ, p.BIG_WRITES, p.ASYNC_DIO) == (1, 1 << 5, 1 << 15)
+    assert (p.PARALLEL_DIROPS, p.MAX_PAGES, p.INIT_EXT) == (1 << 18, 1 << 22, 1 << 30)
+    assert p.FATTR_SIZE == 1 << 3
+    assert (p.FOPEN_DIRECT_IO, p.FOPEN_PARALLEL_DIRECT_WRITES) == (1, 1 << 6)
+    assert p.RESEND_BIT == 1 << 63
+    # linux/falloc.h and the d_type of dirent.h
+    assert (p.FALLOC_FL_KEEP_SIZE, p.FALLOC_FL_PUNCH_HOLE, p.FALLOC_FL_ZERO_RANGE) == (1, 2, 0x10)
+    assert (p.DT_DIR, p.DT_REG) == (4, 8)
+    # The read buffer holds a WRITE of max_write: in-header + fuse_write_in.
+    assert p.IN_HEADER.size + p._RW_IN.size == p.WRITE_HEADROOM
+
+
+def _every_request() -> dict[int, tuple[bytes, object]]:
+    """Each served opcode: its arguments as this kernel sends them (the
+    7.45 sizes) and what they decode to."""
+    rw = struct.pack("<QQIIQI4x", 7, 1 << 33, 65536, 2, 0xABC, 0o100002)
+    flags = p.ASYNC_READ | p.MAX_PAGES | p.INIT_EXT
+    setattr_in = struct.pack("<IIQQQQQQIIII4xII4x", p.FATTR_SIZE, 0, 7, 1 << 30, 0, 11, 12,
+                             13, 1, 2, 3, 0o100644, 1000, 1001)  # fmt: skip
+    Op = p.Opcode
+    return {
+        Op.LOOKUP: (b"disk\0", p.LookupIn(b"disk")),
+        Op.FORGET: (struct.pack("<Q", 3), p.ForgetIn(3)),
+        Op.GETATTR: (struct.pack("<IIQ", 1, 0, 7), p.GetattrIn(1, 7)),
+        Op.SETATTR: (setattr_in, p.SetattrIn(p.FATTR_SIZE, 7, 1 << 30, 0o100644, 1000, 1001)),
+        Op.OPEN: (struct.pack("<II", 0o40002, 0), p.OpenIn(0o40002, 0)),
+        Op.READ: (rw, p.ReadIn(7, 1 << 33, 65536, 2, 0xABC, 0o100002)),
+        Op.WRITE: (rw + bytes(65536), p.WriteIn(7, 1 << 33, 65536, 2, 0xABC, 0o100002)),
+        Op.STATFS: (b"", None),
+        Op.RELEASE: (struct.pack("<QIIQ", 7, 2, 1, 0xABC), p.ReleaseIn(7, 2, 1, 0xABC)),
+        Op.FSYNC: (struct.pack("<QI4x", 7, 1), p.FsyncIn(7, 1)),
+        Op.FLUSH: (struct.pack("<QIIQ", 7, 0, 0, 0xABC), p.FlushIn(7, 0xABC)),
+        Op.INIT: (
+            struct.pack("<IIIII44x", 7, 45, 1 << 17, flags, 1 << 7),
+            p.InitIn(7, 45, 1 << 17, flags | 1 << 39),
+        ),
+        Op.OPENDIR: (struct.pack("<II", 0o200000, 0), p.OpenIn(0o200000, 0)),
+        Op.READDIR: (rw, p.ReadIn(7, 1 << 33, 65536, 2, 0xABC, 0o100002)),
+        Op.RELEASEDIR: (struct.pack("<QIIQ", 7, 0, 0, 0), p.ReleaseIn(7, 0, 0, 0)),
+        Op.ACCESS: (struct.pack("<I4x", 6), p.AccessIn(6)),
+        Op.INTERRUPT: (struct.pack("<Q", 0x41), p.InterruptIn(0x41)),
+        Op.DESTROY: (b"", None),
+        Op.BATCH_FORGET: (struct.pack("<I4xQQ", 1, 9, 2), p.BatchForgetIn(((9, 2),))),
+        Op.FALLOCATE: (
+            struct.pack("<QQQI4x", 7, 4096, 8192, 0x11),
+            p.FallocateIn(7, 4096, 8192, 0x11),
+        ),
+    }
+
+
+def test_every_served_request_decodes() -> None:
+    table = _every_request()
+    assert set(table) == set(p.Opcode)  # a new opcode needs a row here
+    for op, (body, want) in table.items():
+        req = p.decode(request(op, body, nodeid=7))
+        assert (req.opcode, req.unique, req.nodeid) == (op, UNIQUE, 7), op.name
+        assert req.args == want, op.name
+        if op == p.Opcode.WRITE:
+            assert req.data is not None and len(req.data) == 65536
+        else:
+            assert req.data is None, op.name
+
+
+#: Opcodes whose arguments are one fixed structure (and its size in fuse.h).
+FIXED_SIZES = {
+    p.Opcode.FORGET: 8, p.Opcode.GETATTR: 16, p.Opcode.SETATTR: 88, p.Opcode.OPEN: 8,
+    p.Opcode.READ: 40, p.Opcode.WRITE: 40, p.Opcode.RELEASE: 24, p.Opcode.FSYNC: 16,
+    p.Opcode.FLUSH: 24, p.Opcode.OPENDIR: 8, p.Opcode.READDIR: 40, p.Opcode.RELEASEDIR: 24,
+    p.Opcode.ACCESS: 8, p.Opcode.INTERRUPT: 8, p.Opcode.BATCH_FORGET: 8,
+    p.Opcode.FALLOCATE: 32, p.Opcode.INIT: 16,  # fuse_init_in before 7.36
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("op", sorted(FIXED_SIZES), ids=lambda op: p.Opcode(op).name)
+def test_arguments_one_byte_short_refused(op: int) -> None:
+    size = FIXED_SIZES[op]
+    body = struct.pack("<I4x", 0) + bytes(size - 8) if op == p.Opcode.BATCH_FORGET else bytes(size)
+    req = p.decode(request(op, body))  # the exact size decodes
+    assert req.opcode == op
+    with pytest.raises(p.ProtocolError) as e:
+        p.decode(request(op, body[:-1]))
+    assert (e.value.unique, e.value.errno) == (UNIQUE, errno.EINVAL)
+    assert p.Opcode(op).name in str(e.value)
+
+
+def test_lookup_never_reads_past_the_declared_length() -> None:
+    # The name's NUL lies just beyond the length the header declares: the
+    # bytes after the request are not part of it.
+    raw = request(p.Opcode.LOOKUP, b"disk", length=44) + b"\0"
+    with pytest.raises(p.ProtocolError) as e:
+        p.decode(raw)
+    assert e.value.unique == UNIQUE
+    # Same for a WRITE whose data would only fit with the bytes after it.
+    wr = struct.pack("<QQIIQI4x", 5, 0, 8, 0, 0, 0) + b"abcd"
+    with pytest.raises(p.ProtocolError):
+        p.decode(request(p.Opcode.WRITE, wr) + b"efgh")
+    # A header length longer than what was read, by one byte.
+    with pytest.raises(p.ProtocolError) as e:
+        p.decode(request(p.Opcode.FSYNC, bytes(16), length=57))
+    assert e.value.unique == UNIQUE
+
+
+def test_request_longer_than_declared_decodes_the_declared_part() -> None:
+    for op, (body, want) in _every_request().items():
+        req = p.decode(request(op, body, nodeid=7) + b"\xff" * 100)
+        assert req.args == want, op.name
+        if op == p.Opcode.WRITE:
+            assert req.data is not None and bytes(req.data) == bytes(65536)
+
+
+@pytest.mark.parametrize("max_write", [4096, 128 * 1024, 1 << 20])
+def test_largest_write_fits_the_read_buffer(max_write: int) -> None:
+    """A WRITE of max_write bytes is max_write + WRITE_HEADROOM long (what the
+    kernel checks the read buffer against); anything cut off by a read
+    buffer too small (the header declares more than was read) is refused
+    with the unique, so the server can still answer EINVAL."""
+    payload = bytes(range(256)) * (max_write // 256)
+    raw = request(p.Opcode.WRITE, struct.pack("<QQIIQI4x", 5, 0, max_write, 0, 0, 0) + payload)
+    assert len(raw) == max_write + p.WRITE_HEADROOM
+    req = p.decode(raw)
+    assert req.args.size == max_write and bytes(req.data) == payload
+    # One page more than max_write, read into a buffer of max_write + headroom.
+    big = struct.pack("<QQIIQI4x", 5, 0, max_write + 4096, 0, 0, 0) + bytes(max_write + 4096)
+    over = request(p.Opcode.WRITE, big)
+    with pytest.raises(p.ProtocolError) as e:
+        p.decode(over[: max_write + p.WRITE_HEADROOM])
+    assert (e.value.unique, e.value.errno) == (UNIQUE, errno.EINVAL)
+    # Read whole, it decodes: the size limit is the buffer's, not the decoder's.
+    assert p.decode(over).args.size == max_write + 4096
+
+
+def test_reply_encoders_lengths_and_layouts() -> None:
+    """Every reply the session builds: an out-header whose length is the
+    whole reply, then the fuse.h structure of that opcode."""
+    attr = p.Attr(ino=5, size=12345, mode=0o100600)
+    replies = {
+        "entry_out": (p.entry_out(5, attr, 60.0, 0.5), 128),
+        "attr_out": (p.attr_out(attr, 60.0), 104),
+        "open_out": (p.open_out(5, p.FOPEN_DIRECT_IO), 16),
+        "write_out": (p.write_out(4096), 8),
+        "statfs_out": (p.statfs_out(1, 2, 3, 4, 5), 80),
+        "init_out": (p.negotiate(p.InitIn(7, 45, 0, p.WANTED_FLAGS), pages_limit=256).pack(), 64),
+        "dirent": (p.dirent(5, 1, b"x", p.DT_REG), 32),
+    }
+    for name, (payload, size) in replies.items():
+        assert len(payload) == size, name
+        raw = p.reply(UNIQUE, payload)
+        assert out_header(raw) == (16 + size, 0, UNIQUE), name
+        assert raw[16:] == payload
+    ent = struct.unpack_from("<QQQQII", p.entry_out(5, attr, 60.0, 0.5))
+    assert ent == (5, 0, 60, 0, 0, 500_000_000)  # generation 0: ids never reused
+    # header() announces a payload written separately (a READ's data)
+    assert out_header(p.header(UNIQUE, 1 << 20)) == (16 + (1 << 20), 0, UNIQUE)
+    for err in (errno.ENOENT, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOSPC):
+        assert p.error(UNIQUE, err) == struct.pack("<IiQ", 16, -err, UNIQUE)
+
+
+def test_notify_inval_entry_layout() -> None:
+    raw = p.notify_inval_entry(0x1122334455, b"disk0")
+    # fuse_out_header: unique 0 marks a notification, error carries its code
+    length, code, unique = out_header(raw)
+    assert (length, code, unique) == (len(raw), p.NOTIFY_INVAL_ENTRY, 0)
+    # fuse_notify_inval_entry_out {u64 parent; u32 namelen; u32 flags}, the
+    # name and its NUL: the kernel wants exactly sizeof(outarg) + namelen + 1.
+    parent, namelen, flags = struct.unpack_from("<QII", raw, 16)
+    assert (parent, namelen, flags) == (0x1122334455, 5, 0)  # 0: not FUSE_EXPIRE_ONLY
+    assert raw[32:] == b"disk0\0" and len(raw) == 16 + 16 + namelen + 1
+    long = p.notify_inval_entry(1, b"n" * 255)
+    assert out_header(long)[0] == len(long) == 16 + 16 + 256
+
+
+def test_notify_inval_inode_layout() -> None:
+    raw = p.notify_inval_inode(42)
+    assert out_header(raw) == (16 + 24, p.NOTIFY_INVAL_INODE, 0)
+    # fuse_notify_inval_inode_out {u64 ino; s64 off; s64 len}: a negative
+    # offset invalidates the attributes only, no cached data.
+    assert struct.unpack("<Qqq", raw[16:]) == (42, -1, 0)
+
+
+def test_notify_resend_layout() -> None:
+    raw = p.notify_resend()
+    # A bare out-header: no payload, unique 0, the code in error.
+    assert len(raw) == 16 and out_header(raw) == (16, p.NOTIFY_RESEND, 0)

@@ -68,7 +68,8 @@ def stopped(pid: int):
 
 
 def test_timeout_on_a_stopped_daemon(daemon):
-    with stopped(daemon.proc.pid):
+    # The worker answers requests (its supervisor only holds the socket).
+    with stopped(daemon.client.status()["worker_pid"]):
         t0 = time.monotonic()
         r = blksnap(daemon.sock, "--timeout", "1", "device", "list", timeout=30)
         took = time.monotonic() - t0

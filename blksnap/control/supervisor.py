@@ -1,0 +1,237 @@
+"""blksnapd's supervisor: holds what must outlive a worker, restarts workers.
+
+``blksnapd`` starts as this small process. It mounts the FUSE files (an fd
+of ``/dev/fuse`` and one clone per reader thread), binds the control socket,
+and starts the worker (``blksnapd`` again, with :data:`WORKER_ENV` naming
+the fds it inherits), which does everything else: the engine, the devices,
+serving. A FUSE connection lives as long as any process holds one of its
+fds, so when the worker dies -- killed, crashed, or asked to by
+``blksnap daemon restart`` (exit status :data:`RESTART_STATUS`) -- the
+connection stays, the kernel holds the file systems' requests, and the
+supervisor starts a new worker at once. The new worker rebuilds from the
+records in the state dir, sends ``FUSE_NOTIFY_RESEND`` (the requests the
+dead one read and never answered come again) and serves on.
+
+The supervisor imports no engine and does no I/O on devices. Its workers get
+``PR_SET_PDEATHSIG``: if the supervisor itself is killed, its worker goes
+with it and the connection ends (the file systems see I/O errors, as a
+crash of a single-process blksnapd did); the next start clears up.
+
+A worker that ends with status 0 stopped cleanly (it unmounted): the
+supervisor exits 0. A first worker that never became ready is a failed
+start: the supervisor unmounts and exits with its status.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+from blksnap.control import host
+from blksnap.control.server import bind_control
+from blksnap.frontends.fuse_session import clone_fd, mount_fuse, umount
+
+log = logging.getLogger("blksnapd")
+
+#: The environment variable that makes ``blksnapd`` a worker: JSON of
+#: :class:`Inherited`.
+WORKER_ENV = "BLKSNAPD_WORKER"
+#: A worker's exit status asking for a new worker at once (daemon restart).
+RESTART_STATUS = 75
+#: Restarts closer than this many seconds apart count as a crash loop...
+CRASH_WINDOW = 10.0
+#: ... and after this many in the window, the next start waits a second.
+CRASH_BURST = 5
+
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass
+class Inherited:
+    """What a worker gets from its supervisor (``BLKSNAPD_WORKER``)."""
+
+    supervisor: int  # its pid
+    fuse: list[int]  # the connection's fd, then its clones
+    control: int  # the listening control socket
+    status: int  # a pipe: the worker writes "init", "ready" lines
+    initialized: bool  # INIT was answered by an earlier worker
+    restarts: int = 0
+    causes: list[str] = field(default_factory=list)  # of the restarts, latest last
+
+    def dumps(self) -> str:
+        return json.dumps(self.__dict__)
+
+    @classmethod
+    def from_env(cls) -> Inherited | None:
+        raw = os.environ.get(WORKER_ENV)
+        return cls(**json.loads(raw)) if raw else None
+
+    def tell(self, what: str) -> None:
+        """A line to the supervisor (it reads them between restarts)."""
+        try:
+            os.write(self.status, what.encode() + b"\n")
+        except OSError as exc:
+            log.warning("telling the supervisor %r: %s", what, exc)
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def describe_status(rc: int) -> str:
+    if rc < 0:
+        try:
+            return f"killed by {signal.Signals(-rc).name}"
+        except ValueError:
+            return f"killed by signal {-rc}"
+    if rc == RESTART_STATUS:
+        return "daemon restart"
+    return f"exited with status {rc}"
+
+
+class Supervisor:
+    def __init__(self, argv: list[str], mount: str, socket_path: str, threads: int) -> None:
+        self.argv = argv
+        self.mount = os.path.abspath(mount)
+        self.socket_path = os.path.abspath(socket_path)
+        self.threads = max(1, threads)
+        self.fuse: list[int] = []
+        self.control: socket.socket | None = None
+        self.worker: subprocess.Popen[bytes] | None = None
+        self.initialized = False
+        self.ready = False
+        self.restarts = 0
+        self.causes: list[str] = []
+        self._recent: list[float] = []
+        self._status_r, self._status_w = os.pipe()
+        self._buf = b""
+
+    # -- what outlives a worker ---------------------------------------------------
+
+    def open(self) -> None:
+        host.clear_stale_mount(self.mount)
+        os.makedirs(self.mount, mode=0o755, exist_ok=True)
+        self.control = bind_control(self.socket_path)
+        try:
+            fd = mount_fuse(self.mount)
+            self.fuse.append(fd)
+            for _ in range(self.threads - 1):
+                self.fuse.append(clone_fd(fd))
+        except BaseException:
+            self.close(unmount=True)
+            raise
+        log.info("supervisor %d: FUSE mounted at %s (%d fds)", os.getpid(), self.mount,
+                 len(self.fuse))  # fmt: skip
+
+    def close(self, unmount: bool) -> None:
+        if unmount and host.is_mounted(self.mount):
+            try:
+                umount(self.mount, lazy=True)
+            except OSError as exc:
+                log.error("unmount %s: %s", self.mount, exc)
+        for fd in self.fuse:
+            os.close(fd)
+        self.fuse.clear()
+        if self.control is not None:
+            self.control.close()
+            self.control = None
+            try:
+                os.unlink(self.socket_path)
+            except FileNotFoundError:
+                pass
+
+    # -- workers ------------------------------------------------------------------
+
+    def spawn(self) -> subprocess.Popen[bytes]:
+        assert self.control is not None
+        inherited = Inherited(
+            supervisor=os.getpid(),
+            fuse=self.fuse,
+            control=self.control.fileno(),
+            status=self._status_w,
+            initialized=self.initialized,
+            restarts=self.restarts,
+            causes=self.causes[-5:],
+        )
+        env = {**os.environ, WORKER_ENV: inherited.dumps()}
+        fds = (*self.fuse, self.control.fileno(), self._status_w)
+        return subprocess.Popen(
+            [sys.executable, "-m", "blksnap.control.daemon", *self.argv],
+            env=env,
+            pass_fds=fds,
+            preexec_fn=_die_with_parent,  # the supervisor has no threads
+        )
+
+    def _read_status(self, timeout: float) -> None:
+        ready, _, _ = select.select([self._status_r], [], [], timeout)
+        if not ready:
+            return
+        self._buf += os.read(self._status_r, 4096)
+        *lines, self._buf = self._buf.split(b"\n")
+        for line in lines:
+            what = line.decode(errors="replace").strip()
+            if what == "init":
+                self.initialized = True
+            elif what == "ready":
+                if not self.ready:
+                    host.sd_notify(f"READY=1\nMAINPID={os.getpid()}")
+                self.ready = True
+
+    def forward(self, signum: int, frame: object) -> None:
+        w = self.worker
+        if w is not None and w.poll() is None:
+            w.send_signal(signum)
+
+    def run(self) -> int:
+        """Start workers until one stops cleanly; its exit status."""
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self.forward)
+        while True:
+            self.worker = self.spawn()
+            while self.worker.poll() is None:
+                self._read_status(0.02)
+            self._read_status(0)
+            rc = self.worker.returncode
+            if rc == 0:
+                self.close(unmount=False)  # the worker unmounted when it stopped
+                log.info("supervisor %d: worker stopped cleanly", os.getpid())
+                return 0
+            cause = describe_status(rc)
+            if not self.ready:
+                log.error("worker %d %s before it was ready: not restarting", self.worker.pid,
+                          cause)  # fmt: skip
+                self.close(unmount=True)
+                return rc if rc > 0 else 1
+            now = time.monotonic()
+            self._recent = [t for t in self._recent if now - t < CRASH_WINDOW] + [now]
+            self.restarts += 1
+            self.causes.append(cause)
+            log.warning("worker %d %s: starting a new one (restart %d)", self.worker.pid,
+                        cause, self.restarts)  # fmt: skip
+            host.sd_notify(f"STATUS=worker restart {self.restarts}: {cause}")
+            if len(self._recent) > CRASH_BURST and rc != RESTART_STATUS:
+                time.sleep(1.0)
+
+
+def main(argv: list[str], mount: str, socket_path: str, threads: int) -> int:
+    sup = Supervisor(argv, mount, socket_path, threads)
+    sup.open()
+    try:
+        return sup.run()
+    except BaseException:
+        w = sup.worker
+        if w is not None and w.poll() is None:
+            w.kill()
+            w.wait()
+        sup.close(unmount=True)
+        raise

@@ -1,0 +1,239 @@
+"""blksnapd's worker dies (SIGKILL at a random moment) or is replaced
+(``blksnap daemon restart``) while file systems run on its devices: the
+supervisor holds the FUSE connection and the control socket, a new worker
+takes over the devices, the loop devices and the connection, and nothing
+above notices -- fio with crc32c verification, a writer fsyncing files on
+ext4, fsck afterwards, the kernel log.
+
+The default run kills the worker a few times; ``-m slow`` runs the long
+loop (``BLKSNAP_KILLS``, default 20)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import SKIP, Daemon, loops_under, run
+from tests.integration.helpers import MiB, Writer, add_device, create, storage_dir, take_full
+
+FIO_SIZE = 48 * MiB
+
+
+def worker_pid(d: Daemon) -> int:
+    return d.client.status()["worker_pid"]
+
+
+def wait_new_worker(d: Daemon, old: int, timeout: float = 60) -> dict:
+    """The status once a worker other than ``old`` answers (the client asks
+    again while the socket's connections break)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        st = d.client.status()
+        if st["worker_pid"] != old:
+            return st
+        time.sleep(0.05)
+    raise AssertionError(f"worker {old} not replaced within {timeout} s")
+
+
+def kill_worker(d: Daemon) -> dict:
+    old = worker_pid(d)
+    os.kill(old, signal.SIGKILL)
+    return wait_new_worker(d, old)
+
+
+def kernel_log_lines() -> list[str]:
+    out = subprocess.run(["dmesg"], capture_output=True, text=True, check=False)
+    return out.stdout.splitlines() if out.returncode == 0 else []
+
+
+BAD_KERNEL_LINE = re.compile(
+    r"I/O error|EXT4-fs error|EXT4-fs warning|Aborting journal|read-only|"
+    r"blk_update_request|critical medium error|Buffer I/O"
+)
+
+
+def io_errors_since(before: int, loops: list[str]) -> list[str]:
+    names = [os.path.basename(lp) for lp in loops]
+    return [
+        line
+        for line in kernel_log_lines()[before:]
+        if any(n in line for n in names) and BAD_KERNEL_LINE.search(line)
+    ]
+
+
+def fio_verify(target: str, name: str, rw: str, bs: str, depth: int, seconds: float) -> list[str]:
+    """fio writing for ``seconds`` and reading back every block it wrote as
+    it goes (``verify_backlog``), each checked against its crc32c."""
+    return [
+        "fio", f"--name={name}", f"--filename={target}", "--ioengine=libaio", "--direct=1",
+        f"--rw={rw}", f"--bs={bs}", f"--iodepth={depth}", f"--size={FIO_SIZE}",
+        "--verify=crc32c", "--verify_fatal=1", "--verify_backlog=256", "--verify_state_save=0",
+        f"--runtime={seconds:.0f}", "--time_based", "--output-format=json",
+    ]  # fmt: skip
+
+
+@pytest.fixture
+def mounted_ext4(daemon: Daemon, backing, tmp_path: Path):
+    """ext4 on the loop device of device ``a`` (tracker attached), mounted;
+    a second device ``b`` for raw fio. (The daemon fixture stops blksnapd
+    and clears up after the test, whatever happened.)"""
+    if SKIP:
+        pytest.skip(SKIP)
+    la = add_device(daemon, backing("a.img", 192 * MiB), "a")["loop"]
+    lb = add_device(daemon, backing("b.img", FIO_SIZE + 16 * MiB), "b")["loop"]
+    daemon.cli("attach", "-d", "a")
+    run("mkfs.ext4", "-q", la)
+    mnt = daemon.mount_fs(la, tmp_path / "fs")
+    return la, lb, mnt
+
+
+def kill_under_load(daemon: Daemon, la: str, lb: str, mnt: str, kills: int, seed: str) -> str:
+    rng = random.Random(seed)
+    gen = daemon.client.cbt_info("a").generation_id
+    log_before = len(kernel_log_lines())
+    stop = Path(mnt).parent / "stop-writer"
+    stop.unlink(missing_ok=True)
+    writer = Writer(mnt, stop, keep=20, maxsize=256 * 1024)
+    seconds = kills * 2.0 + 4
+    fio = [
+        subprocess.Popen(fio_verify(lb, "rand", "randwrite", "4k", 32, seconds),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+        subprocess.Popen(fio_verify(f"{mnt}/seq.dat", "seq", "write", "1m", 8, seconds),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+    ]  # fmt: skip
+    try:
+        restarts = daemon.client.status()["restarts"]
+        for _ in range(kills):
+            time.sleep(rng.uniform(0.2, 1.5))
+            st = kill_worker(daemon)
+            restarts += 1
+            assert st["restarts"] == restarts and st["last_restart_cause"] == "killed by SIGKILL"
+            assert st["devices"] == 2 and st["fuse"] == "up", st
+    finally:
+        try:
+            results = [p.communicate(timeout=seconds + 120) for p in fio]
+        finally:
+            for p in fio:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+            rc = writer.stop()
+    for p, (out, err) in zip(fio, results, strict=True):
+        assert p.returncode == 0, f"fio failed ({p.returncode}): {err[-2000:]}"
+        job = json.loads(out[out.index("{") :])["jobs"][0]
+        assert job["error"] == 0, job
+        assert job["read"]["io_bytes"] > 0, "fio verified nothing"
+    assert rc == 0 and not writer.errors(), (rc, writer.errors(), writer.err[-5:])
+    assert writer.count() > kills, "the writer made no progress across the kills"
+    for name, digest in writer.files().items():
+        with open(os.path.join(mnt, name), "rb") as f:
+            assert hashlib.md5(f.read()).hexdigest() == digest, name
+    os.unlink(os.path.join(mnt, "seq.dat"))
+    run("sync", "-f", mnt)
+    run("umount", mnt)
+    daemon.mounted.remove(mnt)
+    fsck = run("fsck.ext4", "-fn", la, check=False)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    assert not io_errors_since(log_before, [la, lb]), io_errors_since(log_before, [la, lb])
+    return gen
+
+
+@pytest.mark.slow
+def test_worker_killed_under_load_nothing_notices(daemon: Daemon, mounted_ext4) -> None:
+    """A few kills by default; BLKSNAP_KILLS=20 for the long run."""
+    la, lb, mnt = mounted_ext4
+    kills = int(os.environ.get("BLKSNAP_KILLS", "3"))
+    kill_under_load(daemon, la, lb, mnt, kills=kills, seed=f"kill-{kills}")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="not yet: the CBT maps live in the worker, so a new worker attaches a new "
+    "tracker and the next backup is full (they must move to memory the supervisor holds)",
+)
+def test_cbt_generation_survives_a_worker_kill(daemon: Daemon, backing) -> None:
+    add_device(daemon, backing("a.img", 8 * MiB), "a")
+    daemon.cli("attach", "-d", "a")
+    gen = daemon.client.cbt_info("a").generation_id
+    kill_worker(daemon)
+    assert daemon.client.cbt_info("a").generation_id == gen
+
+
+def test_daemon_restart_under_a_writer(daemon: Daemon, mounted_ext4) -> None:
+    la, _lb, mnt = mounted_ext4
+    stop = Path(mnt).parent / "stop-writer"
+    writer = Writer(mnt, stop, keep=10, maxsize=64 * 1024)
+    try:
+        time.sleep(0.5)
+        before = writer.count()
+        out = json.loads(daemon.cli("--json", "daemon", "restart").stdout)
+        assert out["restarted"] is True and out["worker_pid"] != out["old_worker_pid"], out
+        assert out["pid"] == daemon.proc.pid  # the supervisor: blksnapd's pid stays
+        time.sleep(0.5)
+        st = daemon.client.status()
+        assert st["restarts"] == 1 and st["last_restart_cause"] == "daemon restart", st
+        assert st["loops"] and la in st["loops"]
+        text = daemon.cli("daemon", "status").stdout
+        assert f"worker {st['worker_pid']}, 1 restart(s), last: daemon restart" in text
+    finally:
+        rc = writer.stop()
+    assert rc == 0 and not writer.errors(), (rc, writer.errors())
+    assert writer.count() > before
+    run("umount", mnt)
+    daemon.mounted.remove(mnt)
+    fsck = run("fsck.ext4", "-fn", la, check=False)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+
+
+def test_restart_refused_with_snapshots_and_forced(daemon: Daemon, backing, tmp_path) -> None:
+    add_device(daemon, backing("a.img", 32 * MiB), "a")
+    sid = create(daemon, ["a"], storage_dir(tmp_path), "32M")
+    taken = take_full(daemon, sid)
+    img_loop = taken["images"]["a"]["loop"]
+    assert img_loop
+    r = daemon.cli("daemon", "restart", check=False)
+    assert r.returncode != 0 and "EBUSY" in r.stderr and sid in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    old = worker_pid(daemon)
+    assert daemon.client.status()["restarts"] == 0
+    daemon.cli("daemon", "restart", "--force")
+    st = wait_new_worker(daemon, old)
+    assert sid in st["lost_snapshots"] and "daemon restart" in st["lost_snapshots"][sid]
+    assert st["snapshots"] == 0 and st["devices"] == 1
+    assert not os.path.exists(os.path.join(daemon.mount, "images", sid))
+    deadline = time.monotonic() + 10  # the lost image's loop device is detached
+    image_dir = os.path.join(daemon.mount, "images")
+    while loops_under(image_dir) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not loops_under(image_dir)
+    assert f"snapshot {sid} lost at worker restart" in daemon.cli("daemon", "status").stdout
+
+
+def test_killed_supervisor_takes_its_worker_along(daemon: Daemon, backing) -> None:
+    add_device(daemon, backing("a.img", 8 * MiB), "a")
+    worker = worker_pid(daemon)
+    os.kill(daemon.proc.pid, signal.SIGKILL)
+    daemon.proc.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{worker}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not os.path.exists(f"/proc/{worker}"), "the worker outlived its supervisor"
+
+
+def test_supervisor_imports_no_engine() -> None:
+    code = (
+        "import sys, blksnap.control.supervisor\n"
+        "print([m for m in sys.modules if m.startswith('blksnap.engine')])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
