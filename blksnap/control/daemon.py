@@ -35,6 +35,7 @@ from blksnap import __version__, hostinfo
 from blksnap.control import host, loop
 from blksnap.control.fusefront import FUSE_RECORD, FuseFront
 from blksnap.control.protocol import VERSION
+from blksnap.control.regions import SupervisedRegions
 from blksnap.control.server import ControlServer, Handler
 from blksnap.control.supervisor import RESTART_STATUS, Inherited
 from blksnap.control.users import Users
@@ -71,10 +72,11 @@ class Daemon:
         self.state_dir = os.path.abspath(state_dir)
         self.mount = os.path.abspath(mount)
         self.socket_path = os.path.abspath(socket_path)
-        self.engine = Engine(self.state_dir)
-        self.engine.served_root = self.mount
         #: A worker of a supervisor: the fds it holds for us (None: alone).
         self.inherited = inherited
+        regions = SupervisedRegions(inherited) if inherited is not None else None
+        self.engine = Engine(self.state_dir, regions=regions)
+        self.engine.served_root = self.mount
         #: Taking over from a worker that died: rebuild from the records.
         self.takeover = inherited is not None and inherited.restarts > 0
         resume = self._read_record(FUSE_RECORD) if self.takeover else None
@@ -355,6 +357,14 @@ class Daemon:
             log.error("taking over: snapshot %s lost with the worker (%s): its images are gone",
                       sid, cause)  # fmt: skip
         self.lost_image_loops = dict(doc.get("image_loops") or {})
+        regions = self.engine.regions
+        if isinstance(regions, SupervisedRegions):
+            tracked = [d.name for d in self.engine.devices() if self.engine.tracker_of(d.name)]
+            used = {f"cbt/{name}" for name in tracked}
+            for key in regions.held():
+                if key not in used:
+                    log.warning("taking over: region %s not used by any device: let go", key)
+                    regions.drop(key)
         self.rebuilt = True
 
     async def drop_lost_images(self) -> None:

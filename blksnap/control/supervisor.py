@@ -62,23 +62,38 @@ class Inherited:
     supervisor: int  # its pid
     fuse: list[int]  # the connection's fd, then its clones
     control: int  # the listening control socket
-    status: int  # a pipe: the worker writes "init", "ready" lines
+    status: int  # the worker's end of a SOCK_SEQPACKET pair to the supervisor
     initialized: bool  # INIT was answered by an earlier worker
     restarts: int = 0
     causes: list[str] = field(default_factory=list)  # of the restarts, latest last
+    #: Memory regions the supervisor holds for workers: key -> fd.
+    stored: dict[str, int] = field(default_factory=dict)
 
     def dumps(self) -> str:
-        return json.dumps(self.__dict__)
+        return json.dumps({k: v for k, v in self.__dict__.items() if not k.startswith("_")})
 
     @classmethod
     def from_env(cls) -> Inherited | None:
         raw = os.environ.get(WORKER_ENV)
         return cls(**json.loads(raw)) if raw else None
 
-    def tell(self, what: str) -> None:
-        """A line to the supervisor (it reads them between restarts)."""
+    def _channel(self) -> socket.socket:
+        chan = self.__dict__.get("_chan")
+        if chan is None:
+            chan = socket.socket(fileno=self.status)
+            self.__dict__["_chan"] = chan
+        return chan
+
+    def tell(self, what: str, fd: int | None = None) -> None:
+        """A message to the supervisor (``init``, ``ready``, ``store KEY``
+        with the fd of a region to hold, ``drop KEY``). Sent before this
+        returns: should the worker die right after, the supervisor still
+        reads it (and holds the fd)."""
         try:
-            os.write(self.status, what.encode() + b"\n")
+            if fd is None:
+                self._channel().send(what.encode())
+            else:
+                socket.send_fds(self._channel(), [what.encode()], [fd])
         except OSError as exc:
             log.warning("telling the supervisor %r: %s", what, exc)
 
@@ -113,8 +128,9 @@ class Supervisor:
         self.restarts = 0
         self.causes: list[str] = []
         self._recent: list[float] = []
-        self._status_r, self._status_w = os.pipe()
-        self._buf = b""
+        self._chan, self._chan_worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        #: Regions held for workers: key -> fd (see :mod:`blksnap.control.regions`).
+        self.stored: dict[str, int] = {}
 
     # -- what outlives a worker ---------------------------------------------------
 
@@ -139,9 +155,10 @@ class Supervisor:
                 umount(self.mount, lazy=True)
             except OSError as exc:
                 log.error("unmount %s: %s", self.mount, exc)
-        for fd in self.fuse:
+        for fd in (*self.fuse, *self.stored.values()):
             os.close(fd)
         self.fuse.clear()
+        self.stored.clear()
         if self.control is not None:
             self.control.close()
             self.control = None
@@ -158,13 +175,15 @@ class Supervisor:
             supervisor=os.getpid(),
             fuse=self.fuse,
             control=self.control.fileno(),
-            status=self._status_w,
+            status=self._chan_worker.fileno(),
             initialized=self.initialized,
             restarts=self.restarts,
             causes=self.causes[-5:],
+            stored=dict(self.stored),
         )
         env = {**os.environ, WORKER_ENV: inherited.dumps()}
-        fds = (*self.fuse, self.control.fileno(), self._status_w)
+        fds = (*self.fuse, self.control.fileno(), self._chan_worker.fileno(),
+               *self.stored.values())  # fmt: skip
         return subprocess.Popen(
             [sys.executable, "-m", "blksnap.control.daemon", *self.argv],
             env=env,
@@ -173,19 +192,28 @@ class Supervisor:
         )
 
     def _read_status(self, timeout: float) -> None:
-        ready, _, _ = select.select([self._status_r], [], [], timeout)
-        if not ready:
-            return
-        self._buf += os.read(self._status_r, 4096)
-        *lines, self._buf = self._buf.split(b"\n")
-        for line in lines:
-            what = line.decode(errors="replace").strip()
+        """Every message waiting (the first one waited for up to ``timeout``)."""
+        while select.select([self._chan], [], [], timeout)[0]:
+            timeout = 0
+            msg, fds, _flags, _addr = socket.recv_fds(self._chan, 4096, 4)
+            what, _, key = msg.decode(errors="replace").partition(" ")
             if what == "init":
                 self.initialized = True
             elif what == "ready":
                 if not self.ready:
                     host.sd_notify(f"READY=1\nMAINPID={os.getpid()}")
                 self.ready = True
+            elif what == "store" and key and len(fds) == 1:
+                old = self.stored.pop(key, None)
+                if old is not None:
+                    os.close(old)
+                self.stored[key] = fds.pop()
+            elif what == "drop" and key:
+                old = self.stored.pop(key, None)
+                if old is not None:
+                    os.close(old)
+            for fd in fds:  # anything unasked for
+                os.close(fd)
 
     def forward(self, signum: int, frame: object) -> None:
         w = self.worker

@@ -13,10 +13,17 @@ under the current generation, and the write map then starts a new generation
 (new UUID, zeroed map, numbers from 1). A backup tool that sees a new
 generation makes a full backup, so no change is ever missed. Reattach and a
 capacity change also mean a new generation (a new map).
+
+The maps and the numbers live in a region (:mod:`blksnap.engine.regions`)
+keyed by the device: a header, the write map, the read map. Given a region
+that outlives the process (blksnapd's worker), a map opened again for the
+same capacity carries on where it was: same generation, every mark kept.
 """
 
 from __future__ import annotations
 
+import mmap
+import struct
 import threading
 import uuid
 from dataclasses import dataclass
@@ -24,9 +31,17 @@ from dataclasses import dataclass
 import numpy as np
 
 from blksnap.engine.params import Params
+from blksnap.engine.regions import LOCAL, Regions
 from blksnap.errors import InvalidArgument
 
 MAX_SNAP_NUMBER = 255
+
+#: The region's header: magic, capacity, block shift, block count, active
+#: number, changes number, generation and read generation (UUID bytes).
+_HEADER = struct.Struct("<8sQI4xQII16s16s")
+_MAGIC = b"BSNPCBT1"
+#: Where the write map starts in the region (the read map follows it).
+_MAPS_AT = 4096
 
 
 def tracking_block_shift(capacity: int, params: Params) -> int:
@@ -85,23 +100,63 @@ class CbtInfo:
 
 
 class CbtMap:
-    def __init__(self, capacity: int, params: Params) -> None:
+    def __init__(
+        self, capacity: int, params: Params, regions: Regions = LOCAL, key: str = "cbt"
+    ) -> None:
         self._lock = threading.Lock()
         self.params = params
-        self._reset(capacity)
+        self.regions = regions
+        self.key = key
+        self._region: mmap.mmap | None = None
+        #: Did this map carry on from a region left by an earlier process?
+        self.resumed = self._open(capacity, fresh=False)
 
-    def _reset(self, capacity: int) -> None:
+    def _open(self, capacity: int, *, fresh: bool) -> bool:
+        """Map the region for ``capacity``; carry on from what it holds
+        unless ``fresh`` or it was made for another capacity. Whether it
+        carried on."""
         self.capacity = capacity
         self.block_shift = tracking_block_shift(capacity, self.params)
         self.block_size = 1 << self.block_shift
         self.block_count = (capacity + self.block_size - 1) >> self.block_shift
+        if self._region is not None:
+            self.regions.drop(self.key)
+        region, existed = self.regions.open(self.key, _MAPS_AT + 2 * self.block_count)
+        self._region = region
+        n = self.block_count
+        self.write_map = np.frombuffer(region, dtype=np.uint8, count=n, offset=_MAPS_AT)
+        self.read_map = np.frombuffer(region, dtype=np.uint8, count=n, offset=_MAPS_AT + n)
+        if existed and not fresh:
+            magic, cap, shift, count, active, changes, gen, read_gen = _HEADER.unpack_from(region)
+            if (magic, cap, shift, count) == (_MAGIC, capacity, self.block_shift, n) and active:
+                self.active, self.changes_number = active, changes
+                self.generation_id = str(uuid.UUID(bytes=gen))
+                self.read_generation_id = str(uuid.UUID(bytes=read_gen))
+                return True
         self.generation_id = str(uuid.uuid4())
-        self.write_map = np.zeros(self.block_count, dtype=np.uint8)
+        self.write_map.fill(0)
         self.active = 1
         # The read side: what the last take froze.
-        self.read_map = np.zeros(self.block_count, dtype=np.uint8)
+        self.read_map.fill(0)
         self.read_generation_id = self.generation_id
         self.changes_number = 0
+        self._save_header()
+        return False
+
+    def _save_header(self) -> None:
+        assert self._region is not None
+        _HEADER.pack_into(
+            self._region, 0, _MAGIC, self.capacity, self.block_shift, self.block_count,
+            self.active, self.changes_number, uuid.UUID(self.generation_id).bytes,
+            uuid.UUID(self.read_generation_id).bytes,
+        )  # fmt: skip
+
+    def release(self) -> None:
+        """The map is done with (tracker detached, device removed): its
+        region goes."""
+        with self._lock:
+            if self._region is not None:
+                self.regions.drop(self.key)
 
     def _blocks(self, offset: int, length: int) -> slice:
         if offset < 0 or length < 0 or offset + length > self.capacity:
@@ -135,7 +190,7 @@ class CbtMap:
     def switch(self) -> None:
         """At take: freeze the read map and move to the next number."""
         with self._lock:
-            self.read_map = self.write_map.copy()
+            self.read_map[:] = self.write_map
             self.read_generation_id = self.generation_id
             self.changes_number = self.active
             if self.active == MAX_SNAP_NUMBER:
@@ -144,11 +199,12 @@ class CbtMap:
                 self.active = 1
             else:
                 self.active += 1
+            self._save_header()
 
     def resize(self, capacity: int) -> None:
         """A capacity change: nothing before it can be trusted, new generation."""
         with self._lock:
-            self._reset(capacity)
+            self._open(capacity, fresh=True)
 
     def info(self) -> CbtInfo:
         with self._lock:

@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING
 from blksnap.engine.filters import Bio, FilterResult, FilterStack, Op
 from blksnap.engine.gate import Gate, WouldWait
 from blksnap.engine.params import Params
+from blksnap.engine.regions import LOCAL as LOCAL_REGIONS
+from blksnap.engine.regions import Regions
 from blksnap.errors import BlksnapError, InvalidArgument, NoDevice, NoSpace, from_oserror
 from blksnap.fileio import fallocate, fd_size, pread_full, pwrite_full, storage_identity
 
@@ -330,9 +332,13 @@ class Device:
     ``ENOSPC``) before anything is written.
     """
 
-    def __init__(self, name: str, path: str, params: Params) -> None:
+    def __init__(
+        self, name: str, path: str, params: Params, regions: Regions = LOCAL_REGIONS
+    ) -> None:
         self.name = name
         self.params = params
+        #: Where its filters keep state that may outlive the process (the CBT).
+        self.regions = regions
         self.backing = BackingStore(path)
         self.filters = FilterStack()
         #: Drained by snapshot take and by filter attach/detach.

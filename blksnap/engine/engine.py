@@ -25,6 +25,8 @@ from blksnap.engine.event_queue import Event, EventQueue
 from blksnap.engine.filters import Filter, FilterRegistry
 from blksnap.engine.image import Image
 from blksnap.engine.params import Params
+from blksnap.engine.regions import LOCAL as LOCAL_REGIONS
+from blksnap.engine.regions import Regions
 from blksnap.engine.snapshot import Snapshot
 from blksnap.engine.tracker import Tracker
 from blksnap.errors import Busy, Exists, InvalidArgument, NotFound, from_oserror
@@ -47,10 +49,18 @@ class Engine:
     >>> eng.add_device("/srv/disk0.img", name="disk0")
     """
 
-    def __init__(self, state_dir: str | os.PathLike[str], params: Params | None = None) -> None:
+    def __init__(
+        self,
+        state_dir: str | os.PathLike[str],
+        params: Params | None = None,
+        regions: Regions | None = None,
+    ) -> None:
         self.state_dir = os.fspath(state_dir)
         os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
         self.params = params or Params()
+        #: Where state that may outlive this process lives (the CBT maps):
+        #: this process's memory unless given memory a supervisor holds.
+        self.regions = regions or LOCAL_REGIONS
         self.registry = FilterRegistry()
         self.registry.register(Tracker)
         self._devices: dict[str, Device] = {}
@@ -85,7 +95,7 @@ class Engine:
                 raise Exists(f"a device named {name!r} is already served")
             extents = blockstack.resolve(path, self._alias)
             self._check_not_served(path, extents)
-            dev = Device(name, path, self.params)
+            dev = Device(name, path, self.params, self.regions)
             dev.on_error = self._device_failed  # backing store failures: log, event
             self._devices[name] = dev
             self._extents[name] = extents
@@ -103,6 +113,8 @@ class Engine:
                 raise Busy(f"{name} holds the diff storage of snapshot {holder}")
             del self._devices[name]
             self._extents.pop(name, None)
+        if trk is not None:
+            trk.cbt.release()
         dev.close()
         log.info("device %s removed", name)
 

@@ -15,6 +15,7 @@ hands it to a worker thread instead. Like the kernel's ``REQ_NOWAIT``.
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 from blksnap.engine.cbt import CbtMap
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
 
 ALTITUDE_BLKSNAP = 0
 
+log = logging.getLogger(__name__)
+
 __all__ = ["ALTITUDE_BLKSNAP", "Tracker", "WouldWait", "no_wait"]
 
 
@@ -38,7 +41,10 @@ class Tracker(Filter):
 
     def __init__(self, device: Device, opts: dict[str, str]) -> None:
         super().__init__(device, opts)
-        self.cbt = CbtMap(device.size, device.params)
+        self.cbt = CbtMap(device.size, device.params, device.regions, f"cbt/{device.name}")
+        if self.cbt.resumed:
+            log.info("%s: CBT carried on from the region left (generation %s, number %d)",
+                     device.name, self.cbt.generation_id, self.cbt.active)  # fmt: skip
         #: The snapshot holding this device, while there is one.
         self.snapshot_id: str | None = None
         #: Set while a taken snapshot needs copy-on-write.
@@ -88,6 +94,7 @@ class Tracker(Filter):
     def detach(self) -> None:
         if self.snapshot_id is not None:
             raise Busy(f"{self.device.name} is in snapshot {self.snapshot_id}")
+        self.cbt.release()
 
     def ctl(self, cmd: str, arg: Any = None) -> Any:
         if cmd == "cbtinfo":

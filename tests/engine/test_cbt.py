@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import mmap
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import pytest
 import blksnap
 from blksnap.engine.cbt import CbtMap, tracking_block_shift
 from blksnap.engine.params import Params
+from blksnap.engine.regions import Regions
 from blksnap.units import GiB, KiB, MiB, TiB
 
 
@@ -163,3 +165,59 @@ def test_capacity_change_is_a_new_generation_at_take(engine, make_file, storage_
     assert info.device_capacity == dev.size == 2 * MiB
     assert engine.image(sid, "d0").size == 2 * MiB
     engine.snapshot_destroy(sid)
+
+
+class KeptRegions(Regions):
+    """Regions kept by key in this process: what a supervisor's memfds are
+    to the next worker."""
+
+    def __init__(self) -> None:
+        self.kept: dict[str, mmap.mmap] = {}
+        self.dropped: list[str] = []
+
+    def open(self, key: str, size: int) -> tuple[mmap.mmap, bool]:
+        region = self.kept.get(key)
+        if region is not None and len(region) == size:
+            return region, True
+        region = self.kept[key] = mmap.mmap(-1, size)
+        return region, False
+
+    def drop(self, key: str) -> None:
+        self.kept.pop(key, None)
+        self.dropped.append(key)
+
+
+def test_a_map_in_a_kept_region_carries_on() -> None:
+    regions = KeptRegions()
+    first = CbtMap(MiB, Params(), regions, "cbt/a")
+    assert not first.resumed
+    bs = first.block_size
+    first.mark(3 * bs, 10)
+    first.switch()  # take 1: changes_number 1, active 2
+    first.mark(7 * bs, 1)
+    # The process dies; the next one opens the same key.
+    again = CbtMap(MiB, Params(), regions, "cbt/a")
+    assert again.resumed
+    assert again.generation_id == first.generation_id
+    assert (again.active, again.changes_number) == (2, 1)
+    assert again.write_map[3] == 1 and again.write_map[7] == 2
+    assert again.read_map[3] == 1 and again.read_map[7] == 0
+    again.switch()
+    assert again.info().changes_number == 2
+    assert set(again.changed_blocks(1).tolist()) == {7}
+    # Another capacity: nothing carried over.
+    other = CbtMap(2 * MiB, Params(), regions, "cbt/a")
+    assert not other.resumed and other.generation_id != first.generation_id
+    assert not other.write_map.any()
+    other.release()
+    assert "cbt/a" in regions.dropped and "cbt/a" not in regions.kept
+
+
+def test_a_resize_starts_a_fresh_region() -> None:
+    regions = KeptRegions()
+    cbt = CbtMap(MiB, Params(), regions, "cbt/b")
+    cbt.mark(0, 4096)
+    gen = cbt.generation_id
+    cbt.resize(2 * MiB)
+    assert cbt.generation_id != gen and not cbt.write_map.any()
+    assert CbtMap(2 * MiB, Params(), regions, "cbt/b").generation_id == cbt.generation_id
