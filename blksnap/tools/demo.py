@@ -6,7 +6,8 @@ The story a backup administrator lives, with every result checked:
    two sample files get ext4 file systems and are served as devices with
    loop devices (``device add --loop``), and the file systems are mounted;
 2. a writer keeps creating and deleting files on both file systems for the
-   whole run;
+   whole run; midway blksnapd's worker is killed with SIGKILL and its
+   supervisor starts a new one: the writer and the backups carry on;
 3. files are written; ``blksnap backup`` makes the first backup (full: there
    is none before it); files are changed, added and deleted; an incremental
    backup; more changes; a differential backup (against the full);
@@ -30,6 +31,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -241,9 +243,12 @@ class Demo:
             self.change(name, rng, add=30, modify=0, delete=0)
         self.backup("auto", expect_kind="full")
 
-        rep.step("change files (add, rewrite, delete), then an incremental backup")
+        rep.step("kill blksnapd's worker (SIGKILL) while the writer runs; change files")
+        self.kill_worker()
         for name in NAMES:
             self.change(name, rng, add=6, modify=4, delete=3)
+
+        rep.step("an incremental backup (the CBT outlived the worker)")
         self.backup("incremental", expect_kind="incremental")
 
         rep.step("more changes, then a differential backup (against the full)")
@@ -272,6 +277,38 @@ class Demo:
 
         rep.step("report")
         self.summary()
+
+    def kill_worker(self) -> None:
+        assert self.box is not None
+        before = self.box.client.status()
+        old = before["worker_pid"]
+        written = self.writer.files if self.writer else 0
+        t0 = time.monotonic()
+        os.kill(old, signal.SIGKILL)
+        st = before
+        while st["worker_pid"] == old and time.monotonic() - t0 < 60:
+            time.sleep(0.02)
+            st = self.box.client.status()  # asked again while the worker is down
+        seconds = time.monotonic() - t0
+        self.report.line(
+            f"worker {old} killed; worker {st['worker_pid']} serving after {seconds:.2f} s "
+            f"(supervisor {st['pid']}, restarts {st['restarts']}: {st['last_restart_cause']})"
+        )
+        self.report.check(
+            "a new worker took over, the devices and loop devices kept",
+            st["worker_pid"] != old
+            and st["restarts"] == before["restarts"] + 1
+            and st["devices"] == before["devices"]
+            and st["loops"] == before["loops"]
+            and st["healthy"],
+            f"{seconds:.2f} s",
+        )
+        time.sleep(0.3)
+        self.report.check(
+            "the writer went on across the kill",
+            self.writer is not None and self.writer.error is None and self.writer.files > written,
+            f"{written} -> {self.writer.files if self.writer else 0} files",
+        )
 
     def change(self, name: str, rng: random.Random, *, add: int, modify: int, delete: int) -> None:
         data = self.fs[name] / "data"
