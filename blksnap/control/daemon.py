@@ -625,9 +625,12 @@ class Daemon:
                 log.error("flush %s: %s", dev.name, exc)
 
     async def run(self) -> None:
-        if self.nbd is not None:
-            await self.nbd.open()  # before the mount: a bad address leaves nothing behind
         inh = self.inherited
+        if self.nbd is not None:
+            # Before the mount: a bad address leaves nothing behind. A worker
+            # listens on the sockets its supervisor bound.
+            held = [socket.socket(fileno=fd) for fd in inh.nbd] if inh and inh.nbd else None
+            await self.nbd.open(held)
         control_sock: socket.socket | None = None
         try:
             if inh is None:
@@ -761,7 +764,9 @@ def main(argv: list[str] | None = None) -> int:
         from blksnap.control import supervisor
 
         try:
-            return supervisor.main(raw_argv, args.mount, args.socket, args.fuse_threads)
+            return supervisor.main(
+                raw_argv, args.mount, args.socket, args.fuse_threads, nbd_address
+            )
         except BlksnapError as exc:
             print(f"blksnapd: {exc}", file=sys.stderr)
             return 1

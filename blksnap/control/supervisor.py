@@ -12,7 +12,9 @@ supervisor starts a new worker at once. The new worker rebuilds from the
 records in the state dir, sends ``FUSE_NOTIFY_RESEND`` (the requests the
 dead one read and never answered come again) and serves on.
 
-The supervisor imports no engine and does no I/O on devices. Its workers get
+The supervisor also binds the NBD address (``--nbd``) and holds those
+sockets: an NBD client that connects while a worker restarts waits in the
+backlog. The supervisor imports no engine and does no I/O on devices. Its workers get
 ``PR_SET_PDEATHSIG``: if the supervisor itself is killed, its worker goes
 with it and the connection ends (the file systems see I/O errors, as a
 crash of a single-process blksnapd did); the next start clears up.
@@ -39,6 +41,7 @@ from dataclasses import dataclass, field
 from blksnap.control import host
 from blksnap.control.server import bind_control
 from blksnap.frontends.fuse_session import clone_fd, mount_fuse, umount
+from blksnap.frontends.listen import Address, bind
 
 log = logging.getLogger("blksnapd")
 
@@ -68,6 +71,8 @@ class Inherited:
     causes: list[str] = field(default_factory=list)  # of the restarts, latest last
     #: Memory regions the supervisor holds for workers: key -> fd.
     stored: dict[str, int] = field(default_factory=dict)
+    #: The NBD server's listening sockets (--nbd).
+    nbd: list[int] = field(default_factory=list)
 
     def dumps(self) -> str:
         return json.dumps({k: v for k, v in self.__dict__.items() if not k.startswith("_")})
@@ -115,8 +120,13 @@ def describe_status(rc: int) -> str:
 
 
 class Supervisor:
-    def __init__(self, argv: list[str], mount: str, socket_path: str, threads: int) -> None:
+    def __init__(
+        self, argv: list[str], mount: str, socket_path: str, threads: int,
+        nbd: Address | None = None,
+    ) -> None:  # fmt: skip
         self.argv = argv
+        self.nbd_address = nbd
+        self.nbd: list[socket.socket] = []
         self.mount = os.path.abspath(mount)
         self.socket_path = os.path.abspath(socket_path)
         self.threads = max(1, threads)
@@ -135,9 +145,15 @@ class Supervisor:
     # -- what outlives a worker ---------------------------------------------------
 
     def open(self) -> None:
+        if self.nbd_address is not None:  # first: a bad address leaves nothing behind
+            self.nbd = bind(self.nbd_address)
         host.clear_stale_mount(self.mount)
         os.makedirs(self.mount, mode=0o755, exist_ok=True)
-        self.control = bind_control(self.socket_path)
+        try:
+            self.control = bind_control(self.socket_path)
+        except BaseException:
+            self.close(unmount=False)
+            raise
         try:
             fd = mount_fuse(self.mount)
             self.fuse.append(fd)
@@ -166,6 +182,14 @@ class Supervisor:
                 os.unlink(self.socket_path)
             except FileNotFoundError:
                 pass
+        for sock in self.nbd:
+            sock.close()
+        self.nbd.clear()
+        if self.nbd_address is not None and self.nbd_address.kind == "unix":
+            try:
+                os.unlink(self.nbd_address.path)
+            except FileNotFoundError:
+                pass
 
     # -- workers ------------------------------------------------------------------
 
@@ -180,10 +204,11 @@ class Supervisor:
             restarts=self.restarts,
             causes=self.causes[-5:],
             stored=dict(self.stored),
+            nbd=[sock.fileno() for sock in self.nbd],
         )
         env = {**os.environ, WORKER_ENV: inherited.dumps()}
         fds = (*self.fuse, self.control.fileno(), self._chan_worker.fileno(),
-               *self.stored.values())  # fmt: skip
+               *self.stored.values(), *inherited.nbd)  # fmt: skip
         return subprocess.Popen(
             [sys.executable, "-m", "blksnap.control.daemon", *self.argv],
             env=env,
@@ -251,8 +276,10 @@ class Supervisor:
                 time.sleep(1.0)
 
 
-def main(argv: list[str], mount: str, socket_path: str, threads: int) -> int:
-    sup = Supervisor(argv, mount, socket_path, threads)
+def main(
+    argv: list[str], mount: str, socket_path: str, threads: int, nbd: Address | None = None
+) -> int:
+    sup = Supervisor(argv, mount, socket_path, threads, nbd)
     sup.open()
     try:
         return sup.run()

@@ -15,6 +15,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -264,3 +265,32 @@ def test_supervisor_imports_no_engine() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+@pytest.mark.skipif(shutil.which("nbdinfo") is None, reason="nbdinfo (libnbd-bin) not installed")
+def test_nbd_clients_connect_across_a_worker_kill(nbd_daemon: Daemon, backing) -> None:
+    """The supervisor holds the NBD listening socket: a client connecting
+    while no worker runs waits in the backlog and is served by the next."""
+    add_device(nbd_daemon, backing("a.img", 8 * MiB), "a")
+    uri = f"nbd+unix:///a?socket={nbd_daemon.nbd}"
+    assert json.loads(run("nbdinfo", "--json", uri).stdout)["exports"][0]["export-size"] == 8 * MiB
+    old = worker_pid(nbd_daemon)
+    os.kill(old, signal.SIGKILL)
+    t0 = time.monotonic()
+    while os.path.exists(f"/proc/{old}/stat") and "Z" not in _state(old):
+        time.sleep(0.005)  # the worker is gone: no process accepts now
+    info = run("nbdinfo", "--json", uri)  # connects now, answered by the next worker
+    took = time.monotonic() - t0
+    assert json.loads(info.stdout)["exports"][0]["export-size"] == 8 * MiB
+    st = nbd_daemon.client.status()
+    assert st["worker_pid"] != old and st["restarts"] == 1, st
+    assert st["nbd_listen"] == [f"unix:{nbd_daemon.nbd}"], st
+    assert took < 30
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return "gone"

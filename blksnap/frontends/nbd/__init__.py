@@ -67,6 +67,7 @@ another client down. Every such event is logged.
 
 from __future__ import annotations
 
+from blksnap.frontends.listen import Address, is_wildcard, join_host_port, parse_address
 from blksnap.frontends.nbd.connection import Connection
 from blksnap.frontends.nbd.exports import DeviceExport, Export, Exports, ImageExport
 from blksnap.frontends.nbd.protocol import (
@@ -124,13 +125,7 @@ from blksnap.frontends.nbd.protocol import (
     run_extents,
     runs_to_extents,
 )
-from blksnap.frontends.nbd.server import (
-    Address,
-    NbdServer,
-    is_wildcard,
-    join_host_port,
-    parse_address,
-)
+from blksnap.frontends.nbd.server import NbdServer
 
 __all__ = [
     "CMD_BLOCK_STATUS",

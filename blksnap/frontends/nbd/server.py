@@ -1,4 +1,4 @@
-"""The NBD server: where it listens (:func:`parse_address`), accepting
+"""The NBD server: where it listens (:mod:`blksnap.frontends.listen`), accepting
 clients, and shutting down. Each client is a :class:`Connection`, which
 negotiates (:mod:`.handshake`) and is served (:mod:`.transmission`); bad
 traffic is answered as the protocol says or the connection is closed, and
@@ -7,23 +7,19 @@ never takes the server or another client down.
 
 from __future__ import annotations
 
-import errno
-import ipaddress
 import itertools
 import logging
 import os
 import socket
-import stat
 import struct
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
 from typing import Any
 
 import trio
 
 from blksnap.engine.engine import Engine
-from blksnap.errors import InvalidArgument, error
+from blksnap.frontends.listen import Address, bind, join_host_port
 from blksnap.frontends.nbd.connection import Connection
 from blksnap.frontends.nbd.exports import Export, Exports
 from blksnap.frontends.nbd.handshake import Handshake
@@ -32,73 +28,6 @@ from blksnap.frontends.nbd.transmission import WorkerPool, transmission
 from blksnap.settings import SETTINGS, Settings
 
 log = logging.getLogger("blksnapd.nbd")
-
-
-@dataclass(frozen=True)
-class Address:
-    """Where the server listens: a Unix socket path, or a TCP host and port."""
-
-    kind: str  # "unix" | "tcp"
-    path: str = ""
-    host: str = ""
-    port: int = 0
-
-    def __str__(self) -> str:
-        if self.kind == "unix":
-            return f"unix:{self.path}"
-        return join_host_port(self.host, self.port)
-
-
-def join_host_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def is_wildcard(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host.split("%", 1)[0]).is_unspecified
-    except ValueError:
-        return host in ("*", "")
-
-
-def parse_address(spec: str, *, allow_any: bool = False) -> Address:
-    """``unix:PATH``, ``HOST:PORT``, ``[V6]:PORT``, ``:PORT`` or ``PORT``.
-
-    Without a host, the loopback address. A wildcard host (``0.0.0.0``,
-    ``::``) only with ``allow_any``: the exports are raw disks.
-    """
-    spec = spec.strip()
-    if spec.startswith("unix:"):
-        path = spec[5:]
-        if not path:
-            raise InvalidArgument("--nbd unix: needs a socket path")
-        return Address("unix", path=os.path.abspath(path))
-    if "/" in spec:
-        raise InvalidArgument(f"--nbd {spec!r}: a Unix socket is written unix:PATH")
-    if spec.startswith("["):
-        host, sep, rest = spec[1:].partition("]")
-        if not sep or not rest.startswith(":"):
-            raise InvalidArgument(f"--nbd {spec!r}: expected [ADDRESS]:PORT")
-        port_text = rest[1:]
-    elif ":" in spec:
-        host, _, port_text = spec.rpartition(":")
-        if ":" in host:
-            raise InvalidArgument(f"--nbd {spec!r}: write IPv6 addresses as [ADDRESS]:PORT")
-    else:
-        host, port_text = "", spec
-    try:
-        port = int(port_text, 10)
-    except ValueError:
-        raise InvalidArgument(f"--nbd {spec!r}: bad port {port_text!r}") from None
-    if not 0 <= port <= 65535:
-        raise InvalidArgument(f"--nbd {spec!r}: port out of range")
-    if not host:
-        host = "127.0.0.1"
-    elif is_wildcard(host) and not allow_any:
-        raise InvalidArgument(
-            f"--nbd {spec!r} would serve raw disks on every interface; "
-            "name an address, or pass --nbd-any to really mean it"
-        )
-    return Address("tcp", host=host, port=port)
 
 
 class NbdServer:
@@ -159,62 +88,26 @@ class NbdServer:
 
     # -- listening ---------------------------------------------------------------------
 
-    async def open(self) -> None:
-        """Bind the listening socket(s); errors as :class:`BlksnapError`."""
-        try:
-            if self.address.kind == "unix":
-                await self._open_unix(self.address.path)
-            else:
-                await self._open_tcp(self.address.host, self.address.port)
-        except OSError as exc:
-            for lst in self.listeners:
-                await lst.aclose()
-            self.listeners.clear()
-            raise error(exc.errno or errno.EIO, f"NBD on {self.address}: {exc.strerror}") from None
-
-    async def _open_unix(self, path: str) -> None:
-        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            st = None
-        if st is not None:
-            if not stat.S_ISSOCK(st.st_mode):
-                raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(path)
-                raise OSError(errno.EADDRINUSE, f"something answers on {path}")
-            except ConnectionRefusedError:
-                os.unlink(path)  # left behind by a server that died
-            finally:
-                probe.close()
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old_umask = os.umask(0o177)  # the exports are raw disks: owner only
-        try:
-            await sock.bind(path)
-        finally:
-            os.umask(old_umask)
-        sock.listen(128)
-        self._unix_path = path
-        self.listeners.append(trio.SocketListener(sock))
-        self.bound.append(f"unix:{path}")
-
-    async def _open_tcp(self, host: str, port: int) -> None:
-        infos = await trio.socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )
-        if any(is_wildcard(info[4][0]) for info in infos) and not is_wildcard(host):
-            raise OSError(errno.EINVAL, f"{host} resolves to a wildcard address")
-        self.listeners = list(await trio.open_tcp_listeners(port, host=host, backlog=128))
-        for lst in self.listeners:
-            addr = lst.socket.getsockname()
-            self.bound.append(join_host_port(addr[0], addr[1]))
-        log.warning(
-            "NBD on TCP %s: every local user who can reach it can read and write the "
-            "exported disks (prefer unix:PATH)",
-            ", ".join(self.bound),
-        )
+    async def open(self, socks: list[socket.socket] | None = None) -> None:
+        """Bind the listening socket(s), or listen on ``socks``, bound
+        already (blksnapd's supervisor holds them across workers); errors as
+        :class:`BlksnapError`."""
+        if socks is None:
+            socks = bind(self.address)
+        for sock in socks:
+            self.listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
+            name = sock.getsockname()
+            self.bound.append(
+                f"unix:{name}" if sock.family == socket.AF_UNIX else join_host_port(*name[:2])
+            )
+        if self.address.kind == "unix":
+            self._unix_path = self.address.path
+        else:
+            log.warning(
+                "NBD on TCP %s: every local user who can reach it can read and write the "
+                "exported disks (prefer unix:PATH)",
+                ", ".join(self.bound),
+            )
 
     def remove_socket(self) -> None:
         """Remove the Unix socket file (for a daemon that fails to start)."""
