@@ -760,6 +760,8 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         log.warning("not root: loop devices and FIFREEZE will fail")
     inherited = Inherited.from_env()
+    if inherited is not None and inherited.standby is not None:
+        inherited = inherited.activated()  # a standby worker: wait for the call
     if inherited is None and not args.no_supervisor:
         from blksnap.control import supervisor
 

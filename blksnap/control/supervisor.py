@@ -56,6 +56,9 @@ CRASH_WINDOW = 10.0
 CRASH_BURST = 5
 
 _PR_SET_PDEATHSIG = 1
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+#: File descriptors in one message (the kernel's SCM_MAX_FD is 253).
+MAX_FDS = 250
 
 
 @dataclass
@@ -73,6 +76,9 @@ class Inherited:
     stored: dict[str, int] = field(default_factory=dict)
     #: The NBD server's listening sockets (--nbd).
     nbd: list[int] = field(default_factory=list)
+    #: A standby worker's end of its own socket pair: it waits there to be
+    #: made the worker (:meth:`activated`).
+    standby: int | None = None
 
     def dumps(self) -> str:
         return json.dumps({k: v for k, v in self.__dict__.items() if not k.startswith("_")})
@@ -81,6 +87,26 @@ class Inherited:
     def from_env(cls) -> Inherited | None:
         raw = os.environ.get(WORKER_ENV)
         return cls(**json.loads(raw)) if raw else None
+
+    def activated(self) -> Inherited:
+        """A standby worker (started and imported ahead): wait until the
+        supervisor makes it the worker, with what changed since it started
+        (restarts, regions: their fds come with the message). Exits if the
+        supervisor lets it go instead."""
+        assert self.standby is not None
+        old = {sig: signal.signal(sig, signal.SIG_IGN) for sig in _STOP_SIGNALS}
+        sock = socket.socket(fileno=self.standby)
+        try:
+            msg, fds, _flags, _addr = socket.recv_fds(sock, 1 << 16, MAX_FDS)
+        finally:
+            sock.close()
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+        if not msg:
+            sys.exit(0)  # the supervisor let this standby go
+        doc = json.loads(msg)
+        keys = doc.pop("stored")
+        return Inherited(**{**doc, "stored": dict(zip(keys, fds, strict=True)), "standby": None})
 
     def _channel(self) -> socket.socket:
         chan = self.__dict__.get("_chan")
@@ -133,6 +159,10 @@ class Supervisor:
         self.fuse: list[int] = []
         self.control: socket.socket | None = None
         self.worker: subprocess.Popen[bytes] | None = None
+        #: A worker started ahead that waits to take over (its imports done),
+        #: and the supervisor's end of its socket pair.
+        self.spare: tuple[subprocess.Popen[bytes], socket.socket] | None = None
+        self.worker_ready = False
         self.initialized = False
         self.ready = False
         self.restarts = 0
@@ -193,9 +223,9 @@ class Supervisor:
 
     # -- workers ------------------------------------------------------------------
 
-    def spawn(self) -> subprocess.Popen[bytes]:
+    def _inherited(self) -> Inherited:
         assert self.control is not None
-        inherited = Inherited(
+        return Inherited(
             supervisor=os.getpid(),
             fuse=self.fuse,
             control=self.control.fileno(),
@@ -206,15 +236,68 @@ class Supervisor:
             stored=dict(self.stored),
             nbd=[sock.fileno() for sock in self.nbd],
         )
-        env = {**os.environ, WORKER_ENV: inherited.dumps()}
-        fds = (*self.fuse, self.control.fileno(), self._chan_worker.fileno(),
-               *self.stored.values(), *inherited.nbd)  # fmt: skip
+
+    def _popen(self, inherited: Inherited, extra_fds: tuple[int, ...]) -> subprocess.Popen[bytes]:
+        fds = (*inherited.fuse, inherited.control, inherited.status, *inherited.nbd, *extra_fds)
         return subprocess.Popen(
             [sys.executable, "-m", "blksnap.control.daemon", *self.argv],
-            env=env,
+            env={**os.environ, WORKER_ENV: inherited.dumps()},
             pass_fds=fds,
             preexec_fn=_die_with_parent,  # the supervisor has no threads
         )
+
+    def spawn(self) -> subprocess.Popen[bytes]:
+        """A new worker from the code on disk."""
+        inherited = self._inherited()
+        return self._popen(inherited, tuple(inherited.stored.values()))
+
+    def spawn_spare(self) -> None:
+        """A standby worker: it starts, imports everything and waits."""
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        inherited = self._inherited()
+        inherited.stored = {}
+        inherited.standby = theirs.fileno()
+        try:
+            proc = self._popen(inherited, (theirs.fileno(),))
+        finally:
+            theirs.close()
+        self.spare = (proc, mine)
+        log.info("supervisor %d: standby worker %d", os.getpid(), proc.pid)
+
+    def drop_spare(self) -> None:
+        if self.spare is not None:
+            proc, sock = self.spare
+            self.spare = None
+            sock.close()  # it exits when it reads the end
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def activate_spare(self) -> subprocess.Popen[bytes] | None:
+        """The standby worker made the worker; None if there is none alive."""
+        spare, self.spare = self.spare, None
+        if spare is None:
+            return None
+        proc, sock = spare
+        if proc.poll() is not None or len(self.stored) > MAX_FDS:
+            sock.close()
+            proc.wait()
+            return None
+        doc = self._inherited().__dict__.copy()
+        doc["stored"] = list(self.stored)
+        doc.pop("standby", None)
+        try:
+            socket.send_fds(sock, [json.dumps(doc).encode()], list(self.stored.values()))
+        except OSError as exc:
+            log.warning("standby worker %d: %s; starting a new worker", proc.pid, exc)
+            proc.kill()
+            proc.wait()
+            return None
+        finally:
+            sock.close()
+        return proc
 
     def _read_status(self, timeout: float) -> None:
         """Every message waiting (the first one waited for up to ``timeout``)."""
@@ -228,6 +311,7 @@ class Supervisor:
                 if not self.ready:
                     host.sd_notify(f"READY=1\nMAINPID={os.getpid()}")
                 self.ready = True
+                self.worker_ready = True
             elif what == "store" and key and len(fds) == 1:
                 old = self.stored.pop(key, None)
                 if old is not None:
@@ -247,15 +331,20 @@ class Supervisor:
 
     def run(self) -> int:
         """Start workers until one stops cleanly; its exit status."""
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for sig in _STOP_SIGNALS:
             signal.signal(sig, self.forward)
+        self.worker = self.spawn()
         while True:
-            self.worker = self.spawn()
+            self.worker_ready = False
             while self.worker.poll() is None:
                 self._read_status(0.02)
+                if self.worker_ready and (self.spare is None or self.spare[0].poll() is not None):
+                    self.drop_spare()
+                    self.spawn_spare()
             self._read_status(0)
             rc = self.worker.returncode
             if rc == 0:
+                self.drop_spare()
                 self.close(unmount=False)  # the worker unmounted when it stopped
                 log.info("supervisor %d: worker stopped cleanly", os.getpid())
                 return 0
@@ -263,17 +352,26 @@ class Supervisor:
             if not self.ready:
                 log.error("worker %d %s before it was ready: not restarting", self.worker.pid,
                           cause)  # fmt: skip
+                self.drop_spare()
                 self.close(unmount=True)
                 return rc if rc > 0 else 1
             now = time.monotonic()
             self._recent = [t for t in self._recent if now - t < CRASH_WINDOW] + [now]
             self.restarts += 1
             self.causes.append(cause)
-            log.warning("worker %d %s: starting a new one (restart %d)", self.worker.pid,
-                        cause, self.restarts)  # fmt: skip
             host.sd_notify(f"STATUS=worker restart {self.restarts}: {cause}")
             if len(self._recent) > CRASH_BURST and rc != RESTART_STATUS:
                 time.sleep(1.0)
+            # A crash: the standby takes over at once. A restart asked for
+            # runs the code on disk now: a new worker, not the standby.
+            if rc == RESTART_STATUS:
+                self.drop_spare()
+            old = self.worker.pid
+            nxt = self.activate_spare() if rc != RESTART_STATUS else None
+            self.worker = nxt or self.spawn()
+            log.warning("worker %d %s: worker %d takes over (%s, restart %d)", old, cause,
+                        self.worker.pid, "standby" if nxt else "started now",
+                        self.restarts)  # fmt: skip
 
 
 def main(
@@ -288,5 +386,6 @@ def main(
         if w is not None and w.poll() is None:
             w.kill()
             w.wait()
+        sup.drop_spare()
         sup.close(unmount=True)
         raise
