@@ -235,11 +235,19 @@ class Daemon:
                 "or restart with --force (they are lost): " + ", ".join(snaps),
             )
         log.warning("daemon restart: worker %d hands over to a new one", os.getpid())
-        trio.lowlevel.spawn_system_task(self._exit_for_restart)
+        # The supervisor starts the new worker (code from disk) and, once it
+        # has imported everything and waits, signals SIGUSR1: then this one
+        # goes, and the new one takes over at once.
+        inh.tell("restart")
+        trio.lowlevel.spawn_system_task(self._exit_for_restart, SETTINGS.restart_wait)
         return {"restarting": True, "pid": inh.supervisor, "worker_pid": os.getpid()}
 
-    async def _exit_for_restart(self) -> None:
-        await trio.sleep(0.1)  # the reply goes out first
+    async def _exit_for_restart(self, wait: float) -> None:
+        """Exit with RESTART_STATUS on SIGUSR1 from the supervisor (or after
+        ``wait`` seconds without it), the devices flushed first."""
+        with trio.move_on_after(wait), trio.open_signal_receiver(signal.SIGUSR1) as signals:
+            async for _ in signals:
+                break
         for dev in self.engine.devices():
             try:
                 await self.thread(dev.flush)

@@ -97,7 +97,14 @@ class Inherited:
         old = {sig: signal.signal(sig, signal.SIG_IGN) for sig in _STOP_SIGNALS}
         sock = socket.socket(fileno=self.standby)
         try:
-            msg, fds, _flags, _addr = socket.recv_fds(sock, 1 << 16, MAX_FDS)
+            try:
+                sock.send(b"waiting")  # imports done: ready to take over at once
+            except OSError:
+                pass  # called (or let go) already: the message waits below
+            try:
+                msg, fds, _flags, _addr = socket.recv_fds(sock, 1 << 16, MAX_FDS)
+            except OSError:
+                msg, fds = b"", []  # let go
         finally:
             sock.close()
             for sig, handler in old.items():
@@ -163,6 +170,12 @@ class Supervisor:
         #: and the supervisor's end of its socket pair.
         self.spare: tuple[subprocess.Popen[bytes], socket.socket] | None = None
         self.worker_ready = False
+        #: The socket pair end of a worker that was a standby, kept open while
+        #: it lives (closed with its "waiting" unread, the worker would get
+        #: ECONNRESET before it read its call).
+        self.worker_sock: socket.socket | None = None
+        #: The worker asked to be replaced (daemon restart).
+        self.restart_asked = False
         self.initialized = False
         self.ready = False
         self.restarts = 0
@@ -275,6 +288,28 @@ class Supervisor:
                 proc.kill()
                 proc.wait()
 
+    def spare_waiting(self, timeout: float) -> bool:
+        """Has the standby worker imported everything and said so?"""
+        if self.spare is None:
+            return False
+        proc, sock = self.spare
+        if not select.select([sock], [], [], timeout)[0]:
+            return False
+        return sock.recv(64) == b"waiting" and proc.poll() is None
+
+    def prepare_restart(self) -> None:
+        """daemon restart: a standby from the code on disk, then the worker
+        is told to go (SIGUSR1); the standby takes over when it has."""
+        self.restart_asked = False
+        self.drop_spare()
+        self.spawn_spare()
+        if not self.spare_waiting(30.0):
+            log.error("the new worker did not get ready in 30 s; restarting without it")
+            self.drop_spare()
+        assert self.worker is not None
+        if self.worker.poll() is None:
+            self.worker.send_signal(signal.SIGUSR1)
+
     def activate_spare(self) -> subprocess.Popen[bytes] | None:
         """The standby worker made the worker; None if there is none alive."""
         spare, self.spare = self.spare, None
@@ -292,11 +327,11 @@ class Supervisor:
             socket.send_fds(sock, [json.dumps(doc).encode()], list(self.stored.values()))
         except OSError as exc:
             log.warning("standby worker %d: %s; starting a new worker", proc.pid, exc)
+            sock.close()
             proc.kill()
             proc.wait()
             return None
-        finally:
-            sock.close()
+        self.worker_sock = sock
         return proc
 
     def _read_status(self, timeout: float) -> None:
@@ -317,6 +352,8 @@ class Supervisor:
                 if old is not None:
                     os.close(old)
                 self.stored[key] = fds.pop()
+            elif what == "restart":
+                self.restart_asked = True
             elif what == "drop" and key:
                 old = self.stored.pop(key, None)
                 if old is not None:
@@ -338,11 +375,16 @@ class Supervisor:
             self.worker_ready = False
             while self.worker.poll() is None:
                 self._read_status(0.02)
-                if self.worker_ready and (self.spare is None or self.spare[0].poll() is not None):
+                if self.restart_asked:
+                    self.prepare_restart()
+                elif self.worker_ready and (self.spare is None or self.spare[0].poll() is not None):
                     self.drop_spare()
                     self.spawn_spare()
             self._read_status(0)
             rc = self.worker.returncode
+            if self.worker_sock is not None:
+                self.worker_sock.close()
+                self.worker_sock = None
             if rc == 0:
                 self.drop_spare()
                 self.close(unmount=False)  # the worker unmounted when it stopped
@@ -362,12 +404,10 @@ class Supervisor:
             host.sd_notify(f"STATUS=worker restart {self.restarts}: {cause}")
             if len(self._recent) > CRASH_BURST and rc != RESTART_STATUS:
                 time.sleep(1.0)
-            # A crash: the standby takes over at once. A restart asked for
-            # runs the code on disk now: a new worker, not the standby.
-            if rc == RESTART_STATUS:
-                self.drop_spare()
+            # The standby takes over at once (for a restart asked for, it was
+            # started from the code on disk after the asking).
             old = self.worker.pid
-            nxt = self.activate_spare() if rc != RESTART_STATUS else None
+            nxt = self.activate_spare()
             self.worker = nxt or self.spawn()
             log.warning("worker %d %s: worker %d takes over (%s, restart %d)", old, cause,
                         self.worker.pid, "standby" if nxt else "started now",
