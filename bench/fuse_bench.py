@@ -1,28 +1,45 @@
 #!/usr/bin/env python3
-"""Block-layer benchmark: fio on loop devices, blksnapd's FUSE front-end
-against the raw backing file and against a do-nothing pyfuse3 file system.
+"""Block-layer benchmark: fio on loop devices, blksnapd's FUSE front-end (our
+own FUSE session) against the raw backing file and against do-nothing FUSE
+file systems: our session's do-nothing mode, and pyfuse3's, the old
+reference.
 
 Everything is measured side by side in one run, in interleaved trials (every
 variant once per trial, in a fresh random order), and reported as ratios
 taken within a trial; the report gives the median over trials and the range.
 
 Variants (each a loop device, 4096-byte sectors; fio with ``ioengine=libaio``,
-``direct=1``, queue depth 32):
+``direct=1``, queue depth 32; 4 KiB random writes and reads, 1 MiB
+sequential writes and reads):
 
 - ``raw``: a loop device over a plain backing file, attached exactly as
-  blksnapd attaches its own (``blksnap.control.loop.attach``: direct I/O on). This is
-  the reference of the targets: the same loop device with blksnapd taken out.
+  blksnapd attaches its own (``blksnap.control.loop.attach``: direct I/O on).
+  The reference of the targets: the same loop device with blksnapd taken out.
 - ``raw-buffered``: the same without direct I/O: the loop device writes into
   the backing file's page cache, which is where blksnapd's engine writes go
   too. Shown for scale, not used by the targets.
-- ``null``: a loop device (direct I/O) over ``bench/nullfs.py``, a pyfuse3
-  file system whose write returns at once: the ceiling of any pyfuse3
-  front-end on this machine.
+- ``own-null``: a loop device (direct I/O) over ``bench/ownnull.py``, our
+  FUSE session (:mod:`blksnap.frontends.fuse_session`, blksnapd's reader
+  threads) serving a file whose write returns at once: the ceiling of
+  blksnapd's front-end on this machine.
+- ``null``: the same over ``bench/nullfs.py``, the do-nothing pyfuse3 file
+  system: the old front-end's ceiling, kept as the reference the session is
+  measured against.
 - ``pass``: blksnapd serving a device with no filter, loop device from
   ``blksnap device add --loop``.
 - ``tracker``: the same with the ``blksnap`` filter attached (CBT, no snapshot).
 - snapshot taken: first writes (every chunk copied to diff storage), then
   rewrites (chunks already stored); image reads vs device reads.
+
+Every run also samples the CPU time (utime + stime, all threads, and those
+of its child processes: blksnapd's worker) of the process serving the
+variant (blksnapd, or either do-nothing server) before and after fio, and
+divides by the requests fio completed: CPU µs per request.
+
+After the trials: the reader-thread sweep (``bench/fuse_threads.py``), 4 KiB
+writes after a sequential read (large page-cache folios,
+``bench/fuse_folio.py``), and for every target missed a profile of the
+requests it measures (``bench/fuse_profile.py``).
 
 ``bench/run.py`` runs it after the engine sections (``make bench``); run alone
 it prints the section (``--output`` writes it to a file).
@@ -47,53 +64,42 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness import KiB, MiB, Spread, incompressible_file, size_text, table
+from fiojobs import (
+    QD,
+    RAND_R,
+    RAND_W,
+    SEQ_R,
+    SEQ_W,
+    WORKLOADS,
+    BenchError,
+    Result,
+    Workload,
+    fio_once,
+    fio_replay,
+    fio_timed,
+    first_write_log,
+    rate_text,
+)
+from fuse_folio import Folio, FolioTarget, folio_report, run_folio
+from fuse_profile import ENGINE, Profile, profile, profile_report
+from fuse_threads import Sweep, run_sweep, sweep_report, sweep_size
+from harness import MiB, Spread, incompressible_file, size_text, table
 
 from blksnap.control import loop as losetup
 from blksnap.control.client import Client
 from blksnap.errors import BlksnapError
+from blksnap.settings import SETTINGS
 from blksnap.tools import sandbox
 
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
 SECTION = "## Block layer: fio on loop devices"
 
-QD = 32
+__all__ = ["SECTION", "BenchError", "make_config", "run_section"]
 
-
-@dataclass(frozen=True)
-class Workload:
-    key: str
-    label: str
-    rw: str
-    bs: int
-
-    @property
-    def is_read(self) -> bool:
-        return "read" in self.rw
-
-
-SEQ_W = Workload("seqw", "seq 1 MiB write", "write", 1 * MiB)
-RAND_W = Workload("randw", "rand 4 KiB write", "randwrite", 4 * KiB)
-SEQ_R = Workload("seqr", "seq 1 MiB read", "read", 1 * MiB)
-
-
-@dataclass(frozen=True)
-class Result:
-    """One fio run."""
-
-    bw: float  # bytes per second
-    iops: float
-    ios: int
-    seconds: float
-
-    def rate(self, wl: Workload) -> float:
-        return self.iops if wl is RAND_W else self.bw
-
-    def text(self, wl: Workload) -> str:
-        if wl is RAND_W:
-            return f"{self.iops / 1000:,.1f} kIOPS"
-        return f"{self.bw / MiB:,.0f} MiB/s"
+#: The previous run's numbers, which the targets are stated against.
+OLD_PASS_VS_NULL = 0.59
+OLD_FIRST_WRITES_IOPS = 2900.0
 
 
 @dataclass(frozen=True)
@@ -108,10 +114,10 @@ class Config:
     daemon_args: tuple[str, ...] = ()
     #: Restrict the trials to these variants (and sessions); empty: all.
     only: tuple[str, ...] = ()
-
-
-class BenchError(RuntimeError):
-    pass
+    #: The extras after the trials.
+    sweep: bool = True
+    folio: bool = True
+    profiles: bool = True
 
 
 def why_not() -> str | None:
@@ -127,99 +133,17 @@ def why_not() -> str | None:
     return None
 
 
-# -- fio ----------------------------------------------------------------------------
-
-
-def fio(args: list[str]) -> dict:
-    cmd = ["fio", "--output-format=json", *args]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=600)
-    if out.returncode != 0:
-        raise BenchError(f"{' '.join(cmd)} -> {out.returncode}\n{out.stderr}{out.stdout[-2000:]}")
-    text = out.stdout
-    return json.loads(text[text.index("{") :])  # fio may print notes before the JSON
-
-
-def parse(doc: dict, wl: Workload) -> Result:
-    job = doc["jobs"][0]
-    side = job["read" if wl.is_read else "write"]
-    if job.get("error"):
-        raise BenchError(f"fio job error {job['error']}")
-    return Result(
-        float(side["bw_bytes"]),
-        float(side["iops"]),
-        int(side["total_ios"]),
-        float(side["runtime"]) / 1000.0,
-    )
-
-
-def fio_job(target: str, wl: Workload, size: int) -> list[str]:
-    """fio's arguments for ``wl`` over the first ``size`` bytes of ``target``."""
-    return [
-        "--name=bench",
-        f"--filename={target}",
-        "--ioengine=libaio",
-        "--direct=1",
-        f"--iodepth={QD}",
-        f"--rw={wl.rw}",
-        f"--bs={wl.bs}",
-        f"--size={size}",
-    ]
-
-
-def fio_timed(target: str, wl: Workload, size: int, runtime: float) -> Result:
-    """``runtime`` seconds of ``wl`` over the first ``size`` bytes of ``target``."""
-    args = [
-        *fio_job(target, wl, size),
-        "--time_based",
-        f"--runtime={round(runtime * 1000)}ms",
-        "--norandommap",
-        "--randrepeat=0",
-    ]
-    return parse(fio(args), wl)
-
-
-def fio_once(target: str, wl: Workload, size: int) -> Result:
-    """``wl`` once over ``size`` bytes (sequential first writes)."""
-    return parse(fio(fio_job(target, wl, size)), wl)
-
-
-def fio_replay(log: str) -> Result:
-    """Replay an iolog as fast as the device allows (random first writes)."""
-    args = [
-        "--name=bench",
-        "--ioengine=libaio",
-        "--direct=1",
-        f"--iodepth={QD}",
-        f"--read_iolog={log}",
-        "--replay_no_stall=1",
-    ]
-    return parse(fio(args), RAND_W)
-
-
-def first_write_log(path: str, target: str, size: int, chunk: int, rng: random.Random) -> int:
-    """An fio iolog: one 4 KiB write at a random aligned offset inside every
-    chunk of the device, chunks in random order, so every write copies
-    exactly one chunk nobody has copied yet. Returns the number of writes."""
-    chunks = list(range(size // chunk))
-    rng.shuffle(chunks)
-    per = chunk // RAND_W.bs
-    with open(path, "w") as f:
-        f.write(f"fio version 2 iolog\n{target} add\n{target} open\n")
-        for c in chunks:
-            f.write(f"{target} write {c * chunk + rng.randrange(per) * RAND_W.bs} {RAND_W.bs}\n")
-        f.write(f"{target} close\n")
-    return len(chunks)
-
-
 # -- the rig: files, processes, loop devices ---------------------------------------------
 
 
 class Rig:
-    """blksnapd with three devices, the do-nothing file system, and the raw
-    loop devices, all under one work directory; ``close`` removes every
+    """blksnapd with three devices, the two do-nothing file systems, and the
+    raw loop devices, all under one work directory; ``close`` removes every
     loop device, mount and process it made (processes by pid)."""
 
     DEVICES = ("pass", "tracker", "snap")
+    #: variant -> the script serving it, both with ``MOUNTPOINT --size BYTES``
+    SERVERS = {"null": "nullfs.py", "own-null": "ownnull.py"}
 
     def __init__(self, cfg: Config, workdir: str, rng: random.Random) -> None:
         self.cfg = cfg
@@ -228,12 +152,21 @@ class Rig:
         self.my_loops: list[str] = []
         self.box: sandbox.Sandbox | None = None
         self.client: Client | None = None
-        self.null: subprocess.Popen[bytes] | None = None
+        self.servers: dict[str, subprocess.Popen[bytes]] = {}
         self.files: dict[str, str] = {}
         self.loops: dict[str, str] = {}
 
     def path(self, name: str) -> str:
         return os.path.join(self.dir, name)
+
+    def pid(self, variant: str) -> int | None:
+        """The process serving ``variant`` (None: the kernel's loop driver)."""
+        if variant in self.servers:
+            return self.servers[variant].pid
+        if variant.startswith("raw"):
+            return None
+        assert self.box is not None
+        return self.box.proc.pid
 
     # -- start --
 
@@ -245,7 +178,8 @@ class Rig:
         progress(f"fio: {len(self.files)} files of {size_text(size)} in {self.dir}")
         self.loops["raw"] = self._loop(self.files["raw"], direct_io=True)
         self.loops["raw-buffered"] = self._loop(self.files["raw-buffered"], direct_io=False)
-        self._start_null()
+        for variant, script in self.SERVERS.items():
+            self._start_server(variant, script)
         self._start_daemon()
         assert self.client is not None
         for name in self.DEVICES:
@@ -263,23 +197,26 @@ class Rig:
         self.my_loops.append(lp)
         return lp
 
-    def _start_null(self) -> None:
-        mnt = self.path("null-mnt")
+    def _start_server(self, variant: str, script: str) -> None:
+        """A do-nothing file system in a process of its own (both serve
+        ``disk`` of the devices' size), and a loop device over its file."""
+        mnt = self.path(f"{variant}-mnt")
         os.makedirs(mnt)
-        log = open(self.path("nullfs.log"), "wb")  # noqa: SIM115 - closed with the process
+        log_path = self.path(f"{variant}.log")
+        log = open(log_path, "wb")  # noqa: SIM115 - closed with the process
         proc = subprocess.Popen(
-            [sys.executable, str(HERE / "nullfs.py"), mnt, "--size", str(self.cfg.size)],
+            [sys.executable, str(HERE / script), mnt, "--size", str(self.cfg.size)],
             stdout=subprocess.PIPE,
             stderr=log,
             stdin=subprocess.DEVNULL,
         )
         log.close()
-        self.null = proc
+        self.servers[variant] = proc
         assert proc.stdout is not None
         line = proc.stdout.readline()
         if line.strip() != b"ready":
-            raise BenchError(f"nullfs did not start: {Path(self.path('nullfs.log')).read_text()}")
-        self.loops["null"] = self._loop(os.path.join(mnt, "disk"), direct_io=True)
+            raise BenchError(f"{script} did not start: {Path(log_path).read_text()}")
+        self.loops[variant] = self._loop(os.path.join(mnt, "disk"), direct_io=True)
 
     def _start_daemon(self) -> None:
         """blksnapd in a sandbox of the work directory (its socket, mount,
@@ -314,27 +251,26 @@ class Rig:
                 os.close(fd)
 
     def check_alive(self) -> None:
-        for proc in (self.null, self.box.proc if self.box else None):
+        for proc in (*self.servers.values(), self.box.proc if self.box else None):
             if proc is not None and proc.poll() is not None:
-                raise BenchError(f"{proc.args[0]} exited with {proc.returncode}")
+                raise BenchError(f"{proc.args} exited with {proc.returncode}")
 
     # -- stop --
 
     def close(self) -> None:
-        """Our loop devices, the do-nothing fs (by its pid), then blksnapd:
-        nothing left mounted or attached under the work directory."""
+        """Our loop devices, the do-nothing file systems (by their pids), then
+        blksnapd: nothing left mounted or attached under the work directory."""
         errors: list[str] = []
         for lp in reversed(self.my_loops):
             with contextlib.suppress(BlksnapError):
                 losetup.detach(lp)
-        proc = self.null
-        if proc is not None:
+        for proc in self.servers.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
             try:
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
-                errors.append(f"{proc.args[0]} (pid {proc.pid}) killed")
+                errors.append(f"{proc.args} (pid {proc.pid}) killed")
                 proc.kill()
                 proc.wait(timeout=30)
             if proc.stdout is not None:
@@ -351,10 +287,21 @@ class Rig:
 
 # -- trials ------------------------------------------------------------------------------
 
+#: The time-based runs of a trial: variant -> workloads (the passthrough's
+#: writes run twice: they are the reference of most ratios).
+JOBS: dict[str, tuple[Workload, ...]] = {
+    "raw": WORKLOADS,
+    "raw-buffered": (SEQ_W, RAND_W),
+    "null": WORKLOADS,
+    "own-null": WORKLOADS,
+    "pass": (*WORKLOADS, SEQ_W, RAND_W),
+    "tracker": (SEQ_W, RAND_W),
+}
+
 
 @dataclass
 class Trial:
-    #: (variant, workload key) -> results (the passthrough runs twice)
+    #: (variant, workload key) -> results
     runs: dict[tuple[str, str], list[Result]] = field(default_factory=dict)
 
     def add(self, variant: str, wl: Workload, result: Result) -> None:
@@ -364,6 +311,12 @@ class Trial:
         """Mean rate of the variant's runs in this trial (None: not run)."""
         rs = self.runs.get((variant, wl.key))
         return statistics.fmean(r.rate(wl) for r in rs) if rs else None
+
+    def cpu_us(self, variant: str, wl: Workload) -> float | None:
+        """The serving process's CPU µs per request, over the variant's runs."""
+        rs = [r for r in self.runs.get((variant, wl.key), []) if r.cpu is not None]
+        ios = sum(r.ios for r in rs)
+        return sum(r.cpu or 0.0 for r in rs) / ios * 1e6 if ios else None
 
 
 class FuseBench:
@@ -375,9 +328,13 @@ class FuseBench:
         self.chunk_size = 0
         self.first_ios = 0
         self.verbose = bool(os.environ.get("BLKSNAP_BENCH_VERBOSE"))
-        self.costs: Costs | None = None
         #: 1-minute load average before and after the trials (this machine is shared).
         self.load: list[float] = []
+        self.sweep: Sweep | None = None
+        self.folio: Folio | None = None
+        self.profiles: list[Profile] = []
+        #: What went wrong in an extra (the section is still written).
+        self.extra_errors: list[str] = []
 
     @property
     def client(self) -> Client:
@@ -386,12 +343,19 @@ class FuseBench:
 
     def timed(self, variant: str, wl: Workload, runtime: float | None = None) -> Result:
         t0 = time.perf_counter()
-        res = fio_timed(self.rig.loops[variant], wl, self.cfg.size, runtime or self.cfg.runtime)
+        res = fio_timed(
+            self.rig.loops[variant],
+            wl,
+            self.cfg.size,
+            runtime or self.cfg.runtime,
+            self.rig.pid(variant),
+        )
         t1 = time.perf_counter()
         self.rig.settle()
         if self.verbose:
+            cpu = f" cpu {res.cpu_us:.0f} µs/req" if res.cpu_us is not None else ""
             print(
-                f"  {variant:13} {wl.label:17} {res.text(wl):>13}  fio {t1 - t0:.1f}s"
+                f"  {variant:13} {wl.label:17} {res.text(wl):>13}{cpu}  fio {t1 - t0:.1f}s"
                 f" settle {time.perf_counter() - t1:.1f}s",
                 file=sys.stderr,
             )
@@ -421,6 +385,8 @@ class FuseBench:
         sid, take = self._create(loop=True)
         img = take["images"]["snap"]["loop"]
         dev = self.rig.loops["snap"]
+        pid = self.rig.pid("snap")
+        size, runtime = self.cfg.size, self.cfg.runtime
         try:
             _, stored, cs = self._stored(sid)
             self.chunk_size = cs
@@ -429,14 +395,12 @@ class FuseBench:
             order = [("dev-read", dev), ("image-read", img)]
             self.rng.shuffle(order)
             for key, target in order:
-                out.add(key, SEQ_R, fio_timed(target, SEQ_R, self.cfg.size, self.cfg.runtime))
-            out.add("snap-first", SEQ_W, fio_once(dev, SEQ_W, self.cfg.size))
+                out.add(key, SEQ_R, fio_timed(target, SEQ_R, size, runtime, pid))
+            out.add("snap-first", SEQ_W, fio_once(dev, SEQ_W, size, pid))
             self._check_all_stored(sid, "sequential first writes")
             self.rig.settle()
             out.add("snap-rewrite", SEQ_W, self.timed("snap", SEQ_W))
-            out.add(
-                "image-read-stored", SEQ_R, fio_timed(img, SEQ_R, self.cfg.size, self.cfg.runtime)
-            )
+            out.add("image-read-stored", SEQ_R, fio_timed(img, SEQ_R, size, runtime, pid))
             self._check_all_stored(sid, "sequential rewrites")
         finally:
             self.client.snapshot_destroy(sid)
@@ -451,7 +415,7 @@ class FuseBench:
             self.first_ios = first_write_log(
                 log, self.rig.loops["snap"], self.cfg.size, cs, self.rng
             )
-            out.add("snap-first", RAND_W, fio_replay(log))
+            out.add("snap-first", RAND_W, fio_replay(log, self.rig.pid("snap")))
             self._check_all_stored(sid, "random first writes")
             self.rig.settle()
             out.add("snap-rewrite", RAND_W, self.timed("snap", RAND_W))
@@ -464,12 +428,7 @@ class FuseBench:
 
     def trial(self) -> Trial:
         out = Trial()
-        # The passthrough twice: it is the reference of most ratios.
-        jobs: list[tuple[str, Workload | None]] = [
-            (v, wl)
-            for v in ("raw", "raw-buffered", "null", "pass", "pass", "tracker")
-            for wl in (SEQ_W, RAND_W)
-        ]
+        jobs: list[tuple[str, Workload | None]] = [(v, wl) for v, wls in JOBS.items() for wl in wls]
         jobs += [("seq-session", None), ("rand-session", None)]
         if self.cfg.only:
             jobs = [j for j in jobs if j[0] in self.cfg.only]
@@ -486,8 +445,8 @@ class FuseBench:
         return out
 
     def warm_up(self) -> None:
-        """Every front-end once, briefly: thread pools, caches, code paths."""
-        for variant in ("raw", "raw-buffered", "null", "pass", "tracker", "snap"):
+        """Every front-end once, briefly: threads, caches, code paths."""
+        for variant in ("raw", "raw-buffered", "null", "own-null", "pass", "tracker", "snap"):
             for wl in (SEQ_W, RAND_W):
                 self.timed(variant, wl, runtime=0.5)
 
@@ -503,164 +462,94 @@ class FuseBench:
             progress(f"fio trial {t + 1}/{self.cfg.trials}: {time.perf_counter() - t0:.1f}s")
         self.load.append(os.getloadavg()[0])
 
+    # -- after the trials --
 
-# -- in process: what one request costs the event loop's thread -------------------------
-
-
-@dataclass
-class Costs:
-    """Microseconds per call, medians of interleaved rounds, in this process."""
-
-    pwrite: float = 0.0
-    pwrite_dirty: float = 0.0
-    #: The clean-page pwrite again, while fio drives the do-nothing fs.
-    pwrite_busy: float = 0.0
-    engine: float = 0.0
-    engine_tracker: float = 0.0
-    pool_handoff: float = 0.0
-    to_thread_handoff: float = 0.0
-
-
-def request_costs(
-    cfg: Config, workdir: str, rng: random.Random, busy_target: str | None = None
-) -> Costs:
-    """The pieces of a 4 KiB write on the loop thread, measured without FUSE:
-    a bare ``os.pwrite``, ``Device.write`` with no filter and with the tracker
-    (what the front-end's fast path runs), and the round trip of a no-op
-    through the front-end's worker pool and through ``trio.to_thread``.
-
-    Every write goes to a distinct page, and the files are written back before
-    each round, so a write dirties a clean cached page, as most writes of a
-    short fio run do (dirtying a clean page costs the kernel far more than
-    overwriting a dirty one; the bare ``pwrite`` is also timed on pages its
-    own previous round left dirty, and while fio runs 4 KiB random writes on
-    ``busy_target``, the do-nothing fs, so that the CPUs also carry FUSE and
-    loop traffic as they do in the daemon)."""
-    import trio
-
-    import blksnap
-    from blksnap.frontends.fuse import WorkerPool
-
-    calls = 2000 if cfg.quick else 10000
-    rounds = 3 if cfg.quick else 7
-    size = min(cfg.size, 64 * MiB)
-    eng = blksnap.Engine(os.path.join(workdir, "costs-state"))
-    fds: list[int] = []
-    try:
-        devs = {}
-        for name in ("plain", "engine", "engine_tracker"):
-            path = os.path.join(workdir, f"costs-{name}.img")
-            incompressible_file(path, size, rng)
-            if name == "plain":
-                fds.append(os.open(path, os.O_RDWR))
-            else:
-                devs[name] = eng.add_device(path, name=name)
-        eng.attach("engine_tracker")
-        data = rng.randbytes(RAND_W.bs)
-        pages = size // RAND_W.bs
-        offs = [p * RAND_W.bs for p in rng.sample(range(pages), min(calls, pages))]
-        fd = fds[0]
-        ops: dict[str, Callable[[int], object]] = {
-            "pwrite": lambda off: os.pwrite(fd, data, off),
-            "engine": lambda off: devs["engine"].write(off, data),
-            "engine_tracker": lambda off: devs["engine_tracker"].write(off, data),
-        }
-        samples: dict[str, list[float]] = {
-            k: [] for k in (*ops, "pwrite_dirty", "pool", "to_thread")
-        }
-
-        def timed_loop(op: Callable[[int], object]) -> float:
-            t0 = time.perf_counter()
-            for off in offs:
-                op(off)
-            return (time.perf_counter() - t0) / len(offs) * 1e6
-
-        for _ in range(rounds):
-            order = list(ops)
-            rng.shuffle(order)
-            for key in order:
-                os.fsync(fd)
-                for dev in devs.values():
-                    dev.flush()
-                samples[key].append(timed_loop(ops[key]))
-                if key == "pwrite":
-                    samples["pwrite_dirty"].append(timed_loop(ops[key]))
-
-        pool = WorkerPool(4)
-
-        def nothing() -> None:
-            return None
-
-        async def handoffs() -> None:
-            n = calls // 4
-            for _ in range(rounds):
-                t0 = time.perf_counter()
-                for _ in range(n):
-                    await pool.run(nothing)
-                samples["pool"].append((time.perf_counter() - t0) / n * 1e6)
-                t0 = time.perf_counter()
-                for _ in range(n):
-                    await trio.to_thread.run_sync(nothing)
-                samples["to_thread"].append((time.perf_counter() - t0) / n * 1e6)
-
+    def run_folio(self, progress: Callable[[str], None]) -> None:
+        """4 KiB writes after a sequential read, blksnapd and raw-buffered."""
+        t0 = time.perf_counter()
+        rig = self.rig
+        targets = [
+            FolioTarget(
+                "pass",
+                "blksnapd passthrough",
+                rig.loops["pass"],
+                rig.files["pass"],
+                rig.pid("pass"),
+            ),
+            FolioTarget(
+                "raw-buffered",
+                "raw, buffered",
+                rig.loops["raw-buffered"],
+                rig.files["raw-buffered"],
+                None,
+            ),
+        ]
+        rounds = 1 if self.cfg.quick else max(2, self.cfg.trials)
+        scratch = rig.path("folio-pwrite.img")
+        incompressible_file(scratch, self.cfg.size, self.rng)
         try:
-            trio.run(handoffs)
+            self.folio = run_folio(
+                targets,
+                self.cfg.size,
+                rounds,
+                self.cfg.runtime,
+                self.rng,
+                scratch,
+                threads=(1, SETTINGS.fuse_threads),
+            )
         finally:
-            pool.close()
-        if busy_target is not None:
-            samples["pwrite_busy"] = busy_pwrite(busy_target, fd, offs, ops["pwrite"], rounds)
-    finally:
-        for fd in fds:
-            os.close(fd)
-        eng.close()
-    med = {k: statistics.median(v) for k, v in samples.items() if v}
-    return Costs(
-        pwrite=med["pwrite"],
-        pwrite_dirty=med["pwrite_dirty"],
-        pwrite_busy=med.get("pwrite_busy", float("nan")),
-        engine=med["engine"],
-        engine_tracker=med["engine_tracker"],
-        pool_handoff=med["pool"],
-        to_thread_handoff=med["to_thread"],
-    )
+            os.unlink(scratch)
+        progress(f"large folios: {time.perf_counter() - t0:.1f}s")
 
+    def run_sweep(self, progress: Callable[[str], None]) -> None:
+        size = sweep_size(self.cfg.size, self.cfg.quick)
+        rounds = 1 if self.cfg.quick else max(2, self.cfg.trials)
+        runtime = min(self.cfg.runtime, 1.0)
+        workdir = self.rig.path("sweep")
+        os.makedirs(workdir)
+        self.sweep = run_sweep(workdir, size, rounds, runtime, self.rng, progress)
 
-def busy_pwrite(
-    target: str, fd: int, offs: list[int], op: Callable[[int], object], rounds: int
-) -> list[float]:
-    """µs per clean-page ``pwrite`` while fio keeps ``target`` busy."""
-    out: list[float] = []
-    seconds = 1.0 + 0.3 * rounds
-    proc = subprocess.Popen(
-        [
-            "fio",
-            "--name=busy",
-            f"--filename={target}",
-            "--ioengine=libaio",
-            "--direct=1",
-            f"--iodepth={QD}",
-            "--rw=randwrite",
-            f"--bs={RAND_W.bs}",
-            "--time_based",
-            f"--runtime={round(seconds * 1000)}ms",
-            "--norandommap",
-            "--randrepeat=0",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        time.sleep(0.5)
-        deadline = time.monotonic() + seconds - 0.7
-        while time.monotonic() < deadline or not out:
-            os.fsync(fd)
+    def run_profiles(self, progress: Callable[[str], None]) -> None:
+        """A profile of the requests of every target missed."""
+        seen: set[tuple[str, str]] = set()
+        for r in TARGETS:
+            vals = r.values(self.trials)
+            if not vals or statistics.median(vals) >= (r.target or 0.0):
+                continue
+            key = (PROFILE_OF[r.num], r.wl.key)
+            if key in seen:
+                continue
+            seen.add(key)
             t0 = time.perf_counter()
-            for off in offs:
-                op(off)
-            out.append((time.perf_counter() - t0) / len(offs) * 1e6)
-    finally:
-        proc.wait(timeout=120)
-    return out
+            workdir = self.rig.path("profiles")
+            os.makedirs(workdir, exist_ok=True)
+            self.profiles.append(
+                profile(
+                    key[0],
+                    r.wl,
+                    workdir,
+                    min(self.cfg.size, 64 * MiB),
+                    self.cfg.runtime,
+                    SETTINGS.fuse_threads,
+                    self.rng,
+                )
+            )
+            progress(f"profile {key[0]} {r.wl.label}: {time.perf_counter() - t0:.1f}s")
+
+    def extras(self, progress: Callable[[str], None]) -> None:
+        """Sweep, folios, profiles: each may fail without losing the trials."""
+        for enabled, name, step in (
+            (self.cfg.folio, "large folios", self.run_folio),
+            (self.cfg.sweep, "thread sweep", self.run_sweep),
+            (self.cfg.profiles, "profiles", self.run_profiles),
+        ):
+            if not enabled:
+                continue
+            try:
+                step(progress)
+            except (BenchError, BlksnapError, OSError, RuntimeError) as exc:
+                progress(f"{name} failed: {exc!r}")
+                self.extra_errors.append(f"{name}: `{exc!r}`")
 
 
 # -- report ------------------------------------------------------------------------------
@@ -668,7 +557,8 @@ def busy_pwrite(
 LABELS = {
     "raw": "raw: loop (direct I/O) over the plain file",
     "raw-buffered": "raw, buffered: loop (no direct I/O) over the plain file",
-    "null": "do-nothing pyfuse3 fs (write returns at once)",
+    "own-null": "own session, do-nothing (`bench/ownnull.py`)",
+    "null": "pyfuse3 do-nothing fs (`bench/nullfs.py`)",
     "pass": "blksnapd, no filter (passthrough)",
     "tracker": "blksnapd, tracker attached",
     "snap-first": "blksnapd, snapshot taken: first writes",
@@ -678,66 +568,169 @@ LABELS = {
     "image-read-stored": "blksnapd image read, every chunk stored",
 }
 
+#: The in-process profile that shows where a variant's requests spend their CPU.
+PROFILE_OF = {
+    "own-null": "own-null",
+    "pass": "pass",
+    "tracker": "tracker",
+    "snap-first": "first",
+    "snap-rewrite": "rewrite",
+    "image-read": "image",
+}
+
 
 @dataclass(frozen=True)
 class Ratio:
+    """``num`` ÷ ``den`` within each trial; with no ``den``, ``num``'s rate."""
+
     label: str
     wl: Workload
     num: str
-    den: str
-    target: float | None
+    den: str | None
+    target: float | None = None
+    moonshot: float | None = None
+    #: the previous run's value, for the record
+    old: float | None = None
 
     def values(self, trials: Sequence[Trial]) -> list[float]:
         out = []
         for t in trials:
-            a, b = t.rate(self.num, self.wl), t.rate(self.den, self.wl)
+            a = t.rate(self.num, self.wl)
+            b = t.rate(self.den, self.wl) if self.den is not None else 1.0
             if a is not None and b is not None:
                 out.append(a / b)
         return out
 
+    def fmt(self, v: float) -> str:
+        return f"{v / 1000:,.1f}k" if self.den is None else f"{v:.2f}"
 
-RATIOS = (
-    Ratio("passthrough ÷ raw", SEQ_W, "pass", "raw", 0.90),
-    Ratio("passthrough ÷ raw", RAND_W, "pass", "raw", 0.20),
-    Ratio("passthrough ÷ do-nothing fs", RAND_W, "pass", "null", 0.80),
-    Ratio("passthrough ÷ do-nothing fs", SEQ_W, "pass", "null", None),
-    Ratio("tracker ÷ passthrough", SEQ_W, "tracker", "pass", 0.95),
-    Ratio("tracker ÷ passthrough", RAND_W, "tracker", "pass", 0.95),
-    Ratio("image read ÷ device read (no chunk stored)", SEQ_R, "image-read", "dev-read", 0.90),
+    def target_text(self) -> str:
+        if self.target is None:
+            return "—"
+        text = f"≥ {self.fmt(self.target)}"
+        if self.moonshot is not None:
+            text += f" (moonshot {self.fmt(self.moonshot)})"
+        if self.old is not None:
+            text += f"; was {self.fmt(self.old)}"
+        return text
+
+
+TARGETS = (
+    Ratio("own session do-nothing ÷ pyfuse3 do-nothing", RAND_W, "own-null", "null", 3.0),
     Ratio(
-        "image read ÷ device read (every chunk stored)",
-        SEQ_R,
-        "image-read-stored",
-        "dev-read",
-        None,
+        "passthrough ÷ pyfuse3 do-nothing",
+        RAND_W,
+        "pass",
+        "null",
+        1.5,
+        moonshot=2.0,
+        old=OLD_PASS_VS_NULL,
     ),
-    Ratio("snapshot first writes ÷ passthrough", SEQ_W, "snap-first", "pass", None),
-    Ratio("snapshot first writes ÷ passthrough", RAND_W, "snap-first", "pass", None),
-    Ratio("snapshot rewrites ÷ passthrough", SEQ_W, "snap-rewrite", "pass", None),
-    Ratio("snapshot rewrites ÷ passthrough", RAND_W, "snap-rewrite", "pass", None),
-    Ratio("do-nothing fs ÷ raw", SEQ_W, "null", "raw", None),
-    Ratio("do-nothing fs ÷ raw", RAND_W, "null", "raw", None),
-    Ratio("passthrough ÷ raw, buffered", SEQ_W, "pass", "raw-buffered", None),
-    Ratio("passthrough ÷ raw, buffered", RAND_W, "pass", "raw-buffered", None),
+    Ratio("passthrough ÷ raw", RAND_W, "pass", "raw", 0.8),
+    Ratio("passthrough ÷ raw", RAND_R, "pass", "raw", 0.8),
+    Ratio("passthrough ÷ raw", SEQ_W, "pass", "raw", 1.0),
+    Ratio("passthrough ÷ raw", SEQ_R, "pass", "raw", 1.0),
+    Ratio("tracker ÷ passthrough", RAND_W, "tracker", "pass", 0.95),
+    Ratio("tracker ÷ passthrough", SEQ_W, "tracker", "pass", 0.97),
+    Ratio("snapshot rewrites ÷ passthrough", RAND_W, "snap-rewrite", "pass", 0.9),
+    Ratio("snapshot rewrites ÷ passthrough", SEQ_W, "snap-rewrite", "pass", 0.9),
+    Ratio(
+        "snapshot first writes, IOPS",
+        RAND_W,
+        "snap-first",
+        None,
+        2 * OLD_FIRST_WRITES_IOPS,
+        old=OLD_FIRST_WRITES_IOPS,
+    ),
+    Ratio("image read ÷ device read (no chunk stored)", SEQ_R, "image-read", "dev-read", 0.95),
+)
+
+OTHERS = (
+    *(Ratio("own session do-nothing ÷ pyfuse3 do-nothing", wl, "own-null", "null")
+      for wl in (RAND_R, SEQ_W, SEQ_R)),
+    *(Ratio("passthrough ÷ own session do-nothing", wl, "pass", "own-null") for wl in WORKLOADS),
+    *(Ratio("passthrough ÷ pyfuse3 do-nothing", wl, "pass", "null")
+      for wl in (RAND_R, SEQ_W, SEQ_R)),
+    *(Ratio("own session do-nothing ÷ raw", wl, "own-null", "raw") for wl in WORKLOADS),
+    *(Ratio("pyfuse3 do-nothing ÷ raw", wl, "null", "raw") for wl in (RAND_W, SEQ_W)),
+    *(Ratio("passthrough ÷ raw, buffered", wl, "pass", "raw-buffered") for wl in (RAND_W, SEQ_W)),
+    *(Ratio("snapshot first writes ÷ passthrough", wl, "snap-first", "pass")
+      for wl in (RAND_W, SEQ_W)),
+    Ratio("image read ÷ device read (every chunk stored)", SEQ_R, "image-read-stored", "dev-read"),
+)  # fmt: skip
+
+#: Rows of the CPU table: the variants a process of ours serves.
+CPU_VARIANTS = (
+    "null",
+    "own-null",
+    "pass",
+    "tracker",
+    "snap-first",
+    "snap-rewrite",
+    "dev-read",
+    "image-read",
+    "image-read-stored",
 )
 
 
-def median_result(trials: Sequence[Trial], variant: str, wl: Workload) -> str:
-    rate = median_rate(trials, variant, wl)
-    if rate != rate:  # NaN: not run
+def median_rate(trials: Sequence[Trial], variant: str, wl: Workload) -> float:
+    rs = [r for t in trials if (r := t.rate(variant, wl)) is not None]
+    return statistics.median(rs) if rs else float("nan")
+
+
+def median_cpu(trials: Sequence[Trial], variant: str, wl: Workload) -> float:
+    us = [u for t in trials if (u := t.cpu_us(variant, wl)) is not None]
+    return statistics.median(us) if us else float("nan")
+
+
+def median_result(trials: Sequence[Trial], variant: str | None, wl: Workload) -> str:
+    if variant is None:
         return "—"
-    if wl is RAND_W:
-        return f"{rate / 1000:,.1f} kIOPS"
-    return f"{rate / MiB:,.0f} MiB/s"
+    rate = median_rate(trials, variant, wl)
+    return "—" if rate != rate else rate_text(wl, rate)
 
 
 def findings(bench: FuseBench) -> dict[str, float]:
     out = {}
-    for r in RATIOS:
+    for r in (*TARGETS, *OTHERS):
         vals = r.values(bench.trials)
         if vals:
             out[f"{r.label} / {r.wl.label}"] = statistics.median(vals)
+    for v in CPU_VARIANTS:
+        for wl in WORKLOADS:
+            us = median_cpu(bench.trials, v, wl)
+            if us == us:
+                out[f"cpu µs per request: {v} / {wl.label}"] = us
+    if bench.sweep is not None and (pick := bench.sweep.pick()) is not None:
+        out["reader threads picked"] = pick
     return out
+
+
+def ratio_rows(rs: Sequence[Ratio], trials: Sequence[Trial]) -> list[list[str]]:
+    rows = []
+    for r in rs:
+        vals = r.values(trials)
+        if not vals:
+            continue
+        s = Spread.of(vals)
+        met = ""
+        if r.target is not None:
+            met = "yes" if s.median >= r.target else "**no**"
+            if r.moonshot is not None and s.median >= r.moonshot:
+                met = "yes, moonshot too"
+        rows.append(
+            [
+                r.label,
+                r.wl.label,
+                median_result(trials, r.num, r.wl),
+                median_result(trials, r.den, r.wl),
+                f"**{r.fmt(s.median)}**",
+                f"{r.fmt(s.low)}-{r.fmt(s.high)}",
+                r.target_text(),
+                met,
+            ]
+        )
+    return rows
 
 
 def report(bench: FuseBench, elapsed: float) -> str:
@@ -751,154 +744,172 @@ def report(bench: FuseBench, elapsed: float) -> str:
         f"fio: `ioengine=libaio`, `direct=1`, `iodepth={QD}`, one job; "
         f"{cfg.runtime:g} s per time-based run over a {size_text(cfg.size)} device; "
         f"{'a short warm-up of every variant, then ' if cfg.warmup else ''}"
-        f"{cfg.trials} trial(s), every variant once per trial (the passthrough twice, "
-        "its mean being the reference within the trial) in a fresh random order; "
+        f"{cfg.trials} trial(s), every variant once per trial (the passthrough's writes "
+        "twice, their mean being the reference within the trial) in a fresh random order; "
         "ratios taken within a trial, median in bold, range over trials. Backing "
         "files are full of random data and written back (`fsync`) after every run, "
         "outside the timed region. Load average (1 min) before and after: "
         + " and ".join(f"{x:.2f}" for x in bench.load)
-        + f" on {os.cpu_count()} CPUs.",
+        + f" on {os.cpu_count()} CPUs. blksnapd runs with its defaults "
+        f"({SETTINGS.fuse_threads} FUSE reader threads"
+        + (f"; extra arguments `{' '.join(cfg.daemon_args)}`" if cfg.daemon_args else "")
+        + ").",
         "",
-        "- **Raw** (the reference of the targets): a loop device over the plain "
-        "backing file, attached as blksnapd attaches its own (`blksnap.control.loop.attach`: "
-        "4096-byte sectors, direct I/O on); so the only difference from the blksnapd rows "
-        "is the FUSE file and the daemon in between. Its writes go to the disk with "
-        "O_DIRECT, while blksnapd's engine writes the backing file through the page "
-        "cache, which flatters blksnapd on small writes; the buffered raw row (a loop "
-        "device without direct I/O: also page-cache writes, one kernel worker) is given "
-        "for scale.",
-        "- **Do-nothing fs**: `bench/nullfs.py`, a pyfuse3 file system whose write "
-        "returns at once, same mount options, same `direct_io` files, loop device with "
-        "direct I/O, served by `pyfuse3.main` like blksnapd: the ceiling of a pyfuse3 "
-        "front-end here.",
+        "- **Raw** (the reference of the targets against raw): a loop device over the "
+        "plain backing file, attached as blksnapd attaches its own "
+        "(`blksnap.control.loop.attach`: 4096-byte sectors, direct I/O on); so the only "
+        "difference from the blksnapd rows is the FUSE file and the daemon in between. "
+        "Its I/O goes to the disk with O_DIRECT, while blksnapd's engine reads and writes "
+        "the backing file through the page cache, which flatters blksnapd on small writes "
+        "and on reads of a cached file; the buffered raw row (a loop device without "
+        "direct I/O: also page-cache writes, one kernel worker) is given for scale.",
+        "- **Own session, do-nothing**: `bench/ownnull.py`, blksnapd's FUSE session "
+        "(`blksnap/frontends/fuse_session.py`, the same reader threads, "
+        f"{SETTINGS.fuse_threads} of them, mount options and direct-I/O files) serving a "
+        "file whose write returns at once and whose read returns zeroes, in a process of "
+        "its own: the ceiling of blksnapd's front-end here.",
+        "- **pyfuse3 do-nothing**: `bench/nullfs.py`, the same on pyfuse3 (one trio event "
+        "loop), the ceiling of the old front-end: the reference the session is measured "
+        "against.",
         "- **blksnapd**: started by the benchmark with its own socket, mount and state "
         "dir; devices added with `--loop`. *tracker*: `blksnap attach`. *Snapshot*: "
         "diff storage a preallocated file of the device's size; sequential first "
         "writes write the whole device once (every chunk copied), random first writes "
         f"replay an fio iolog of one 4 KiB write in every chunk ({bench.first_ios:,} "
         "writes, chunks in random order); rewrites then run on the same snapshot; the "
-        "snapshot is checked to have every chunk stored and to be uncorrupted. Reads: "
-        "the device and its image (loop device from `snapshot take --loop`) right "
-        "after take, then the image again with every chunk in diff storage.",
+        "snapshot is checked to have every chunk stored. Reads: the device and its image "
+        "(loop device from `snapshot take --loop`) right after take, then the image "
+        "again with every chunk in diff storage.",
+        "- **CPU per request**: utime + stime of the serving process (all its threads, "
+        "and its child processes: blksnapd's supervisor and the worker that serves; from "
+        "`/proc/PID/stat`) sampled before and after each fio run, divided by the "
+        "requests fio completed (a 1 MiB request may reach FUSE as several).",
         "",
-    ]
-    rows = []
-    for r in RATIOS:
-        vals = r.values(trials)
-        if not vals:
-            continue
-        s = Spread.of(vals)
-        if r.target is None:
-            target, met = "—", ""
-        else:
-            target = f"≥ {r.target:.2f}"
-            met = "yes" if s.median >= r.target else "**no**"
-        rows.append(
-            [
-                r.label,
-                r.wl.label,
-                median_result(trials, r.num, r.wl),
-                median_result(trials, r.den, r.wl),
-                s.ratio_text(),
-                s.range_text(),
-                target,
-                met,
-            ]
-        )
-    lines += [
+        "**Targets**",
+        "",
         table(
-            ["ratio", "workload", "measured", "reference", "ratio", "range", "target", "met"], rows
+            ["target", "workload", "measured", "reference", "median", "range", "target", "met"],
+            ratio_rows(TARGETS, trials),
+        ),
+        "",
+        "**Other ratios** (for scale)",
+        "",
+        table(
+            ["ratio", "workload", "measured", "reference", "median", "range"],
+            [r[:6] for r in ratio_rows(OTHERS, trials)],
         ),
         "",
     ]
     abs_rows = []
     for variant, label in LABELS.items():
-        cells = [median_result(trials, variant, wl) for wl in (SEQ_W, RAND_W, SEQ_R)]
+        cells = [median_result(trials, variant, wl) for wl in WORKLOADS]
         if any(c != "—" for c in cells):
             abs_rows.append([label, *cells])
     lines += [
         "**Absolute numbers** (medians over the trials)",
         "",
-        table(["variant", SEQ_W.label, RAND_W.label, SEQ_R.label], abs_rows),
+        table(["variant", *(wl.label for wl in WORKLOADS)], abs_rows),
         "",
     ]
-    if bench.costs is not None:
-        c = bench.costs
-        lines += [
-            "**One 4 KiB write, in process** (no FUSE, no fio: the pieces of a request "
-            "on the event loop's thread; medians of interleaved rounds, µs per call)",
-            "",
-            table(
-                ["what", "µs"],
-                [
-                    ["`os.pwrite` of 4 KiB dirtying a clean cached page", f"{c.pwrite:.1f}"],
-                    ["`os.pwrite` of 4 KiB over a page already dirty", f"{c.pwrite_dirty:.1f}"],
-                    [
-                        "`os.pwrite` dirtying a clean page while fio drives the do-nothing fs",
-                        f"{c.pwrite_busy:.1f}",
-                    ],
-                    ["`Device.write`, no filter (the fast path's engine call)", f"{c.engine:.1f}"],
-                    ["`Device.write`, tracker attached", f"{c.engine_tracker:.1f}"],
-                    [
-                        "round trip of a no-op through the front-end's `WorkerPool` "
-                        "(latency, one call at a time)",
-                        f"{c.pool_handoff:.1f}",
-                    ],
-                    ["the same through `trio.to_thread.run_sync`", f"{c.to_thread_handoff:.1f}"],
-                ],
-            ),
-            "",
-        ]
+    cpu_rows = []
+    for variant in CPU_VARIANTS:
+        vals = [median_cpu(trials, variant, wl) for wl in WORKLOADS]
+        if any(v == v for v in vals):
+            cpu_rows.append([LABELS[variant], *(f"{v:,.0f}" if v == v else "—" for v in vals)])
+    lines += [
+        "**CPU µs per request** of the serving process (medians over the trials; "
+        f"{os.cpu_count()} CPUs shared with fio and the loop devices' kernel workers)",
+        "",
+        table(["variant", *(wl.label for wl in WORKLOADS)], cpu_rows),
+        "",
+    ]
+    if bench.sweep is not None:
+        lines += sweep_report(bench.sweep, SETTINGS.fuse_threads)
+    if bench.folio is not None:
+        lines += folio_report(bench.folio)
+        lines += folio_notes(bench.folio, trials)
     lines += notes(bench)
+    if bench.extra_errors:
+        lines += ["**Failed extras**: " + "; ".join(bench.extra_errors), ""]
     lines += [f"_Block-layer section: {elapsed:.0f} s._", ""]
     return "\n".join(lines)
 
 
-def median_rate(trials: Sequence[Trial], variant: str, wl: Workload) -> float:
-    rs = [r for t in trials if (r := t.rate(variant, wl)) is not None]
-    return statistics.median(rs) if rs else float("nan")
+def folio_notes(f: Folio, trials: Sequence[Trial]) -> list[str]:
+    def med(name: str, cond: str) -> float:
+        rs = f.ratios(name, cond)
+        return statistics.median(rs) if rs else float("nan")
 
-
-def per_request_us(trials: Sequence[Trial], variant: str, wl: Workload) -> float:
-    """Microseconds per request at the median rate (queue depth hides the
-    latency, so this is the cost of a request to the busiest thread)."""
-    rate = median_rate(trials, variant, wl)
-    if wl is not RAND_W:
-        rate /= wl.bs
-    return 1e6 / rate
+    cpu = {c: f.cpu_us("pass", c) for c in ("cold", "seq-read", "seq-read+dontneed", "seq-write")}
+    text = (
+        "*Large folios.* After a sequential read of the whole device through blksnapd, "
+        f"its 4 KiB random writes cost blksnapd {cpu['seq-read']:.0f} µs of CPU each "
+        f"against {cpu['cold']:.0f} µs with the backing file's cache cold "
+        f"({cpu['seq-read'] / cpu['cold']:.1f}x), and run at {med('pass', 'seq-read'):.2f} "
+        "of the cold rate (IOPS here move with the machine's load; the CPU per request is "
+        "the steadier measure); after a sequential write, "
+        f"{cpu['seq-write']:.0f} µs ({cpu['seq-write'] / cpu['cold']:.1f}x). The buffered "
+        f"raw loop device, the kernel alone, runs at {med('raw-buffered', 'seq-read'):.2f} "
+        "of its cold rate after the read."
+    )
+    if f.pwrite:
+        n = max(f.pwrite_threads)
+        one, many = f.pwrite_us(1, "cold"), f.pwrite_us(n, "cold")
+        text += (
+            " The `pwrite` itself (table above) costs "
+            f"{f.pwrite_us(1, 'seq-read') / one:.1f}x its cold CPU after a sequential read "
+            f"from one thread and {f.pwrite_us(n, 'seq-read') / many:.1f}x from {n} at once "
+            f"({f.pwrite_us(1, 'seq-write') / one:.1f}x and "
+            f"{f.pwrite_us(n, 'seq-write') / many:.1f}x after a sequential write)."
+        )
+    pass_cpu = median_cpu(trials, "pass", RAND_W)
+    text += (
+        " blksnapd does nothing about it today: the engine reads and writes the backing "
+        "file with buffered `pread`/`pwrite`, so the writes land in whatever folios a "
+        "sequential read (a backup, a file system's readahead) or a sequential write left "
+        "in its cache. The trials above live with it too: their backing files are made "
+        "by sequential writes and the 1 MiB runs rewrite them, so the passthrough's 4 KiB "
+        f"writes there ({pass_cpu:.0f} µs of CPU each) mostly land in large folios. "
+        "Dropping the backing file's cache after the read (measured from outside the "
+        "daemon, what a `posix_fadvise(DONTNEED)` of the ranges blksnapd reads "
+        f"sequentially would do) brings the writes back to {cpu['seq-read+dontneed']:.0f} µs "
+        f"({med('pass', 'seq-read+dontneed'):.2f} of the cold rate), at the price of "
+        "reading those ranges from the disk again if they are read again; the engine "
+        "does not do it yet."
+    )
+    return [text, ""]
 
 
 def notes(bench: FuseBench) -> list[str]:
-    f = findings(bench)
     trials = bench.trials
 
-    def get(label: str, wl: Workload) -> float:
-        return f.get(f"{label} / {wl.label}", float("nan"))
+    def ratio(label: str, wl: Workload) -> float:
+        for r in (*TARGETS, *OTHERS):
+            if r.label == label and r.wl is wl:
+                vals = r.values(trials)
+                return statistics.median(vals) if vals else float("nan")
+        raise KeyError(label)
 
-    costs = bench.costs
-    us_null = per_request_us(trials, "null", RAND_W)
-    us_pass = per_request_us(trials, "pass", RAND_W)
-    us_trk = per_request_us(trials, "tracker", RAND_W)
+    cpu_null = median_cpu(trials, "null", RAND_W)
+    cpu_own = median_cpu(trials, "own-null", RAND_W)
+    cpu_pass = median_cpu(trials, "pass", RAND_W)
+    cpu_trk = median_cpu(trials, "tracker", RAND_W)
     out = [
         "**Reading.** "
-        f"The do-nothing file system reaches {get('do-nothing fs ÷ raw', SEQ_W):.2f} of raw "
-        f"for 1 MiB sequential writes and {get('do-nothing fs ÷ raw', RAND_W):.2f} for 4 KiB "
-        "random writes: that is what the FUSE round trip and pyfuse3's per-request work "
-        "(a trio scheduling round with an epoll registration, a read of /dev/fuse, the "
-        "handler, a reply written back, all on one Python thread holding the GIL) leave of "
-        "the loop device, before blksnapd does anything: "
-        f"{us_null:.0f} µs of that thread per 4 KiB request. blksnapd's passthrough reaches "
-        f"{get('passthrough ÷ do-nothing fs', SEQ_W):.2f} (sequential) and "
-        f"{get('passthrough ÷ do-nothing fs', RAND_W):.2f} (random) of that ceiling: "
-        f"{us_pass:.0f} µs per 4 KiB request against {us_null:.0f} µs. The difference is "
-        "the engine's write itself (bounds, gate, filter stack, a `pwrite` into the "
-        "backing file's page cache"
-        + (f": {costs.engine:.0f} µs in process, table above" if costs else "")
-        + "). It runs on the event loop's thread (the front-end's fast path, "
-        "`blksnap/frontends/fuse.py`), because handing it to a worker thread and back "
-        "costs the loop more than the write. Writes that may copy chunks (device in a "
-        "snapshot) and all reads go to worker threads: that is why snapshot rewrites, "
-        "which copy nothing, still run well below the passthrough.",
+        f"Per 4 KiB random write the do-nothing session costs its process {cpu_own:.0f} µs "
+        f"of CPU, pyfuse3's do-nothing fs {cpu_null:.0f} µs: reader threads that each "
+        "read a request from their own clone of `/dev/fuse`, serve it and write the "
+        "answer back, against one trio event loop (a scheduling round, an epoll "
+        "registration, a task per request). The session reaches "
+        f"{ratio('own session do-nothing ÷ pyfuse3 do-nothing', RAND_W):.2f}x pyfuse3's "
+        f"IOPS and {ratio('own session do-nothing ÷ raw', RAND_W):.2f}x the raw loop "
+        f"device's. blksnapd's passthrough costs {cpu_pass:.0f} µs per request "
+        f"({cpu_pass - cpu_own:+.0f} µs over the do-nothing session: the engine's "
+        "`Device.write`, bounds, gate, filter stack and the `pwrite` into the backing "
+        "file's page cache) and reaches "
+        f"{ratio('passthrough ÷ own session do-nothing', RAND_W):.2f}x the do-nothing "
+        f"session; the tracker's runs cost {cpu_trk - cpu_pass:+.0f} µs per request more "
+        "(its CBT mark, and whatever else differed between the runs on this shared machine).",
         "",
     ]
     raw_rand = [r for t in trials if (r := t.rate("raw", RAND_W)) is not None]
@@ -907,91 +918,153 @@ def notes(bench: FuseBench) -> list[str]:
         out += [
             "*The raw reference is the disk* (direct I/O), which other work on this "
             "machine shares: over the trials of this run it ranged from "
-            f"{min(raw_rand) / 1000:,.1f} to {max(raw_rand) / 1000:,.1f} kIOPS (4 KiB) and "
-            f"{min(raw_seq) / MiB:,.0f} to {max(raw_seq) / MiB:,.0f} MiB/s (1 MiB), while "
-            "blksnapd and the do-nothing fs are bound by CPU. Ratios to raw move with the "
-            "disk; the ratios to the do-nothing fs and between blksnapd variants are the "
-            "steadier measure of the front-end.",
+            f"{min(raw_rand) / 1000:,.1f} to {max(raw_rand) / 1000:,.1f} kIOPS (4 KiB "
+            f"writes) and {min(raw_seq) / MiB:,.0f} to {max(raw_seq) / MiB:,.0f} MiB/s "
+            "(1 MiB writes), while blksnapd and the do-nothing servers are bound by CPU. "
+            "Ratios to raw move with the disk; the ratios to the do-nothing servers and "
+            "between blksnapd variants are the steadier measure of the front-end.",
             "",
         ]
     misses = []
-    for r in RATIOS:
-        if r.target is None:
-            continue
-        v = get(r.label, r.wl)
-        if v == v and v < r.target:  # not NaN, missed
-            misses.append((r, v))
+    for r in TARGETS:
+        vals = r.values(trials)
+        if r.target is not None and vals and statistics.median(vals) < r.target:
+            misses.append((r, vals))
     if not misses:
+        out += ["Every target met.", ""]
         return out
-    null_raw = get("do-nothing fs ÷ raw", RAND_W)
-    why = {
-        ("passthrough ÷ raw", SEQ_W.key): (
-            f"the do-nothing fs itself reaches {get('do-nothing fs ÷ raw', SEQ_W):.2f} of raw; "
-            "blksnapd adds one more copy of every byte (FUSE buffer → Python bytes → "
-            "backing file page cache), and the loop device splits 1 MiB into requests of "
-            "at most 128 segments, so FUSE sees ~512 KiB writes"
-        ),
-        ("passthrough ÷ raw", RAND_W.key): (
-            f"even the do-nothing fs reaches only {null_raw:.2f} of raw: every 4 KiB request "
-            "is a full FUSE round trip through one Python event loop, while raw is the "
-            "kernel's loop driver alone. A front-end in Python with pyfuse3 cannot close "
-            "this gap; the target needs the ceiling to be well above it"
-        ),
-        ("passthrough ÷ do-nothing fs", RAND_W.key): (
-            f"a request costs the loop thread {us_pass - us_null:.0f} µs more than the "
-            f"{us_null:.0f} µs of the empty one; 0.80 allows "
-            f"{us_null / 0.8 - us_null:.0f} µs"
-            + (
-                f". In process the engine's write costs {costs.engine:.0f} µs on a quiet "
-                f"machine ({costs.pwrite:.0f} µs of it the `pwrite`, which costs "
-                f"{costs.pwrite_busy:.0f} µs while fio drives the do-nothing fs); in the "
-                "daemon it runs on the thread that also carries the FUSE traffic (its "
-                "cache misses, its interrupts), where the extra cost per request is "
-                f"{(us_pass - us_null) / max(costs.engine, 1e-9):.0f} times that"
-                if costs is not None
-                else ""
-            )
-            + ". Moving the write off the loop thread costs more than it saves (worker "
-            "threads gave about 0.65x the fast path's IOPS, side by side, during development)"
-        ),
-        ("tracker ÷ passthrough", SEQ_W.key): (
-            f"per MiB the passthrough takes {per_request_us(trials, 'pass', SEQ_W):.0f} "
-            "µs here (FUSE requests of about 512 KiB)"
-            + (
-                ", and in process the tracker changes the cost of a request by "
-                f"{costs.engine_tracker - costs.engine:+.1f} µs: the difference is this "
-                "shared machine's noise between runs"
-                if costs is not None
-                else ""
-            )
-        ),
-        ("tracker ÷ passthrough", RAND_W.key): (
-            f"here the tracker seems to add {us_trk - us_pass:.1f} µs per request to "
-            f"{us_pass:.0f} µs, and 0.95 allows {us_pass / 0.95 - us_pass:.1f} µs"
-            + (
-                "; in process it changes the cost of a request by "
-                f"{costs.engine_tracker - costs.engine:+.1f} µs "
-                f"({costs.engine:.1f} → {costs.engine_tracker:.1f} µs per `Device.write`), "
-                "so most of the difference is this shared machine's noise between runs"
-                if costs is not None
-                else ""
-            )
-        ),
-        ("image read ÷ device read (no chunk stored)", SEQ_R.key): (
-            "an image read also looks its chunks up in the diff area, before and after "
-            "the device read"
-        ),
-    }
-    out.append("**Targets missed, and why.**")
-    out.append("")
-    for r, v in misses:
-        reason = why.get((r.label, r.wl.key), "")
+    out += ["**Targets missed, and where the time goes.**", ""]
+    for r, vals in misses:
         assert r.target is not None
-        if max(r.values(trials)) >= r.target:
-            reason += " (some trials reached the target: this one is within the noise)"
-        out.append(f"- {r.label}, {r.wl.label}: {v:.3f} < {r.target:.2f}: {reason}.")
+        v = statistics.median(vals)
+        line = f"- {r.label}, {r.wl.label}: {r.fmt(v)} < {r.fmt(r.target)}"
+        if max(vals) >= r.target:
+            line += " (some trials reached it: within this machine's noise)"
+        cn = median_cpu(trials, r.num, r.wl)
+        cd = median_cpu(trials, r.den, r.wl) if r.den else float("nan")
+        if cn == cn:
+            line += f". CPU per request: {cn:,.0f} µs"
+            if cd == cd:
+                line += f" against {cd:,.0f} µs"
+        reason = why(r, bench)
+        if reason:
+            line += f". {reason}"
+        out.append(line + ".")
     out.append("")
+    if bench.profiles:
+        out += [
+            "Profiles of the requests behind the misses: blksnapd's FUSE files (or the "
+            "do-nothing session) served in the benchmark's process, every reader thread "
+            "under `cProfile` with its own CPU clock (`bench/fuse_profile.py`); own CPU "
+            "time per function, merged over the threads, per fio request. The profiler "
+            "inflates every Python call: read the shares.",
+            "",
+        ]
+        for p in bench.profiles:
+            out += profile_report(p)
     return out
+
+
+def why(r: Ratio, bench: FuseBench) -> str:
+    """What a miss of target ``r`` comes from, from this run's numbers."""
+    trials = bench.trials
+
+    def ratio(num: str, den: str, wl: Workload) -> float:
+        vals = Ratio("", wl, num, den).values(trials)
+        return statistics.median(vals) if vals else float("nan")
+
+    def cpu(variant: str, wl: Workload = r.wl) -> float:
+        return median_cpu(trials, variant, wl)
+
+    ncpu = os.cpu_count()
+    sw = bench.sweep
+    text = ""
+    if r.num == "own-null":
+        text = (
+            f"The session costs its process {cpu('null') / cpu('own-null'):.1f}x less CPU "
+            "per request than pyfuse3, but fio, the loop device's kernel worker and the "
+            f"kernel's side of FUSE share the {ncpu} CPUs and cost the same for both: the "
+            f"do-nothing session reaches {ratio('own-null', 'raw', r.wl):.2f} of the raw "
+            "loop device. Its own time is mostly the two system calls (profile below); "
+            "the answer's `writev` also completes the loop device's request in the kernel"
+        )
+    elif r.num == "pass" and r.den == "null":
+        text = (
+            f"The passthrough costs {cpu('pass'):.0f} µs per request, "
+            f"{cpu('pass') - cpu('own-null'):.0f} µs more than the do-nothing session "
+            f"({cpu('own-null'):.0f} µs): the engine's write and its `pwrite` (profile "
+            f"below); it reaches {ratio('pass', 'own-null', r.wl):.2f} of the do-nothing "
+            "session"
+        )
+    elif r.num == "pass" and r.den == "raw":
+        text = (
+            f"The do-nothing session itself reaches {ratio('own-null', 'raw', r.wl):.2f} "
+            "of raw (raw is the kernel's loop driver alone; every FUSE request is a round "
+            "trip through a reader thread in Python), and the passthrough "
+            f"{ratio('pass', 'own-null', r.wl):.2f} of the do-nothing session"
+        )
+    elif r.num == "tracker":
+        text = (
+            f"The tracker's runs cost {cpu('tracker') - cpu('pass'):+.0f} µs per request more "
+            "than the passthrough's in this run (the CBT mark, `engine/cbt.py` in the profile "
+            "below, and this shared machine's noise between runs)"
+        )
+        engine = {
+            p.scenario: p.parts[ENGINE]
+            for p in bench.profiles
+            if p.wl is r.wl and p.scenario in ("pass", "tracker")
+        }
+        if len(engine) == 2:
+            text += (
+                "; in process, under the profiler, the engine's part of a request is "
+                f"{engine['tracker'] - engine['pass']:+.0f} µs from the passthrough's"
+            )
+    elif r.num == "snap-rewrite":
+        text = (
+            f"A rewrite costs {cpu('snap-rewrite') - cpu('pass'):+.0f} µs more than a "
+            "passthrough write: the tracker's CBT mark and the diff area's check that the "
+            "chunks are stored (profile below)"
+        )
+    elif r.num == "snap-first":
+        text = (
+            f"Each first write copies its {size_text(bench.chunk_size or 65536)} chunk "
+            "(read from the device, written to diff storage) before its own 4 KiB: "
+            f"{cpu('snap-first'):.0f} µs of blksnapd's CPU per request against "
+            f"{cpu('pass'):.0f} µs for a passthrough write"
+        )
+        if sw is not None:
+            best = max(sw.counts, key=lambda n: sw.median(n, "cow"))
+            text += (
+                "; with the device's cache dropped the thread sweep's best count "
+                f"({best}) reached {sw.median(best, 'cow') / 1000:,.1f} kIOPS"
+            )
+    elif r.num == "image-read":
+        text = (
+            f"An image read costs {cpu('image-read'):.0f} µs against "
+            f"{cpu('dev-read'):.0f} µs for the device read: it also looks its chunks up "
+            "in the diff area before and after the device read (profile below)"
+        )
+    if r.num == "pass" and r.wl is RAND_W and sw is not None:
+        few = min(sw.counts, key=lambda n: abs(n - 2))
+        dflt = SETTINGS.fuse_threads
+        if few != dflt and dflt in sw.counts:
+            text += (
+                f". In the thread sweep the passthrough ran at "
+                f"{sw.median(few, 'pass') / 1000:,.1f} kIOPS and "
+                f"{sw.cpu_us(few, 'pass'):.0f} µs per request with {few} reader threads, "
+                f"{sw.median(dflt, 'pass') / 1000:,.1f} kIOPS and "
+                f"{sw.cpu_us(dflt, 'pass'):.0f} µs with {dflt}: with more threads than "
+                f"the {ncpu} CPUs, each write costs more (GIL hand-offs between the "
+                "threads; every buffered write to the backing file takes its inode lock)"
+            )
+    prof = next(
+        (p for p in bench.profiles if p.scenario == PROFILE_OF.get(r.num) and p.wl is r.wl),
+        None,
+    )
+    if prof is not None:
+        top = ", ".join(f"{name} {us:,.0f}" for name, us in prof.parts.items() if us >= 0.5)
+        text += f". Profiled (µs per request, under the profiler): {top}"
+    return text
 
 
 # -- entry points ----------------------------------------------------------------------
@@ -1007,6 +1080,7 @@ def make_config(
     size_mib: int | None = None,
     daemon_args: Sequence[str] = (),
     only: Sequence[str] = (),
+    extras: bool = True,
 ) -> Config:
     return Config(
         size=(size_mib or (32 if quick else 256)) * MiB,
@@ -1018,6 +1092,9 @@ def make_config(
         quick=quick,
         daemon_args=tuple(daemon_args),
         only=tuple(only),
+        sweep=extras,
+        folio=extras,
+        profiles=extras,
     )
 
 
@@ -1045,9 +1122,7 @@ def run_section(cfg: Config, progress: Callable[[str], None]) -> tuple[str, Fuse
     with rig(cfg, rng, progress) as r:
         bench = FuseBench(cfg, r, rng)
         bench.run(progress)
-        t1 = time.perf_counter()
-        bench.costs = request_costs(cfg, r.dir, rng, busy_target=r.loops["null"])
-        progress(f"request costs in process: {time.perf_counter() - t1:.1f}s")
+        bench.extras(progress)
     return report(bench, time.perf_counter() - t0), bench
 
 
@@ -1069,10 +1144,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument(
         "--only",
         default="",
-        help="comma-separated variants to run (raw, raw-buffered, null, pass, tracker, "
-        "seq-session, rand-session); default all",
+        help="comma-separated variants to run (raw, raw-buffered, null, own-null, pass, "
+        "tracker, seq-session, rand-session); default all",
     )
     ap.add_argument("--no-warmup", action="store_true")
+    ap.add_argument(
+        "--skip",
+        default="",
+        help="comma-separated extras to skip after the trials: sweep, folio, profiles",
+    )
     args = ap.parse_args(argv)
     cfg = make_config(
         args.quick,
@@ -1084,8 +1164,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         daemon_args=args.daemon_arg,
         only=[v for v in args.only.split(",") if v],
     )
-    if args.no_warmup:
-        cfg = dataclasses.replace(cfg, warmup=False)
+    skip = {s for s in args.skip.split(",") if s}
+    unknown = skip - {"sweep", "folio", "profiles"}
+    if unknown:
+        ap.error(f"--skip: unknown {', '.join(sorted(unknown))}")
+    cfg = dataclasses.replace(
+        cfg,
+        warmup=cfg.warmup and not args.no_warmup,
+        sweep="sweep" not in skip,
+        folio="folio" not in skip,
+        profiles="profiles" not in skip,
+    )
     t_start = time.perf_counter()
 
     def progress(msg: str) -> None:

@@ -6,13 +6,14 @@ fio (4 KiB random writes, queue depth 32, libaio, direct) on a loop device
 
 - ``session``: :mod:`blksnap.frontends.fuse_session` serving a
   :class:`~blksnap.frontends.fuse_session.NullBacking` (writes return at
-  once, reads return zeroes), in its own process (this script with
-  ``--serve``);
+  once, reads return zeroes), in its own process (``bench/ownnull.py``);
 - ``pyfuse3``: ``bench/nullfs.py``, the pyfuse3 do-nothing file system.
 
 Rounds are interleaved (both servers once per round, in a fresh random
 order); the report gives each round's IOPS, the medians and their ratio.
-Not part of ``make bench`` yet. Needs root, /dev/fuse, losetup and fio.
+``make bench`` measures the same side by side with blksnapd
+(``bench/fuse_bench.py``, variant ``own-null``); this is the quick
+standalone check. Needs root, /dev/fuse, losetup and fio.
 
 Usage: ``fuse_session_bench.py [--rounds 3] [--runtime 10] [--threads 1]``
 """
@@ -40,23 +41,10 @@ MiB = 1 << 20
 SIZE = 512 * MiB
 
 
-def serve(mountpoint: str, size: int, threads: int) -> int:
-    """The ``--serve`` mode: mount the do-nothing session until SIGTERM."""
-    from blksnap.frontends.fuse_session import FuseSession, NullBacking, Tree
-
-    tree = Tree()
-    tree.add_file("disk", NullBacking(size))
-    signal.signal(signal.SIGTERM, lambda *_: None)  # wakes pause()
-    with FuseSession(tree, mountpoint, threads=threads):
-        print("ready", flush=True)
-        signal.pause()
-    return 0
-
-
 @contextlib.contextmanager
 def server(kind: str, mnt: Path, threads: int) -> Iterator[Path]:
     if kind == "session":
-        cmd = [sys.executable, __file__, "--serve", str(mnt), "--size", str(SIZE),
+        cmd = [sys.executable, str(HERE / "ownnull.py"), str(mnt), "--size", str(SIZE),
                "--threads", str(threads)]  # fmt: skip
     else:
         cmd = [sys.executable, str(HERE / "nullfs.py"), str(mnt), "--size", str(SIZE)]
@@ -111,12 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--runtime", type=int, default=10, help="seconds of fio per measurement")
     ap.add_argument("--threads", type=int, default=1, help="reader threads of the session")
-    ap.add_argument("--serve", metavar="MOUNTPOINT", help=argparse.SUPPRESS)
-    ap.add_argument("--size", type=int, default=SIZE, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.serve:
-        return serve(args.serve, args.size, args.threads)
-
     kinds = ["session", "pyfuse3"]
     results: dict[str, list[float]] = {k: [] for k in kinds}
     with tempfile.TemporaryDirectory(prefix="fuse-session-bench-") as base:

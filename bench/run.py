@@ -1224,6 +1224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         failed = not block_layer(cfg, report, progress)
         failed = not nbd_section(cfg, report, progress) or failed
         failed = not backup_section(cfg, report, progress) or failed
+        failed = not restart_section(cfg, report, progress) or failed
 
     elapsed = time.perf_counter() - t_start
     report.add(f"_Whole run: {elapsed:.0f} s._\n")
@@ -1286,6 +1287,19 @@ def backup_section(cfg: Config, report: Report, progress: Callable[[str], None])
         backup_bench,
         "backup",
         lambda: backup_bench.run_backup_bench(cfg.quick, progress),
+    )
+
+
+def restart_section(cfg: Config, report: Report, progress: Callable[[str], None]) -> bool:
+    """The I/O stall at a worker kill and at daemon restart (bench/restart_bench.py)."""
+    import restart_bench
+
+    return _sub_section(
+        report,
+        progress,
+        restart_bench,
+        "restart",
+        lambda: restart_bench.run_section(cfg.quick, progress),
     )
 
 
