@@ -122,7 +122,12 @@ class Engine:
         """The device whose served file ``path`` is (see :attr:`served_root`)."""
         if not self.served_root:
             return None
-        root = os.path.realpath(self.served_root)
+        # The mount point itself is not stat'ed (a worker taking over
+        # resolves devices before it serves its own mount: a stat of it
+        # would wait for an answer only this process can give).
+        root = os.path.join(
+            os.path.realpath(os.path.dirname(self.served_root)), os.path.basename(self.served_root)
+        )
         if not path.startswith(root + "/"):
             return None
         rel = path[len(root) + 1 :].split("/")
