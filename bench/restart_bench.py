@@ -30,6 +30,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from blksnap.engine.cbt import CbtMap
+from blksnap.engine.params import Params
+from blksnap.engine.regions import Regions
 from blksnap.tools import sandbox
 
 SECTION = "## Worker restart: the I/O stall a file system sees"
@@ -175,11 +178,56 @@ def report(res: dict[str, list[float]], events: int, seconds: float) -> str:
     return "\n".join(lines)
 
 
-def run_section(quick: bool, progress: Callable[[str], None]) -> str:
-    events = 3 if quick else 20
+class MemfdRegions(Regions):
+    """What a worker's regions are (a memfd, mapped shared), without the
+    supervisor: for the cost of marking the CBT in such memory."""
+
+    def open(self, key: str, size: int) -> tuple[mmap.mmap, bool]:
+        fd = os.memfd_create(f"bench-{key}", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, size)
+            return mmap.mmap(fd, size), False
+        finally:
+            os.close(fd)  # the mapping keeps the memory
+
+    def drop(self, key: str) -> None:
+        pass
+
+
+def mark_cost(trials: int, marks: int) -> list[float]:
+    """Per trial: the time of ``marks`` random 4 KiB CBT marks in a memfd
+    region ÷ the same in this process's anonymous memory (interleaved)."""
+    params = Params()
+    size = 64 << 30  # 64 GiB device: 1 Mi blocks of 64 KiB
+    rng = random.Random(3)
+    offsets = [rng.randrange(size // BLOCK) * BLOCK for _ in range(marks)]
+    maps = {"local": CbtMap(size, params), "memfd": CbtMap(size, params, MemfdRegions(), "cbt/x")}
+    ratios = []
+    for _ in range(trials):
+        took = {}
+        for name in rng.sample(sorted(maps), 2):
+            mark = maps[name].mark
+            t0 = time.perf_counter()
+            for off in offsets:
+                mark(off, BLOCK)
+            took[name] = time.perf_counter() - t0
+        ratios.append(took["memfd"] / took["local"])
+    return ratios
+
+
+def run_section(quick: bool, progress: Callable[[str], None], events: int = 20) -> str:
+    events = 3 if quick else events
     t0 = time.monotonic()
     res = run_bench(events, progress)
-    return report(res, events, time.monotonic() - t0)
+    text = report(res, events, time.monotonic() - t0)
+    ratios = mark_cost(3 if quick else 9, 20_000 if quick else 200_000)
+    return text + (
+        "\n**The CBT in memory that outlives the worker**: a write marks its blocks in a "
+        "memfd the supervisor holds instead of the worker's own memory. In process, "
+        "random 4 KiB marks of a 64 GiB device's map, interleaved trials: memfd ÷ "
+        f"anonymous memory **{statistics.median(ratios):.2f}** (range {min(ratios):.2f} to "
+        f"{max(ratios):.2f}): a store into shared memory, no system call, no disk write.\n"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,10 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     if why:
         print(f"skipped: {why}")
         return 0
-    events = 3 if args.quick else args.events
-    t0 = time.monotonic()
-    res = run_bench(events, lambda m: print(m, file=sys.stderr, flush=True))
-    print(report(res, events, time.monotonic() - t0))
+    progress = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    print(run_section(args.quick, progress, args.events))
     return 0
 
 
