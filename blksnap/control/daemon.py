@@ -653,7 +653,6 @@ class Daemon:
                     self.rebuild()
                 self.fuse.adopt(inh.fuse, initialized=inh.initialized)
                 inh.tell("init")
-                self.rebuilt = True
                 self.save_record()
         except BaseException:
             if self.nbd is not None:

@@ -29,7 +29,6 @@ to both, so the loop device refuses discards there.
 from __future__ import annotations
 
 import errno
-import itertools
 import json
 import logging
 import os
@@ -102,11 +101,7 @@ class _Session(FuseSession):
     def __init__(self, fs: OwnFS, mountpoint: str, threads: int, timeout: float) -> None:
         super().__init__(fs.tree, mountpoint, threads=threads, timeout=timeout)
         self.fs = fs
-        self._fhs = itertools.count(fs.next_fh)
         self.handles: dict[int, Node] = {}
-
-    def next_fh(self) -> int:
-        return next(self._fhs)
 
     def _file(self, fh: int) -> Node:
         node = self.handles.get(fh)
@@ -123,8 +118,8 @@ class _Session(FuseSession):
             if node.backing is None:
                 raise OSError(errno.EISDIR, "a directory")
             with self.fs.record_lock:
-                fh = next(self._fhs)
-                self.fs.next_fh = fh + 1
+                fh = self.fs.next_fh
+                self.fs.next_fh += 1
                 self.handles[fh] = node
                 self.fs.save()
             flags = proto.FOPEN_DIRECT_IO | proto.FOPEN_PARALLEL_DIRECT_WRITES
