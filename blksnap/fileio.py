@@ -1,6 +1,7 @@
 """Low-level file I/O shared by every layer: whole positional reads and
-writes, capacity of a file or block device, the identity of a storage, and
-a directory's fsync (what makes a rename durable)."""
+writes, reads of what the page cache holds, capacity of a file or block
+device, the identity of a storage, a directory's fsync (what makes a rename
+durable), and :data:`may_block`, the hook a thread calls before it waits."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import fcntl
 import os
 import stat
 import struct
+import threading
+from collections.abc import Callable
 
 BLKGETSIZE64 = 0x80081272
 
@@ -19,6 +22,27 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _fallocate = getattr(_libc, "fallocate64", None) or _libc.fallocate
 _fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
 _fallocate.restype = ctypes.c_int
+
+
+class _MayBlock(threading.local):
+    """``may_block()`` -- the engine calls it in a request's thread just
+    before that thread may wait for long: the disk (a read not in the page
+    cache, a flush, a large transfer), a chunk to copy or another thread's
+    copy, a drained gate. A front-end that serves requests on a few threads
+    and lets only some of them run at once (blksnapd's FUSE session: one,
+    since Python runs one thread at a time) sets ``hook`` in each of them, to
+    hand its turn to another thread meanwhile. No hook: nothing happens (the
+    hook must be cheap, and may be called more than once per request)."""
+
+    hook: Callable[[], None] | None = None
+
+    def __call__(self) -> None:
+        hook = self.hook
+        if hook is not None:
+            hook()
+
+
+may_block = _MayBlock()
 
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
@@ -52,6 +76,18 @@ def pread_upto(fd: int, offset: int, length: int) -> bytes:
         parts.append(more)
         got += len(more)
     return b"".join(parts)
+
+
+def pread_cached(fd: int, offset: int, length: int) -> tuple[bytearray, int]:
+    """Read what the page cache holds of ``offset``..``offset+length``
+    without waiting for the disk (``RWF_NOWAIT``): a buffer of ``length``
+    bytes and how many of them, from the start, were read (0 when the first
+    page is not cached). ``OSError`` (``EOPNOTSUPP``) where the file cannot."""
+    buf = bytearray(length)
+    try:
+        return buf, os.preadv(fd, [buf], offset, os.RWF_NOWAIT)
+    except BlockingIOError:
+        return buf, 0
 
 
 def pread_full(fd: int, offset: int, length: int) -> bytes:

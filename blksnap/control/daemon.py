@@ -345,7 +345,7 @@ class Daemon:
         for d in doc.get("devices", []):
             name = d["name"]
             try:
-                self.engine.add_device(d["backing"], name)
+                self.engine.add_device(d["backing"], name, taking_over=True)
                 for f in d.get("filters", []):
                     self.engine.attach(name, f["filter"], f.get("opts") or {})
                     self.filter_opts[(name, f["filter"])] = f.get("opts") or {}

@@ -2,7 +2,7 @@
 original data in diff storage, and the state machine that gets them there.
 
 A chunk is *new* (its original is still on the device), *loading* (one
-thread is copying the original out; others wait on its event), *stored*
+thread is copying the original out; others wait until it is done), *stored*
 (diff storage holds it: the image reads it there and device writes to it go
 straight through) or, once the snapshot is corrupted, nothing matters any
 more: copy-on-write stops and the device keeps working.
@@ -36,6 +36,7 @@ import numpy as np
 from blksnap.engine.device import Device
 from blksnap.engine.diff_storage import DiffStorage
 from blksnap.engine.filters import Bio, Op
+from blksnap.engine.gate import may_block
 from blksnap.engine.params import Params
 from blksnap.errors import BlksnapError, IOFailure
 
@@ -61,8 +62,13 @@ class DiffArea:
         self.capacity = device.size
         self.chunk_count = (self.capacity + self.chunk_size - 1) >> self.chunk_shift
         self._pages: dict[int, np.ndarray] = {}
-        self._loading: dict[int, threading.Event] = {}
+        #: Chunks a thread is copying; threads that need one of them wait on
+        #: ``_loaded`` (counted in ``_waiters``, so a copy that nobody waits
+        #: for wakes nobody).
+        self._loading: set[int] = set()
         self._lock = threading.Lock()
+        self._loaded = threading.Condition(self._lock)
+        self._waiters = 0
         self._on_error = on_error
         #: errno of the failure that corrupted the snapshot, 0 while healthy.
         self.error = 0
@@ -123,32 +129,55 @@ class DiffArea:
 
     # -- copy-on-write ------------------------------------------------------------
 
-    def _claim(self, first: int, last: int) -> tuple[list[int], list[threading.Event]]:
+    def _claim(self, first: int, last: int) -> tuple[list[int], list[int]]:
         """Claim the new chunks of first..last for this thread to copy; return
-        them, and the events of chunks other threads are loading. The chunks
-        one thread claims share one event."""
-        mine: list[int] = []
-        waits: list[threading.Event] = []
+        them, and the chunks of the range other threads are copying."""
+        if first == last:  # one chunk: the common case, without numpy
+            with self._lock:
+                if self._location(first):
+                    return [], []
+                if first in self._loading:
+                    return [], [first]
+                self._loading.add(first)
+                return [first], []
         locs = self._locations(first, last)
         todo = [first + int(i) for i in np.flatnonzero(locs == 0)]
+        mine: list[int] = []
+        theirs: list[int] = []
         if not todo:
-            return mine, waits
-        event = threading.Event()
+            return mine, theirs
         with self._lock:
             for chunk in todo:
-                ev = self._loading.get(chunk)
-                if ev is not None:
-                    if ev not in waits:
-                        waits.append(ev)
+                if chunk in self._loading:
+                    theirs.append(chunk)
                 elif self._location(chunk) == 0:
-                    self._loading[chunk] = event
+                    self._loading.add(chunk)
                     mine.append(chunk)
-        return mine, waits
+        return mine, theirs
+
+    def _wait_loaded(self, chunks: list[int]) -> None:
+        """Until no chunk of ``chunks`` is being copied any more (each is
+        stored then, or the snapshot failed)."""
+        loading = self._loading
+        with self._loaded:
+            if not any(c in loading for c in chunks):
+                return
+        may_block()
+        with self._loaded:
+            self._waiters += 1
+            try:
+                while any(c in loading for c in chunks):
+                    self._loaded.wait()
+            finally:
+                self._waiters -= 1
 
     def _copy(self, chunks: list[int]) -> None:
         """Copy the originals of claimed chunks into diff storage, in runs of
         adjacent chunks read with one request each."""
         try:
+            if len(chunks) == 1:
+                self._copy_run(chunks)
+                return
             start = 0
             max_run = max(1, self.max_io >> self.chunk_shift)
             while start < len(chunks):
@@ -163,10 +192,9 @@ class DiffArea:
                 start = end
         finally:
             with self._lock:
-                events = {self._loading.pop(chunk, None) for chunk in chunks}
-            for ev in events:
-                if ev is not None:
-                    ev.set()
+                self._loading.difference_update(chunks)
+                if self._waiters:
+                    self._loaded.notify_all()
 
     def _copy_run(self, run: list[int]) -> None:
         if self.error:
@@ -251,11 +279,11 @@ class DiffArea:
         last = (end - 1) >> self.chunk_shift
         if self._all_stored(first, last):
             return
-        mine, waits = self._claim(first, last)
-        if mine:
+        mine, theirs = self._claim(first, last)
+        if mine:  # (its reads call may_block if they wait for the disk)
             self._copy(mine)
-        for ev in waits:
-            ev.wait()
+        if theirs:
+            self._wait_loaded(theirs)
 
     def stored_runs(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
         """Where the image reads ``offset``..``offset+length`` from: runs
@@ -365,11 +393,11 @@ class DiffArea:
         end = offset + length
         first, last = offset >> shift, (end - 1) >> shift
         while True:
-            mine, waits = self._claim(first, last)
+            mine, theirs = self._claim(first, last)
             if mine:
                 self._copy(mine)
-            for ev in waits:
-                ev.wait()
+            if theirs:
+                self._wait_loaded(theirs)
             self.check()
             locs = self._locations(first, last)
             if locs.all():

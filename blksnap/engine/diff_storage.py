@@ -33,6 +33,7 @@ snapshot corrupted.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import logging
 import os
@@ -44,10 +45,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from blksnap.blockstack import set_immutable
-from blksnap.engine.device import open_backing
+from blksnap.engine.device import LONG_IO, keep_folios_small, open_backing
+from blksnap.engine.gate import may_block
 from blksnap.engine.params import Params
 from blksnap.errors import InvalidArgument, NoSpace, from_oserror
-from blksnap.fileio import fd_size, pread_full, pwrite_full, storage_identity
+from blksnap.fileio import fd_size, pread_cached, pread_full, pwrite_full, storage_identity
 from blksnap.units import format_size
 
 log = logging.getLogger(__name__)
@@ -75,6 +77,8 @@ class StorageSource:
     hold_fd: int = -1
     #: ... and who to tell of each write (byte offset, length on the device).
     on_write: Callable[[int, int], None] | None = None
+    #: Cached data is read with ``RWF_NOWAIT`` first (False: not supported).
+    nowait: bool = True
     #: A file blksnap made for the source (removed at release), and whether
     #: it was made immutable (the attribute is cleared at release).
     made: str | None = None
@@ -192,6 +196,8 @@ class DiffStorage:
             kind = "blockdev" if stat.S_ISBLK(st.st_mode) else "file"
             ident = storage_identity(st)
             try:
+                # Chunks land in slots of the file: let them make the folios.
+                keep_folios_small(fd, st, settle=True)
                 use = self._ranges_for(fd, kind, path, size, ranges)
             except BaseException:
                 os.close(fd)
@@ -448,7 +454,11 @@ class DiffStorage:
         return self.sources[location >> LOCATION_SHIFT], location & LOCATION_MASK
 
     def write(self, location: int, data: bytes | bytearray | memoryview, offset: int = 0) -> None:
+        """Into the page cache, which does not wait for the disk (nor calls
+        :data:`may_block`); a large piece lets the front-end serve on."""
         src, base = self._where(location)
+        if len(data) >= LONG_IO:
+            may_block()
         try:
             pwrite_full(src.fd, base + offset, data)
         except OSError as exc:
@@ -461,8 +471,24 @@ class DiffStorage:
         return set(self.on_devices)
 
     def read(self, location: int, length: int, offset: int = 0) -> bytes:
+        """What the page cache holds is read without waiting; before the
+        disk (or a large read), :data:`may_block`."""
         src, base = self._where(location)
         try:
+            if length < LONG_IO and src.nowait:
+                try:
+                    buf, got = pread_cached(src.fd, base + offset, length)
+                except OSError as exc:
+                    if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                        raise
+                    src.nowait = False
+                    buf, got = bytearray(), 0
+                if got == length:
+                    return bytes(buf)
+                may_block()
+                rest = pread_full(src.fd, base + offset + got, length - got)
+                return bytes(buf[:got]) + rest if got else rest
+            may_block()
             return pread_full(src.fd, base + offset, length)
         except OSError as exc:
             raise from_oserror(exc, f"diff storage {src.path}") from None

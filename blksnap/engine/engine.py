@@ -82,7 +82,12 @@ class Engine:
 
     # -- devices --------------------------------------------------------------
 
-    def add_device(self, path: str | os.PathLike[str], name: str) -> Device:
+    def add_device(
+        self, path: str | os.PathLike[str], name: str, *, taking_over: bool = False
+    ) -> Device:
+        """Serve ``path`` as device ``name``. ``taking_over``: a process
+        carrying on another's devices (the backing file's page cache is kept
+        as it is; see :class:`BackingStore`)."""
         path = os.fspath(path)
         if not NAME_RE.match(name or ""):
             raise InvalidArgument(
@@ -95,7 +100,7 @@ class Engine:
                 raise Exists(f"a device named {name!r} is already served")
             extents = blockstack.resolve(path, self._alias)
             self._check_not_served(path, extents)
-            dev = Device(name, path, self.params, self.regions)
+            dev = Device(name, path, self.params, self.regions, settle_cache=not taking_over)
             dev.on_error = self._device_failed  # backing store failures: log, event
             self._devices[name] = dev
             self._extents[name] = extents

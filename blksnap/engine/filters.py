@@ -48,6 +48,16 @@ class FilterResult(enum.Enum):
     REDIRECT = "redirect"
 
 
+# The members as plain names: an attribute of an enum class costs as much
+# as a dict lookup and a call, and the I/O path asks for them on every request.
+PASS, SKIP, REPEAT, REDIRECT = (
+    FilterResult.PASS, FilterResult.SKIP, FilterResult.REPEAT, FilterResult.REDIRECT
+)  # fmt: skip
+READ, WRITE, FLUSH, DISCARD, WRITE_ZEROES = (
+    Op.READ, Op.WRITE, Op.FLUSH, Op.DISCARD, Op.WRITE_ZEROES
+)  # fmt: skip
+
+
 @dataclass(slots=True)
 class Bio:
     """One block request: byte ``offset`` and ``length`` on ``device``."""
@@ -190,8 +200,8 @@ class FilterStack:
     def process(self, bio: Bio) -> FilterResult:
         for flt in self._filters:
             result = flt.submit(bio)
-            while result is FilterResult.REPEAT:
+            while result is REPEAT:
                 result = flt.submit(bio)
-            if result is not FilterResult.PASS:
+            if result is not PASS:
                 return result
-        return FilterResult.PASS
+        return PASS

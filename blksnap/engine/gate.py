@@ -20,6 +20,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from blksnap.errors import BlksnapError
+from blksnap.fileio import may_block
+
+__all__ = ["Gate", "WouldWait", "may_block", "no_wait"]
 
 
 class WouldWait(BlksnapError):
@@ -47,26 +50,32 @@ no_wait = _NoWait()
 
 
 class Gate:
-    __slots__ = ("_closed_error", "_cond", "_frozen", "_inflight")
+    __slots__ = ("_closed_error", "_cond", "_frozen", "_inflight", "_lock")
 
     def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._inflight = 0
         self._frozen = 0
         self._closed_error: Callable[[], BlksnapError] | None = None
 
     def enter(self) -> None:
+        with self._lock:  # the lock alone (C), not the condition (Python)
+            if not self._frozen:  # (closed is frozen too)
+                self._inflight += 1
+                return
         with self._cond:
             while self._frozen and self._closed_error is None:
                 if no_wait.active:
                     raise WouldWait("the device is being drained (take, attach, destroy)")
+                may_block()
                 self._cond.wait()
             if self._closed_error is not None:
                 raise self._closed_error()
             self._inflight += 1
 
     def leave(self) -> None:
-        with self._cond:
+        with self._lock:
             self._inflight -= 1
             if self._frozen and not self._inflight:
                 self._cond.notify_all()

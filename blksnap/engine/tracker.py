@@ -19,7 +19,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from blksnap.engine.cbt import CbtMap
-from blksnap.engine.filters import WRITE_OPS, Bio, Filter, FilterResult
+from blksnap.engine.filters import PASS, WRITE_OPS, Bio, Filter, FilterResult
 from blksnap.engine.gate import WouldWait, no_wait
 from blksnap.errors import Busy
 
@@ -62,7 +62,7 @@ class Tracker(Filter):
             self.cbt.mark(bio.offset, bio.length)
             if diff_area is not None:
                 diff_area.cow(bio.offset, bio.length)
-        return FilterResult.PASS
+        return PASS
 
     def write_may_wait(self, offset: int, length: int) -> bool:
         """Could a device write of ``offset``..``offset+length`` submitted
