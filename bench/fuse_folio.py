@@ -1,12 +1,15 @@
-"""4 KiB writes into large page-cache folios: what a sequential read costs
-the random writes after it.
+"""4 KiB writes into large page-cache folios: what a sequential read or
+write costs the random writes after it.
 
-ext4 (with large folios) caches a file read sequentially in folios of up to
-several hundred KiB; a 4 KiB write into such a folio dirties (and later
-writes back) the whole folio, and costs the writer far more than one into a
-4 KiB folio. blksnapd's engine writes its backing file with buffered
-``pwrite`` and reads it with buffered ``pread``, so a backup's or a
-file system's sequential read of a device leaves it large folios.
+ext4 (with large folios) caches a file read or written sequentially in
+folios of up to a few MiB; a 4 KiB write into such a folio costs the writer
+in proportion to the folio (ext4 walks its buffer heads). blksnapd's engine
+reads and writes its backing file through the page cache, so it keeps the
+folios of a backing file on ext4 small (``blksnap/engine/device.py``,
+``SMALL_FOLIO_FS``): no readahead on its fd, writes in pieces of at most
+``WRITE_PIECE``, the file's clean cache dropped when the device is added.
+This section shows whether that holds; the buffered raw loop device (the
+kernel alone) is the comparison.
 
 Per variant (a loop device over a backing file) and round, in random order:
 
@@ -16,9 +19,10 @@ Per variant (a loop device over a backing file) and round, in random order:
   through the variant (filling the cache the way a backup would), then the
   4 KiB random writes;
 - ``seq-read+dontneed``: the same, with the backing file's cache dropped
-  between the read and the writes: what blksnapd would get if it dropped
-  what it read sequentially (``posix_fadvise(DONTNEED)`` after sequential
-  reads), measured here from outside, not done by the engine.
+  between the read and the writes (from outside the daemon): whatever the
+  read left in the cache is gone again;
+- ``seq-write``: one sequential 1 MiB write of the whole device instead of
+  the read.
 
 After every run the backing file is written back (``fsync``), timed: large
 dirty folios also write back more bytes.

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from blksnap.control import loop
+from blksnap.fileio import may_block
 from blksnap.frontends import fuse_proto as p
 from blksnap.frontends.fuse_session import FileBacking, FuseSession, NullBacking, Tree
 
@@ -411,4 +412,73 @@ def test_without_invalidation_a_long_cache_is_stale(tmp_path: Path) -> None:
         assert os.stat(mnt / "dev/x").st_size == MiB  # stale: cached for an hour
     finally:
         session.close()
+        assert not mounted(mnt)
+
+
+class _WaitingBacking(NullBacking):
+    """Reads wait until ``release`` is set; with ``announce`` they call
+    ``may_block()`` first, as the engine does before it waits."""
+
+    def __init__(self, announce: bool) -> None:
+        super().__init__(MiB)
+        self.announce = announce
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def read(self, offset: int, length: int) -> bytes:
+        if self.announce:
+            may_block()
+        self.entered.set()
+        self.release.wait(30)
+        return super().read(offset, length)
+
+
+@needs_fuse
+@pytest.mark.parametrize("announce", [True, False], ids=["announced", "unannounced"])
+def test_a_waiting_request_does_not_stall_the_others(tmp_path: Path, announce: bool) -> None:
+    """One reader thread serves at a time; one whose request waits hands
+    its turn on when the engine says it may block, and a spare takes it
+    anyway once the wait has gone on for a few ms unannounced."""
+    img = tmp_path / "backing.img"
+    data = os.urandom(MiB)
+    img.write_bytes(data)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    backing = FileBacking(str(img))
+    slow = _WaitingBacking(announce)
+    tree = Tree()
+    tree.add_file("disk", backing)
+    tree.add_file("slow", slow)
+    session = FuseSession(tree, str(mnt), threads=3)
+    waiter = None
+    try:
+        session.mount()
+        got: list[bytes] = []
+        waiter = threading.Thread(target=lambda: got.append((mnt / "slow").read_bytes()[:1]))
+        waiter.start()
+        assert slow.entered.wait(10), "the slow read never reached its backing"
+        done: list[bytes] = []
+        reader = threading.Thread(
+            target=lambda: done.extend(os.pread(fd, 4096, o) for o in range(0, MiB, 4096)),
+            daemon=True,
+        )
+        fd = os.open(mnt / "disk", os.O_RDONLY)
+        try:
+            reader.start()
+            reader.join(20)
+            assert not reader.is_alive(), "requests stalled behind a waiting one"
+        finally:
+            slow.release.set()
+            reader.join(20)
+            os.close(fd)
+        assert b"".join(done) == data
+        assert slow.release.is_set() and not reader.is_alive()
+        waiter.join(20)
+        assert got == [b"\0"]
+    finally:
+        slow.release.set()
+        if waiter is not None:
+            waiter.join(20)
+        session.close()
+        backing.close()
         assert not mounted(mnt)
