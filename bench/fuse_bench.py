@@ -1048,9 +1048,8 @@ def why(r: Ratio, bench: FuseBench) -> str:
                 f"{sw.median(few, 'pass') / 1000:,.1f} kIOPS and "
                 f"{sw.cpu_us(few, 'pass'):.0f} µs per request with {few} reader threads, "
                 f"{sw.median(dflt, 'pass') / 1000:,.1f} kIOPS and "
-                f"{sw.cpu_us(dflt, 'pass'):.0f} µs with {dflt}: with more threads than "
-                f"the {ncpu} CPUs, each write costs more (GIL hand-offs between the "
-                "threads; every buffered write to the backing file takes its inode lock)"
+                f"{sw.cpu_us(dflt, 'pass'):.0f} µs with {dflt} (one thread reads at a "
+                "time, the others stand by for requests that wait)"
             )
     prof = next(
         (p for p in bench.profiles if p.scenario == PROFILE_OF.get(r.num) and p.wl is r.wl),
