@@ -301,22 +301,25 @@ class _Turn:
         s = self.session
         lock = s._turn_lock
         seen: tuple[_Turn, int] | None = None
-        while not lock.acquire(timeout=STALL):
+        # One spare at a time watches the holder (the others wait in line,
+        # asleep): every look costs a hand-over of Python's lock.
+        with s._turn_line:
+            while not lock.acquire(timeout=STALL):
+                with s._turn_mutex:
+                    holder = s._holder
+                    if holder is None:
+                        seen = None
+                        continue
+                    mark = (holder, holder.served)
+                    if holder.busy and mark == seen:  # stalled: the lock stays held
+                        holder.held = False
+                        s._holder = self
+                        self.held = True
+                        return
+                    seen = mark
             with s._turn_mutex:
-                holder = s._holder
-                if holder is None:
-                    seen = None
-                    continue
-                mark = (holder, holder.served)
-                if holder.busy and mark == seen:  # stalled: the lock stays held
-                    holder.held = False
-                    s._holder = self
-                    self.held = True
-                    return
-                seen = mark
-        with s._turn_mutex:
-            s._holder = self
-            self.held = True
+                s._holder = self
+                self.held = True
 
     def give(self) -> None:
         """Let another thread read (this one is about to wait, or is done)."""
@@ -357,6 +360,7 @@ class FuseSession:
         #: by ``_holder`` (changed under ``_turn_mutex``).
         self._turn_lock = threading.Lock()
         self._turn_mutex = threading.Lock()
+        self._turn_line = threading.Lock()
         self._holder: _Turn | None = None
 
     # --- lifetime ----------------------------------------------------------
