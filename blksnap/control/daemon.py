@@ -77,8 +77,10 @@ class Daemon:
         regions = SupervisedRegions(inherited) if inherited is not None else None
         self.engine = Engine(self.state_dir, regions=regions)
         self.engine.served_root = self.mount
-        #: Taking over from a worker that died: rebuild from the records.
-        self.takeover = inherited is not None and inherited.restarts > 0
+        #: Taking over from a worker that died (or, under systemd, from a
+        #: supervisor that died: the connection came back from the fd store):
+        #: rebuild from the records.
+        self.takeover = inherited is not None and (inherited.restarts > 0 or inherited.initialized)
         resume = self._read_record(FUSE_RECORD) if self.takeover else None
         #: The FUSE session: its files, its reader threads, its record.
         self.fuse = FuseFront(

@@ -22,19 +22,84 @@ from blksnap.errors import BlksnapError
 log = logging.getLogger("blksnapd")
 
 
-def sd_notify(message: str) -> None:
-    """Tell systemd (Type=notify) how we are; nothing without NOTIFY_SOCKET."""
+def sd_notify(message: str, fds: list[int] | None = None) -> bool:
+    """Tell systemd (Type=notify) how we are, with ``fds`` if given (for
+    ``FDSTORE=1``); nothing without NOTIFY_SOCKET. False if not sent."""
     addr = os.environ.get("NOTIFY_SOCKET")
     if not addr:
-        return
+        return False
     if addr.startswith("@"):
         addr = "\0" + addr[1:]
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
             s.connect(addr)
-            s.sendall(message.encode())
+            if fds:
+                socket.send_fds(s, [message.encode()], fds)
+            else:
+                s.sendall(message.encode())
     except OSError as exc:
         log.warning("sd_notify failed: %s", exc)
+        return False
+    return True
+
+
+#: The first fd systemd passes (``SD_LISTEN_FDS_START``).
+LISTEN_FDS_START = 3
+#: The fd store assumed under a systemd that does not say its size.
+_ASSUMED_STORE = 512
+
+
+def fd_store_size() -> int:
+    """How many fds systemd's fd store keeps for us: ``$FDSTORE`` (systemd
+    254 and later set it to the unit's ``FileDescriptorStoreMax=``); under
+    an older systemd, which does not say, assume the unit has one (fds sent
+    to a unit without one are dropped, with a warning in its log); 0 when
+    not run by systemd."""
+    if not os.environ.get("NOTIFY_SOCKET"):
+        return 0
+    try:
+        return max(0, int(os.environ.get("FDSTORE", str(_ASSUMED_STORE))))
+    except ValueError:
+        return 0
+
+
+def fd_store_put(name: str, fd: int) -> bool:
+    """Keep a copy of ``fd`` in systemd's fd store under ``name`` (replacing
+    any fd of that name): it comes back to the next start of the unit."""
+    if not fd_store_size():
+        return False
+    sd_notify(f"FDSTOREREMOVE=1\nFDNAME={name}")
+    return sd_notify(f"FDSTORE=1\nFDNAME={name}", [fd])
+
+
+def fd_store_drop(name: str) -> None:
+    """Forget the fds of ``name`` in systemd's fd store."""
+    if fd_store_size():
+        sd_notify(f"FDSTOREREMOVE=1\nFDNAME={name}")
+
+
+def listen_fds() -> dict[str, list[int]]:
+    """The fds systemd passed to this process (socket activation, or its fd
+    store), by name, in the order passed; the environment variables that
+    named them are removed (our children must not take them for theirs).
+    Empty when none were passed to this very process."""
+    env = os.environ
+    try:
+        pid, count = int(env.get("LISTEN_PID", "0")), int(env.get("LISTEN_FDS", "0"))
+    except ValueError:
+        pid, count = 0, 0
+    names = env.get("LISTEN_FDNAMES", "").split(":")
+    for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        env.pop(key, None)
+    if pid != os.getpid() or count <= 0:
+        return {}
+    out: dict[str, list[int]] = {}
+    for i in range(count):
+        fd = LISTEN_FDS_START + i
+        os.set_inheritable(fd, False)
+        name = names[i] if i < len(names) and names[i] else "unknown"
+        out.setdefault(name, []).append(fd)
+    return out
 
 
 def is_mounted(mountpoint: str) -> bool:

@@ -188,27 +188,122 @@ class Supervisor:
     # -- what outlives a worker ---------------------------------------------------
 
     def open(self) -> None:
-        if self.nbd_address is not None:  # first: a bad address leaves nothing behind
+        passed = host.listen_fds()
+        if passed:
+            self._take_passed(passed)
+        if self.nbd_address is not None and not self.nbd:  # first: a bad address leaves nothing
             self.nbd = bind(self.nbd_address)
-        host.clear_stale_mount(self.mount)
-        os.makedirs(self.mount, mode=0o755, exist_ok=True)
+        if not self.fuse:
+            host.clear_stale_mount(self.mount)
+            os.makedirs(self.mount, mode=0o755, exist_ok=True)
         try:
-            self.control = bind_control(self.socket_path)
+            if self.control is None:
+                self.control = bind_control(self.socket_path)
         except BaseException:
             self.close(unmount=False)
             raise
-        try:
-            fd = mount_fuse(self.mount)
-            self.fuse.append(fd)
-            for _ in range(self.threads - 1):
-                self.fuse.append(clone_fd(fd))
-        except BaseException:
-            self.close(unmount=True)
-            raise
-        log.info("supervisor %d: FUSE mounted at %s (%d fds)", os.getpid(), self.mount,
-                 len(self.fuse))  # fmt: skip
+        if self.fuse:
+            log.warning("supervisor %d: carrying on the FUSE connection at %s (%d fds) and %d "
+                        "CBT regions kept by systemd across a restart of the unit",
+                        os.getpid(), self.mount, len(self.fuse), len(self.stored))  # fmt: skip
+        else:
+            try:
+                fd = mount_fuse(self.mount)
+                self.fuse.append(fd)
+                for _ in range(self.threads - 1):
+                    self.fuse.append(clone_fd(fd))
+            except BaseException:
+                self.close(unmount=True)
+                raise
+            log.info("supervisor %d: FUSE mounted at %s (%d fds)", os.getpid(), self.mount,
+                     len(self.fuse))  # fmt: skip
+        self._store_all()
+
+    # -- systemd's fd store: what outlives the supervisor too -------------------------
+    #
+    # Under systemd with FileDescriptorStoreMax= the supervisor puts a copy of
+    # each fd it holds for workers into the unit's fd store: the FUSE
+    # connection (fuse-N), the control socket (control), the NBD sockets
+    # (nbd-N) and the CBT regions (region/KEY). Should the supervisor die
+    # (its worker goes with it), systemd still holds the connection, so the
+    # kernel keeps the file systems' requests waiting instead of failing
+    # them; the unit's restart gets the fds back (LISTEN_FDS) and carries on
+    # like a worker restart: same node ids, requests resent, CBT unchanged.
+
+    def _take_passed(self, passed: dict[str, list[int]]) -> None:
+        """Take what systemd passed: the FUSE connection only if its mount is
+        still there (else it is dead, and so is every CBT region with it:
+        writes may have reached the backing files untracked), the sockets if
+        they still serve what we are told to serve; close the rest."""
+        fuse: dict[int, int] = {}
+        regions: dict[str, int] = {}
+        nbd: list[int] = []
+        control: int | None = None
+        rest: list[int] = []
+        for name, fds in passed.items():
+            if name.startswith("fuse-") and name[5:].isdigit() and len(fds) == 1:
+                fuse[int(name[5:])] = fds[0]
+            elif name.startswith("region/") and len(fds) == 1:
+                regions[name[7:]] = fds[0]
+            elif name.startswith("nbd-"):
+                nbd += fds
+            elif name == "control" and len(fds) == 1:
+                control = fds[0]
+            else:
+                rest += fds
+        alive = sorted(fuse) == list(range(len(fuse))) and bool(fuse)
+        if alive and host.is_mounted(self.mount):
+            self.fuse = [fuse[i] for i in sorted(fuse)]
+            self.stored = regions
+            self.initialized = True  # a worker served it: the next one resends
+        else:
+            if fuse:
+                log.warning("FUSE fds from systemd's fd store, but %s is no live mount of "
+                            "ours: starting afresh", self.mount)  # fmt: skip
+            rest += [*fuse.values(), *regions.values()]
+            # systemd's copies too: a connection nobody serves would hang
+            # whoever looks at the old mount point, this start included.
+            for name in (*(f"fuse-{i}" for i in fuse), *(f"region/{k}" for k in regions)):
+                host.fd_store_drop(name)
+        if control is not None:
+            if os.path.exists(self.socket_path):
+                self.control = socket.socket(fileno=control)
+            else:
+                rest.append(control)
+        if nbd and self.nbd_address is not None:
+            self.nbd = [socket.socket(fileno=fd) for fd in nbd]
+        else:
+            rest += nbd
+        for fd in rest:
+            os.close(fd)
+        for name in ("control", *(f"nbd-{i}" for i in range(len(nbd)))):
+            host.fd_store_drop(name)  # stored again below, as they are now
+
+    def _store_all(self) -> None:
+        if not host.fd_store_size():
+            return
+        for i, fd in enumerate(self.fuse):
+            host.fd_store_put(f"fuse-{i}", fd)
+        if self.control is not None:
+            host.fd_store_put("control", self.control.fileno())
+        for i, sock in enumerate(self.nbd):
+            host.fd_store_put(f"nbd-{i}", sock.fileno())
+        for key, fd in self.stored.items():
+            host.fd_store_put(f"region/{key}", fd)
+
+    def _unstore_all(self) -> None:
+        """The connection is over (clean stop, failed start): nothing for
+        the next start to carry on."""
+        if not host.fd_store_size():
+            return
+        names = [f"fuse-{i}" for i in range(len(self.fuse))]
+        names += ["control", *(f"nbd-{i}" for i in range(len(self.nbd)))]
+        names += [f"region/{key}" for key in self.stored]
+        for name in names:
+            host.fd_store_drop(name)
 
     def close(self, unmount: bool) -> None:
+        self._unstore_all()
         if unmount and host.is_mounted(self.mount):
             try:
                 umount(self.mount, lazy=True)
@@ -352,12 +447,14 @@ class Supervisor:
                 if old is not None:
                     os.close(old)
                 self.stored[key] = fds.pop()
+                host.fd_store_put(f"region/{key}", self.stored[key])
             elif what == "restart":
                 self.restart_asked = True
             elif what == "drop" and key:
                 old = self.stored.pop(key, None)
                 if old is not None:
                     os.close(old)
+                host.fd_store_drop(f"region/{key}")
             for fd in fds:  # anything unasked for
                 os.close(fd)
 
