@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import logging
 import os
 import sys
 from typing import Any
@@ -102,6 +103,12 @@ def _negative_ranges(argv: list[str]) -> list[str]:
     return out
 
 
+VERBOSE_HELP = (
+    "say on stderr what happens underneath (a request sent again after blksnapd's "
+    "worker restarted, ...)"
+)
+
+
 def _parser() -> argparse.ArgumentParser:
     base = _Parser(add_help=False)
     base.add_argument(
@@ -110,6 +117,8 @@ def _parser() -> argparse.ArgumentParser:
     base.add_argument(
         "--socket", default=argparse.SUPPRESS, help="blksnapd control socket (env BLKSNAP_SOCKET)"
     )
+    base.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                      help=VERBOSE_HELP)  # fmt: skip
     common = _Parser(add_help=False, parents=[base])
     common.add_argument(
         "--timeout",
@@ -128,6 +137,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--socket", default=None, help="blksnapd control socket (env BLKSNAP_SOCKET)")
+    p.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     p.add_argument(
         "--timeout",
         dest="call_timeout",
@@ -170,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     out = Out(bool(args.json))
+    if args.verbose:
+        logging.basicConfig(level=logging.INFO, format="blksnap: %(message)s", stream=sys.stderr)
     timeout = call_timeout(args, parser)
     handler = args.handler
     try:
