@@ -430,22 +430,31 @@ def run_backup(
             )
             writer.add_device(rec)
             records[plan.name] = rec
-            readers[plan.name] = _open_image(service, sid, plan.name, taken)
         read_error: tuple[int, str] | None = None
         try:
+            for plan in plans:
+                readers[plan.name] = _open_image(service, sid, plan.name, taken)
             for plan in plans:
                 with progress(plan.name, plan.bytes_planned) as advance:
                     records[plan.name].bytes_read = _copy(
                         plan, readers[plan.name], writer, read_size, threads, advance, watcher
                     )
-        except BlksnapError as exc:
-            read_error = (exc.errno or errno.EIO, f"reading the image failed: {exc.message}")
+        except (BlksnapError, OSError) as exc:
+            what = exc.message if isinstance(exc, BlksnapError) else str(exc)
+            read_error = (exc.errno or errno.EIO, f"reading the image failed: {what}")
         failure, stats = _final_state(service, sid, watcher)
         failure = failure or read_error
         for name, rec in records.items():
             rec.image_bytes_read = stats.get(name)
         if failure is not None:
             code, why = failure
+            lost = _lost_at_restart(service, sid)
+            if lost is not None:
+                why = (
+                    f"snapshot {sid} was {lost}: snapshots do not survive a restart of "
+                    "blksnapd's worker yet. Nothing of this backup is kept; run it again "
+                    "(the CBT carried on, so it can still be incremental)"
+                )
             info = writer.fail(code, why)
             writer = None
             raise BackupFailed(f"backup {info.id} failed: {why}", code, info)
@@ -538,6 +547,19 @@ def _copy(
             for fut in pending:
                 fut.cancel()
     return total
+
+
+def _lost_at_restart(service: Any, sid: str) -> str | None:
+    """Why blksnapd lost snapshot ``sid`` at a worker restart (as its status
+    says), or None (it was not, or this service cannot tell)."""
+    status = getattr(service, "status", None)
+    if status is None:
+        return None
+    try:
+        lost = status().get("lost_snapshots") or {}
+    except BlksnapError:
+        return None
+    return lost.get(sid)
 
 
 def _final_state(

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import SKIP, Daemon, loops_under, run
+from tests.integration.conftest import BIN, SKIP, Daemon, loops_under, run
 from tests.integration.helpers import (
     MiB,
     Writer,
@@ -330,3 +330,61 @@ def _state(pid: int) -> str:
             return f.read().rsplit(")", 1)[1].split()[0]
     except (FileNotFoundError, ProcessLookupError):
         return "gone"
+
+
+def _fill(dev: str, size: int, seed: int) -> None:
+    """Random data over the whole device, 1 MiB at a time (direct I/O)."""
+    rng = random.Random(seed)
+    for off in range(0, size, MiB):
+        direct_write(dev, off, rng.randbytes(MiB))
+
+
+def test_backup_cut_by_a_worker_kill_fails_and_the_next_is_incremental(
+    daemon: Daemon, backing, tmp_path
+) -> None:
+    """A snapshot does not survive a worker yet: a backup reading its image
+    when the worker is killed fails, saying so; the CBT does survive, so the
+    backup run again is incremental and restores to exactly the device."""
+    size = 256 * MiB
+    path = backing("a.img", size)
+    lp = add_device(daemon, path, "a")["loop"]
+    daemon.cli("attach", "-d", "a")
+    gen = daemon.client.cbt_info("a").generation_id
+    _fill(lp, size, 1)
+    repo = str(tmp_path / "repo")
+    full = json.loads(daemon.cli("--json", "backup", "-d", "a", "--repo", repo).stdout)
+    assert full["kind"] == "full", full
+    _fill(lp, size, 2)  # every block changed: the next backup reads the whole image
+    cmd = [str(BIN / "blksnap"), "--socket", daemon.sock, "--json", "backup", "-d", "a",
+           "--repo", repo, "--no-progress"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            snaps = daemon.client.snapshot_collect()
+            if any(s["state"] == "taken" for s in snaps):
+                break
+            time.sleep(0.01)
+        assert proc.poll() is None, "the backup ended before the kill: " + proc.stderr.read()
+        os.kill(proc.pid, signal.SIGSTOP)  # held mid-read while the worker dies
+        try:
+            kill_worker(daemon)
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode != 0, out
+    assert err.strip(), "a failed backup must say why"
+    assert "was lost at worker restart (killed by SIGKILL)" in err and "run it again" in err, err
+    st = daemon.client.status()
+    assert st["lost_snapshots"] and st["snapshots"] == 0, st
+    assert daemon.client.cbt_info("a").generation_id == gen
+    again = json.loads(daemon.cli("--json", "backup", "-d", "a", "--repo", repo).stdout)
+    assert again["kind"] == "incremental", again
+    restored = tmp_path / "restored.img"
+    daemon.cli("restore", "--repo", repo, "--backup", again["id"], "-d", "a", "--to",
+               str(restored))  # fmt: skip
+    assert sha256_of(restored) == sha256_of(path)
