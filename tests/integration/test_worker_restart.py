@@ -388,3 +388,44 @@ def test_backup_cut_by_a_worker_kill_fails_and_the_next_is_incremental(
     daemon.cli("restore", "--repo", repo, "--backup", again["id"], "-d", "a", "--to",
                str(restored))  # fmt: skip
     assert sha256_of(restored) == sha256_of(path)
+
+
+def test_worker_killed_during_copy_on_write_fio_sees_nothing(
+    daemon: Daemon, backing, tmp_path
+) -> None:
+    """Killed while its writes copy chunks to a snapshot's diff storage: the
+    writes in flight are resent to the next worker (the snapshot is lost,
+    so they copy nothing there) and fio's crc32c verification passes; a new
+    snapshot taken after each kill copies again until the next one."""
+    lp = add_device(daemon, backing("b.img", FIO_SIZE + 16 * MiB), "b")["loop"]
+    daemon.cli("attach", "-d", "b")
+    gen = daemon.client.cbt_info("b").generation_id
+    log_before = len(kernel_log_lines())
+    kills, lost = 3, set()
+    fio = subprocess.Popen(fio_verify(lp, "cow", "randwrite", "4k", 32, kills * 1.5 + 3),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        for i in range(kills):
+            sid = create(daemon, ["b"], storage_dir(tmp_path, f"d{i}"), "96M")
+            take_full(daemon, sid)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:  # until copies are under way
+                snap = daemon.client.snapshot_collect(sid)[0]
+                if int(snap["devices"][0]["chunks_stored"]) > 20:
+                    break
+                time.sleep(0.02)
+            assert int(snap["devices"][0]["chunks_stored"]) > 20, snap
+            st = kill_worker(daemon)
+            lost.add(sid)
+            assert sid in st["lost_snapshots"] and st["snapshots"] == 0, st
+        out, err = fio.communicate(timeout=kills * 1.5 + 120)
+    finally:
+        if fio.poll() is None:
+            fio.kill()
+            fio.wait()
+    assert fio.returncode == 0, err[-2000:]
+    job = json.loads(out[out.index("{") :])["jobs"][0]
+    assert job["error"] == 0 and job["read"]["io_bytes"] > 0, job
+    assert len(lost) == kills
+    assert daemon.client.cbt_info("b").generation_id == gen
+    assert not io_errors_since(log_before, [lp]), io_errors_since(log_before, [lp])
