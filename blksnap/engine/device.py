@@ -237,10 +237,11 @@ class BackingStore:
         self.size = fd_size(self.fd)
         return self.size
 
-    def pread(self, offset: int, length: int) -> bytes:
+    def pread(self, offset: int, length: int) -> bytes | bytearray:
         """Read; what the page cache holds is read without waiting
-        (``RWF_NOWAIT``), and :data:`may_block` is called before anything
-        that waits for the disk, or moves a lot."""
+        (``RWF_NOWAIT``, into a buffer returned as it is: a bytearray), and
+        :data:`may_block` is called before anything that waits for the
+        disk, or moves a lot."""
         try:
             if length < LONG_IO and self._nowait:
                 try:
@@ -251,7 +252,7 @@ class BackingStore:
                     self._nowait = False
                     buf, got = bytearray(), 0
                 if got == length:
-                    return bytes(buf)
+                    return buf
                 may_block()  # not all of it cached
                 rest = pread_full(self.fd, offset + got, length - got)
                 return bytes(buf[:got]) + rest if got else rest
@@ -470,7 +471,7 @@ class Device:
 
     # -- public I/O -------------------------------------------------------------
 
-    def read(self, offset: int, length: int) -> bytes:
+    def read(self, offset: int, length: int) -> bytes | bytearray:
         if offset < 0 or length < 0 or offset + length > self.backing.size:
             self._check(offset, length, write=False)
         if length == 0:

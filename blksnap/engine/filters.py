@@ -70,7 +70,7 @@ class Bio:
     #: Issued by a filter: skips every filter on its way down.
     filtered: bool = False
     #: Read data, filled by the backing store or by a filter that SKIPs.
-    result: bytes | None = None
+    result: bytes | bytearray | None = None
     #: Free for filters to leave notes for each other.
     private: dict[str, Any] = field(default_factory=dict)
 

@@ -56,16 +56,19 @@ class TargetBacking:
     def __init__(self, target: Target) -> None:
         self.target = target
         self.size = target.size
+        # The served object's own methods: every request goes through them.
+        self._read = target.served.read
+        self._write = target.served.write
 
-    def read(self, offset: int, length: int) -> bytes:
+    def read(self, offset: int, length: int) -> bytes | bytearray:
         try:
-            return self.target.read(offset, length)
+            return self._read(offset, length)
         except BlksnapError as exc:
             raise _os_error(exc) from None
 
     def write(self, offset: int, data: memoryview) -> None:
         try:
-            self.target.write(offset, data)
+            self._write(offset, data)
         except BlksnapError as exc:
             raise _os_error(exc) from None
 
