@@ -48,6 +48,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("blksnapd")
 
+#: Snapshots lost at worker restarts that status keeps listing (the latest).
+LOST_KEPT = 100
 #: In the state dir: what a worker taking over rebuilds from (:meth:`Daemon.record`).
 DAEMON_RECORD = "daemon.json"
 
@@ -323,6 +325,8 @@ class Daemon:
             "devices": devices,
             "snapshots": [s["id"] for s in self.engine.snapshot_collect()],
             "image_loops": {p: lp for p, lp in self.loops.items() if p.startswith(images)},
+            # (carried from worker to worker: status keeps showing them)
+            "lost_snapshots": dict(list(self.lost_snapshots.items())[-LOST_KEPT:]),
         }
 
     def save_record(self) -> None:
@@ -362,6 +366,9 @@ class Daemon:
                 self.loops[path] = lp
             log.info("taking over: device %s (%s)%s", name, d["backing"],
                      f", {lp}" if lp else "")  # fmt: skip
+        earlier = doc.get("lost_snapshots")
+        if isinstance(earlier, dict):
+            self.lost_snapshots.update({str(k): str(v) for k, v in earlier.items()})
         for sid in doc.get("snapshots", []):
             self.lost_snapshots[sid] = f"lost at worker restart ({cause})"
             log.error("taking over: snapshot %s lost with the worker (%s): its images are gone",

@@ -426,6 +426,6 @@ def test_worker_killed_during_copy_on_write_fio_sees_nothing(
     assert fio.returncode == 0, err[-2000:]
     job = json.loads(out[out.index("{") :])["jobs"][0]
     assert job["error"] == 0 and job["read"]["io_bytes"] > 0, job
-    assert len(lost) == kills
+    assert lost <= set(daemon.client.status()["lost_snapshots"])  # every one, not the last
     assert daemon.client.cbt_info("b").generation_id == gen
     assert not io_errors_since(log_before, [lp]), io_errors_since(log_before, [lp])
