@@ -78,6 +78,11 @@ def pread_upto(fd: int, offset: int, length: int) -> bytes:
     return b"".join(parts)
 
 
+#: Reads and writes from this size on call :data:`may_block` first: they
+#: keep the thread in the kernel long enough for another to serve meanwhile.
+LONG_IO = 128 * 1024
+
+
 def pread_cached(fd: int, offset: int, length: int) -> tuple[bytearray, int]:
     """Read what the page cache holds of ``offset``..``offset+length``
     without waiting for the disk (``RWF_NOWAIT``): a buffer of ``length``
@@ -88,6 +93,31 @@ def pread_cached(fd: int, offset: int, length: int) -> tuple[bytearray, int]:
         return buf, os.preadv(fd, [buf], offset, os.RWF_NOWAIT)
     except BlockingIOError:
         return buf, 0
+
+
+def pread_cache_first(
+    fd: int, offset: int, length: int, nowait: bool
+) -> tuple[bytes | bytearray, bool]:
+    """Read exactly ``length`` bytes (zeros past the end of a file): a
+    small read takes what the page cache holds without waiting (when
+    ``nowait``: the file supports ``RWF_NOWAIT`` as far as is known), and
+    :data:`may_block` is called before the disk is read or a long read
+    starts. The data, and whether ``RWF_NOWAIT`` is still to be tried on
+    this file (False once it said it cannot)."""
+    if length < LONG_IO and nowait:
+        try:
+            buf, got = pread_cached(fd, offset, length)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.ENOTTY):
+                raise
+            buf, got, nowait = bytearray(), 0, False
+        if got == length:
+            return buf, nowait
+        may_block()  # not all of it cached
+        rest = pread_full(fd, offset + got, length - got)
+        return (bytes(buf[:got]) + rest if got else rest), nowait
+    may_block()
+    return pread_full(fd, offset, length), nowait
 
 
 def pread_full(fd: int, offset: int, length: int) -> bytes:

@@ -22,16 +22,17 @@ import time
 from typing import TYPE_CHECKING
 
 from blksnap.engine.filters import READ, REDIRECT, SKIP, WRITE, Bio, FilterStack, Op
-from blksnap.engine.gate import Gate, WouldWait, may_block
+from blksnap.engine.gate import Gate, WouldWait
 from blksnap.engine.params import Params
 from blksnap.engine.regions import LOCAL as LOCAL_REGIONS
 from blksnap.engine.regions import Regions
 from blksnap.errors import BlksnapError, InvalidArgument, NoDevice, NoSpace, from_oserror
 from blksnap.fileio import (
+    LONG_IO,
     fallocate,
     fd_size,
-    pread_cached,
-    pread_full,
+    may_block,
+    pread_cache_first,
     pwrite_full,
     storage_identity,
 )
@@ -164,9 +165,6 @@ def blkzeroout(fd: int, offset: int, length: int) -> None:
 #: either way), and a device added drops the clean cache of its file, whose
 #: folios its creator made (a ``dd`` or ``cp`` of an image: large ones).
 SMALL_FOLIO_FS = frozenset({"ext4"})
-#: Reads and writes from this size on call :data:`may_block` first: they
-#: keep the thread in the kernel long enough for another to serve meanwhile.
-LONG_IO = 128 * 1024
 #: The largest single ``pwrite`` into a backing file on :data:`SMALL_FOLIO_FS`.
 WRITE_PIECE = 128 * 1024
 
@@ -238,28 +236,13 @@ class BackingStore:
         return self.size
 
     def pread(self, offset: int, length: int) -> bytes | bytearray:
-        """Read; what the page cache holds is read without waiting
-        (``RWF_NOWAIT``, into a buffer returned as it is: a bytearray), and
-        :data:`may_block` is called before anything that waits for the
-        disk, or moves a lot."""
+        """Read: cached data without waiting, :data:`may_block` before the
+        disk (:func:`~blksnap.fileio.pread_cache_first`)."""
         try:
-            if length < LONG_IO and self._nowait:
-                try:
-                    buf, got = pread_cached(self.fd, offset, length)
-                except OSError as exc:
-                    if exc.errno not in _UNSUPPORTED:
-                        raise
-                    self._nowait = False
-                    buf, got = bytearray(), 0
-                if got == length:
-                    return buf
-                may_block()  # not all of it cached
-                rest = pread_full(self.fd, offset + got, length - got)
-                return bytes(buf[:got]) + rest if got else rest
-            may_block()
-            return pread_full(self.fd, offset, length)
+            data, self._nowait = pread_cache_first(self.fd, offset, length, self._nowait)
         except OSError as exc:
             raise from_oserror(exc, f"read {self.path}") from None
+        return data
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         try:

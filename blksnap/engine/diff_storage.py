@@ -33,7 +33,6 @@ snapshot corrupted.
 
 from __future__ import annotations
 
-import errno
 import itertools
 import logging
 import os
@@ -45,11 +44,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from blksnap.blockstack import set_immutable
-from blksnap.engine.device import LONG_IO, keep_folios_small, open_backing
+from blksnap.engine.device import keep_folios_small, open_backing
 from blksnap.engine.gate import may_block
 from blksnap.engine.params import Params
 from blksnap.errors import InvalidArgument, NoSpace, from_oserror
-from blksnap.fileio import fd_size, pread_cached, pread_full, pwrite_full, storage_identity
+from blksnap.fileio import LONG_IO, fd_size, pread_cache_first, pwrite_full, storage_identity
 from blksnap.units import format_size
 
 log = logging.getLogger(__name__)
@@ -470,28 +469,15 @@ class DiffStorage:
         """Served devices whose backing stores hold mapped sources."""
         return set(self.on_devices)
 
-    def read(self, location: int, length: int, offset: int = 0) -> bytes:
-        """What the page cache holds is read without waiting; before the
-        disk (or a large read), :data:`may_block`."""
+    def read(self, location: int, length: int, offset: int = 0) -> bytes | bytearray:
+        """Cached data without waiting, :data:`may_block` before the disk
+        (:func:`~blksnap.fileio.pread_cache_first`)."""
         src, base = self._where(location)
         try:
-            if length < LONG_IO and src.nowait:
-                try:
-                    buf, got = pread_cached(src.fd, base + offset, length)
-                except OSError as exc:
-                    if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
-                        raise
-                    src.nowait = False
-                    buf, got = bytearray(), 0
-                if got == length:
-                    return bytes(buf)
-                may_block()
-                rest = pread_full(src.fd, base + offset + got, length - got)
-                return bytes(buf[:got]) + rest if got else rest
-            may_block()
-            return pread_full(src.fd, base + offset, length)
+            data, src.nowait = pread_cache_first(src.fd, base + offset, length, src.nowait)
         except OSError as exc:
             raise from_oserror(exc, f"diff storage {src.path}") from None
+        return data
 
     def release(self) -> None:
         """Close every source; anonymous files vanish with their descriptor."""

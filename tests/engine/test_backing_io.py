@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from blksnap.engine import device as device_mod
-from blksnap.engine.device import LONG_IO, WRITE_PIECE, BackingStore, _fs_type
-from blksnap.engine.gate import may_block
+from blksnap.engine.device import WRITE_PIECE, BackingStore, _fs_type
+from blksnap.fileio import LONG_IO, may_block
 
 MiB = 1 << 20
 
