@@ -429,3 +429,51 @@ def test_worker_killed_during_copy_on_write_fio_sees_nothing(
     assert lost <= set(daemon.client.status()["lost_snapshots"])  # every one, not the last
     assert daemon.client.cbt_info("b").generation_id == gen
     assert not io_errors_since(log_before, [lp]), io_errors_since(log_before, [lp])
+
+
+def test_worker_killed_during_take_and_destroy(daemon: Daemon, backing, tmp_path) -> None:
+    """Killed while a take drains the device or a destroy releases the
+    snapshot, at varying moments: fio's writes and verification go on
+    without an error (the new worker has no drained gate), the snapshot is
+    reported lost, the CBT keeps its generation and a take after the kills
+    works and reports every block written meanwhile."""
+    lp = add_device(daemon, backing("c.img", FIO_SIZE + 16 * MiB), "c")["loop"]
+    daemon.cli("attach", "-d", "c")
+    gen = daemon.client.cbt_info("c").generation_id
+    log_before = len(kernel_log_lines())
+    rng = random.Random(7)
+    rounds = 4
+    fio = subprocess.Popen(fio_verify(lp, "take", "randwrite", "4k", 32, rounds * 2.0 + 3),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        for i in range(rounds):
+            sid = create(daemon, ["c"], storage_dir(tmp_path, f"t{i}"), "96M")
+            verb = "take" if i % 2 == 0 else "destroy"
+            if verb == "destroy":
+                take_full(daemon, sid)
+            cmd = [str(BIN / "blksnap"), "--socket", daemon.sock, "snapshot", verb, "-i", sid]
+            op = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            time.sleep(rng.uniform(0.0, 0.05))
+            old = worker_pid(daemon)
+            os.kill(old, signal.SIGKILL)
+            op.communicate(timeout=60)  # done before the kill, or cut by it: either is fine
+            st = wait_new_worker(daemon, old)
+            assert st["snapshots"] == 0 and st["devices"] == 1, st
+            if verb == "take":  # taken or not, the snapshot existed: lost
+                assert sid in st["lost_snapshots"], st
+            else:  # destroyed before the kill, or lost with it
+                assert sid in st["lost_snapshots"] or op.returncode == 0, (st, op.returncode)
+        out, err = fio.communicate(timeout=rounds * 2.0 + 120)
+    finally:
+        if fio.poll() is None:
+            fio.kill()
+            fio.wait()
+    assert fio.returncode == 0, err[-2000:]
+    job = json.loads(out[out.index("{") :])["jobs"][0]
+    assert job["error"] == 0 and job["read"]["io_bytes"] > 0, job
+    assert not io_errors_since(log_before, [lp]), io_errors_since(log_before, [lp])
+    assert daemon.client.cbt_info("c").generation_id == gen
+    sid = create(daemon, ["c"], storage_dir(tmp_path, "after"), "96M")
+    take_full(daemon, sid)
+    assert daemon.client.snapshot_collect(sid)[0]["state"] == "taken"
+    daemon.cli("snapshot", "destroy", "-i", sid)
