@@ -16,8 +16,10 @@ The supervisor also binds the NBD address (``--nbd``) and holds those
 sockets: an NBD client that connects while a worker restarts waits in the
 backlog. The supervisor imports no engine and does no I/O on devices. Its workers get
 ``PR_SET_PDEATHSIG``: if the supervisor itself is killed, its worker goes
-with it and the connection ends (the file systems see I/O errors, as a
-crash of a single-process blksnapd did); the next start clears up.
+with it. Under systemd with an fd store the connection lives on there and
+the restarted unit carries it on (see "systemd's fd store" below); without
+one the connection ends (the file systems see I/O errors, as a crash of a
+single-process blksnapd did) and the next start clears up.
 
 A worker that ends with status 0 stopped cleanly (it unmounted): the
 supervisor exits 0. A first worker that never became ready is a failed
