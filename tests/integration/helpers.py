@@ -76,6 +76,21 @@ def md5(data: bytes) -> str:
     return hashlib.md5(data).hexdigest()
 
 
+def sha256_file(path: str | Path, limit: int | None = None) -> str:
+    """sha256 of a file or block device (its first ``limit`` bytes)."""
+    h = hashlib.sha256()
+    left = limit
+    with open(path, "rb") as f:
+        while left is None or left > 0:
+            chunk = f.read(4 * MiB if left is None else min(4 * MiB, left))
+            if not chunk:
+                break
+            h.update(chunk)
+            if left is not None:
+                left -= len(chunk)
+    return h.hexdigest()
+
+
 def md5_file(path: str | Path) -> str:
     h = hashlib.md5()
     with open(path, "rb") as f:

@@ -6,7 +6,6 @@ generation changes, overflowed snapshots, damaged repositories."""
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import random
@@ -22,17 +21,10 @@ from blksnap.backup.repo import Repository
 from blksnap.backup.session import BackupFailed, run_backup
 from blksnap.errors import BlksnapError
 from tests.integration.conftest import BIN, Daemon, run
+from tests.integration.helpers import sha256_file
 
 MiB = 1 << 20
 SIZE = 24 * MiB
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(4 * MiB):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def random_device(daemon: Daemon, tmp_path: Path, name: str, seed: int) -> str:

@@ -3,7 +3,6 @@ qemu-img (qemu-utils), nbdinfo and nbdcopy (libnbd-bin)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import BIN, SKIP, have, run, start_daemon, stop_daemon
+from tests.integration.helpers import sha256_file
 from tests.integration.nbd_client import OptionFailed, RawNbd
 
 KiB = 1 << 10
@@ -29,14 +29,6 @@ pytestmark = pytest.mark.skipif(
 
 def uri(sock: str, export: str) -> str:
     return f"nbd+unix:///{export}?socket={sock}"
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(MiB):
-            h.update(block)
-    return h.hexdigest()
 
 
 def random_file(path: str, size: int, seed: int) -> bytes:

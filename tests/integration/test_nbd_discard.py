@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import have, run
-from tests.integration.test_nbd_clients import cbtinfo, sha256_file, snapshot, uri
+from tests.integration.helpers import sha256_file
+from tests.integration.test_nbd_clients import cbtinfo, snapshot, uri
 
 KiB = 1 << 10
 MiB = 1 << 20

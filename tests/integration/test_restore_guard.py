@@ -8,7 +8,6 @@ block device without a file-system signature (its first 64 KiB zero)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -20,23 +19,17 @@ import pytest
 from blksnap.backup.repo import Repository
 from blksnap.control import loop as hostloop
 from tests.integration.conftest import Daemon, run
-from tests.integration.helpers import MiB, add_device, fsck_ext4, md5_file, populate, tree
+from tests.integration.helpers import (
+    MiB,
+    add_device,
+    fsck_ext4,
+    md5_file,
+    populate,
+    sha256_file,
+    tree,
+)
 
 HEAD = 64 * 1024
-
-
-def sha256_file(path: str | Path, limit: int | None = None) -> str:
-    h = hashlib.sha256()
-    left = limit
-    with open(path, "rb") as f:
-        while left is None or left > 0:
-            chunk = f.read(4 * MiB if left is None else min(4 * MiB, left))
-            if not chunk:
-                break
-            h.update(chunk)
-            if left is not None:
-                left -= len(chunk)
-    return h.hexdigest()
 
 
 def restore(daemon: Daemon, repo: Path, to: str | Path, *extra: str):

@@ -31,6 +31,7 @@ from tests.integration.helpers import (
     add_device,
     create,
     direct_write,
+    sha256_file,
     storage_dir,
     take_full,
 )
@@ -116,14 +117,6 @@ def mounted_ext4(daemon: Daemon, backing, tmp_path: Path) -> tuple[str, str, str
     return mounted(daemon, backing, tmp_path, "ext4")
 
 
-def sha256_of(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(4 * MiB):
-            h.update(block)
-    return h.hexdigest()
-
-
 def kill_under_load(
     daemon: Daemon, la: str, lb: str, mnt: str, kills: int, seed: str, fs: str = "ext4"
 ) -> str:
@@ -189,7 +182,7 @@ def kill_under_load(
     assert inc["kind"] == "incremental", inc
     restored = Path(mnt).parent / "restored.img"
     daemon.cli("restore", "--repo", repo, "--backup", inc["id"], "-d", "a", "--to", str(restored))
-    assert sha256_of(restored) == sha256_of(Path(mnt).parent / "backing" / "a.img")
+    assert sha256_file(restored) == sha256_file(Path(mnt).parent / "backing" / "a.img")
     return gen
 
 
@@ -387,7 +380,7 @@ def test_backup_cut_by_a_worker_kill_fails_and_the_next_is_incremental(
     restored = tmp_path / "restored.img"
     daemon.cli("restore", "--repo", repo, "--backup", again["id"], "-d", "a", "--to",
                str(restored))  # fmt: skip
-    assert sha256_of(restored) == sha256_of(path)
+    assert sha256_file(restored) == sha256_file(path)
 
 
 def test_worker_killed_during_copy_on_write_fio_sees_nothing(
