@@ -10,6 +10,7 @@ loop (``BLKSNAP_KILLS``, default 20)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -20,6 +21,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -92,6 +94,31 @@ def fio_verify(target: str, name: str, rw: str, bs: str, depth: int, seconds: fl
     ]  # fmt: skip
 
 
+def check_fio(proc: subprocess.Popen[str], out: str, err: str) -> None:
+    """A :func:`fio_verify` run ended without an error and verified something."""
+    assert proc.returncode == 0, f"fio failed ({proc.returncode}): {err[-2000:]}"
+    job = json.loads(out[out.index("{") :])["jobs"][0]
+    assert job["error"] == 0, job
+    assert job["read"]["io_bytes"] > 0, "fio verified nothing"
+
+
+@contextlib.contextmanager
+def fio_verified(target: str, name: str, seconds: float) -> Iterator[None]:
+    """fio writing and verifying ``target`` for ``seconds`` around the
+    block; after it, fio is waited for and checked (:func:`check_fio`). It
+    is killed (by its pid) if the block fails."""
+    proc = subprocess.Popen(fio_verify(target, name, "randwrite", "4k", 32, seconds),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        yield
+        out, err = proc.communicate(timeout=seconds + 120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    check_fio(proc, out, err)
+
+
 # xfsprogs >= 5.19 refuses file systems under 300 MiB; the files are sparse.
 FS_SIZE = {"ext4": 192 * MiB, "xfs": 320 * MiB}
 MKFS = {"ext4": ["mkfs.ext4", "-q"], "xfs": ["mkfs.xfs", "-q", "-f"]}
@@ -157,10 +184,7 @@ def kill_under_load(
                     p.wait()
             rc = writer.stop()
     for p, (out, err) in zip(fio, results, strict=True):
-        assert p.returncode == 0, f"fio failed ({p.returncode}): {err[-2000:]}"
-        job = json.loads(out[out.index("{") :])["jobs"][0]
-        assert job["error"] == 0, job
-        assert job["read"]["io_bytes"] > 0, "fio verified nothing"
+        check_fio(p, out, err)
     assert rc == 0 and not writer.errors(), (rc, writer.errors(), writer.err[-5:])
     assert writer.count() > kills, "the writer made no progress across the kills"
     for name, digest in writer.files().items():
@@ -395,9 +419,7 @@ def test_worker_killed_during_copy_on_write_fio_sees_nothing(
     gen = daemon.client.cbt_info("b").generation_id
     log_before = len(kernel_log_lines())
     kills, lost = 3, set()
-    fio = subprocess.Popen(fio_verify(lp, "cow", "randwrite", "4k", 32, kills * 1.5 + 3),
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    try:
+    with fio_verified(lp, "cow", kills * 1.5 + 3):
         for i in range(kills):
             sid = create(daemon, ["b"], storage_dir(tmp_path, f"d{i}"), "96M")
             take_full(daemon, sid)
@@ -411,14 +433,6 @@ def test_worker_killed_during_copy_on_write_fio_sees_nothing(
             st = kill_worker(daemon)
             lost.add(sid)
             assert sid in st["lost_snapshots"] and st["snapshots"] == 0, st
-        out, err = fio.communicate(timeout=kills * 1.5 + 120)
-    finally:
-        if fio.poll() is None:
-            fio.kill()
-            fio.wait()
-    assert fio.returncode == 0, err[-2000:]
-    job = json.loads(out[out.index("{") :])["jobs"][0]
-    assert job["error"] == 0 and job["read"]["io_bytes"] > 0, job
     assert lost <= set(daemon.client.status()["lost_snapshots"])  # every one, not the last
     assert daemon.client.cbt_info("b").generation_id == gen
     assert not io_errors_since(log_before, [lp]), io_errors_since(log_before, [lp])
@@ -429,16 +443,14 @@ def test_worker_killed_during_take_and_destroy(daemon: Daemon, backing, tmp_path
     snapshot, at varying moments: fio's writes and verification go on
     without an error (the new worker has no drained gate), the snapshot is
     reported lost, the CBT keeps its generation and a take after the kills
-    works and reports every block written meanwhile."""
+    works."""
     lp = add_device(daemon, backing("c.img", FIO_SIZE + 16 * MiB), "c")["loop"]
     daemon.cli("attach", "-d", "c")
     gen = daemon.client.cbt_info("c").generation_id
     log_before = len(kernel_log_lines())
     rng = random.Random(7)
     rounds = 4
-    fio = subprocess.Popen(fio_verify(lp, "take", "randwrite", "4k", 32, rounds * 2.0 + 3),
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    try:
+    with fio_verified(lp, "take", rounds * 2.0 + 3):
         for i in range(rounds):
             sid = create(daemon, ["c"], storage_dir(tmp_path, f"t{i}"), "96M")
             verb = "take" if i % 2 == 0 else "destroy"
@@ -456,14 +468,6 @@ def test_worker_killed_during_take_and_destroy(daemon: Daemon, backing, tmp_path
                 assert sid in st["lost_snapshots"], st
             else:  # destroyed before the kill, or lost with it
                 assert sid in st["lost_snapshots"] or op.returncode == 0, (st, op.returncode)
-        out, err = fio.communicate(timeout=rounds * 2.0 + 120)
-    finally:
-        if fio.poll() is None:
-            fio.kill()
-            fio.wait()
-    assert fio.returncode == 0, err[-2000:]
-    job = json.loads(out[out.index("{") :])["jobs"][0]
-    assert job["error"] == 0 and job["read"]["io_bytes"] > 0, job
     assert not io_errors_since(log_before, [lp]), io_errors_since(log_before, [lp])
     assert daemon.client.cbt_info("c").generation_id == gen
     sid = create(daemon, ["c"], storage_dir(tmp_path, "after"), "96M")
