@@ -451,9 +451,8 @@ def run_backup(
             lost = _lost_at_restart(service, sid)
             if lost is not None:
                 why = (
-                    f"snapshot {sid} was {lost}: snapshots do not survive a restart of "
-                    "blksnapd's worker yet. Nothing of this backup is kept; run it again "
-                    "(the CBT carried on, so it can still be incremental)"
+                    f"snapshot {sid} was {lost}. Nothing of this backup is kept; run it "
+                    "again (the CBT carried on, so it can still be incremental)"
                 )
             info = writer.fail(code, why)
             writer = None

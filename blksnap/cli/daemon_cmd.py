@@ -57,12 +57,13 @@ def register(sub: Any, cmd: Commands) -> None:
         "restart",
         "a new blksnapd worker from the code on disk (upgrade in place): its supervisor "
         "keeps the FUSE files, the loop devices over them and the control socket, so file "
-        "systems on its devices only pause; refused (EBUSY) while snapshots exist",
+        "systems on its devices only pause; snapshots carry on (their chunk maps and diff "
+        "storage are held by the supervisor too), and so do the images being read",
     )
     restart.add_argument(
         "--force",
         action="store_true",
-        help="restart with snapshots: they are lost (their images go away)",
+        help="accepted and ignored: nothing a restart would lose needs forcing",
     )
     restart.set_defaults(handler=daemon_restart, long_timeout=True)
     status = cmd(

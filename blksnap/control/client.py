@@ -47,7 +47,10 @@ log = logging.getLogger("blksnap.client")
 #: them (blksnapd's worker restarted).
 IDEMPOTENT = frozenset(
     {"version", "daemon.status", "device.list", "cbt.info", "cbt.map", "snapshot.info",
-     "snapshot.collect"}
+     "snapshot.collect",
+     # (takes an event off the queue; but a connection broken under it means
+     # the worker died, and the events not yet taken went with it anyway)
+     "snapshot.waitevent"}
 )  # fmt: skip
 #: How often, and the pause before each (the new worker takes about a second).
 RETRIES = 40

@@ -231,13 +231,6 @@ class Daemon:
                 "this blksnapd runs without a supervisor (--no-supervisor): "
                 "stop and start it instead",
             )
-        snaps = [s["id"] for s in self.engine.snapshot_collect()]
-        if snaps and not args.get("force"):
-            raise error(
-                errno.EBUSY,
-                "snapshots do not survive a worker restart yet; destroy them first "
-                "or restart with --force (they are lost): " + ", ".join(snaps),
-            )
         log.warning("daemon restart: worker %d hands over to a new one", os.getpid())
         # The supervisor starts the new worker (code from disk) and, once it
         # has imported everything and waits, signals SIGUSR1: then this one
@@ -343,9 +336,12 @@ class Daemon:
 
     def rebuild(self) -> None:
         """Taking over: the devices, filters and loop devices of the record
-        the dead worker left. Snapshots did not survive it: their ids are
-        kept in :attr:`lost_snapshots` and their images' loop devices are
-        detached once serving (:meth:`drop_lost_images`)."""
+        the dead worker left, then its snapshots from the regions the
+        supervisor holds (:meth:`Engine.snapshot_resume`): their images are
+        served again under the same node ids, and the loop devices over
+        them kept. A snapshot that cannot be carried on is released, its id
+        kept in :attr:`lost_snapshots` with the reason, and the loop devices
+        over its images detached once serving (:meth:`drop_lost_images`)."""
         doc = self._read_record(DAEMON_RECORD) or {}
         cause = self.inherited.causes[-1] if self.inherited and self.inherited.causes else "?"
         for d in doc.get("devices", []):
@@ -369,17 +365,38 @@ class Daemon:
         earlier = doc.get("lost_snapshots")
         if isinstance(earlier, dict):
             self.lost_snapshots.update({str(k): str(v) for k, v in earlier.items()})
-        for sid in doc.get("snapshots", []):
-            self.lost_snapshots[sid] = f"lost at worker restart ({cause})"
-            log.error("taking over: snapshot %s lost with the worker (%s): its images are gone",
-                      sid, cause)  # fmt: skip
-        self.lost_image_loops = dict(doc.get("image_loops") or {})
+        served: set[str] = set()
+        for sid in self.engine.snapshots_left():
+            try:
+                snap = self.engine.snapshot_resume(sid)
+            except BlksnapError as exc:
+                self.lost_snapshots[sid] = f"lost at worker restart ({cause}): {exc.message}"
+                log.error("taking over: snapshot %s lost: %s", sid, exc.message)
+                continue
+            if snap is None:
+                continue  # its destroy was cut short: finished
+            names = sorted(snap.members)
+            if any(m.image is not None for m in snap.members.values()):
+                self.fs.add_snapshot(sid, names)
+                served.add(sid)
+            log.info("taking over: snapshot %s (%s) carried on: %s", sid, ", ".join(names),
+                     snap.state + (f": {snap.reason}" if snap.reason else ""))  # fmt: skip
+        images = os.path.join(self.mount, "images")
+        for path, lp in (doc.get("image_loops") or {}).items():
+            sid = os.path.basename(os.path.dirname(path))
+            if os.path.dirname(os.path.dirname(path)) == images and sid in served:
+                if hostinfo.backing_file(os.path.basename(lp)) == path:
+                    self.loops[path] = lp
+            else:
+                self.lost_image_loops[path] = lp
         regions = self.engine.regions
         if isinstance(regions, SupervisedRegions):
             tracked = [d.name for d in self.engine.devices() if self.engine.tracker_of(d.name)]
             used = {f"cbt/{name}" for name in tracked}
+            kept = {f"snap/{s['id']}" for s in self.engine.snapshot_collect()}
             for key in regions.held():
-                if key not in used:
+                # (a snapshot's keys: snap/ID and snap/ID/...)
+                if key not in used and "/".join(key.split("/")[:2]) not in kept:
                     log.warning("taking over: region %s not used by any device: let go", key)
                     regions.drop(key)
         self.rebuilt = True

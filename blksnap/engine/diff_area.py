@@ -7,10 +7,18 @@ thread is copying the original out; others wait until it is done), *stored*
 straight through) or, once the snapshot is corrupted, nothing matters any
 more: copy-on-write stops and the device keeps working.
 
-The chunk map is a dict of numpy pages, each holding the packed diff-storage
-location (+1, so 0 means "not stored") of ``chunk_map_page`` chunks. A page
-exists only once one of its chunks is stored, so memory follows the chunks
-touched, not the device size.
+The chunk map lives in a region (:mod:`blksnap.engine.regions`): a header
+(capacity, chunk size, the error that corrupted the snapshot), a directory
+of pages, and pages of ``chunk_map_page`` int64s, each the packed
+diff-storage location (+1, so 0 means "not stored") of one chunk. A page is
+marked in the directory before its first chunk is stored and never read
+before, so its memory is made only then: memory follows the chunks touched,
+not the device size. In memory its pages are numpy views, found in a dict.
+A process taking over (blksnapd's next worker) finds the region as it was
+left and carries on: a location is published (one aligned 8-byte store)
+only once the chunk's copy is in diff storage, so a chunk whose copy was
+cut short counts as not stored, and its device write had not been let
+through.
 
 Ordering rules (the hard part, as in the kernel):
 
@@ -28,6 +36,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import mmap
 import threading
 from collections.abc import Callable
 
@@ -38,9 +47,27 @@ from blksnap.engine.diff_storage import DiffStorage
 from blksnap.engine.filters import Bio, Op
 from blksnap.engine.gate import may_block
 from blksnap.engine.params import Params
-from blksnap.errors import BlksnapError, IOFailure
+from blksnap.engine.regions import LOCAL
+from blksnap.errors import BlksnapError, InvalidArgument, IOFailure
 
 log = logging.getLogger(__name__)
+
+_MAGIC = 0x6273617265613031  # "bsarea01"
+_HEADER_WORDS = 512  # 4 KiB: magic, capacity, chunk size, page size, error, stats
+_ALIGN = 4096
+
+
+def _layout(capacity: int, chunk_size: int, page_size: int) -> tuple[int, int, int]:
+    """(pages, byte offset of page 0, region size) of a chunk map."""
+    chunks = (capacity + chunk_size - 1) // chunk_size
+    pages = (chunks + page_size - 1) // page_size
+    first = _HEADER_WORDS * 8 + (pages + _ALIGN - 1) // _ALIGN * _ALIGN
+    return pages, first, first + pages * page_size * 8
+
+
+def region_size(capacity: int, chunk_size: int, page_size: int) -> int:
+    """Bytes of the region a chunk map of this shape needs (sparse)."""
+    return _layout(capacity, chunk_size, page_size)[2]
 
 
 class DiffArea:
@@ -50,7 +77,13 @@ class DiffArea:
         storage: DiffStorage,
         params: Params,
         on_error: Callable[[BlksnapError], None],
+        region: mmap.mmap | None = None,
+        *,
+        resumed: bool = False,
     ) -> None:
+        """``region``: where the chunk map lives (of :func:`region_size`;
+        None: memory of this process). ``resumed``: the region holds the
+        map a process before this one left: carry on from it."""
         self.device = device
         self.storage = storage
         #: The snapshot's chunk size: one diff storage slot.
@@ -60,8 +93,33 @@ class DiffArea:
         self.max_io = params.max_io_size
         #: Device capacity frozen at take: the image's size.
         self.capacity = device.size
-        self.chunk_count = (self.capacity + self.chunk_size - 1) >> self.chunk_shift
         self._pages: dict[int, np.ndarray] = {}
+        #: errno of the failure that corrupted the snapshot, 0 while healthy.
+        self.error = 0
+        self.chunks_stored = 0
+        if region is None:
+            size = region_size(self.capacity, self.chunk_size, self.page_size)
+            region, _ = LOCAL.open("area", size)
+        self._region = region
+        self._head = np.frombuffer(region, dtype=np.int64, count=_HEADER_WORDS)
+        #: The image's I/O counters (bytes read, reads, bytes written), kept
+        #: here so that they carry on too.
+        self.stats = self._head[5:8]
+        if resumed:
+            self._resume()
+        else:
+            self._head[1:4] = (self.capacity, self.chunk_size, self.page_size)
+            self._head[0] = _MAGIC
+        self.chunk_count = (self.capacity + self.chunk_size - 1) >> self.chunk_shift
+        pages, self._pages_at, _ = _layout(self.capacity, self.chunk_size, self.page_size)
+        self._directory = np.frombuffer(
+            region, dtype=np.uint8, count=pages, offset=_HEADER_WORDS * 8
+        )
+        if resumed:
+            for pno in np.flatnonzero(self._directory).tolist():
+                page = self._page_view(pno)
+                self._pages[pno] = page
+                self.chunks_stored += int(np.count_nonzero(page))
         #: Chunks a thread is copying; threads that need one of them wait on
         #: ``_loaded`` (counted in ``_waiters``, so a copy that nobody waits
         #: for wakes nobody).
@@ -70,10 +128,31 @@ class DiffArea:
         self._loaded = threading.Condition(self._lock)
         self._waiters = 0
         self._on_error = on_error
-        #: errno of the failure that corrupted the snapshot, 0 while healthy.
-        self.error = 0
         self.armed = False
-        self.chunks_stored = 0
+
+    def _resume(self) -> None:
+        head = self._head
+        magic, capacity, chunk_size, page_size, error = (int(v) for v in head[:5])
+        if magic != _MAGIC or chunk_size != self.chunk_size or page_size != self.page_size:
+            raise InvalidArgument(
+                f"chunk map of {self.device.name} left by the process before is not one "
+                f"(magic {magic:#x}, chunk {chunk_size}, page {page_size})"
+            )
+        need = region_size(capacity, chunk_size, page_size)
+        if len(self._region) < need:
+            raise InvalidArgument(
+                f"chunk map of {self.device.name}: {len(self._region)} bytes left, {need} needed"
+            )
+        self.capacity = capacity
+        self.error = error
+
+    def _page_view(self, pno: int) -> np.ndarray:
+        return np.frombuffer(
+            self._region,
+            dtype=np.int64,
+            count=self.page_size,
+            offset=self._pages_at + pno * self.page_size * 8,
+        )
 
     # -- chunk map ------------------------------------------------------------------
 
@@ -100,8 +179,9 @@ class DiffArea:
     def _publish(self, chunk: int, location: int) -> None:
         pno, idx = divmod(chunk, self.page_size)
         page = self._pages.get(pno)
-        if page is None:
-            page = self._pages.setdefault(pno, np.zeros(self.page_size, dtype=np.int64))
+        if page is None:  # (under the lock: one thread makes it)
+            self._directory[pno] = 1
+            page = self._pages[pno] = self._page_view(pno)
         page[idx] = location + 1
         self.chunks_stored += 1
 
@@ -117,6 +197,7 @@ class DiffArea:
         if self.error:
             return
         self.error = exc.errno or errno.EIO
+        self._head[4] = self.error
         log.error("snapshot of %s corrupted: %s", self.device.name, exc)
         self._on_error(exc)
 

@@ -42,6 +42,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from blksnap.blockstack import set_immutable
 from blksnap.engine.device import keep_folios_small, open_backing
@@ -50,6 +51,9 @@ from blksnap.engine.params import Params
 from blksnap.errors import InvalidArgument, NoSpace, from_oserror
 from blksnap.fileio import LONG_IO, fd_size, pread_cache_first, pwrite_full, storage_identity
 from blksnap.units import format_size
+
+if TYPE_CHECKING:
+    from blksnap.engine.snapshot_state import SnapshotState
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +91,17 @@ class StorageSource:
     def grows(self) -> bool:
         """Does it take room from its file system as chunks land?"""
         return self.kind in ("anonymous", "file")
+
+    def describe(self) -> dict[str, Any]:
+        """What a process taking over needs, beside the descriptors."""
+        return {
+            "path": self.path,
+            "kind": self.kind,
+            "ranges": [list(r) for r in self.ranges],
+            "identity": list(self.identity),
+            "device": self.device,
+            "made": self.made,
+        }
 
 
 def _make_anonymous(directory: str) -> tuple[int, str]:
@@ -142,8 +157,12 @@ class DiffStorage:
         params: Params,
         on_low_space: Callable[[dict[str, int]], None] | None = None,
         slot_size: int | None = None,
+        keep: SnapshotState | None = None,
     ) -> None:
+        """``keep``: the snapshot's regions, where each source and its
+        allocation are kept for a process taking over (None: nowhere)."""
         self.params = params
+        self.keep = keep
         self.slot_size = slot_size or params.chunk_size
         self.sources: list[StorageSource] = []
         self._lock = threading.Lock()
@@ -278,7 +297,16 @@ class DiffStorage:
             if self._released:
                 _close(src)
                 raise InvalidArgument("diff storage already released")
+            if self.keep is not None:
+                # Kept before it serves: a slot of it in a chunk map is
+                # always found again.
+                try:
+                    self.keep.keep_source(len(self.sources), src.describe(), src.fd, src.hold_fd)
+                except BaseException:
+                    _close(src)
+                    raise
             self.sources.append(src)
+            self._save_row(len(self.sources) - 1)
             self._slots_total += src.slots_total
             self._trim_after = 0.0
             if src.device is not None:
@@ -362,7 +390,8 @@ class DiffStorage:
             return
         slot = self.slot_size
         rooms: dict[int, int] = {}
-        for src in self.sources[self._next_source :]:
+        for index in range(self._next_source, len(self.sources)):
+            src = self.sources[index]
             left = src.slots_total - src.slots_used
             if not left or not src.grows:
                 continue
@@ -373,6 +402,7 @@ class DiffStorage:
             if fit < left:
                 self._slots_total -= left - fit
                 src.slots_total = src.slots_used + fit
+                self._save_row(index)
                 if not fit:
                     log.warning("diff storage %s: its file system is full", src.path)
             rooms[fs] -= min(left, fit) * slot
@@ -416,6 +446,8 @@ class DiffStorage:
                     src.cursor = (rindex, pos + self.slot_size)
                     src.slots_used += 1
                     out.append((index << LOCATION_SHIFT) | (roff + pos))
+                    if self.keep is not None:
+                        self._save_row(index)  # before the slot is used
                 self._next_source = index
                 self._slots_used += len(out)
             event = self._low_space_event_locked(
@@ -446,6 +478,78 @@ class DiffStorage:
             "capacity": self.capacity,
             "requested": max(threshold * 2, unmet, self.slot_size),
         }
+
+    def _save_row(self, index: int) -> None:
+        """Source ``index``'s allocation into its kept row (under the lock)."""
+        if self.keep is None:
+            return
+        src = self.sources[index]
+        self.keep.row(index)[:] = (*src.cursor, src.slots_used, src.slots_total)
+
+    # -- a process taking over ------------------------------------------------
+
+    @classmethod
+    def resume(
+        cls,
+        params: Params,
+        keep: SnapshotState,
+        slot_size: int,
+        on_low_space: Callable[[dict[str, int]], None] | None,
+        on_write_for: Callable[[str], Callable[[int, int], None] | None],
+    ) -> DiffStorage:
+        """The diff storage a process before this one left in ``keep``:
+        every source with its descriptors (duplicated here) and allocation.
+        ``InvalidArgument`` if a descriptor is not the file it was."""
+        self = cls(params, on_low_space, slot_size, keep)
+        try:
+            self._resume_sources(keep, on_write_for)
+        except BaseException:
+            self.release()
+            raise
+        return self
+
+    def _resume_sources(
+        self,
+        keep: SnapshotState,
+        on_write_for: Callable[[str], Callable[[int, int], None] | None],
+    ) -> None:
+        for index, (desc, kept_fd, kept_hold) in enumerate(keep.sources()):
+            fd = os.dup(kept_fd)
+            hold = os.dup(kept_hold) if kept_hold >= 0 else -1
+            src = StorageSource(
+                str(desc["path"]),
+                fd,
+                str(desc["kind"]),
+                [(int(o), int(n)) for o, n in desc["ranges"]],
+                (int(desc["identity"][0]), int(desc["identity"][1])),
+                device=desc.get("device"),
+                hold_fd=hold,
+                made=desc.get("made"),
+            )
+            self.sources.append(src)  # (closed at release, whatever follows)
+            ident = storage_identity(os.fstat(hold if hold >= 0 else fd))
+            if ident != src.identity:
+                raise InvalidArgument(
+                    f"diff storage {src.path}: the descriptor kept is not the file it was"
+                )
+            rindex, pos, used, total = (int(v) for v in keep.row(index))
+            if total == 0 and used == 0:  # kept, never put in service
+                total = sum(length // self.slot_size for _, length in src.ranges)
+            src.cursor, src.slots_used, src.slots_total = (rindex, pos), used, total
+            self._slots_total += total
+            self._slots_used += used
+            if src.device is not None:
+                src.on_write = on_write_for(src.device)
+                ranges = {*self.on_devices.get(src.device, ()),
+                          *((o, o + n) for o, n in src.ranges)}  # fmt: skip
+                self.on_devices = {**self.on_devices, src.device: tuple(sorted(ranges))}
+            self._save_row(index)
+        sources = self.sources
+        while (
+            self._next_source < len(sources)
+            and sources[self._next_source].slots_used == sources[self._next_source].slots_total
+        ):
+            self._next_source += 1
 
     # -- I/O ------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ import stat
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from blksnap import blockstack
@@ -28,8 +28,9 @@ from blksnap.engine.params import Params
 from blksnap.engine.regions import LOCAL as LOCAL_REGIONS
 from blksnap.engine.regions import Regions
 from blksnap.engine.snapshot import Snapshot
+from blksnap.engine.snapshot_state import S_DESTROYING, SnapshotState
 from blksnap.engine.tracker import Tracker
-from blksnap.errors import Busy, Exists, InvalidArgument, NotFound, from_oserror
+from blksnap.errors import BlksnapError, Busy, Exists, InvalidArgument, NotFound, from_oserror
 
 log = logging.getLogger(__name__)
 
@@ -335,6 +336,7 @@ class Engine:
                 carrier = self._check_storage(os.fspath(storage), devs)
             attached: list[Device] = []
             pairs: list[tuple[Device, Tracker]] = []
+            snap: Snapshot | None = None
             try:
                 for dev in devs:
                     trk = self._tracker_or_none(dev)
@@ -343,10 +345,13 @@ class Engine:
                         attached.append(dev)
                     assert isinstance(trk, Tracker)
                     pairs.append((dev, trk))
-                snap = Snapshot(self.params, pairs, sid)
+                snap = Snapshot(self.params, pairs, sid, self.regions)
                 if storage is not None:
                     self._add_storage(snap, os.fspath(storage), limit, ranges, carrier)
             except BaseException:
+                if snap is not None:
+                    snap.storage.release()
+                    snap.keep.drop()
                 for dev in attached:
                     dev.detach_filter(Tracker)
                 raise
@@ -498,18 +503,13 @@ class Engine:
             os.close(fd)
             raise
 
-        def mark(offset: int, n: int, dev: Device = dev) -> None:
-            trk = self._tracker_or_none(dev)
-            if trk is not None:
-                trk.cbt.mark(offset, n)
-
         snap.storage.add_mapped(
             made or path,
             backing_fd,
             ranges,
             device=dev.name,
             hold_fd=fd,
-            on_write=mark,
+            on_write=self._marker(dev.name),
             made=made,
             guard=snap.state == "taken",
         )
@@ -520,6 +520,69 @@ class Engine:
             len(ranges),
             dev.name,
         )
+
+    def _marker(self, name: str) -> Callable[[int, int], None]:
+        """Marks writes of diff storage mapped on device ``name`` in its CBT."""
+
+        def mark(offset: int, n: int) -> None:
+            dev = self._devices.get(name)
+            trk = self._tracker_or_none(dev) if dev is not None else None
+            if trk is not None:
+                trk.cbt.mark(offset, n)
+
+        return mark
+
+    # -- a process taking over ------------------------------------------------------
+
+    def snapshots_left(self) -> list[str]:
+        """Ids of the snapshots a process before this one left in the
+        regions (blksnapd's dead worker)."""
+        out = []
+        for key in self.regions.held_keys():
+            kind, _, sid = key.partition("/")
+            if kind == "snap" and UUID_RE.match(sid):
+                out.append(sid)
+        return out
+
+    def snapshot_resume(self, sid: str) -> Snapshot | None:
+        """Carry on snapshot ``sid`` as a process before this one left it
+        (its devices served again first): :meth:`Snapshot.resume`. A
+        snapshot left half destroyed is destroyed (None). One that cannot be
+        carried on is released and ``BlksnapError`` says why."""
+        keep = SnapshotState.find(self.regions, sid)
+        if keep is None:
+            raise InvalidArgument(f"snapshot {sid}: its state was not kept whole")
+        if keep.state == S_DESTROYING:
+            Snapshot.finish_destroy(self.params, keep)
+            log.info("snapshot %s: its destroy, cut short, is finished", sid)
+            return None
+        try:
+            desc = keep.desc()
+            if desc is None:
+                raise InvalidArgument(f"snapshot {sid}: its description was not kept")
+            with self._lock:
+                self._check_open()
+                pairs: list[tuple[Device, Tracker]] = []
+                for name in desc["devices"]:
+                    dev = self._devices.get(name)
+                    if dev is None:
+                        raise NotFound(f"snapshot {sid}: its device {name} is not served")
+                    trk = self._tracker_or_none(dev)
+                    if trk is None:
+                        trk = dev.attach_filter(Tracker, {})  # type: ignore[assignment]
+                    assert isinstance(trk, Tracker)
+                    if trk.snapshot_id is not None:
+                        raise Busy(f"snapshot {sid}: {name} is in snapshot {trk.snapshot_id}")
+                    pairs.append((dev, trk))
+                snap = Snapshot.resume(self.params, self.regions, keep, pairs, self._marker)
+                for _, trk in pairs:
+                    trk.snapshot_id = snap.id
+                self._snapshots[snap.id] = snap
+        except BlksnapError:
+            Snapshot.finish_destroy(self.params, keep)
+            raise
+        log.info("snapshot %s carried on from the process before: %s", sid, snap.state)
+        return snap
 
     def snapshot_append_storage(
         self,

@@ -29,11 +29,21 @@ class Image:
         self._gate = gate
         self.size = diff_area.capacity
         # What has been read from and written to this image (bytes, requests):
-        # a backup tool's reads, as blksnapd saw them.
+        # a backup tool's reads, as blksnapd saw them (kept with the chunk map).
         self._stats_lock = threading.Lock()
-        self.bytes_read = 0
-        self.reads = 0
-        self.bytes_written = 0
+        self._stats = diff_area.stats
+
+    @property
+    def bytes_read(self) -> int:
+        return int(self._stats[0])
+
+    @property
+    def reads(self) -> int:
+        return int(self._stats[1])
+
+    @property
+    def bytes_written(self) -> int:
+        return int(self._stats[2])
 
     def __repr__(self) -> str:
         return f"<Image {self.snapshot_id}/{self.name} {self.size}B>"
@@ -55,8 +65,8 @@ class Image:
         finally:
             self._gate.leave()
         with self._stats_lock:
-            self.bytes_read += length
-            self.reads += 1
+            self._stats[0] += length
+            self._stats[1] += 1
         return data
 
     def allocation(self, offset: int, length: int, limit: int = 0) -> list[tuple[int, int, bool]]:
@@ -111,7 +121,7 @@ class Image:
         finally:
             self._gate.leave()
         with self._stats_lock:
-            self.bytes_written += len(data)
+            self._stats[2] += len(data)
 
     def write_may_wait(self, offset: int, length: int) -> bool:
         """A write to an image may always wait (its chunks are copied into

@@ -13,18 +13,32 @@ from __future__ import annotations
 import errno
 import logging
 import threading
-import time
 import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from blksnap.engine.diff_area import DiffArea
+from blksnap.engine.diff_area import DiffArea, region_size
 from blksnap.engine.diff_storage import DiffStorage
 from blksnap.engine.event_queue import CORRUPTED, LOW_FREE_SPACE, NO_SPACE, EventQueue
 from blksnap.engine.gate import Gate
 from blksnap.engine.image import Image
 from blksnap.engine.params import Params
-from blksnap.errors import AlreadyDone, BlksnapError, InvalidArgument, NoSpace, NotFound
+from blksnap.engine.regions import LOCAL, Regions
+from blksnap.engine.snapshot_state import (
+    S_CREATED,
+    S_DESTROYING,
+    S_TAKEN,
+    S_TAKING,
+    SnapshotState,
+)
+from blksnap.errors import (
+    AlreadyDone,
+    BlksnapError,
+    InvalidArgument,
+    IOFailure,
+    NoSpace,
+    NotFound,
+)
 
 if TYPE_CHECKING:
     from blksnap.engine.device import Device
@@ -48,19 +62,38 @@ class SnapshotDevice:
 
 class Snapshot:
     def __init__(
-        self, params: Params, devices: list[tuple[Device, Tracker]], sid: str | None = None
+        self,
+        params: Params,
+        devices: list[tuple[Device, Tracker]],
+        sid: str | None = None,
+        regions: Regions = LOCAL,
+        *,
+        chunk_size: int | None = None,
+        keep: SnapshotState | None = None,
     ) -> None:
+        """A new snapshot of ``devices``; its state kept in ``regions``
+        (a process taking over finds it there: :meth:`resume`, which gives
+        the ``chunk_size`` and ``keep`` found)."""
         self.id = sid or str(uuid.uuid4())
         self.params = params
-        self.created = time.time()
+        self.regions = regions
         self.taken_at: float | None = None
         self.state = CREATED
         self.error = 0
+        #: Why it is corrupted, where no event says it (a take cut short).
+        self.reason: str | None = None
         self.events = EventQueue()
         #: One chunk size for the whole set, from its largest device.
-        self.chunk_size = max(params.chunk_size_for(dev.size) for dev, _ in devices)
-        self.storage = DiffStorage(params, on_low_space=self._low_space, slot_size=self.chunk_size)
+        self.chunk_size = chunk_size or max(params.chunk_size_for(dev.size) for dev, _ in devices)
         self.members = {dev.name: SnapshotDevice(dev, trk) for dev, trk in devices}
+        if keep is None:
+            desc = {"devices": sorted(self.members), "chunk_size": self.chunk_size}
+            keep = SnapshotState.create(regions, self.id, desc)
+        self.keep = keep
+        self.created = keep.created
+        self.storage = DiffStorage(
+            params, on_low_space=self._low_space, slot_size=self.chunk_size, keep=keep
+        )
         #: Every image I/O holds this gate; destroy closes it.
         self.image_gate = Gate()
         self._lock = threading.Lock()
@@ -114,35 +147,139 @@ class Snapshot:
                 frozen.append(member)
             for member in ordered:
                 member.tracker.check_capacity()
-                area = DiffArea(
-                    member.device,
-                    self.storage,
-                    self.params,
-                    on_error=lambda exc, name=member.device.name: self._corrupted(name, exc),
-                )
-                member.diff_area = area
-            # Nothing below can fail: the instant itself.
+                dev = member.device
+                size = region_size(dev.size, self.chunk_size, self.params.chunk_map_page)
+                region, _ = self.regions.open(self.keep.area_key(dev.name), size)
+                member.diff_area = self._area(member, region, resumed=False)
+            # Nothing below can fail: the instant itself. (A process cut off
+            # here leaves ``taking``: the next cannot prove the set whole.)
+            self.keep.set_state(S_TAKING)
             for member in ordered:
                 member.tracker.cbt.switch()
                 assert member.diff_area is not None
                 member.diff_area.armed = True
                 member.tracker.diff_area = member.diff_area
-            self.taken_at = time.time()
+            self.keep.set_state(S_TAKEN)
+            self.taken_at = self.keep.taken_at
             self.state = TAKEN
         except BaseException:
             for member in ordered:
                 member.tracker.diff_area = None
                 member.diff_area = None
+                self.regions.drop(self.keep.area_key(member.device.name))
+            self.keep.set_state(S_CREATED)
             raise
         finally:
             for member in frozen:
                 member.device.queue.unfreeze()
-        for member in ordered:
+        self._make_images()
+        log.info("snapshot %s taken: %s", self.id, ", ".join(m.device.name for m in ordered))
+
+    def _area(self, member: SnapshotDevice, region: Any, *, resumed: bool) -> DiffArea:
+        name = member.device.name
+        return DiffArea(
+            member.device,
+            self.storage,
+            self.params,
+            on_error=lambda exc: self._corrupted(name, exc),
+            region=region,
+            resumed=resumed,
+        )
+
+    def _make_images(self) -> None:
+        for name, member in sorted(self.members.items()):
             assert member.diff_area is not None
             member.image = Image(
-                self.id, member.device.name, member.diff_area, member.tracker.cbt, self.image_gate
+                self.id, name, member.diff_area, member.tracker.cbt, self.image_gate
             )
-        log.info("snapshot %s taken: %s", self.id, ", ".join(m.device.name for m in ordered))
+
+    # -- a process taking over ----------------------------------------------------
+
+    @classmethod
+    def resume(
+        cls,
+        params: Params,
+        regions: Regions,
+        keep: SnapshotState,
+        devices: list[tuple[Device, Tracker]],
+        on_write_for: Any,
+    ) -> Snapshot:
+        """The snapshot a process before this one left in ``keep``, on
+        ``devices`` (its members, served again): created, or taken with its
+        chunk maps and diff storage as they were (copy-on-write armed again),
+        or corrupted where that cannot be proven (a take cut short, a chunk
+        map missing). A snapshot left ``destroying`` is not resumed: see
+        :meth:`finish_destroy`. ``InvalidArgument`` if it cannot be resumed
+        at all (its description or storage missing)."""
+        desc = keep.desc()
+        if desc is None:
+            raise InvalidArgument(f"snapshot {keep.sid}: its description was not kept")
+        snap = cls(params, devices, keep.sid, regions, chunk_size=int(desc["chunk_size"]),
+                   keep=keep)  # fmt: skip
+        snap.storage = DiffStorage.resume(
+            params, keep, snap.chunk_size, snap._low_space, on_write_for
+        )
+        state = keep.state
+        if state == S_CREATED:
+            return snap
+        snap.taken_at = keep.taken_at
+        if state == S_TAKING:
+            snap._resumed_corrupted("its take was cut short by a restart of blksnapd's "
+                                    "worker: the devices' instant cannot be proven")  # fmt: skip
+            return snap
+        if state != S_TAKEN:
+            raise InvalidArgument(f"snapshot {keep.sid}: state {state} left, not resumable")
+        missing: list[str] = []
+        for name, member in sorted(snap.members.items()):
+            region = regions.find(keep.area_key(name))
+            if region is None:
+                missing.append(name)
+                continue
+            try:
+                member.diff_area = snap._area(member, region, resumed=True)
+            except BlksnapError as exc:
+                missing.append(f"{name} ({exc.message})")
+        if missing:
+            for member in snap.members.values():
+                member.diff_area = None
+            snap._resumed_corrupted("the chunk map of " + ", ".join(missing) + " was not kept")
+            return snap
+        snap.state = TAKEN
+        for member in snap.members.values():
+            assert member.diff_area is not None
+            member.diff_area.armed = True
+            member.tracker.diff_area = member.diff_area
+        snap._make_images()
+        failed = [m.diff_area for m in snap.members.values() if m.diff_area and m.diff_area.error]
+        if failed:
+            area = failed[0]
+            snap._corrupted(area.device.name, IOFailure(
+                f"corrupted before the restart ({errno.errorcode.get(area.error, area.error)})",
+                errno=area.error))  # fmt: skip
+        snap.storage.guard()
+        return snap
+
+    def _resumed_corrupted(self, reason: str) -> None:
+        self.state = CORRUPTED_STATE
+        self.error = errno.EIO
+        self.reason = reason
+        log.error("snapshot %s corrupted: %s", self.id, reason)
+        self.events.push(CORRUPTED, {"device": None, "errno": errno.EIO, "error": "EIO",
+                                     "message": reason})  # fmt: skip
+
+    @staticmethod
+    def finish_destroy(params: Params, keep: SnapshotState) -> None:
+        """A snapshot whose destroy was cut short: release what is left
+        (its diff storage files made here are removed) and its regions."""
+        try:
+            storage = DiffStorage.resume(params, keep, 1 << 16, None, lambda _name: None)
+        except BlksnapError as exc:
+            log.warning("snapshot %s: finishing its destroy: %s", keep.sid, exc)
+        else:
+            for src in storage.sources:
+                src.immutable = src.kind == "mapped"  # clear it, in case
+            storage.release()
+        keep.drop()
 
     # -- access ---------------------------------------------------------------
 
@@ -163,6 +300,7 @@ class Snapshot:
             if self.state == DESTROYED:
                 return
             self.state = DESTROYED
+        self.keep.set_state(S_DESTROYING)
         sid = self.id
         self.image_gate.close(lambda: NotFound(f"snapshot {sid} has been destroyed"))
         for member in self.members.values():
@@ -174,6 +312,7 @@ class Snapshot:
                 member.device.queue.unfreeze()
             member.image = None
         self.storage.release()
+        self.keep.drop()
         self.events.close()
         log.info("snapshot %s destroyed", self.id)
 
@@ -183,6 +322,7 @@ class Snapshot:
             "state": self.state,
             "error": errno.errorcode.get(self.error) if self.error else None,
             "errno": self.error,
+            "reason": self.reason,
             "created": self.created,
             "chunk_size": self.chunk_size,
             "taken": self.taken_at,
