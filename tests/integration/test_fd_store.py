@@ -13,6 +13,7 @@ pid in ``LISTEN_PID``."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import socket
@@ -28,7 +29,7 @@ from blksnap.control.client import Client
 from blksnap.errors import BlksnapError
 from blksnap.tools.sandbox import Sandbox, cleanup_under
 from tests.integration.conftest import BIN, SKIP, loops_under, mounts_under, run
-from tests.integration.helpers import MiB, Writer, add_device
+from tests.integration.helpers import MiB, Writer, add_device, direct_write, sha256_file
 
 # Starts blksnapd as systemd would: the fds named in argv[1] (comma list of
 # current fd numbers) moved to 3, 4, ... and LISTEN_PID this very pid.
@@ -135,6 +136,12 @@ def _until(pred, timeout: float) -> bool:
     return True
 
 
+def _sparse(path: Path, size: int) -> Path:
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return path
+
+
 def _sandbox(root: Path, proc: subprocess.Popen[bytes]) -> Sandbox:
     sock = str(root / "blksnapd.sock")
     return Sandbox(root, sock, str(root / "mnt"), str(root / "state"), proc,
@@ -160,6 +167,18 @@ def test_supervisor_killed_the_unit_restarts_and_carries_on(tmp_path: Path) -> N
         box.cli("attach", "-d", "a")
         assert "region/cbt/a" in unit.names(), unit.names()
         gen = box.client.cbt_info("a").generation_id
+        # A snapshot of a second device, with chunks stored, lives across it too.
+        lb = add_device(box, str(_sparse(tmp_path / "b.img", 32 * MiB)), "b")["loop"]
+        for off in range(0, 32 * MiB, MiB):
+            direct_write(lb, off, os.urandom(MiB))
+        at_take = sha256_file(lb)
+        (tmp_path / "diff").mkdir()
+        sid = box.client.snapshot_create(["b"], storage=str(tmp_path / "diff"), limit=32 * MiB)
+        img_loop = box.cli("--json", "snapshot", "take", "-i", sid, "--loop").stdout
+        img_loop = json.loads(img_loop)["images"]["b"]["loop"]
+        for off in range(0, 32 * MiB, 2 * MiB):
+            direct_write(lb, off, os.urandom(4096))
+        assert f"region/snap/{sid}" in unit.names(), unit.names()
         run("mkfs.ext4", "-q", la)
         mnt = box.mount_fs(la, tmp_path / "fs")
         stop = tmp_path / "stop-writer"
@@ -179,8 +198,10 @@ def test_supervisor_killed_the_unit_restarts_and_carries_on(tmp_path: Path) -> N
         assert unit.ready.wait(60), (tmp_path / "blksnapd.log").read_text()
         box.proc = procs[-1]
         st = box.client.status()
-        assert st["devices"] == 1 and st["fuse"] == "up", st
+        assert st["devices"] == 2 and st["fuse"] == "up" and st["snapshots"] == 1, st
         assert box.client.cbt_info("a").generation_id == gen
+        assert box.client.snapshot_collect(sid)[0]["state"] == "taken"
+        assert sha256_file(img_loop) == at_take
         deadline = time.monotonic() + 30
         while writer.count() <= before + 5 and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -195,6 +216,8 @@ def test_supervisor_killed_the_unit_restarts_and_carries_on(tmp_path: Path) -> N
         fsck = run("fsck.ext4", "-fn", la, check=False)
         assert fsck.returncode == 0, fsck.stdout + fsck.stderr
 
+        box.cli("snapshot", "destroy", "-i", sid)
+        assert not any(n.startswith(f"region/snap/{sid}") for n in unit.names()), unit.names()
         # A clean stop ends the connection: nothing left for the next start.
         box.stop()
         box = None
