@@ -11,6 +11,7 @@ import json
 import mmap
 import os
 import random
+import signal
 import subprocess
 import sys
 import threading
@@ -351,3 +352,28 @@ class Writer(Background):
     def stop(self, timeout: float = 30) -> int | None:
         Path(self.stop_file).touch()
         return self.wait(timeout)
+
+
+# -- blksnapd's worker ---------------------------------------------------------------
+
+
+def worker_pid(d: Daemon) -> int:
+    return d.client.status()["worker_pid"]
+
+
+def wait_new_worker(d: Daemon, old: int, timeout: float = 60) -> dict:
+    """The status once a worker other than ``old`` answers (the client asks
+    again while the socket's connections break)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        st = d.client.status()
+        if st["worker_pid"] != old:
+            return st
+        time.sleep(0.05)
+    raise AssertionError(f"worker {old} not replaced within {timeout} s")
+
+
+def kill_worker(d: Daemon) -> dict:
+    old = worker_pid(d)
+    os.kill(old, signal.SIGKILL)
+    return wait_new_worker(d, old)

@@ -22,6 +22,7 @@ from tests.integration.helpers import (
     MiB,
     add_device,
     collect,
+    kill_worker,
     populate,
     tree,
 )
@@ -91,12 +92,23 @@ def test_storage_file_on_the_protected_file_system(daemon, backing, tmp_path, fs
 
     # The file system goes on being written: every first write after take
     # copies a chunk into the storage file's blocks, below the file system.
-    populate(mnt, rng, 40, "after")
+    populate(mnt, rng, 20, "after")
+    sync_fs(mnt)
+    # blksnapd's worker dies: the next one carries the snapshot on, storage
+    # mapped on the device included (still immutable, still marked in the CBT).
+    used = collect(daemon, sid)[0]["storage"]["used"]
+    st = kill_worker(daemon)
+    assert st["snapshots"] == 1 and not st["lost_snapshots"], st
+    assert collect(daemon, sid)[0]["storage"]["used"] == used
+    with pytest.raises(PermissionError):
+        open(storage, "r+b").close()
+    populate(mnt, rng, 20, "later")
     for name in sorted(at_take)[:10]:
         with open(os.path.join(mnt, name), "r+b") as f:
             f.write(os.urandom(8192))
     sync_fs(mnt)
     [snap] = collect(daemon, sid)
+    assert snap["storage"]["used"] > used, snap
     assert snap["state"] == "taken", snap
     assert snap["storage"]["used"] > 0, snap
     # Nothing went through the file system into the storage file.

@@ -33,34 +33,15 @@ from tests.integration.helpers import (
     add_device,
     create,
     direct_write,
+    kill_worker,
     sha256_file,
     storage_dir,
     take_full,
+    wait_new_worker,
+    worker_pid,
 )
 
 FIO_SIZE = 48 * MiB
-
-
-def worker_pid(d: Daemon) -> int:
-    return d.client.status()["worker_pid"]
-
-
-def wait_new_worker(d: Daemon, old: int, timeout: float = 60) -> dict:
-    """The status once a worker other than ``old`` answers (the client asks
-    again while the socket's connections break)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        st = d.client.status()
-        if st["worker_pid"] != old:
-            return st
-        time.sleep(0.05)
-    raise AssertionError(f"worker {old} not replaced within {timeout} s")
-
-
-def kill_worker(d: Daemon) -> dict:
-    old = worker_pid(d)
-    os.kill(old, signal.SIGKILL)
-    return wait_new_worker(d, old)
 
 
 def kernel_log_lines() -> list[str]:
