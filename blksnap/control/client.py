@@ -201,8 +201,8 @@ class Client:
 
     def restart(self, force: bool = False) -> dict[str, Any]:
         """A new blksnapd worker from the code on disk (an upgrade in place);
-        the FUSE files and the devices stay served. ``EBUSY`` while snapshots
-        exist (they do not survive a restart yet), unless ``force``."""
+        the FUSE files, the devices and the snapshots stay served (``force``
+        is accepted and ignored)."""
         return self.call("daemon.restart", force=True if force else None)
 
     def stop(self, force: bool = False) -> dict[str, Any]:

@@ -146,7 +146,7 @@ SCHEMAS: dict[str, dict[str, Field]] = {
     "version": {},
     "daemon.status": {},
     "daemon.stop": {"force": F(_bool, doc="stop even with file systems mounted on its devices")},
-    "daemon.restart": {"force": F(_bool, doc="restart even with snapshots (they are lost)")},
+    "daemon.restart": {"force": F(_bool, doc="accepted and ignored (snapshots carry on)")},
     "device.add": {
         "path": F(_str, True, "backing file or block device"),
         "name": F(_str, True),
