@@ -7,7 +7,9 @@ The story a backup administrator lives, with every result checked:
    loop devices (``device add --loop``), and the file systems are mounted;
 2. a writer keeps creating and deleting files on both file systems for the
    whole run; midway blksnapd's worker is killed with SIGKILL and its
-   supervisor starts a new one: the writer and the backups carry on;
+   supervisor starts a new one: the writer and the backups carry on (the
+   second kill comes while a backup reads its snapshot: the snapshot is
+   carried on by the new worker and the backup completes);
 3. files are written; ``blksnap backup`` makes the first backup (full: there
    is none before it); files are changed, added and deleted; an incremental
    backup; more changes; a differential backup (against the full);
@@ -32,6 +34,7 @@ import os
 import random
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -251,10 +254,13 @@ class Demo:
         rep.step("an incremental backup (the CBT outlived the worker)")
         self.backup("incremental", expect_kind="incremental")
 
-        rep.step("more changes, then a differential backup (against the full)")
+        rep.step(
+            "more changes, then a differential backup (against the full), the worker "
+            "killed again while the backup reads its snapshot"
+        )
         for name in NAMES:
             self.change(name, rng, add=4, modify=3, delete=2)
-        self.backup("differential", expect_kind="differential")
+        self.backup("differential", expect_kind="differential", kill_midway=True)
 
         self.writer.stop()
         rep.check(
@@ -324,13 +330,13 @@ class Demo:
             p = data / f"f{rng.randrange(1 << 40):010x}"
             p.write_bytes(rng.randbytes(rng.randrange(1, 512 * 1024)))
 
-    def backup(self, mode: str, *, expect_kind: str) -> None:
+    def backup(self, mode: str, *, expect_kind: str, kill_midway: bool = False) -> None:
         expected = {name: tree(self.fs[name] / "data") for name in NAMES}
         args = ["backup", "-d", *NAMES, "--repo", str(self.repo)]
         if mode != "auto":
             args.append(f"--{mode}")
         t0 = time.monotonic()
-        doc = self.cli_json(*args)
+        doc = self.backup_killed(args) if kill_midway else self.cli_json(*args)
         seconds = time.monotonic() - t0
         b = Backup(doc["id"], doc["kind"], expected, doc, seconds)
         self.backups.append(b)
@@ -354,6 +360,44 @@ class Demo:
                     f"{format_size(d['bytes_read'])} of {format_size(d['size'])}; "
                     f"blksnapd served {format_size(d['image_bytes_read'] or 0)}",
                 )
+
+    def backup_killed(self, args: list[str]) -> Any:
+        """``blksnap backup`` with the worker killed while it reads the
+        snapshot's images: once the snapshot is taken the backup is held
+        (SIGSTOP) while the worker dies, then goes on. Its JSON document."""
+        assert self.box is not None
+        cmd = [str(sandbox.BIN / "blksnap"), "--socket", self.box.sock, "--json", *args,
+               "--no-progress"]  # fmt: skip
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            taken = None
+            deadline = time.monotonic() + 60
+            while taken is None and proc.poll() is None and time.monotonic() < deadline:
+                snaps = self.box.client.snapshot_collect()
+                taken = next((s["id"] for s in snaps if s["state"] == "taken"), None)
+                time.sleep(0.005)
+            if taken is not None and proc.poll() is None:
+                os.kill(proc.pid, signal.SIGSTOP)
+                try:
+                    self.kill_worker()
+                    st = self.box.client.status()
+                    self.report.check(
+                        f"snapshot {taken} carried on by the new worker",
+                        st["snapshots"] == 1 and not st["lost_snapshots"],
+                        "the backup was held mid-read while the worker died",
+                    )
+                finally:
+                    os.kill(proc.pid, signal.SIGCONT)
+            else:
+                self.report.line("(the backup ended before its snapshot was seen: no kill)")
+            out, err = proc.communicate(timeout=600)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        if proc.returncode != 0:
+            raise RuntimeError(f"blksnap {' '.join(args)} failed: {err.strip()}")
+        return json.loads(out)
 
     def check_restore(self, b: Backup, name: str) -> None:
         assert self.box is not None
