@@ -13,13 +13,16 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import mmap
 import os
 import random
 import re
 import shutil
 import signal
+import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -128,22 +131,191 @@ def mounted_ext4(daemon: Daemon, backing, tmp_path: Path) -> tuple[str, str, str
     return mounted(daemon, backing, tmp_path, "ext4")
 
 
+BLOCK = 4096
+_STAMP = struct.Struct("<4sIQ")
+
+
+def stamp(block: int, seq: int) -> bytes:
+    """Block ``block`` as write ``seq`` leaves it (seq 0: the fill): its
+    number and the write's, then bytes that depend on both."""
+    head = _STAMP.pack(b"BSNP", block, seq)
+    body = hashlib.sha256(head).digest() * (BLOCK // 32)
+    return head + body[len(head) :]
+
+
+class StampWriter(threading.Thread):
+    """Rewrites random 4 KiB blocks of ``path`` one at a time (O_DIRECT),
+    each stamped with its number and the write's sequence number, until
+    stopped; ``log[i]`` is the block of write ``i + 1``. ``done``: writes
+    acknowledged; ``started``: writes begun."""
+
+    def __init__(self, path: str, blocks: int, seed: int) -> None:
+        super().__init__(name="stamp-writer", daemon=True)
+        self.path, self.blocks = path, blocks
+        self.rng = random.Random(seed)
+        self.log: list[int] = []
+        self.done = self.started = 0
+        self.error: BaseException | None = None
+        self.halt = threading.Event()
+        for first in range(0, blocks, 256):  # the fill: seq 0 everywhere
+            n = min(256, blocks - first)
+            direct_write(
+                path, first * BLOCK, b"".join(stamp(b, 0) for b in range(first, first + n))
+            )
+
+    def run(self) -> None:
+        buf = mmap.mmap(-1, BLOCK)
+        fd = os.open(self.path, os.O_WRONLY | os.O_DIRECT)
+        try:
+            while not self.halt.is_set():
+                block = self.rng.randrange(self.blocks)
+                seq = len(self.log) + 1
+                buf[:] = stamp(block, seq)
+                self.started = seq
+                if os.pwrite(fd, buf, block * BLOCK) != BLOCK:
+                    raise OSError("short write")
+                self.log.append(block)
+                self.done = seq
+        except BaseException as exc:  # (reported by stop)
+            self.error = exc
+        finally:
+            os.close(fd)
+            buf.close()
+
+    def stop(self) -> None:
+        self.halt.set()
+        self.join(60)
+        assert not self.is_alive() and self.error is None, self.error
+
+    def check_image(self, image: bytes, begun: int, returned: int) -> None:
+        """``image`` is the device as it was after the first T writes, for
+        one T between ``begun`` (writes acknowledged when the take was
+        asked for) and ``returned`` (writes begun when it returned); every
+        block whole and in its place."""
+        seqs = []
+        for b in range(self.blocks):
+            piece = image[b * BLOCK : (b + 1) * BLOCK]
+            magic, block, seq = _STAMP.unpack_from(piece)
+            assert magic == b"BSNP" and block == b and piece == stamp(b, seq), f"block {b}"
+            seqs.append(seq)
+        cut = max(begun, max(seqs) + 1)
+        assert cut <= returned + 1, (cut, begun, returned)
+        last = [0] * self.blocks
+        for i, b in enumerate(self.log[: cut - 1]):
+            last[b] = i + 1
+        wrong = [b for b in range(self.blocks) if last[b] != seqs[b]]
+        assert not wrong, f"blocks {wrong[:5]} are not the device after write {cut - 1}"
+
+
+class SnapshotRounds:
+    """Around each kill, besides the load, one of: copy-on-write into a
+    taken snapshot of device ``c`` (a :class:`StampWriter` rewrites it), a
+    read of its image, a backup of ``a``, a destroy of the snapshot. The
+    image is checked against the stamps at take and must read the same
+    after every kill."""
+
+    ACTIONS = ("cow", "read", "backup", "destroy")
+
+    def __init__(self, daemon: Daemon, lc: str, root: Path, repo: str, seed: str) -> None:
+        self.daemon, self.root, self.repo = daemon, root, repo
+        self.rng = random.Random(seed)
+        self.writer = StampWriter(lc, 16 * MiB // BLOCK, seed=self.rng.randrange(1 << 30))
+        self.writer.start()
+        self.sid: str | None = None
+        self.digest = ""
+        self.takes = 0
+        self.done: list[str] = []
+
+    def image(self) -> str:
+        return os.path.join(self.daemon.mount, "images", str(self.sid), "c")
+
+    def take(self) -> None:
+        self.takes += 1
+        storage = storage_dir(self.root, f"snap{self.takes}")
+        sid = create(self.daemon, ["c"], storage, "64M")
+        begun = self.writer.done
+        self.daemon.cli("snapshot", "take", "-i", sid)
+        returned = self.writer.started
+        self.sid = sid
+        with open(self.image(), "rb") as f:
+            data = f.read()
+        self.writer.check_image(data, begun, returned)
+        self.digest = hashlib.sha256(data).hexdigest()
+
+    def check(self) -> None:
+        assert self.daemon.client.snapshot_collect(self.sid)[0]["state"] == "taken"
+        assert sha256_file(self.image()) == self.digest, "the image changed"
+
+    def around_kill(self, kill: int) -> None:
+        """Action ``kill % 4``, and the kill (:func:`kill_worker`) in it."""
+        action = self.ACTIONS[kill % len(self.ACTIONS)]
+        if self.sid is None and action != "backup":
+            self.take()
+        cmd = [str(BIN / "blksnap"), "--socket", self.daemon.sock]
+        if action == "cow":  # the stamp writer's first writes copy chunks
+            kill_worker(self.daemon)
+            self.check()
+        elif action == "read":
+            got: list[str] = []
+            reader = threading.Thread(target=lambda: got.append(sha256_file(self.image())))
+            reader.start()
+            time.sleep(self.rng.uniform(0.0, 0.05))
+            kill_worker(self.daemon)
+            reader.join(120)
+            assert got == [self.digest], "an image read across the kill differs"
+        elif action == "backup":
+            proc = subprocess.Popen([*cmd, "--json", "backup", "-d", "a", "--repo", self.repo,
+                                     "--no-progress"], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)  # fmt: skip
+            time.sleep(self.rng.uniform(0.05, 0.5))
+            kill_worker(self.daemon)
+            out, err = proc.communicate(timeout=300)
+            assert proc.returncode == 0, err
+            assert json.loads(out)["kind"] == "incremental", out
+        else:
+            destroy = [*cmd, "snapshot", "destroy", "-i", str(self.sid)]
+            proc = subprocess.Popen(destroy, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True)  # fmt: skip
+            time.sleep(self.rng.uniform(0.0, 0.05))
+            kill_worker(self.daemon)
+            proc.communicate(timeout=60)  # done, or cut (and then finished, or not begun)
+            left = self.daemon.client.snapshot_collect()
+            if left:
+                self.check()
+                self.daemon.cli("snapshot", "destroy", "-i", str(self.sid))
+            self.sid = None
+        self.done.append(action)
+
+    def finish(self) -> None:
+        self.writer.stop()
+        if self.sid is not None:
+            self.check()
+            self.daemon.cli("snapshot", "destroy", "-i", self.sid)
+        st = self.daemon.client.status()
+        assert not st["lost_snapshots"] and st["snapshots"] == 0, st
+
+
 def kill_under_load(
-    daemon: Daemon, la: str, lb: str, mnt: str, kills: int, seed: str, fs: str = "ext4"
+    daemon: Daemon, backing, la: str, lb: str, mnt: str, kills: int, seed: str, fs: str = "ext4"
 ) -> str:
-    """Kill the worker ``kills`` times under fio and a writer on ``fs``; a
-    full backup of ``a`` before, an incremental after (it must be one: the
-    CBT carried on), restored and compared with the device by sha256."""
+    """Kill the worker ``kills`` times under fio and a writer on ``fs``, and
+    with snapshots taken, read, backed up and destroyed around the kills
+    (:class:`SnapshotRounds`); a full backup of ``a`` before, an incremental
+    after (it must be one: the CBT carried on), restored and compared with
+    the device by sha256."""
     rng = random.Random(seed)
     gen = daemon.client.cbt_info("a").generation_id
-    repo = str(Path(mnt).parent / "repo")
+    root = Path(mnt).parent
+    repo = str(root / "repo")
     full = json.loads(daemon.cli("--json", "backup", "-d", "a", "--repo", repo).stdout)
     assert full["kind"] == "full", full
+    lc = add_device(daemon, backing("c.img", 16 * MiB), "c")["loop"]
     log_before = len(kernel_log_lines())
-    stop = Path(mnt).parent / "stop-writer"
+    stop = root / "stop-writer"
     stop.unlink(missing_ok=True)
     writer = Writer(mnt, stop, keep=20, maxsize=256 * 1024)
-    seconds = kills * 2.0 + 4
+    rounds = SnapshotRounds(daemon, lc, root, repo, seed)
+    seconds = kills * 3.0 + 4
     fio = [
         subprocess.Popen(fio_verify(lb, "rand", "randwrite", "4k", 32, seconds),
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
@@ -152,12 +324,14 @@ def kill_under_load(
     ]  # fmt: skip
     try:
         restarts = daemon.client.status()["restarts"]
-        for _ in range(kills):
-            time.sleep(rng.uniform(0.2, 1.5))
-            st = kill_worker(daemon)
+        for k in range(kills):
+            time.sleep(rng.uniform(0.2, 1.0))
+            rounds.around_kill(k)
             restarts += 1
+            st = daemon.client.status()
             assert st["restarts"] == restarts and st["last_restart_cause"] == "killed by SIGKILL"
-            assert st["devices"] == 2 and st["fuse"] == "up", st
+            assert st["devices"] == 3 and st["fuse"] == "up", st
+        rounds.finish()
     finally:
         try:
             results = [p.communicate(timeout=seconds + 120) for p in fio]
@@ -167,6 +341,8 @@ def kill_under_load(
                     p.kill()
                     p.wait()
             rc = writer.stop()
+            rounds.writer.halt.set()
+    print(f"{kills} kills around: {', '.join(rounds.done)}; {rounds.writer.done} stamped writes")
     for p, (out, err) in zip(fio, results, strict=True):
         check_fio(p, out, err)
     assert rc == 0 and not writer.errors(), (rc, writer.errors(), writer.err[-5:])
@@ -180,7 +356,8 @@ def kill_under_load(
     daemon.mounted.remove(mnt)
     fsck = run(*FSCK[fs], la, check=False)
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
-    assert not io_errors_since(log_before, [la, lb]), io_errors_since(log_before, [la, lb])
+    errors = io_errors_since(log_before, [la, lb, lc])
+    assert not errors, errors
     assert daemon.client.cbt_info("a").generation_id == gen
     # The file system unmounted, the device holds still: an incremental
     # (the CBT carried on across the kills) restores to exactly the device.
@@ -188,9 +365,9 @@ def kill_under_load(
         daemon.cli("--json", "backup", "-d", "a", "--repo", repo, "--incremental").stdout
     )
     assert inc["kind"] == "incremental", inc
-    restored = Path(mnt).parent / "restored.img"
+    restored = root / "restored.img"
     daemon.cli("restore", "--repo", repo, "--backup", inc["id"], "-d", "a", "--to", str(restored))
-    assert sha256_file(restored) == sha256_file(Path(mnt).parent / "backing" / "a.img")
+    assert sha256_file(restored) == sha256_file(root / "backing" / "a.img")
     return gen
 
 
@@ -200,7 +377,7 @@ def test_worker_killed_under_load_nothing_notices(daemon: Daemon, backing, tmp_p
     """A few kills by default; BLKSNAP_KILLS=20 for the long run."""
     la, lb, mnt = mounted(daemon, backing, tmp_path, fs)
     kills = int(os.environ.get("BLKSNAP_KILLS", "3"))
-    kill_under_load(daemon, la, lb, mnt, kills=kills, seed=f"kill-{kills}", fs=fs)
+    kill_under_load(daemon, backing, la, lb, mnt, kills=kills, seed=f"kill-{kills}", fs=fs)
 
 
 def test_cbt_carries_on_across_worker_kills(daemon: Daemon, backing, tmp_path) -> None:
