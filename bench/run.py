@@ -926,17 +926,20 @@ class Report:
             if r["traced_retained"] is not None
         )
         self.add(
-            f"The map is a dict of numpy pages of {page:,} int64 (32 KiB each), a page "
-            f"allocated when its first chunk is stored. Chunks stored side by side cost "
+            f"The map lives in a sparse shared-memory region (a memfd, so that it outlives "
+            f"a crash of blksnapd's worker), in pages of {page:,} int64 (32 KiB each); a "
+            f"page's memory is made when its first chunk is stored. Chunks stored side by "
+            f"side cost "
             f"{dense:.1f} B each; chunks scattered over a large device cost a whole page "
             f"per page touched: {rand:,.0f} B per chunk for random chunks over 16 Mi "
             f"chunks (what a 1 TiB device has at 64 KiB chunks), and {worst:,.0f} B per "
             "chunk when each sits in a page of its own. Where the map is large enough "
             f"to stand out, RSS grows with it: {rss_rand:,.0f} B per chunk (random) and "
             f"{rss_worst:,.0f} B (one per page), next to their `map_bytes`; the peak "
-            "also counts the I/O buffers in flight. What Python allocations the writes "
-            f"left behind (tracemalloc) comes to {traced_text} of `map_bytes`: whatever "
-            "exceeds 1.00 is kept outside the map (fixed costs weigh more in small runs).\n"
+            "also counts the I/O buffers in flight. The map is outside Python's heap: "
+            f"what Python allocations the writes left behind (tracemalloc) comes to "
+            f"{traced_text} of `map_bytes`, what the write path keeps besides the map "
+            "(fixed costs weigh more in small runs).\n"
         )
         params = Params()
         cs, page = params.chunk_size, params.chunk_map_page
