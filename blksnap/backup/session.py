@@ -229,6 +229,71 @@ class _FileImage(_ImageReader):
         os.close(self.fd)
 
 
+# -- snapshot requests across a restart of blksnapd's worker -------------------------
+
+#: The connection broke under a request: blksnapd's worker restarted (its
+#: supervisor keeps the socket; the client reconnects for the next request).
+_BROKEN = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED})
+
+
+def _state(service: Any, sid: str) -> dict[str, Any] | None:
+    """Snapshot ``sid`` as blksnapd has it now, or None if it has none."""
+    try:
+        return service.snapshot_collect(sid)[0]
+    except BlksnapError as exc:
+        if exc.errno == errno.ENOENT:
+            return None
+        raise
+
+
+def _create(service: Any, names: list[str], where: str, limit: int, sid: str) -> None:
+    """``snapshot_create``; cut by a worker restart, made again if it was not."""
+    try:
+        service.snapshot_create(names, storage=where, limit=limit, sid=sid)
+    except BlksnapError as exc:
+        if exc.errno not in _BROKEN:
+            raise
+        log.warning("snapshot %s: create cut by a restart of blksnapd's worker", sid)
+        if _state(service, sid) is None:
+            service.snapshot_create(names, storage=where, limit=limit, sid=sid)
+
+
+def _take(service: Any, sid: str) -> dict[str, Any]:
+    """``snapshot_take``; cut by a worker restart, where it stands decides:
+    taken (the answer was lost), created (it never began: again), or
+    corrupted (cut in the middle: the backup fails, saying so)."""
+    try:
+        return service.snapshot_take(sid)  # type: ignore[no-any-return]
+    except BlksnapError as exc:
+        if exc.errno not in _BROKEN:
+            raise
+        log.warning("snapshot %s: take cut by a restart of blksnapd's worker", sid)
+    snap = _state(service, sid)
+    state = snap["state"] if snap else "gone"
+    if state == "created":
+        return service.snapshot_take(sid)  # type: ignore[no-any-return]
+    if snap is None or state != "taken":
+        why = (snap or {}).get("reason") or f"it is {state}"
+        raise error(errno.EIO, f"snapshot {sid}: its take was cut by a restart of blksnapd's "
+                    f"worker ({why}); run the backup again")  # fmt: skip
+    return {
+        "id": sid,
+        "images": {d["name"]: {"path": d["image"]} for d in snap["devices"]},
+        "frozen": [],
+    }
+
+
+def _destroy(service: Any, sid: str) -> None:
+    """``snapshot_destroy``; cut by a worker restart, again if it is still there."""
+    try:
+        service.snapshot_destroy(sid)
+    except BlksnapError as exc:
+        if exc.errno not in _BROKEN:
+            raise
+        if _state(service, sid) is not None:
+            service.snapshot_destroy(sid)
+
+
 def _open_image(service: Any, sid: str, name: str, taken: Any) -> _ImageReader:
     if hasattr(service, "image"):
         return _EngineImage(service.image(sid, name))
@@ -392,7 +457,7 @@ def run_backup(
         sid = str(uuid.uuid4())
         writer.attach_snapshot(sid)
         with _signals_deferred():  # Ctrl-C / SIGTERM only once the answer is in
-            service.snapshot_create(names, storage=where, limit=min(first, most), sid=sid)
+            _create(service, names, where, min(first, most), sid)
     except BaseException as exc:
         writer.abort()
         if isinstance(exc, BlksnapError) and exc.errno == errno.EBUSY:
@@ -406,7 +471,7 @@ def run_backup(
     readers: dict[str, _ImageReader] = {}
     try:
         watcher.start()
-        taken = service.snapshot_take(sid)
+        taken = _take(service, sid)
         if on_take:
             on_take(sid)
         plans = []
@@ -468,7 +533,7 @@ def run_backup(
             with contextlib.suppress(OSError):
                 r.close()
         try:
-            service.snapshot_destroy(sid)
+            _destroy(service, sid)
         except BlksnapError as exc:
             log.warning("destroying snapshot %s: %s", sid, exc)
         if watcher.is_alive():

@@ -395,13 +395,24 @@ class Daemon:
             used = {f"cbt/{name}" for name in tracked}
             kept = {f"snap/{s['id']}" for s in self.engine.snapshot_collect()}
             for key in regions.held():
-                # (a snapshot's keys: snap/ID and snap/ID/...)
+                # (a snapshot's keys: snap/ID and snap/ID/...; file systems
+                # left frozen are thawed once serving: thaw_left)
+                if key.startswith(loop.FROZEN_KEY):
+                    continue
                 if key not in used and "/".join(key.split("/")[:2]) not in kept:
                     log.warning("taking over: region %s not used by any device: let go", key)
                     regions.drop(key)
         self.rebuilt = True
 
+    async def thaw_left(self) -> None:
+        """Once serving, after a takeover: thaw the file systems the dead
+        worker left frozen (it died in a take; :func:`loop.thaw_left`)."""
+        dying = self.inherited.dying if self.inherited else []
+        await trio.to_thread.run_sync(loop.thaw_left, self.engine.regions, dying)
+
     async def drop_lost_images(self) -> None:
+        """Once serving, after a takeover: detach the loop devices of images
+        that did not carry on."""
         for path, lp in self.lost_image_loops.items():
             if hostinfo.backing_file(os.path.basename(lp)) == path:
                 log.warning("detaching %s: its image %s was lost with the worker", lp, path)
@@ -530,7 +541,7 @@ class Daemon:
         return {"id": args["id"], "storage": snap["storage"]}
 
     def _consistent_take(self, sid: str, blockdevs: list[str]) -> list[str]:
-        with loop.frozen(blockdevs) as frozen:
+        with loop.frozen(blockdevs, self.engine.regions) as frozen:
             self.engine.snapshot_take(sid, guard_storage=False)
         self.engine.guard_storage(sid)  # a file system write: after the thaw
         return frozen
@@ -695,6 +706,7 @@ class Daemon:
                 if self.nbd is not None:
                     await nursery.start(self.nbd.serve)
                 if self.takeover:
+                    nursery.start_soon(self.thaw_left)
                     await self.drop_lost_images()
                 nursery.start_soon(self._signals)
                 log.info(

@@ -20,10 +20,15 @@ import logging
 import os
 import stat
 import subprocess
+import time
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from blksnap.errors import BlksnapError, error
 from blksnap.hostinfo import mounts_of
+
+if TYPE_CHECKING:
+    from blksnap.engine.regions import Regions
 
 log = logging.getLogger(__name__)
 
@@ -101,17 +106,79 @@ def flush_blockdev(blockdev: str) -> None:
         os.close(fd)
 
 
-def freeze(mountpoint: str) -> int:
+def freeze(mountpoint: str, keeper: Regions | None = None, key: str = "") -> int:
     """FIFREEZE: flush the file system and hold new writes. Returns an fd
-    to pass to :func:`thaw`."""
+    to pass to :func:`thaw`. ``keeper``: regions that outlive this process,
+    given the fd under ``key`` *before* the freeze, so that a process dying
+    with the file system frozen leaves the next one what to thaw
+    (:func:`thaw_left`)."""
     fd = os.open(mountpoint, os.O_RDONLY | os.O_CLOEXEC)
     try:
+        if keeper is not None:
+            keeper.hold(key, fd)
         fcntl.ioctl(fd, FIFREEZE, 0)
     except OSError as exc:
+        if keeper is not None:
+            keeper.drop(key)
         os.close(fd)
         raise error(exc.errno or errno.EIO, f"freeze {mountpoint}: {exc.strerror}") from None
     log.info("froze %s", mountpoint)
     return fd
+
+
+#: Keys of :func:`frozen`'s file systems in a process's regions.
+FROZEN_KEY = "frozen/"
+
+
+def _in_kernel(pids: list[int]) -> bool:
+    """Has one of ``pids`` (dying processes) a thread that has not exited?"""
+    for pid in pids:
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                    if f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X"):
+                        return True
+            except OSError:
+                continue
+    return False
+
+
+def thaw_left(keeper: Regions, dying: list[int], wait: float = 600.0) -> list[str]:
+    """Thaw the file systems a process before this one froze and did not
+    thaw (it died in :func:`frozen`); what was thawed. Call it while the
+    devices under them are served (a thaw writes to them).
+
+    A freeze the dead process began may still be under way in a thread of
+    it that waits in the kernel (``dying``: those processes): a thaw then
+    fails with ``EINVAL`` (not frozen yet), so it is tried again until the
+    freeze is done or that thread has gone (at most ``wait`` seconds)."""
+    out = []
+    for key in keeper.held_keys():
+        if not key.startswith(FROZEN_KEY):
+            continue
+        fd = keeper.held_fd(key)
+        assert fd is not None
+        where = os.readlink(f"/proc/self/fd/{fd}")
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.ioctl(fd, FITHAW, 0)
+                log.warning("thawed %s: frozen by the process before, which died", where)
+                out.append(where)
+            except OSError as exc:
+                if exc.errno == errno.EINVAL:  # not frozen (yet?)
+                    if _in_kernel(dying) and time.monotonic() < deadline:
+                        time.sleep(0.02)
+                        continue
+                else:
+                    log.error("thaw %s (left frozen by the process before): %s", where, exc)
+            break
+        keeper.drop(key)
+    return out
 
 
 def thaw(fd: int, mountpoint: str = "") -> None:
@@ -125,9 +192,10 @@ def thaw(fd: int, mountpoint: str = "") -> None:
 
 
 @contextlib.contextmanager
-def frozen(blockdevs: list[str]) -> Iterator[list[str]]:
+def frozen(blockdevs: list[str], keeper: Regions | None = None) -> Iterator[list[str]]:
     """Freeze every file system mounted from ``blockdevs`` and flush the
-    block devices; thaw them all on the way out, also on failure."""
+    block devices; thaw them all on the way out, also on failure.
+    ``keeper``: see :func:`freeze`."""
     held: list[tuple[int, str]] = []
     seen: set[str] = set()
     try:
@@ -136,7 +204,8 @@ def frozen(blockdevs: list[str]) -> Iterator[list[str]]:
                 if m.mountpoint in seen:
                     continue
                 seen.add(m.mountpoint)
-                held.append((freeze(m.mountpoint), m.mountpoint))
+                key = f"{FROZEN_KEY}{len(held)}"
+                held.append((freeze(m.mountpoint, keeper, key), m.mountpoint))
         for dev in blockdevs:
             try:
                 flush_blockdev(dev)
@@ -144,5 +213,7 @@ def frozen(blockdevs: list[str]) -> Iterator[list[str]]:
                 log.warning("flush of %s failed: %s", dev, exc)
         yield [mp for _, mp in held]
     finally:
-        for fd, mp in reversed(held):
+        for i, (fd, mp) in reversed(list(enumerate(held))):
             thaw(fd, mp)
+            if keeper is not None:
+                keeper.drop(f"{FROZEN_KEY}{i}")

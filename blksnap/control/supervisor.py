@@ -81,6 +81,8 @@ class Inherited:
     #: A standby worker's end of its own socket pair: it waits there to be
     #: made the worker (:meth:`activated`).
     standby: int | None = None
+    #: Workers before this one still dying (a thread in the kernel).
+    dying: list[int] = field(default_factory=list)
 
     def dumps(self) -> str:
         return json.dumps({k: v for k, v in self.__dict__.items() if not k.startswith("_")})
@@ -154,6 +156,30 @@ def describe_status(rc: int) -> str:
     return f"exited with status {rc}"
 
 
+def exited_status(pid: int) -> int | None:
+    """The exit status (as ``Popen.returncode`` gives it) of process
+    ``pid`` whose main thread has exited while another of its threads has
+    not: it is dying, but cannot be reaped yet. None while its main thread
+    runs (or if it is gone: ask ``poll``).
+
+    A worker killed while one of its threads waits in the kernel for I/O
+    that only FUSE can complete (the flush of a loop device over one of its
+    own files, a freeze's sync) stays so until the *next* worker serves that
+    request: waiting for it to be reaped before starting the next would
+    wait forever."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    if fields[0] not in ("Z", "X"):
+        return None
+    status = int(fields[49])  # exit_code (stat field 52), as waitpid reports it
+    if os.WIFSIGNALED(status):
+        return -os.WTERMSIG(status)
+    return os.WEXITSTATUS(status)
+
+
 class Supervisor:
     def __init__(
         self, argv: list[str], mount: str, socket_path: str, threads: int,
@@ -186,6 +212,9 @@ class Supervisor:
         self._chan, self._chan_worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         #: Regions held for workers: key -> fd (see :mod:`blksnap.control.regions`).
         self.stored: dict[str, int] = {}
+        #: Workers whose main thread exited while a thread of theirs still
+        #: waits in the kernel (see :func:`exited_status`): reaped when done.
+        self.dying: list[subprocess.Popen[bytes]] = []
 
     # -- what outlives a worker ---------------------------------------------------
 
@@ -345,6 +374,7 @@ class Supervisor:
             causes=self.causes[-5:],
             stored=dict(self.stored),
             nbd=[sock.fileno() for sock in self.nbd],
+            dying=[w.pid for w in self.dying if w.poll() is None],
         )
 
     def _popen(self, inherited: Inherited, extra_fds: tuple[int, ...]) -> subprocess.Popen[bytes]:
@@ -472,7 +502,21 @@ class Supervisor:
         self.worker = self.spawn()
         while True:
             self.worker_ready = False
-            while self.worker.poll() is None:
+            rc: int | None = None
+            while rc is None:
+                rc = self.worker.poll()
+                if rc is None:
+                    rc = exited_status(self.worker.pid)
+                    if rc is not None:
+                        try:  # (its other threads end a moment after it, as a rule)
+                            rc = self.worker.wait(None if rc == 0 else 0.05)
+                        except subprocess.TimeoutExpired:
+                            log.warning("worker %d is dying (%s) with a thread still in the "
+                                        "kernel: the next one takes over now",
+                                        self.worker.pid, describe_status(rc))  # fmt: skip
+                            self.dying.append(self.worker)
+                        break
+                self.dying = [w for w in self.dying if w.poll() is None]
                 self._read_status(0.02)
                 if self.restart_asked:
                     self.prepare_restart()
@@ -480,7 +524,6 @@ class Supervisor:
                     self.drop_spare()
                     self.spawn_spare()
             self._read_status(0)
-            rc = self.worker.returncode
             if self.worker_sock is not None:
                 self.worker_sock.close()
                 self.worker_sock = None

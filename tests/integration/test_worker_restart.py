@@ -210,11 +210,12 @@ class StampWriter(threading.Thread):
 class SnapshotRounds:
     """Around each kill, besides the load, one of: copy-on-write into a
     taken snapshot of device ``c`` (a :class:`StampWriter` rewrites it), a
-    read of its image, a backup of ``a``, a destroy of the snapshot. The
-    image is checked against the stamps at take and must read the same
-    after every kill."""
+    read of its image, a backup of ``a``, a take and a destroy of the
+    snapshot. The image is checked against the stamps at take and must read
+    the same after every kill. Every fifth event is a ``daemon restart``
+    instead of a SIGKILL."""
 
-    ACTIONS = ("cow", "read", "backup", "destroy")
+    ACTIONS = ("cow", "read", "backup", "take", "destroy")
 
     def __init__(self, daemon: Daemon, lc: str, root: Path, repo: str, seed: str) -> None:
         self.daemon, self.root, self.repo = daemon, root, repo
@@ -225,16 +226,30 @@ class SnapshotRounds:
         self.digest = ""
         self.takes = 0
         self.done: list[str] = []
+        #: The cause of each event, as status reports it.
+        self.causes: list[str] = []
 
     def image(self) -> str:
         return os.path.join(self.daemon.mount, "images", str(self.sid), "c")
 
-    def take(self) -> None:
+    def event(self) -> None:
+        """The worker killed, or every fifth time replaced (``daemon restart``)."""
+        if len(self.causes) % 5 == 4:
+            old = worker_pid(self.daemon)
+            self.daemon.cli("daemon", "restart")
+            wait_new_worker(self.daemon, old)
+            self.causes.append("daemon restart")
+        else:
+            kill_worker(self.daemon)
+            self.causes.append("killed by SIGKILL")
+
+    def create(self) -> str:
         self.takes += 1
-        storage = storage_dir(self.root, f"snap{self.takes}")
-        sid = create(self.daemon, ["c"], storage, "64M")
-        begun = self.writer.done
-        self.daemon.cli("snapshot", "take", "-i", sid)
+        return create(self.daemon, ["c"], storage_dir(self.root, f"snap{self.takes}"), "64M")
+
+    def taken(self, sid: str, begun: int) -> None:
+        """``sid`` was taken after ``begun`` stamp writes were acknowledged
+        (and before now): its image checked against the stamps."""
         returned = self.writer.started
         self.sid = sid
         with open(self.image(), "rb") as f:
@@ -242,25 +257,50 @@ class SnapshotRounds:
         self.writer.check_image(data, begun, returned)
         self.digest = hashlib.sha256(data).hexdigest()
 
+    def take(self) -> None:
+        sid = self.create()
+        begun = self.writer.done
+        self.daemon.cli("snapshot", "take", "-i", sid)
+        self.taken(sid, begun)
+
     def check(self) -> None:
         assert self.daemon.client.snapshot_collect(self.sid)[0]["state"] == "taken"
         assert sha256_file(self.image()) == self.digest, "the image changed"
 
     def around_kill(self, kill: int) -> None:
-        """Action ``kill % 4``, and the kill (:func:`kill_worker`) in it."""
+        """Action ``kill % 5``, and the event (:meth:`event`) in it."""
         action = self.ACTIONS[kill % len(self.ACTIONS)]
-        if self.sid is None and action != "backup":
+        if self.sid is None and action not in ("backup", "take"):
             self.take()
         cmd = [str(BIN / "blksnap"), "--socket", self.daemon.sock]
         if action == "cow":  # the stamp writer's first writes copy chunks
-            kill_worker(self.daemon)
+            self.event()
             self.check()
+        elif action == "take":
+            if self.sid is not None:
+                self.daemon.cli("snapshot", "destroy", "-i", self.sid)
+                self.sid = None
+            sid = self.create()
+            begun = self.writer.done
+            take = [*cmd, "snapshot", "take", "-i", sid]
+            proc = subprocess.Popen(take, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True)  # fmt: skip
+            time.sleep(self.rng.uniform(0.1, 0.3))  # (the CLI starts in about 0.15 s)
+            self.event()
+            proc.communicate(timeout=60)  # done, or cut
+            snap = self.daemon.client.snapshot_collect(sid)[0]
+            if snap["state"] == "taken":
+                self.taken(sid, begun)
+            else:  # not begun (created), or cut in the middle (corrupted, saying so)
+                assert snap["state"] == "created" or "cut short" in snap["reason"], snap
+                self.daemon.cli("snapshot", "destroy", "-i", sid)
+            action += f" ({snap['state']})"
         elif action == "read":
             got: list[str] = []
             reader = threading.Thread(target=lambda: got.append(sha256_file(self.image())))
             reader.start()
             time.sleep(self.rng.uniform(0.0, 0.05))
-            kill_worker(self.daemon)
+            self.event()
             reader.join(120)
             assert got == [self.digest], "an image read across the kill differs"
         elif action == "backup":
@@ -268,7 +308,7 @@ class SnapshotRounds:
                                      "--no-progress"], stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True)  # fmt: skip
             time.sleep(self.rng.uniform(0.05, 0.5))
-            kill_worker(self.daemon)
+            self.event()
             out, err = proc.communicate(timeout=300)
             assert proc.returncode == 0, err
             assert json.loads(out)["kind"] == "incremental", out
@@ -277,7 +317,7 @@ class SnapshotRounds:
             proc = subprocess.Popen(destroy, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     text=True)  # fmt: skip
             time.sleep(self.rng.uniform(0.0, 0.05))
-            kill_worker(self.daemon)
+            self.event()
             proc.communicate(timeout=60)  # done, or cut (and then finished, or not begun)
             left = self.daemon.client.snapshot_collect()
             if left:
@@ -329,7 +369,7 @@ def kill_under_load(
             rounds.around_kill(k)
             restarts += 1
             st = daemon.client.status()
-            assert st["restarts"] == restarts and st["last_restart_cause"] == "killed by SIGKILL"
+            assert st["restarts"] == restarts and st["last_restart_cause"] == rounds.causes[-1]
             assert st["devices"] == 3 and st["fuse"] == "up", st
         rounds.finish()
     finally:
@@ -431,6 +471,71 @@ def test_daemon_restart_under_a_writer(daemon: Daemon, mounted_ext4) -> None:
         rc = writer.stop()
     assert rc == 0 and not writer.errors(), (rc, writer.errors())
     assert writer.count() > before
+    run("umount", mnt)
+    daemon.mounted.remove(mnt)
+    fsck = run("fsck.ext4", "-fn", la, check=False)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+
+
+def _thread_in(pid: int, words: tuple[str, ...]) -> bool:
+    """Is a thread of process ``pid`` in a kernel function named in ``words``?"""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return False
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stack") as f:
+                stack = f.read()
+        except OSError:
+            continue
+        if any(w in stack for w in words):
+            return True
+    return False
+
+
+def test_worker_killed_with_a_file_system_frozen_for_a_take(
+    daemon: Daemon, mounted_ext4, tmp_path
+) -> None:
+    """Killed while a take holds the ext4 on one of its devices frozen (its
+    freeze still flushing dirty pages through the FUSE file): the dying
+    worker's thread waits in the kernel for I/O only the next worker can
+    serve, so the next one must take over before the dying one can be
+    reaped; and it thaws the file system the dead one froze. The writer
+    goes on, fsck is clean. (Both hung before: the supervisor waited for
+    the dying worker, and nobody thawed.)"""
+    la, _lb, mnt = mounted_ext4
+    stop = Path(mnt).parent / "stop-writer"
+    writer = Writer(mnt, stop, keep=10, maxsize=64 * 1024)
+    try:
+        for attempt in range(3):
+            # Dirty pages for the freeze to flush: it stays in the kernel a while.
+            with open(os.path.join(mnt, "dirty.dat"), "wb") as f:
+                f.write(os.urandom(64 * MiB))
+            sid = create(daemon, ["a"], storage_dir(tmp_path, f"s{attempt}"), "160M")
+            old = worker_pid(daemon)
+            take = [str(BIN / "blksnap"), "--socket", daemon.sock, "snapshot", "take", "-i", sid]
+            proc = subprocess.Popen(take, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True)  # fmt: skip
+            deadline = time.monotonic() + 20
+            while not _thread_in(old, ("freeze_super", "blkdev_fsync")):
+                assert time.monotonic() < deadline and proc.poll() is None, "no freeze seen"
+                time.sleep(0.001)
+            os.kill(old, signal.SIGKILL)
+            st = wait_new_worker(daemon, old, timeout=30)
+            proc.communicate(timeout=60)
+            assert st["devices"] == 2 and not st["lost_snapshots"], st
+            before = writer.count()
+            deadline = time.monotonic() + 20
+            while writer.count() <= before + 3 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert writer.count() > before + 3, "the file system stayed frozen"
+            for snap in daemon.client.snapshot_collect():
+                daemon.cli("snapshot", "destroy", "-i", snap["id"])
+            os.unlink(os.path.join(mnt, "dirty.dat"))
+    finally:
+        rc = writer.stop()
+    assert rc == 0 and not writer.errors(), (rc, writer.errors())
     run("umount", mnt)
     daemon.mounted.remove(mnt)
     fsck = run("fsck.ext4", "-fn", la, check=False)
@@ -643,7 +748,7 @@ def test_worker_killed_during_take_and_destroy(daemon: Daemon, backing, tmp_path
     gen = daemon.client.cbt_info("c").generation_id
     log_before = len(kernel_log_lines())
     rng = random.Random(7)
-    rounds = 4
+    rounds = 6
     seen: set[str] = set()
     with fio_verified(lp, "take", rounds * 2.0 + 3):
         for i in range(rounds):
@@ -653,7 +758,7 @@ def test_worker_killed_during_take_and_destroy(daemon: Daemon, backing, tmp_path
                 take_full(daemon, sid)
             cmd = [str(BIN / "blksnap"), "--socket", daemon.sock, "snapshot", verb, "-i", sid]
             op = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            time.sleep(rng.uniform(0.0, 0.05))
+            time.sleep(rng.uniform(0.1, 0.3))  # (the CLI starts in about 0.15 s)
             old = worker_pid(daemon)
             os.kill(old, signal.SIGKILL)
             op.communicate(timeout=60)  # done before the kill, or cut by it: either is fine
