@@ -70,7 +70,7 @@ def change_after_take(root: str, before: dict[str, str], rng: random.Random) -> 
         del after[gone]
     shutil.rmtree(os.path.join(root, "sub"))
     after = {k: v for k, v in after.items() if k != "sub" and not k.startswith("sub/")}
-    os.sync()
+    run("sync", "-f", str(root))
     return after
 
 

@@ -78,7 +78,7 @@ def test_ext4_take_mounted_image_files(own: Daemon, backing, tmp_path) -> None:
     for name, kind in list(before.items())[:3]:
         if kind != "dir":
             write_file(os.path.join(orig, name), rng.randbytes(50_000))
-    os.sync()
+    run("sync", "-f", orig)
     where = own.mount_fs(taken["images"]["a"]["loop"], tmp_path / "img", *IMAGE_RO_OPTS)
     assert tree(where) == before
     own.umount(where)
@@ -127,14 +127,14 @@ def test_fstrim_reaches_the_engine(own: Daemon, backing, tmp_path) -> None:
         name = f"big{i}.bin"
         write_file(os.path.join(orig, name), rng.randbytes(4 * MiB))
         names.append(name)
-    os.sync()
+    run("sync", "-f", orig)
     sid = create(own, ["t"], storage_dir(tmp_path), "128M")
     img = take_full(own, sid)["images"]["t"]
     image_md5 = md5_of(img["path"])
     cn = own.client.cbt_info("t").changes_number
     for name in names:
         os.unlink(os.path.join(orig, name))
-    os.sync()
+    run("sync", "-f", orig)
     out = run("fstrim", "-v", orig)
     trimmed = int(out.stdout.split("(")[1].split()[0])
     assert trimmed >= 32 * MiB, out.stdout

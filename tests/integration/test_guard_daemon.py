@@ -171,7 +171,7 @@ def test_sigterm_while_mounted_keeps_serving(daemon: Daemon, backing, tmp_path: 
     assert _status(daemon)["devices"] == 1
     data = os.urandom(300_000)
     (Path(where) / "after").write_bytes(data)
-    os.sync()
+    run("sync", "-f", str(where))
     log = daemon.log_text()
     assert "signal SIGTERM: NOT stopping" in log and where in log, log[-2000:]
     assert "signal SIGINT: NOT stopping" in log

@@ -75,7 +75,7 @@ def test_qemu_io_discard_and_write_zeroes_deallocate(nbd_daemon, backing, tmp_pa
     path = backing("d.img", size)
     content = bytearray(random.Random(1).randbytes(size))
     write_at(path, 0, content)
-    os.sync()
+    run("sync", "-f", path)
     nbd_daemon.cli("device", "add", path, "--name", "d")
     dev = uri(nbd_daemon.nbd, "d")
     before = allocated(path)
@@ -115,7 +115,7 @@ def test_trim_after_take_keeps_the_image_and_marks_the_cbt(nbd_daemon, backing, 
     size = 16 * MiB
     path = backing("c.img", size)
     write_at(path, 0, random.Random(2).randbytes(size))
-    os.sync()
+    run("sync", "-f", path)
     at_take = sha256_file(path)
     nbd_daemon.cli("device", "add", path, "--name", "c")
     nbd_daemon.cli("attach", "-d", "c")

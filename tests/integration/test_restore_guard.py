@@ -86,12 +86,12 @@ def test_restore_refuses_what_a_mounted_served_device_uses(daemon: Daemon, tmp_p
     run("mkfs.ext4", "-q", "-E", "lazy_itable_init=0,lazy_journal_init=0", lp)
     mnt = daemon.mount_fs(lp, tmp_path / "fs")
     files = populate(mnt, random.Random(1), 10, "f")
-    os.sync()
+    run("sync", "-f", str(mnt))
     repo = tmp_path / "repo"
     daemon.cli("backup", "-d", "d0", "--repo", str(repo), "--no-progress")
     # Changes after the backup: a restore over the device would lose them.
     files.update(populate(mnt, random.Random(2), 4, "after"))
-    os.sync()
+    run("sync", "-f", str(mnt))
     link = tmp_path / "link-to-backing"
     link.symlink_to(backing)
     # A second loop device, read-only, straight over the backing file.
