@@ -219,6 +219,14 @@ class Snapshot:
         snap.storage = DiffStorage.resume(
             params, keep, snap.chunk_size, snap._low_space, on_write_for
         )
+        try:
+            return snap._resume_state(regions, keep)
+        except BaseException:
+            snap.storage.release()  # (the caller finishes it off from ``keep``)
+            raise
+
+    def _resume_state(self, regions: Regions, keep: SnapshotState) -> Snapshot:
+        snap = self
         state = keep.state
         if state == S_CREATED:
             return snap
