@@ -10,6 +10,18 @@ import os
 from dataclasses import dataclass
 
 
+def proc_stat(pid: int, tid: int | None = None) -> list[str] | None:
+    """The fields of ``/proc/PID/stat`` (or of thread ``tid`` of it) after
+    the command name: ``[0]`` the state (``R``, ``S``, ``D``, ``Z`` ...),
+    ``[1]`` the parent's pid, ``[49]`` the exit code; None if it is gone."""
+    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
+    try:
+        with open(path) as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
 def backing_file(loop: str) -> str | None:
     name = os.path.basename(loop)
     try:

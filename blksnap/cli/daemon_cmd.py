@@ -16,6 +16,7 @@ from blksnap.cli.args import Commands
 from blksnap.cli.output import Out
 from blksnap.control.client import Client
 from blksnap.errors import BlksnapError, error
+from blksnap.hostinfo import proc_stat
 from blksnap.settings import SETTINGS
 
 
@@ -133,11 +134,8 @@ def daemon_start(args: argparse.Namespace, client: Client, out: Out) -> int:
 
 def _alive(pid: int) -> bool:
     """Is ``pid`` running (a zombie waiting for its parent is not)?"""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
+    fields = proc_stat(pid)
+    return fields is not None and fields[0] != "Z"
 
 
 def daemon_stop(args: argparse.Namespace, client: Client, out: Out) -> int:

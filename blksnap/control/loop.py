@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from blksnap.errors import BlksnapError, error
-from blksnap.hostinfo import mounts_of
+from blksnap.hostinfo import mounts_of, proc_stat
 
 if TYPE_CHECKING:
     from blksnap.engine.regions import Regions
@@ -138,12 +138,9 @@ def _in_kernel(pids: list[int]) -> bool:
         except OSError:
             continue
         for tid in tasks:
-            try:
-                with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                    if f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X"):
-                        return True
-            except OSError:
-                continue
+            fields = proc_stat(pid, int(tid))
+            if fields is not None and fields[0] not in ("Z", "X"):
+                return True
     return False
 
 

@@ -44,6 +44,7 @@ from blksnap.control import host
 from blksnap.control.server import bind_control
 from blksnap.frontends.fuse_session import clone_fd, mount_fuse, umount
 from blksnap.frontends.listen import Address, bind
+from blksnap.hostinfo import proc_stat
 
 log = logging.getLogger("blksnapd")
 
@@ -167,12 +168,8 @@ def exited_status(pid: int) -> int | None:
     own files, a freeze's sync) stays so until the *next* worker serves that
     request: waiting for it to be reaped before starting the next would
     wait forever."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    if fields[0] not in ("Z", "X"):
+    fields = proc_stat(pid)
+    if fields is None or fields[0] not in ("Z", "X"):
         return None
     status = int(fields[49])  # exit_code (stat field 52), as waitpid reports it
     if os.WIFSIGNALED(status):

@@ -27,6 +27,7 @@ import pytest
 
 from blksnap.control.client import Client
 from blksnap.errors import BlksnapError
+from blksnap.hostinfo import proc_stat
 from blksnap.tools.sandbox import Sandbox, cleanup_under
 from tests.integration.conftest import BIN, SKIP, loops_under, mounts_under, run
 from tests.integration.helpers import MiB, Writer, add_device, direct_write, sha256_file
@@ -120,11 +121,8 @@ class FakeSystemd:
 
 def _alive(pid: int) -> bool:
     """Running (a zombie waiting for its reaper is not)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in "ZX"
-    except (FileNotFoundError, IndexError):
-        return False
+    fields = proc_stat(pid)
+    return fields is not None and fields[0] not in "ZX"
 
 
 def _until(pred, timeout: float) -> bool:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from blksnap.hostinfo import proc_stat
 from tests.integration.conftest import BIN, SKIP, have, run, start_daemon, stop_daemon
 from tests.integration.helpers import sha256_file
 from tests.integration.nbd_client import OptionFailed, RawNbd
@@ -413,8 +414,5 @@ def test_wildcard_address_refused_and_cli_passes_nbd_through(tmp_path):
 
 
 def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False
+    fields = proc_stat(pid)
+    return fields is not None and fields[0] != "Z"

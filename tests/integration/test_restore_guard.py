@@ -18,6 +18,7 @@ import pytest
 
 from blksnap.backup.repo import Repository
 from blksnap.control import loop as hostloop
+from blksnap.hostinfo import proc_stat
 from tests.integration.conftest import Daemon, run
 from tests.integration.helpers import (
     MiB,
@@ -139,12 +140,8 @@ def _children(pid: int) -> list[int]:
     out = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            if ppid == pid:
+            fields = proc_stat(int(entry))
+            if fields is not None and int(fields[1]) == pid:
                 out.append(int(entry))
     return out
 

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pytest
 
+from blksnap.hostinfo import proc_stat
 from tests.integration.conftest import BIN, SKIP, Daemon, run
 from tests.integration.helpers import (
     MiB,
@@ -633,11 +634,8 @@ def test_nbd_clients_connect_across_a_worker_kill(nbd_daemon: Daemon, backing) -
 
 
 def _state(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return "gone"
+    fields = proc_stat(pid)
+    return fields[0] if fields is not None else "gone"
 
 
 def _fill(dev: str, size: int, seed: int) -> None:
