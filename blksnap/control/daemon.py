@@ -394,7 +394,7 @@ class Daemon:
             tracked = [d.name for d in self.engine.devices() if self.engine.tracker_of(d.name)]
             used = {f"cbt/{name}" for name in tracked}
             kept = {f"snap/{s['id']}" for s in self.engine.snapshot_collect()}
-            for key in regions.held():
+            for key in regions.held_keys():
                 # (a snapshot's keys: snap/ID and snap/ID/...; file systems
                 # left frozen are thawed once serving: thaw_left)
                 if key.startswith(loop.FROZEN_KEY):

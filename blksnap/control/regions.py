@@ -73,6 +73,3 @@ class SupervisedRegions(Regions):
         if fd is not None:
             self.inherited.tell(f"drop {key}")
             os.close(fd)
-
-    def held(self) -> list[str]:
-        return self.held_keys()
