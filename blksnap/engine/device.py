@@ -230,9 +230,14 @@ class BackingStore:
             self.fd = -1
             raise
 
+    #: Serve no more than this many bytes of it (0: all): storage a device
+    #: moved to (``migrate``) that is larger than the device was.
+    limit = 0
+
     def refresh_size(self) -> int:
         """Read the capacity again (a file or device resized under us)."""
-        self.size = fd_size(self.fd)
+        size = fd_size(self.fd)
+        self.size = min(size, self.limit) if self.limit else size
         return self.size
 
     def pread(self, offset: int, length: int) -> bytes | bytearray:
@@ -428,6 +433,13 @@ class Device:
         #: Called (in the failing request's thread) after each failure is
         #: counted: ``on_error(device, failure)``; the engine queues an event.
         self.on_error: Callable[[Device, dict[str, object]], None] | None = None
+        #: Called with the gate drained when the backing store has changed
+        #: (:meth:`switch_backing`), before any request reaches the new one;
+        #: an exception puts the old one back.
+        self.on_backing_switch: Callable[[Device, BackingStore], None] | None = None
+        #: The last status of filters that detached themselves (a migration
+        #: done): name -> :meth:`Filter.status`.
+        self.retired: dict[str, dict[str, object]] = {}
 
     @property
     def path(self) -> str:
@@ -575,6 +587,21 @@ class Device:
         bio.device = self
         self._backing_io(bio)
 
+    def submit_below(self, flt: Filter, bio: Bio) -> None:
+        """A request of filter ``flt`` (the one it is serving, or its own),
+        through the filters below it (higher altitudes), then to the
+        backing store. Called from ``flt.submit`` (the gate is held) or
+        with the gate drained."""
+        result = self.filters.process_below(flt, bio)
+        if result is SKIP:
+            return
+        if result is REDIRECT:
+            if bio.device is None or bio.device is self:
+                raise InvalidArgument("filter redirected a request to no other device")
+            bio.device._submit(bio)
+            return
+        self._backing_io(bio)
+
     def _backing_io(self, bio: Bio) -> None:
         store = self.backing
         op = bio.op
@@ -615,6 +642,44 @@ class Device:
         finally:
             self.queue.unfreeze()
         log.info("filter %s detached from %s", flt_cls.name, self.name)
+
+    def switch_backing(
+        self, flt: Filter, store: BackingStore, before: Callable[[], None] | None = None
+    ) -> None:
+        """Serve the device from ``store`` from now on, and detach ``flt``
+        (the filter that filled it: ``migrate``). With the gate drained: no
+        request is in flight, and none reaches the old store after. In
+        order: ``before()`` (the filter's last sync), the swap,
+        :attr:`on_backing_switch` (the daemon records the new store); a
+        failure in any puts the old store and the filter back and is raised.
+        The old store is closed. The filters above keep their state: from
+        their side nothing changed (the tracker keeps its generation)."""
+        if store.size < self.size:
+            raise InvalidArgument(
+                f"{self.name}: {store.path} holds {store.size} bytes, the device {self.size}"
+            )
+        self.queue.freeze()
+        try:
+            old = self.backing
+            if before is not None:
+                before()
+            if store.size > old.size:
+                store.limit = old.size
+                store.size = old.size
+            self.backing = store
+            self.filters.remove(flt)
+            try:
+                if self.on_backing_switch is not None:
+                    self.on_backing_switch(self, old)
+            except BaseException:
+                self.backing = old
+                self.filters.add(flt)
+                raise
+        finally:
+            self.queue.unfreeze()
+        old.close()
+        log.info("%s: now served from %s (was %s); filter %s detached", self.name,
+                 store.path, old.path, flt.name)  # fmt: skip
 
     def close(self) -> None:
         """Drain requests in flight, refuse new ones (ENODEV), release."""

@@ -20,11 +20,15 @@ from typing import Any
 from blksnap import blockstack
 from blksnap.blockstack import Extent
 from blksnap.engine.cbt import CbtInfo
+from blksnap.engine.delay import Delay
 from blksnap.engine.device import Device
 from blksnap.engine.event_queue import Event, EventQueue
 from blksnap.engine.filters import Filter, FilterRegistry
+from blksnap.engine.flakey import Flakey
 from blksnap.engine.image import Image
+from blksnap.engine.migrate import Migrate
 from blksnap.engine.params import Params
+from blksnap.engine.powercut import Powercut
 from blksnap.engine.regions import LOCAL as LOCAL_REGIONS
 from blksnap.engine.regions import Regions
 from blksnap.engine.snapshot import Snapshot
@@ -41,6 +45,10 @@ UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]
 #: device, errno, error, op, offset, length, time, message, and how many
 #: failures since the previous report went unreported (rate limit).
 DEVICE_ERROR = "device_error"
+
+
+#: The filters every engine knows, lowest altitude (sees requests first) first.
+BUILTIN_FILTERS: tuple[type[Filter], ...] = (Flakey, Delay, Tracker, Powercut, Migrate)
 
 
 class Engine:
@@ -63,7 +71,12 @@ class Engine:
         #: this process's memory unless given memory a supervisor holds.
         self.regions = regions or LOCAL_REGIONS
         self.registry = FilterRegistry()
-        self.registry.register(Tracker)
+        for cls in BUILTIN_FILTERS:
+            self.registry.register(cls)
+        #: Called when a device's backing store changed (a migration done),
+        #: with the gate drained, before any request reaches the new store;
+        #: an exception keeps the old one (blksnapd records the change here).
+        self.on_backing_switch: Callable[[str, str], None] | None = None
         self._devices: dict[str, Device] = {}
         self._snapshots: dict[str, Snapshot] = {}
         #: Where each device's bytes really live (see :mod:`blksnap.blockstack`).
@@ -103,6 +116,7 @@ class Engine:
             self._check_not_served(path, extents)
             dev = Device(name, path, self.params, self.regions, settle_cache=not taking_over)
             dev.on_error = self._device_failed  # backing store failures: log, event
+            dev.on_backing_switch = self._backing_switched
             self._devices[name] = dev
             self._extents[name] = extents
         log.info("device %s added: %s (%d bytes)", name, dev.path, dev.size)
@@ -153,6 +167,14 @@ class Engine:
                     f"{path} is the same data as device {name!r} "
                     f"({self._devices[name].path}): both reach {blockstack.describe(hit)}"
                 )
+
+    def _backing_switched(self, dev: Device, old: Any) -> None:
+        """A device now lives on other storage (its gate is drained)."""
+        extents = blockstack.resolve(dev.path, self._alias)
+        callback = self.on_backing_switch
+        if callback is not None:
+            callback(dev.name, dev.path)
+        self._extents[dev.name] = extents
 
     def _storage_holder(self, name: str) -> str | None:
         """The live snapshot whose diff storage lies on device ``name``."""
@@ -225,7 +247,22 @@ class Engine:
         with self._lock:
             dev = self.device(name)
             cls = self.registry.get(filter)
-            return dev.attach_filter(cls, dict(opts or {}))
+            opts = dict(opts or {})
+            for key in cls.path_options:
+                if opts.get(key):
+                    path = os.path.abspath(opts[key])
+                    self._check_not_served(path, blockstack.resolve(path, self._alias))
+                    opts[key] = path
+            if cls is Migrate:
+                holder = self._storage_holder(name)
+                if holder is not None:
+                    raise Busy(
+                        f"{name} holds diff storage of snapshot {holder} (written below "
+                        "its filters, where a migration would not copy it): not moving it"
+                    )
+            flt = dev.attach_filter(cls, opts)
+            dev.retired.pop(filter, None)
+            return flt
 
     def detach(self, name: str, filter: str = "blksnap") -> None:
         with self._lock:
@@ -238,8 +275,34 @@ class Engine:
         flt = dev.filters.find(filter)
         if flt is None:
             self.registry.get(filter)  # ENOENT for an unknown filter name
+            last = dev.retired.get(filter)
+            if cmd == "status" and last is not None:
+                return last  # (a filter that detached itself: how it ended)
             raise NotFound(f"filter {filter!r} is not attached to {name}")
         return flt.ctl(cmd, arg)
+
+    def filter_status(self, name: str) -> list[dict[str, Any]]:
+        """Device ``name``'s stack, in the order requests meet it: name,
+        altitude and the filter's own status."""
+        return [
+            {"filter": f.name, "altitude": f.altitude, "status": f.status()}
+            for f in self.device(name).filters
+        ]
+
+    def filter_kinds(self) -> list[dict[str, Any]]:
+        """The registered filters by altitude: name, altitude, summary,
+        options and control commands."""
+        kinds = [self.registry.get(n) for n in self.registry.names()]
+        return [
+            {
+                "filter": c.name,
+                "altitude": c.altitude,
+                "summary": c.summary,
+                "options": dict(c.options),
+                "commands": dict(c.commands),
+            }
+            for c in sorted(kinds, key=lambda c: c.altitude)
+        ]
 
     def filters(self, name: str) -> list[str]:
         return [f.name for f in self.device(name).filters]
@@ -460,6 +523,8 @@ class Engine:
         backup reads them again."""
         assert carrier.served is not None
         dev = self.device(carrier.served)
+        if dev.filters.find(Migrate.name) is not None:
+            raise Busy(f"{dev.name} is being migrated: diff storage on it would not move")
         made = None
         try:
             if os.path.isdir(path):

@@ -13,7 +13,27 @@ request first, and there is at most one filter per altitude. A filter's
 ``REDIRECT``  the filter changed ``bio.device``: start over on that device.
 
 Requests a filter issues itself carry ``filtered=True`` and go straight to the
-backing store, so they never re-enter any filter (the kernel's BIO_FILTERED).
+backing store, so they never re-enter any filter (the kernel's BIO_FILTERED);
+or, with :meth:`Device.submit_below`, through the filters below the one
+issuing them (a filter that completes a request itself and SKIPs, after
+sending it down: the filters below still see it).
+
+The altitudes of the filters blksnap brings, lowest (sees a request first)
+to highest (sees it last, right above the backing store):
+
+====  ==========  =========================================================
+  10  flakey      a write it fails or drops reaches no filter below it: the
+                  tracker never marks it, the snapshot never copies for it
+  20  delay       holds requests for a while before anything below sees them
+ 100  blksnap     the tracker: CBT mark and copy-on-write for every write
+                  that reaches it
+ 200  powercut    keeps the old contents of blocks written since the last
+                  flush: sees exactly the writes that reach the store
+ 300  migrate     mirrors every write that reaches the store to the new
+                  storage: a write it mirrors was tracked once, above it
+====  ==========  =========================================================
+
+Filters of one's own take any altitude from 0 up not taken on the device.
 """
 
 from __future__ import annotations
@@ -85,6 +105,15 @@ class Filter:
 
     name: ClassVar[str] = ""
     altitude: ClassVar[int] = 0
+    #: One line on what the filter does (``blksnap filter list``).
+    summary: ClassVar[str] = ""
+    #: Its options (``attach --opt K=V``): name -> what it means.
+    options: ClassVar[dict[str, str]] = {}
+    #: Its control commands (``ctl``): name -> what it does.
+    commands: ClassVar[dict[str, str]] = {}
+    #: Options that name a file or block device: the engine refuses one that
+    #: a device it serves lives on (as it refuses to serve a file twice).
+    path_options: ClassVar[tuple[str, ...]] = ()
     #: Under this filter the device reads what its backing store holds (it
     #: watches writes, or fails or delays requests, but never serves reads
     #: from elsewhere): only with every filter so does
@@ -112,6 +141,11 @@ class Filter:
 
     def ctl(self, cmd: str, arg: Any = None) -> Any:
         raise NotSupported(f"filter {self.name!r} has no command {cmd!r}")
+
+    def status(self) -> dict[str, Any] | None:
+        """A short account of the filter's state for ``device list``
+        (None: nothing to say)."""
+        return None
 
 
 class FilterRegistry:
@@ -196,6 +230,18 @@ class FilterStack:
 
     def remove(self, flt: Filter) -> None:
         self._filters = tuple(f for f in self._filters if f is not flt)
+
+    def process_below(self, above: Filter, bio: Bio) -> FilterResult:
+        """:meth:`process` by the filters of higher altitude than ``above``."""
+        for flt in self._filters:
+            if flt.altitude <= above.altitude:
+                continue
+            result = flt.submit(bio)
+            while result is REPEAT:
+                result = flt.submit(bio)
+            if result is not PASS:
+                return result
+        return PASS
 
     def process(self, bio: Bio) -> FilterResult:
         for flt in self._filters:

@@ -21,13 +21,14 @@ from typing import TYPE_CHECKING, Any
 from blksnap.engine.cbt import CbtMap
 from blksnap.engine.filters import PASS, WRITE_OPS, Bio, Filter, FilterResult
 from blksnap.engine.gate import WouldWait, no_wait
-from blksnap.errors import Busy
+from blksnap.errors import Busy, InvalidArgument
+from blksnap.units import parse_sector_range
 
 if TYPE_CHECKING:
     from blksnap.engine.device import Device
     from blksnap.engine.diff_area import DiffArea
 
-ALTITUDE_BLKSNAP = 0
+ALTITUDE_BLKSNAP = 100
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,12 @@ class Tracker(Filter):
     name = "blksnap"
     altitude = ALTITUDE_BLKSNAP
     reads_backing = True
+    summary = "change-block tracking, and copy-on-write while a snapshot is taken"
+    commands = {
+        "cbtinfo": "the CBT's block size, generation and changes number",
+        "cbtmap": "the read map of the last take (one byte per block)",
+        "markdirty": "SECTOR:COUNT[,...]: mark ranges changed, for the backup under way too",
+    }
 
     def __init__(self, device: Device, opts: dict[str, str]) -> None:
         super().__init__(device, opts)
@@ -102,13 +109,31 @@ class Tracker(Filter):
         if cmd == "cbtmap":
             return self.cbt.read_map_bytes()
         if cmd == "markdirty":
+            if isinstance(arg, str):
+                arg = parse_ranges(arg)
             for offset, length in arg:
                 self.cbt.mark_both(offset, length)
             return None
         return super().ctl(cmd, arg)
+
+    def status(self) -> dict[str, Any]:
+        info = self.cbt.info()
+        return {
+            "generation_id": info.generation_id,
+            "changes_number": info.changes_number,
+            "snapshot": self.snapshot_id,
+        }
 
     def check_capacity(self) -> None:
         """Before take: a device whose size changed starts a new generation."""
         size = self.device.backing.refresh_size()
         if self.cbt.capacity != size:
             self.cbt.resize(size)
+
+
+def parse_ranges(text: str) -> list[tuple[int, int]]:
+    """``SECTOR:COUNT[,SECTOR:COUNT ...]`` (512-byte sectors) as byte ranges."""
+    ranges = [parse_sector_range(p.strip()) for p in text.split(",") if p.strip()]
+    if not ranges:
+        raise InvalidArgument("markdirty needs SECTOR:COUNT[,SECTOR:COUNT ...]")
+    return ranges

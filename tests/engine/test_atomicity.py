@@ -117,7 +117,7 @@ class SlowWrites(blksnap.Filter):
     flight, so the take has to drain them."""
 
     name = "slowwrites"
-    altitude = 1
+    altitude = 101
     delay: ClassVar[float] = 0.0003
 
     def submit(self, bio: blksnap.Bio) -> blksnap.FilterResult:
@@ -287,7 +287,7 @@ def test_a_write_in_flight_at_take_is_on_one_side_of_it(atomic_engine, tmp_path)
 
     class HoldWrites(blksnap.Filter):
         name = "holdwrites"
-        altitude = 1
+        altitude = 101
 
         def submit(self, bio: blksnap.Bio) -> blksnap.FilterResult:
             if bio.op is blksnap.Op.WRITE and not entered.is_set():

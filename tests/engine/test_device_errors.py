@@ -21,7 +21,7 @@ class Failing(Filter):
     """Fails every write with EIO while ``on`` (reads pass)."""
 
     name = "failing"
-    altitude = 50
+    altitude = 150
     on = True
 
     def submit(self, bio: Bio) -> FilterResult:

@@ -78,8 +78,8 @@ def test_changed_runs_clip_limit_and_past_the_map():
 class _Delay(blksnap.Filter):
     """A filter that says nothing about itself: writes may wait in it."""
 
-    name = "delay"
-    altitude = 60
+    name = "slow-test"
+    altitude = 160
 
 
 def test_device_write_may_wait_asks_every_filter(engine, make_file, storage_dir):
@@ -98,9 +98,9 @@ def test_device_write_may_wait_asks_every_filter(engine, make_file, storage_dir)
     engine.register_filter(_Delay)
     engine.snapshot_destroy(sid)
     assert not dev.write_may_wait(0, 4096)
-    engine.attach("d", "delay")
+    engine.attach("d", "slow-test")
     assert dev.write_may_wait(0, 4096)  # a filter that does not know better
-    engine.detach("d", "delay")
+    engine.detach("d", "slow-test")
     assert not dev.write_may_wait(0, 4096)
 
 
@@ -112,7 +112,7 @@ def test_device_allocation_follows_the_filters(engine, make_file):
     engine.attach("d")  # the tracker reads the backing store
     assert dev.allocation(0, 4 * MiB) == [(0, MiB, False), (MiB, 3 * MiB, True)]
     engine.register_filter(_Delay)
-    engine.attach("d", "delay")  # may serve reads from elsewhere: all data
+    engine.attach("d", "slow-test")  # may serve reads from elsewhere: all data
     assert dev.allocation(MiB, MiB) == [(MiB, MiB, False)]
     with pytest.raises(blksnap.InvalidArgument):
         dev.allocation(4 * MiB, 1)

@@ -13,10 +13,10 @@ from tests.conftest import file_bytes
 
 
 class Recorder(Filter):
-    """Counts the requests it sees; altitude 5."""
+    """Counts the requests it sees; altitude 105."""
 
     name = "recorder"
-    altitude = 5
+    altitude = 105
 
     def __init__(self, device, opts):
         super().__init__(device, {})
@@ -32,14 +32,14 @@ class Rival(Filter):
     """Another filter at the recorder's altitude."""
 
     name = "rival"
-    altitude = 5
+    altitude = 105
 
 
 class ZeroReads(Filter):
     """Completes every read itself with 0x5a bytes (SKIP)."""
 
     name = "zeroreads"
-    altitude = 1
+    altitude = 101
 
     def submit(self, bio: Bio) -> FilterResult:
         if bio.op is Op.READ:
@@ -52,7 +52,7 @@ class RepeatTwice(Filter):
     """Asks to be called again twice per request, then passes."""
 
     name = "repeat"
-    altitude = 2
+    altitude = 102
 
     def __init__(self, device, opts):
         super().__init__(device, opts)
@@ -71,7 +71,7 @@ class Redirect(Filter):
     """Sends writes to the device named in option ``to``."""
 
     name = "redirect-test"
-    altitude = 3
+    altitude = 103
     target: blksnap.Device | None = None
 
     def submit(self, bio: Bio) -> FilterResult:
@@ -86,7 +86,7 @@ class Mirror(Filter):
     write must reach the backing store without re-entering any filter."""
 
     name = "mirror"
-    altitude = 4
+    altitude = 104
 
     def __init__(self, device, opts):
         super().__init__(device, opts)
@@ -164,9 +164,9 @@ def test_ctl_unknown_command_is_enotty(engine, dev):
 
 
 def test_stack_order_by_altitude(engine, dev):
-    engine.attach("d0", "recorder")  # altitude 5
-    engine.attach("d0", "zeroreads")  # altitude 1
-    engine.attach("d0", "blksnap")  # altitude 0
+    engine.attach("d0", "recorder")  # altitude 105
+    engine.attach("d0", "zeroreads")  # altitude 101
+    engine.attach("d0", "blksnap")  # altitude 100
     assert engine.filters("d0") == ["blksnap", "zeroreads", "recorder"]
 
 

@@ -220,7 +220,7 @@ class SlowWrites(blksnap.Filter):
     in flight when a take comes: the take must drain them."""
 
     name = "slowwrites"
-    altitude = 1
+    altitude = 101
 
     def submit(self, bio: blksnap.Bio) -> blksnap.FilterResult:
         if bio.op is blksnap.Op.WRITE:

@@ -420,7 +420,7 @@ class _Pattern(blksnap.Filter):
     not what a client reads."""
 
     name = "pattern"
-    altitude = 50
+    altitude = 150
 
     def submit(self, bio):
         if bio.op == blksnap.Op.READ:
