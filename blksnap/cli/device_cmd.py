@@ -27,15 +27,54 @@ def register(sub: Any, cmd: Commands) -> None:
     ls = cmd(dvsub, "list", "devices served")
     ls.set_defaults(handler=device_list)
 
-    at = cmd(sub, "attach", "attach a filter (default: blksnap, the CBT + snapshot tracker)")
+    at = cmd(
+        sub,
+        "attach",
+        "attach a filter to a device in use (default: blksnap, the CBT + snapshot tracker)",
+        epilog=_filters_help(options=True),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     at.add_argument("-d", "--device", required=True)
     at.add_argument("--filter", default="blksnap")
-    at.add_argument("--opt", action="append", type=optarg, default=[], metavar="K=V")
+    at.add_argument(
+        "--opt", action="append", type=optarg, default=[], metavar="K=V", help="a filter option"
+    )
     at.set_defaults(handler=attach)
     dt = cmd(sub, "detach", "detach a filter")
     dt.add_argument("-d", "--device", required=True)
     dt.add_argument("--filter", default="blksnap")
     dt.set_defaults(handler=detach)
+
+    ct = cmd(
+        sub,
+        "ctl",
+        "a filter's control command (e.g. flakey down, powercut cut, migrate status)",
+        epilog=_filters_help(options=False),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ct.add_argument("-d", "--device", required=True)
+    ct.add_argument("--filter", required=True)
+    ct.add_argument("command", metavar="CMD")
+    ct.add_argument("arg", metavar="ARG", nargs="?", default=None)
+    ct.set_defaults(handler=ctl)
+
+    fl = cmd(sub, "filter", "the filters blksnapd knows")
+    flsub = fl.add_subparsers(dest="action", metavar="ACTION", required=True)
+    fls = cmd(flsub, "list", "registered filters: altitude (lowest sees requests first), "
+              "options and control commands")  # fmt: skip
+    fls.set_defaults(handler=filter_list)
+
+
+def _filters_help(*, options: bool) -> str:
+    """The built-in filters' options or commands, for --help."""
+    from blksnap.engine.engine import BUILTIN_FILTERS
+
+    lines = ["filters (by altitude: the lowest sees a request first):"]
+    for cls in BUILTIN_FILTERS:
+        lines.append(f"  {cls.name} ({cls.altitude}): {cls.summary}")
+        for key, what in (cls.options if options else cls.commands).items():
+            lines.append(f"      {key}{'=V' if options else ''}: {what}")
+    return "\n".join(lines)
 
 
 def _with_loop(args: argparse.Namespace) -> bool:
@@ -64,6 +103,21 @@ def device_remove(args: argparse.Namespace, client: Client, out: Out) -> int:
     return 0
 
 
+def _stack_text(d: dict[str, Any]) -> str:
+    """A device's filters in the order requests meet them, with a word of
+    state where there is one (flakey down, power cut, migration progress)."""
+    parts = []
+    for f in d.get("stack") or [{"filter": n, "status": None} for n in d["filters"]]:
+        st = f.get("status") or {}
+        word = ""
+        if f["filter"] == "migrate" and st:
+            word = f"{st['state']} {100 * st['copied'] // max(st['total'], 1)}%"
+        elif f["filter"] in ("flakey", "powercut") and st:
+            word = st["state"]
+        parts.append(f"{f['filter']}({word})" if word else f["filter"])
+    return ">".join(parts) or "-"
+
+
 def device_list(args: argparse.Namespace, client: Client, out: Out) -> int:
     devs = client.devices()
     rows = [
@@ -71,7 +125,7 @@ def device_list(args: argparse.Namespace, client: Client, out: Out) -> int:
             d["name"],
             format_size(d["size"]),
             d["loop"] or "-",
-            ",".join(d["filters"]) or "-",
+            _stack_text(d),
             d["backing"],
         ]
         for d in devs
@@ -98,4 +152,30 @@ def detach(args: argparse.Namespace, client: Client, out: Out) -> int:
         {"device": args.device, "filter": args.filter, "detached": True},
         f"{args.filter} detached from {args.device}",
     )
+    return 0
+
+
+def ctl(args: argparse.Namespace, client: Client, out: Out) -> int:
+    result = client.ctl(args.device, args.filter, args.command, args.arg)
+    if isinstance(result, dict):
+        text = "\n".join(f"{k}: {v}" for k, v in result.items())
+    else:
+        text = "done" if result is None else str(result)
+    out.emit(result, text)
+    return 0
+
+
+def filter_list(args: argparse.Namespace, client: Client, out: Out) -> int:
+    kinds = client.filter_list()
+    rows = [
+        [
+            str(k["altitude"]),
+            k["filter"],
+            ",".join(k["options"]) or "-",
+            ",".join(k["commands"]) or "-",
+            k["summary"],
+        ]
+        for k in kinds
+    ]
+    out.emit(kinds, table(rows, ["ALTITUDE", "FILTER", "OPTIONS", "CTL", "WHAT"]))
     return 0

@@ -227,6 +227,13 @@ class Client:
     def detach(self, name: str, filter: str = "blksnap") -> None:
         self.call("filter.detach", device=name, filter=filter)
 
+    def ctl(self, name: str, filter: str, cmd: str, arg: str | None = None) -> Any:
+        """A filter's control command (``flakey`` ``down``, ``migrate`` ``status`` ...)."""
+        return self.call("filter.ctl", device=name, filter=filter, cmd=cmd, arg=arg)
+
+    def filter_list(self) -> list[dict[str, Any]]:
+        return self.call("filter.list")
+
     def cbt_info(self, name: str) -> CbtInfo:
         from blksnap.engine.cbt import CbtInfo
 

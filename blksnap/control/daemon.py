@@ -24,6 +24,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -98,6 +99,10 @@ class Daemon:
         self.loops: dict[str, str] = {}
         #: Options of the filters attached: (device, filter) -> options.
         self.filter_opts: dict[tuple[str, str], dict[str, Any]] = {}
+        #: One writer of the record at a time (the control thread, and a
+        #: migration's copy thread recording its switch).
+        self._record_lock = threading.Lock()
+        self.engine.on_backing_switch = self._backing_switched
         #: Snapshots a dead worker had, gone with it: id -> why.
         self.lost_snapshots: dict[str, str] = {}
         self.lost_image_loops: dict[str, str] = {}
@@ -118,6 +123,8 @@ class Daemon:
             "device.list": self.op_device_list,
             "filter.attach": self.op_attach,
             "filter.detach": self.op_detach,
+            "filter.ctl": self.op_ctl,
+            "filter.list": self.op_filter_list,
             "cbt.info": self.op_cbt_info,
             "cbt.map": self.op_cbt_map,
             "cbt.markdirty": self.op_markdirty,
@@ -330,9 +337,23 @@ class Daemon:
         if self.takeover and not self.rebuilt:
             return  # still reading the old one
         path = os.path.join(self.state_dir, DAEMON_RECORD)
-        with open(f"{path}.tmp", "w") as f:
-            json.dump(self.record(), f, indent=1)
-        os.replace(f"{path}.tmp", path)
+        with self._record_lock:
+            with open(f"{path}.tmp", "w") as f:
+                json.dump(self.record(), f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(f"{path}.tmp", path)
+
+    def _backing_switched(self, name: str, path: str) -> None:
+        """A migration is done (in its copy thread, the device drained, the
+        device already on ``path`` but not yet served from it): the record
+        says so before any request reaches the new store, so that a worker
+        taking over serves the device from there. (Until this record is
+        written, the old store holds every byte: one taking over serves it
+        from there and copies again.)"""
+        self.filter_opts.pop((name, "migrate"), None)
+        log.info("device %s: now on %s (migration done)", name, path)
+        self.save_record()
 
     def rebuild(self) -> None:
         """Taking over: the devices, filters and loop devices of the record
@@ -348,13 +369,17 @@ class Daemon:
             name = d["name"]
             try:
                 self.engine.add_device(d["backing"], name, taking_over=True)
-                for f in d.get("filters", []):
-                    self.engine.attach(name, f["filter"], f.get("opts") or {})
-                    self.filter_opts[(name, f["filter"])] = f.get("opts") or {}
             except BlksnapError as exc:
                 log.error("taking over: device %s (%s) not served again: %s", name,
                           d["backing"], exc)  # fmt: skip
                 continue
+            for f in d.get("filters", []):
+                try:
+                    self.engine.attach(name, f["filter"], f.get("opts") or {})
+                    self.filter_opts[(name, f["filter"])] = f.get("opts") or {}
+                except BlksnapError as exc:
+                    log.error("taking over: filter %s of device %s not attached again: %s",
+                              f["filter"], name, exc)  # fmt: skip
             self.fs.add_device(name)
             lp = d.get("loop")
             path = self.device_path(name)
@@ -393,6 +418,11 @@ class Daemon:
         if isinstance(regions, SupervisedRegions):
             tracked = [d.name for d in self.engine.devices() if self.engine.tracker_of(d.name)]
             used = {f"cbt/{name}" for name in tracked}
+            used |= {
+                f"filter/{d.name}/{f}"
+                for d in self.engine.devices()
+                for f in self.engine.filters(d.name)
+            }
             kept = {f"snap/{s['id']}" for s in self.engine.snapshot_collect()}
             for key in regions.held_keys():
                 # (a snapshot's keys: snap/ID and snap/ID/...; file systems
@@ -431,6 +461,7 @@ class Daemon:
             "backing": dev.path,
             "size": dev.size,
             "filters": self.engine.filters(name),
+            "stack": self.engine.filter_status(name),
         }
 
     async def op_device_add(self, args: dict[str, Any]) -> Any:
@@ -494,6 +525,21 @@ class Daemon:
             "filter": flt,
             "filters": self.engine.filters(args["device"]),
         }
+
+    async def op_ctl(self, args: dict[str, Any]) -> Any:
+        """A filter's control command: its answer, made fit for JSON (bytes
+        as base64, a record as a dict)."""
+        result = await self.thread(
+            self.engine.ctl, args["device"], args["filter"], args["cmd"], args.get("arg")
+        )
+        if isinstance(result, (bytes, bytearray)):
+            return {"bytes": len(result), "base64": base64.b64encode(result).decode()}
+        if hasattr(result, "as_dict"):
+            return result.as_dict()
+        return result
+
+    async def op_filter_list(self, args: dict[str, Any]) -> Any:
+        return self.engine.filter_kinds()
 
     async def op_cbt_info(self, args: dict[str, Any]) -> Any:
         return self.engine.cbt_info(args["device"]).as_dict()

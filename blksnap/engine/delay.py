@@ -29,6 +29,7 @@ class Delay(Filter):
     name = "delay"
     altitude = ALTITUDE_DELAY
     reads_backing = True
+    models_device = True
     summary = "holds each request for a while before passing it on, as dm-delay"
     options = {
         "read_ms": "milliseconds added to each read (default 0)",

@@ -587,7 +587,15 @@ class Device:
         bio.device = self
         self._backing_io(bio)
 
-    def submit_below(self, flt: Filter, bio: Bio) -> None:
+    def submit_physical(self, bio: Bio) -> None:
+        """Diff storage I/O of a snapshot on this device (mapped storage):
+        through the filters that model the device itself, to the backing
+        store; not through the gate (it is issued by a request of some
+        device, maybe this one, holding its gate) nor the tracker."""
+        bio.physical = True
+        self.submit_below(None, bio)
+
+    def submit_below(self, flt: Filter | None, bio: Bio) -> None:
         """A request of filter ``flt`` (the one it is serving, or its own),
         through the filters below it (higher altitudes), then to the
         backing store. Called from ``flt.submit`` (the gate is held) or

@@ -12,12 +12,14 @@ it that may be used:
   size, or the given sector ranges;
 * **mapped** byte ranges of a served device's backing store: the extents of
   a preallocated file on a file system that the device itself carries (the
-  engine finds them with FIEMAP). Chunks are written straight to the backing
-  store, below the device's filters, so copy-on-write never writes through
-  the device it protects (no recursion, no deadlock with a take's freeze);
-  the file stays open so its blocks stay its own. Each write is reported to
-  ``on_write`` (the engine marks those blocks changed in the device's CBT),
-  and the device's image reads those ranges as the zeroes they held at take.
+  engine finds them with FIEMAP). Chunks go to the device below its tracker,
+  through ``via`` (:class:`MappedIO`: the engine sends them through the
+  filters that stand for the device itself -- a failing, slow or moving disk
+  -- to its backing store, and marks them changed in its CBT), never through
+  its gate or tracker, so copy-on-write never writes through the device it
+  protects (no recursion, no deadlock with a take's freeze); the file stays
+  open so its blocks stay its own. The device's image reads those ranges as
+  the zeroes they held at take.
 
 Sources that grow (a directory's anonymous file, a regular file) can hold no
 more than their file system has free: free space counts ``statvfs`` too, so
@@ -42,7 +44,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from blksnap.blockstack import set_immutable
 from blksnap.engine.device import keep_folios_small, open_backing
@@ -62,6 +64,19 @@ LOCATION_MASK = (1 << LOCATION_SHIFT) - 1
 MAX_SOURCES = 1 << 14
 
 
+class MappedIO(Protocol):
+    """The way to the device that holds a mapped source."""
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
+        """Write at ``offset`` of the device; False if the device is not
+        served (the source's descriptor is written instead)."""
+        ...
+
+    def read(self, offset: int, length: int) -> bytes | bytearray | None:
+        """Read; None if the device is not served."""
+        ...
+
+
 @dataclass
 class StorageSource:
     path: str
@@ -78,8 +93,8 @@ class StorageSource:
     device: str | None = None
     #: ... the descriptor that keeps the file (and so its blocks) alive ...
     hold_fd: int = -1
-    #: ... and who to tell of each write (byte offset, length on the device).
-    on_write: Callable[[int, int], None] | None = None
+    #: ... and the way to it (None: straight to ``fd``).
+    via: MappedIO | None = None
     #: Cached data is read with ``RWF_NOWAIT`` first (False: not supported).
     nowait: bool = True
     #: A file blksnap made for the source (removed at release), and whether
@@ -237,7 +252,7 @@ class DiffStorage:
         *,
         device: str,
         hold_fd: int,
-        on_write: Callable[[int, int], None] | None = None,
+        via: MappedIO | None = None,
         made: str | None = None,
         guard: bool = False,
     ) -> StorageSource:
@@ -255,7 +270,7 @@ class DiffStorage:
             storage_identity(st),
             device=device,
             hold_fd=hold_fd,
-            on_write=on_write,
+            via=via,
             made=made,
         )
         self._add_source(src, path)
@@ -495,14 +510,14 @@ class DiffStorage:
         keep: SnapshotState,
         slot_size: int,
         on_low_space: Callable[[dict[str, int]], None] | None,
-        on_write_for: Callable[[str], Callable[[int, int], None] | None],
+        via_for: Callable[[str], MappedIO | None],
     ) -> DiffStorage:
         """The diff storage a process before this one left in ``keep``:
         every source with its descriptors (duplicated here) and allocation.
         ``InvalidArgument`` if a descriptor is not the file it was."""
         self = cls(params, on_low_space, slot_size, keep)
         try:
-            self._resume_sources(keep, on_write_for)
+            self._resume_sources(keep, via_for)
         except BaseException:
             self.release()
             raise
@@ -511,7 +526,7 @@ class DiffStorage:
     def _resume_sources(
         self,
         keep: SnapshotState,
-        on_write_for: Callable[[str], Callable[[int, int], None] | None],
+        via_for: Callable[[str], MappedIO | None],
     ) -> None:
         for index, (desc, kept_fd, kept_hold) in enumerate(keep.sources()):
             fd = os.dup(kept_fd)
@@ -539,7 +554,7 @@ class DiffStorage:
             self._slots_total += total
             self._slots_used += used
             if src.device is not None:
-                src.on_write = on_write_for(src.device)
+                src.via = via_for(src.device)
                 ranges = {*self.on_devices.get(src.device, ()),
                           *((o, o + n) for o, n in src.ranges)}  # fmt: skip
                 self.on_devices = {**self.on_devices, src.device: tuple(sorted(ranges))}
@@ -562,12 +577,12 @@ class DiffStorage:
         src, base = self._where(location)
         if len(data) >= LONG_IO:
             may_block()
+        if src.via is not None and src.via.write(base + offset, data):
+            return
         try:
             pwrite_full(src.fd, base + offset, data)
         except OSError as exc:
             raise from_oserror(exc, f"diff storage {src.path}") from None
-        if src.on_write is not None:
-            src.on_write(base + offset, len(data))
 
     def devices_used(self) -> set[str]:
         """Served devices whose backing stores hold mapped sources."""
@@ -577,6 +592,10 @@ class DiffStorage:
         """Cached data without waiting, :data:`may_block` before the disk
         (:func:`~blksnap.fileio.pread_cache_first`)."""
         src, base = self._where(location)
+        if src.via is not None:
+            got = src.via.read(base + offset, length)
+            if got is not None:
+                return got
         try:
             data, src.nowait = pread_cache_first(src.fd, base + offset, length, src.nowait)
         except OSError as exc:

@@ -23,7 +23,7 @@ from blksnap.engine.cbt import CbtInfo
 from blksnap.engine.delay import Delay
 from blksnap.engine.device import Device
 from blksnap.engine.event_queue import Event, EventQueue
-from blksnap.engine.filters import Filter, FilterRegistry
+from blksnap.engine.filters import READ, WRITE, Bio, Filter, FilterRegistry
 from blksnap.engine.flakey import Flakey
 from blksnap.engine.image import Image
 from blksnap.engine.migrate import Migrate
@@ -253,13 +253,6 @@ class Engine:
                     path = os.path.abspath(opts[key])
                     self._check_not_served(path, blockstack.resolve(path, self._alias))
                     opts[key] = path
-            if cls is Migrate:
-                holder = self._storage_holder(name)
-                if holder is not None:
-                    raise Busy(
-                        f"{name} holds diff storage of snapshot {holder} (written below "
-                        "its filters, where a migration would not copy it): not moving it"
-                    )
             flt = dev.attach_filter(cls, opts)
             dev.retired.pop(filter, None)
             return flt
@@ -523,8 +516,6 @@ class Engine:
         backup reads them again."""
         assert carrier.served is not None
         dev = self.device(carrier.served)
-        if dev.filters.find(Migrate.name) is not None:
-            raise Busy(f"{dev.name} is being migrated: diff storage on it would not move")
         made = None
         try:
             if os.path.isdir(path):
@@ -574,7 +565,7 @@ class Engine:
             ranges,
             device=dev.name,
             hold_fd=fd,
-            on_write=self._marker(dev.name),
+            via=self._mapped_io(dev.name),
             made=made,
             guard=snap.state == "taken",
         )
@@ -586,16 +577,9 @@ class Engine:
             dev.name,
         )
 
-    def _marker(self, name: str) -> Callable[[int, int], None]:
-        """Marks writes of diff storage mapped on device ``name`` in its CBT."""
-
-        def mark(offset: int, n: int) -> None:
-            dev = self._devices.get(name)
-            trk = self._tracker_or_none(dev) if dev is not None else None
-            if trk is not None:
-                trk.cbt.mark(offset, n)
-
-        return mark
+    def _mapped_io(self, name: str) -> _MappedIO:
+        """The way of diff storage mapped on device ``name`` to it."""
+        return _MappedIO(self, name)
 
     # -- a process taking over ------------------------------------------------------
 
@@ -639,7 +623,7 @@ class Engine:
                     if trk.snapshot_id is not None:
                         raise Busy(f"snapshot {sid}: {name} is in snapshot {trk.snapshot_id}")
                     pairs.append((dev, trk))
-                snap = Snapshot.resume(self.params, self.regions, keep, pairs, self._marker)
+                snap = Snapshot.resume(self.params, self.regions, keep, pairs, self._mapped_io)
                 for _, trk in pairs:
                     trk.snapshot_id = snap.id
                 self._snapshots[snap.id] = snap
@@ -748,3 +732,34 @@ class Engine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _MappedIO:
+    """Diff storage I/O on served device ``name``, below its tracker: through
+    the filters that stand for the device itself (:attr:`Filter.models_device`:
+    a disk that fails, is slow, loses its cache, moves) to its backing store
+    as it is now; writes marked changed in its CBT (the next backup reads
+    them: they are part of the device)."""
+
+    def __init__(self, engine: Engine, name: str) -> None:
+        self.engine = engine
+        self.name = name
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
+        dev = self.engine._devices.get(self.name)
+        if dev is None:
+            return False
+        dev.submit_physical(Bio(WRITE, offset, len(data), data, dev))
+        trk = self.engine._tracker_or_none(dev)
+        if trk is not None:
+            trk.cbt.mark(offset, len(data))
+        return True
+
+    def read(self, offset: int, length: int) -> bytes | bytearray | None:
+        dev = self.engine._devices.get(self.name)
+        if dev is None:
+            return None
+        bio = Bio(READ, offset, length, device=dev)
+        dev.submit_physical(bio)
+        assert bio.result is not None
+        return bio.result

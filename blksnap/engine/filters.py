@@ -93,6 +93,9 @@ class Bio:
     result: bytes | bytearray | None = None
     #: Free for filters to leave notes for each other.
     private: dict[str, Any] = field(default_factory=dict)
+    #: Diff storage I/O on the device (:meth:`Device.submit_physical`): only
+    #: filters that model the device itself see it.
+    physical: bool = False
 
 
 class Filter:
@@ -111,6 +114,11 @@ class Filter:
     options: ClassVar[dict[str, str]] = {}
     #: Its control commands (``ctl``): name -> what it does.
     commands: ClassVar[dict[str, str]] = {}
+    #: The filter stands for the device itself (a disk that fails, is slow,
+    #: loses its write cache, moves), not for a watcher of its data: it also
+    #: sees the diff storage I/O that snapshots send to the device below its
+    #: tracker (:meth:`Device.submit_physical`).
+    models_device: ClassVar[bool] = False
     #: Options that name a file or block device: the engine refuses one that
     #: a device it serves lives on (as it refuses to serve a file twice).
     path_options: ClassVar[tuple[str, ...]] = ()
@@ -231,10 +239,14 @@ class FilterStack:
     def remove(self, flt: Filter) -> None:
         self._filters = tuple(f for f in self._filters if f is not flt)
 
-    def process_below(self, above: Filter, bio: Bio) -> FilterResult:
-        """:meth:`process` by the filters of higher altitude than ``above``."""
+    def process_below(self, above: Filter | None, bio: Bio) -> FilterResult:
+        """:meth:`process` by the filters of higher altitude than ``above``
+        (None: all); of a ``physical`` request, only by those that
+        :attr:`~Filter.models_device`."""
+        floor = -1 if above is None else above.altitude
+        physical = bio.physical
         for flt in self._filters:
-            if flt.altitude <= above.altitude:
+            if flt.altitude <= floor or (physical and not flt.models_device):
                 continue
             result = flt.submit(bio)
             while result is REPEAT:

@@ -59,6 +59,7 @@ class Flakey(Filter):
     name = "flakey"
     altitude = ALTITUDE_FLAKEY
     reads_backing = True
+    models_device = True
     summary = "fails, drops or corrupts requests while down, as dm-flakey"
     options = {
         "mode": "while down, comma-separated: "

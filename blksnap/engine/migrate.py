@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from blksnap.engine.device import BackingStore
 from blksnap.engine.filters import READ, WRITE, WRITE_OPS, Bio, Filter, FilterResult, Op
-from blksnap.errors import BlksnapError, InvalidArgument, NoSpace
+from blksnap.errors import BlksnapError, Busy, InvalidArgument, NoSpace
 from blksnap.units import parse_size
 
 if TYPE_CHECKING:
@@ -59,6 +59,7 @@ class Migrate(Filter):
     name = "migrate"
     altitude = ALTITUDE_MIGRATE
     reads_backing = True
+    models_device = True
     path_options = ("target",)
     summary = "moves the device to new storage while it is in use, then switches to it"
     options = {
@@ -262,8 +263,14 @@ class Migrate(Filter):
         }
 
     def detach(self) -> None:
-        with self._switch_lock:  # (a switch under way ends first)
+        # A switch under way is not waited for here (it may need the
+        # engine's lock, held by whoever detaches): try again once it is done.
+        if not self._switch_lock.acquire(blocking=False):
+            raise Busy(f"{self.device.name}: the migration is switching to its target")
+        try:
             self._abort("detached")
+        finally:
+            self._switch_lock.release()
         if self._thread is not threading.current_thread():
             self._thread.join(timeout=30)
         if self.state != "switched":

@@ -57,6 +57,7 @@ class Powercut(Filter):
     name = "powercut"
     altitude = ALTITUDE_POWERCUT
     reads_backing = True
+    models_device = True
     summary = "keeps what was written since the last flush; `cut` throws it away"
     commands = {
         "cut": "write back the old contents of every block written since the last "

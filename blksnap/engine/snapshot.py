@@ -202,7 +202,7 @@ class Snapshot:
         regions: Regions,
         keep: SnapshotState,
         devices: list[tuple[Device, Tracker]],
-        on_write_for: Any,
+        via_for: Any,
     ) -> Snapshot:
         """The snapshot a process before this one left in ``keep``, on
         ``devices`` (its members, served again): created, or taken with its
@@ -216,9 +216,7 @@ class Snapshot:
             raise InvalidArgument(f"snapshot {keep.sid}: its description was not kept")
         snap = cls(params, devices, keep.sid, regions, chunk_size=int(desc["chunk_size"]),
                    keep=keep)  # fmt: skip
-        snap.storage = DiffStorage.resume(
-            params, keep, snap.chunk_size, snap._low_space, on_write_for
-        )
+        snap.storage = DiffStorage.resume(params, keep, snap.chunk_size, snap._low_space, via_for)
         try:
             return snap._resume_state(regions, keep)
         except BaseException:
