@@ -123,6 +123,10 @@ def _opts(v: Any) -> bool:
     )
 
 
+def _arg(v: Any) -> bool:
+    return v is None or (isinstance(v, str) and len(v) <= 65536)
+
+
 def _timeout(v: Any) -> bool:
     return _is_int(v) and 0 <= v <= 24 * 3600 * 1000
 
@@ -156,6 +160,13 @@ SCHEMAS: dict[str, dict[str, Field]] = {
     "device.list": {},
     "filter.attach": {"device": F(_str, True), "filter": F(_str), "opts": F(_opts)},
     "filter.detach": {"device": F(_str, True), "filter": F(_str)},
+    "filter.ctl": {
+        "device": F(_str, True),
+        "filter": F(_str, True),
+        "cmd": F(_str, True, "the filter's control command"),
+        "arg": F(_arg, doc="its argument, if it takes one"),
+    },
+    "filter.list": {},
     "cbt.info": {"device": F(_str, True)},
     "cbt.map": {"device": F(_str, True)},
     "cbt.markdirty": {"device": F(_str, True), "ranges": F(_ranges, True)},

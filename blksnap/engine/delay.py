@@ -48,6 +48,9 @@ class Delay(Filter):
         super().__init__(device, opts)
         self.held = 0
         self._lock = threading.Lock()
+        kept = self.kept_state()  # (a worker taking over: as it was left)
+        if kept is not None:
+            self._set({k: str(v) for k, v in kept.items() if k in self.ms})
 
     def _set(self, opts: dict[str, str]) -> None:
         new = dict(self.ms)
@@ -91,9 +94,13 @@ class Delay(Filter):
                     raise InvalidArgument(f"delay set: want K=V with K in {', '.join(self.ms)}")
                 opts[key.strip()] = value.strip()
             self._set(opts)
+            self.keep_state(dict(self.ms))
         elif cmd != "status":
             return super().ctl(cmd, arg)
         return self.status()
+
+    def detach(self) -> None:
+        self.device.regions.drop(self.state_key)
 
     def status(self) -> dict[str, Any]:
         return {**self.ms, "held": self.held}

@@ -391,8 +391,10 @@ class DiffArea:
 
     def _read_device(self, offset: int, length: int) -> bytes:
         """The device's bytes as they were at take, for chunks not stored."""
-        bio = Bio(Op.READ, offset, length)
-        self.device.submit_filtered(bio)
+        bio = Bio(Op.READ, offset, length, device=self.device)
+        # Below the tracker, through the filters that model the disk (a
+        # failing or powered-off disk fails the image's reads too).
+        self.device.submit_physical(bio)
         assert bio.result is not None
         holes = self.storage.on_devices.get(self.device.name)
         return bio.result if not holes else _zero_holes(bio.result, offset, holes)

@@ -39,6 +39,7 @@ Filters of one's own take any altitude from 0 up not taken on the device.
 from __future__ import annotations
 
 import enum
+import json
 import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -149,6 +150,27 @@ class Filter:
 
     def ctl(self, cmd: str, arg: Any = None) -> Any:
         raise NotSupported(f"filter {self.name!r} has no command {cmd!r}")
+
+    # -- state kept across a restart of blksnapd's worker ---------------------
+
+    @property
+    def state_key(self) -> str:
+        """The region key of this filter's state on its device."""
+        return f"filter/{self.device.name}/{self.name}"
+
+    def keep_state(self, state: dict[str, Any]) -> None:
+        """Keep ``state`` (JSON) where a process taking over finds it (with
+        regions that outlive the process; nothing otherwise)."""
+        self.device.regions.put_blob(self.state_key, json.dumps(state).encode())
+
+    def kept_state(self) -> dict[str, Any] | None:
+        """What :meth:`keep_state` kept for this filter, if anything."""
+        blob = self.device.regions.get_blob(self.state_key)
+        try:
+            state = json.loads(blob) if blob else None
+        except ValueError:
+            return None
+        return state if isinstance(state, dict) else None
 
     def status(self) -> dict[str, Any] | None:
         """A short account of the filter's state for ``device list``

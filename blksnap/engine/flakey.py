@@ -96,6 +96,10 @@ class Flakey(Filter):
         self.forced: str | None = None
         self.counts = {"failed": 0, "dropped": 0, "corrupted": 0}
         self._lock = threading.Lock()
+        kept = self.kept_state()  # (a worker taking over: as it was left)
+        if kept is not None:
+            self.forced = kept.get("forced") if kept.get("forced") in ("up", "down") else None
+            self.modes = parse_modes(",".join(kept.get("modes") or []))
 
     def is_down(self) -> bool:
         forced = self.forced
@@ -157,7 +161,12 @@ class Flakey(Filter):
             self.modes = parse_modes(str(arg or ""))
         elif cmd != "status":
             return super().ctl(cmd, arg)
+        if cmd != "status":
+            self.keep_state({"forced": self.forced, "modes": sorted(self.modes)})
         return self.status()
+
+    def detach(self) -> None:
+        self.device.regions.drop(self.state_key)
 
     def status(self) -> dict[str, Any]:
         return {

@@ -93,7 +93,7 @@ class Migrate(Filter):
             raise
         self.target = self.store.path
         self.total = device.size
-        self.key = f"filter/{device.name}/migrate"
+        self.key = self.state_key
         self.region, existed = device.regions.open(self.key, _PROGRESS.size)
         self.copied = 0
         if existed:
@@ -193,7 +193,7 @@ class Migrate(Filter):
                             self.store.discard(off, length)
                         else:
                             bio = Bio(READ, off, length, device=dev)
-                            dev.submit_filtered(bio)
+                            dev.submit_physical(bio)  # (a failing disk fails it)
                             assert bio.result is not None
                             self.store.pwrite(off, bio.result)
                     self.copied = pos + n

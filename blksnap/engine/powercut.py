@@ -68,7 +68,7 @@ class Powercut(Filter):
 
     def __init__(self, device: Device, opts: dict[str, str]) -> None:
         super().__init__(device, opts)
-        self.key = f"filter/{device.name}/powercut"
+        self.key = self.state_key
         capacity = device.size
         self.blocks, self.data_at, size = _layout(capacity)
         self.region, existed = device.regions.open(self.key, size)
