@@ -1228,6 +1228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         failed = not nbd_section(cfg, report, progress) or failed
         failed = not backup_section(cfg, report, progress) or failed
         failed = not restart_section(cfg, report, progress) or failed
+        failed = not migrate_section(cfg, report, progress) or failed
 
     elapsed = time.perf_counter() - t_start
     report.add(f"_Whole run: {elapsed:.0f} s._\n")
@@ -1303,6 +1304,20 @@ def restart_section(cfg: Config, report: Report, progress: Callable[[str], None]
         restart_bench,
         "restart",
         lambda: restart_bench.run_section(cfg.quick, progress),
+    )
+
+
+def migrate_section(cfg: Config, report: Report, progress: Callable[[str], None]) -> bool:
+    """Moving a live device (the migrate filter) vs cp and dd, and the writes
+    meanwhile (bench/migrate_bench.py)."""
+    import migrate_bench
+
+    return _sub_section(
+        report,
+        progress,
+        migrate_bench,
+        "migrate",
+        lambda: migrate_bench.run_section(cfg.quick, progress, cfg.tmpdir),
     )
 
 

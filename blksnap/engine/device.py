@@ -263,6 +263,16 @@ class BackingStore:
         except OSError as exc:
             raise from_oserror(exc, f"write {self.path}") from None
 
+    def prefetch(self, offset: int, length: int) -> None:
+        """Start reading ``offset``..``offset+length`` into the page cache
+        (a sequential reader of a store whose readahead is off)."""
+        length = min(length, self.size - offset)
+        if length > 0:
+            try:
+                os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                pass  # (advice only)
+
     def write_zeroes(self, offset: int, length: int) -> None:
         zero = bytes(min(length, _ZERO_PIECE))
         end = offset + length

@@ -2,12 +2,16 @@
 
 Attached with ``target=PATH`` (a file or block device at least the device's
 size), it copies the device to the target in the background, one piece of
-:data:`PIECE` bytes at a time, while every write that reaches it (discard,
-write-zeroes, flush) is done on both. A write and the copy of a piece it
-touches are ordered by a lock per piece: the copy reads the device and
-writes the target under it, a write does both of its writes under it, so the
-copy never writes what a later write changed (the target never holds stale
-data). Holes of a backing file are punched in the target, not copied.
+:data:`PIECE` bytes at a time, in order, while every write that reaches it
+(discard, write-zeroes) is done on both stores if the copy has passed its
+first piece (on the device's store only if not: the copy takes it from
+there when it comes). A write and the copy of a piece it touches are ordered
+by a lock per piece: the copy reads the device and writes the target under
+it, a write does its writes under it, so the copy never writes what a later
+write changed (the target never holds stale data). Holes of a backing file
+are punched in the target, not copied. Flushes go to the device's store
+only: nothing on the target needs to be durable before the switch, which
+syncs it (a crash before it leaves the device on its old store).
 
 When the copy is done the target is synced and, with the device's gate
 drained, becomes the device's backing store; the engine's callback records
@@ -48,6 +52,8 @@ log = logging.getLogger(__name__)
 ALTITUDE_MIGRATE = 300
 #: The unit of the copy, and of the locks that order it against writes.
 PIECE = 1 << 20
+#: Read ahead of the copy (the device's file has readahead off).
+PREFETCH = 8 * PIECE
 #: Locks, each covering every STRIPES-th piece.
 STRIPES = 64
 _MAGIC = b"MIGR0001"
@@ -133,19 +139,29 @@ class Migrate(Filter):
         return [self._locks[i] for i in sorted({p % STRIPES for p in range(first, last + 1)})]
 
     def submit(self, bio: Bio) -> FilterResult:
-        op = bio.op
-        if not self.mirroring or not (op in WRITE_OPS or op is Op.FLUSH):
+        # A flush passes: nothing on the target needs to be durable before
+        # the switch, which syncs it (a crash before leaves the device on its
+        # old store, which has every write).
+        if not self.mirroring or bio.op not in WRITE_OPS or not bio.length:
             return FilterResult.PASS
-        if op is Op.FLUSH:
-            self.device.submit_below(self, bio)
-            self._on_target(bio)
+        offset = bio.offset
+        first, last = offset // PIECE, (offset + bio.length - 1) // PIECE
+        if first == last:  # (the common case: one lock)
+            with self._locks[first % STRIPES]:
+                self.device.submit_below(self, bio)  # the device's own store first
+                if first * PIECE < self.copied:
+                    self._on_target(bio)
             return FilterResult.SKIP
-        locks = self._locked(bio.offset, bio.length)
+        locks = self._locked(offset, bio.length)
         for lock in locks:
             lock.acquire()
         try:
-            self.device.submit_below(self, bio)  # the device's own store first
-            self._on_target(bio)
+            self.device.submit_below(self, bio)
+            # (Pieces the copy has not reached get this write from the
+            # device's store when it does: holding their locks, the copy
+            # cannot be inside any of them now.)
+            if first * PIECE < self.copied:
+                self._on_target(bio)
         finally:
             for lock in locks:
                 lock.release()
@@ -165,8 +181,6 @@ class Migrate(Filter):
                 store.discard(bio.offset, bio.length)
             elif op is Op.WRITE_ZEROES:
                 store.zero(bio.offset, bio.length, unmap=bool(bio.private.get("unmap")))
-            elif op is Op.FLUSH:
-                store.flush()
         except BlksnapError as exc:
             self._abort(f"target failed: {exc}")
 
@@ -187,6 +201,9 @@ class Migrate(Filter):
                     if not self.mirroring:
                         return
                     src = dev.backing
+                    # (the device's file is read without readahead: ask for
+                    # the next pieces now, so the disk works while we write)
+                    src.prefetch(pos + n, PREFETCH)
                     runs = src.extents(pos, n)
                     for off, length, hole in runs:
                         if hole:
@@ -205,7 +222,11 @@ class Migrate(Filter):
             with self._switch_lock:  # (a detach waits for it, or it for the detach)
                 if self._stop.is_set():
                     return
-                dev.switch_backing(self, self.store, before=self.store.flush)
+                try:
+                    dev.switch_backing(self, self.store, before=self._last_sync)
+                except BaseException:
+                    dev.retired.pop(self.name, None)
+                    raise
                 self.mirroring = False
                 self.state = "switched"
         except BlksnapError as exc:
@@ -220,6 +241,13 @@ class Migrate(Filter):
         dev.regions.drop(self.key)
         log.info("%s: migrated to %s (%d bytes in %.1f s)", dev.name, self.target,
                  self.total - self._from, self.finished - self.started)  # fmt: skip
+
+    def _last_sync(self) -> None:
+        """In the switch, the device drained: the target synced, and the
+        status that ``ctl status`` answers once the filter is off the stack
+        put in place before it goes (withdrawn if the switch fails)."""
+        self.store.flush()
+        self.device.retired[self.name] = {**self.status(), "state": "switched"}
 
     def _pace(self) -> None:
         """Sleep so that the copy keeps to ``rate`` bytes per second."""

@@ -224,20 +224,33 @@ def _wait_state(engine, name: str, want: str, timeout: float = 30) -> dict:
         time.sleep(0.01)
 
 
-def test_migrate_under_writes_switches_to_an_identical_target(engine, dev, make_file):
+def test_migrate_under_writes_switches_to_an_identical_target(engine, make_file):
+    data = bytearray(random_bytes(SIZE))
+    old_path = make_file(SIZE, name="src.img", data=bytes(data))
+    dev = engine.add_device(old_path, name="d")
     engine.attach("d")
     generation = engine.cbt_info("d").generation_id
-    old_path = dev.path
     target = make_file(SIZE + MiB, name="target.img")  # larger: the device keeps its size
     stop = threading.Event()
     errors: list[BaseException] = []
+    written: list[dict[int, bytes]] = [{}, {}, {}]
 
-    def writer(seed: int) -> None:
-        rnd = __import__("random").Random(seed)
+    def writer(k: int) -> None:
+        """8 KiB writes of block pairs of its own (blocks 2j-1 and 2j, j % 3
+        == k), many astride two pieces of the copy; what each pair last got,
+        in ``written[k]``."""
+        rnd = __import__("random").Random(k)
         try:
             while not stop.is_set():
-                off = rnd.randrange(0, SIZE // 4096) * 4096
-                dev.write(off, rnd.randbytes(4096))
+                if rnd.random() < 0.3:
+                    j = rnd.randrange(1, SIZE // PIECE) * PIECE // 8192  # astride
+                else:
+                    j = rnd.randrange(1, SIZE // 8192)
+                if j % 3 != k:
+                    continue
+                buf = rnd.randbytes(8192)
+                dev.write((2 * j - 1) * 4096, buf)
+                written[k][2 * j - 1] = buf
         except BaseException as exc:  # pragma: no cover - the assertion says
             errors.append(exc)
 
@@ -252,14 +265,19 @@ def test_migrate_under_writes_switches_to_an_identical_target(engine, dev, make_
         for t in threads:
             t.join()
     assert not errors
+    assert sum(len(w) for w in written) > 100
+    for w in written:
+        for block, buf in w.items():
+            data[block * 4096 : block * 4096 + 8192] = buf
     assert status["copied"] == status["total"] == SIZE
     assert engine.filters("d") == ["blksnap"]  # it detached itself
     assert dev.path == os.path.abspath(target) and dev.size == SIZE
+    # The target holds every write, made during the copy or before.
+    assert file_bytes(target)[:SIZE] == bytes(data)
     old = file_bytes(old_path)
     dev.write(0, b"after the switch" * 256)
     dev.flush()
     assert file_bytes(old_path) == old  # the old store is no longer written
-    assert file_bytes(target)[:SIZE] == dev.read(0, SIZE)
     assert engine.cbt_info("d").generation_id == generation
     assert _cbt_marked(engine, "d", 0)
     assert engine.ctl("d", "migrate", "status")["state"] == "switched"  # kept after
@@ -311,3 +329,20 @@ def test_migrate_carries_on_from_its_progress(tmp_path, make_file):
     assert file_bytes(target) == data
     first.close()
     second.close()
+
+
+def test_migrate_status_answers_through_the_switch(engine, make_file):
+    """Polled without pause, ``ctl status`` goes from copying to switched
+    and never finds no filter at all in between."""
+    for i in range(30):
+        path = make_file(MiB, name=f"s{i}.img", data=random_bytes(MiB))
+        engine.add_device(path, name=f"s{i}")
+        engine.attach(f"s{i}", "migrate", {"target": make_file(MiB, name=f"t{i}.img")})
+        states = set()
+        while True:
+            state = engine.ctl(f"s{i}", "migrate", "status")["state"]  # never ENOENT
+            states.add(state)
+            if state != "copying":
+                break
+        assert state == "switched", states
+        engine.remove_device(f"s{i}")
