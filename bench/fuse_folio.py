@@ -45,7 +45,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from fiojobs import RAND_W, SEQ_R, SEQ_W, Result, drop_cache, fio_once, fio_timed
-from harness import table
+from harness import fsync_path, table
 
 CONDITIONS = ("cold", "seq-read", "seq-read+dontneed", "seq-write")
 LABELS = {
@@ -126,10 +126,10 @@ def run_folio(
                 drop_cache([t.backing])
             if cond == "seq-write":
                 fio_once(t.loop, SEQ_W, size)
-                _fsync(t.backing)
+                fsync_path(t.backing)
             res = fio_timed(t.loop, RAND_W, size, runtime, t.pid)
             t0 = time.perf_counter()
-            _fsync(t.backing)
+            fsync_path(t.backing)
             out.runs.setdefault((t.name, cond), []).append((res, time.perf_counter() - t0))
     for t in targets:
         drop_cache([t.backing])
@@ -198,14 +198,6 @@ def pwrite_costs(
 def _cpu() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
-
-
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def folio_report(f: Folio) -> list[str]:

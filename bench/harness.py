@@ -9,6 +9,7 @@ same loop, so the only difference between them is what the callable does.
 
 from __future__ import annotations
 
+import argparse
 import gc
 import mmap
 import os
@@ -16,6 +17,7 @@ import platform
 import random
 import statistics
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -295,3 +297,36 @@ def size_text(n: float) -> str:
             value = n / factor
             return f"{value:.0f} {unit}" if value == int(value) else f"{value:.1f} {unit}"
     return f"{n:.0f} B"
+
+
+def fsync_path(path: str | os.PathLike[str]) -> None:
+    """fsync the file at ``path``."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def main_alone(
+    doc: str,
+    run: Callable[[argparse.Namespace, Callable[[str], None]], str],
+    add_args: Callable[[argparse.ArgumentParser], None] | None = None,
+    argv: Sequence[str] | None = None,
+) -> int:
+    """A bench section run on its own: ``--quick`` and the section's own
+    arguments, skipped (with why) where blksnapd cannot run, the markdown on
+    stdout and progress on stderr."""
+    from blksnap.tools import sandbox
+
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--quick", action="store_true")
+    if add_args is not None:
+        add_args(p)
+    args = p.parse_args(argv)
+    why = sandbox.why_not()
+    if why:
+        print(f"skipped: {why}")
+        return 0
+    print(run(args, lambda m: print(m, file=sys.stderr, flush=True)))
+    return 0

@@ -26,7 +26,6 @@ a trial. ``bench/run.py`` adds the section (``make bench``); alone:
 
 from __future__ import annotations
 
-import argparse
 import errno
 import hashlib
 import os
@@ -46,7 +45,16 @@ for p in (str(HERE), str(ROOT)):
         sys.path.insert(0, p)
 
 from fiojobs import QD, RAND_W, SEQ_W, Workload, drop_cache, fio_timed  # noqa: E402
-from harness import MiB, Spread, fs_type, incompressible_file, size_text, table  # noqa: E402
+from harness import (  # noqa: E402
+    MiB,
+    Spread,
+    fs_type,
+    fsync_path,
+    incompressible_file,
+    main_alone,
+    size_text,
+    table,
+)
 
 from blksnap.errors import BlksnapError  # noqa: E402
 from blksnap.tools import sandbox  # noqa: E402
@@ -64,14 +72,6 @@ def _sync_fs(path: Path) -> None:
     """Commit the file system of ``path`` (after deleting a copy: its
     freeing and discards are not left to the next measurement)."""
     sandbox.run("sync", "-f", str(path))
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _sparse(path: Path, size: int) -> None:
@@ -154,7 +154,7 @@ class Bench:
         t0 = time.monotonic()
         sandbox.run(*cmd)
         if fsync:
-            _fsync(self.copy)
+            fsync_path(self.copy)
         took = time.monotonic() - t0
         self.copy.unlink()
         _sync_fs(self.work)
@@ -417,17 +417,14 @@ def run_section(quick: bool, progress: Callable[[str], None], tmpdir: str | None
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--tmpdir", help="for the files (default: $BLKSNAP_BENCH_TMPDIR or /var/tmp)")
-    args = p.parse_args(argv)
-    why = sandbox.why_not()
-    if why:
-        print(f"skipped: {why}")
-        return 0
-    progress = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
-    print(run_section(args.quick, progress, args.tmpdir))
-    return 0
+    return main_alone(
+        __doc__,
+        lambda a, progress: run_section(a.quick, progress, a.tmpdir),
+        lambda p: p.add_argument(
+            "--tmpdir", help="for the files (default: $BLKSNAP_BENCH_TMPDIR or /var/tmp)"
+        ),
+        argv,
+    )
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ write fails the bench.
 
 from __future__ import annotations
 
-import argparse
 import mmap
 import os
 import random
@@ -29,6 +28,8 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from harness import main_alone
 
 from blksnap.engine.cbt import CbtMap
 from blksnap.engine.params import Params
@@ -275,17 +276,12 @@ def run_section(quick: bool, progress: Callable[[str], None], events: int = 20) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--events", type=int, default=20)
-    p.add_argument("--quick", action="store_true")
-    args = p.parse_args(argv)
-    why = sandbox.why_not()
-    if why:
-        print(f"skipped: {why}")
-        return 0
-    progress = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
-    print(run_section(args.quick, progress, args.events))
-    return 0
+    return main_alone(
+        __doc__,
+        lambda a, progress: run_section(a.quick, progress, a.events),
+        lambda p: p.add_argument("--events", type=int, default=20),
+        argv,
+    )
 
 
 if __name__ == "__main__":

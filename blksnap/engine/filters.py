@@ -41,6 +41,7 @@ from __future__ import annotations
 import enum
 import json
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -267,21 +268,21 @@ class FilterStack:
         :attr:`~Filter.models_device`."""
         floor = -1 if above is None else above.altitude
         physical = bio.physical
-        for flt in self._filters:
-            if flt.altitude <= floor or (physical and not flt.models_device):
-                continue
-            result = flt.submit(bio)
-            while result is REPEAT:
-                result = flt.submit(bio)
-            if result is not PASS:
-                return result
-        return PASS
+        below = [
+            f for f in self._filters if f.altitude > floor and (f.models_device or not physical)
+        ]
+        return _run(below, bio)
 
     def process(self, bio: Bio) -> FilterResult:
-        for flt in self._filters:
+        return _run(self._filters, bio)
+
+
+def _run(filters: Sequence[Filter], bio: Bio) -> FilterResult:
+    """``bio`` through ``filters`` in order, until one does not PASS it."""
+    for flt in filters:
+        result = flt.submit(bio)
+        while result is REPEAT:
             result = flt.submit(bio)
-            while result is REPEAT:
-                result = flt.submit(bio)
-            if result is not PASS:
-                return result
-        return PASS
+        if result is not PASS:
+            return result
+    return PASS
