@@ -324,7 +324,7 @@ class Daemon:
             "version": 1,
             "devices": devices,
             "snapshots": [s["id"] for s in self.engine.snapshot_collect()],
-            "image_loops": {p: lp for p, lp in self.loops.items() if p.startswith(images)},
+            "image_loops": {p: lp for p, lp in list(self.loops.items()) if p.startswith(images)},
             # (carried from worker to worker: status keeps showing them)
             "lost_snapshots": dict(list(self.lost_snapshots.items())[-LOST_KEPT:]),
         }
