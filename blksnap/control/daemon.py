@@ -338,10 +338,11 @@ class Daemon:
             return  # still reading the old one
         path = os.path.join(self.state_dir, DAEMON_RECORD)
         with self._record_lock:
+            # (No fsync: a worker taking over reads it from the same page
+            # cache; it is not read after a reboot. A sync here would sit in
+            # the stall of every takeover.)
             with open(f"{path}.tmp", "w") as f:
                 json.dump(self.record(), f, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
             os.replace(f"{path}.tmp", path)
 
     def _backing_switched(self, name: str, path: str) -> None:
