@@ -3,8 +3,10 @@ thread-safe, knowing nothing of FUSE, NBD, the daemon or backups.
 
 ``device`` (backing store, served device, gate), ``filters`` (the filter
 stack), ``tracker`` (the ``blksnap`` filter), ``cbt`` (change-block tracking
-map), ``diff_area`` (per-device chunk map, copy-on-write), ``diff_storage``
-(where original chunks go), ``snapshot`` and ``event_queue``, ``image`` (the
-point-in-time view), ``gate``, ``params``, and ``engine`` (the
+map), ``cbt_checkpoint`` (the map in the state dir, across stops), ``flakey``,
+``delay``, ``powercut``, ``migrate`` (the filters that stand for the disk),
+``diff_area`` (per-device chunk map, copy-on-write), ``diff_storage`` (where
+original chunks go), ``snapshot`` and ``event_queue``, ``image`` (the point-
+in-time view), ``gate``, ``params``, and ``engine`` (the
 :class:`~blksnap.engine.engine.Engine` that holds them together).
 """

@@ -158,6 +158,38 @@ class CbtMap:
             if self._region is not None:
                 self.regions.drop(self.key)
 
+    def export(self) -> tuple[dict[str, object], bytes, bytes]:
+        """The map's numbers and both maps, consistent (for a checkpoint)."""
+        with self._lock:
+            head: dict[str, object] = {
+                "capacity": self.capacity,
+                "block_shift": self.block_shift,
+                "block_count": self.block_count,
+                "active": self.active,
+                "changes_number": self.changes_number,
+                "generation_id": self.generation_id,
+                "read_generation_id": self.read_generation_id,
+            }
+            return head, self.write_map.tobytes(), self.read_map.tobytes()
+
+    def restore(
+        self,
+        active: int,
+        changes_number: int,
+        generation_id: str,
+        read_generation_id: str,
+        write_map: bytes,
+        read_map: bytes,
+    ) -> None:
+        """Carry on from a checkpoint of a map of this capacity and block
+        size (before any write is marked)."""
+        with self._lock:
+            self.write_map[:] = np.frombuffer(write_map, dtype=np.uint8)
+            self.read_map[:] = np.frombuffer(read_map, dtype=np.uint8)
+            self.active, self.changes_number = active, changes_number
+            self.generation_id, self.read_generation_id = generation_id, read_generation_id
+            self._save_header()
+
     def _blocks(self, offset: int, length: int) -> slice:
         if offset < 0 or length < 0 or offset + length > self.capacity:
             raise InvalidArgument(

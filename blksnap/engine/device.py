@@ -450,6 +450,9 @@ class Device:
         #: The last status of filters that detached themselves (a migration
         #: done): name -> :meth:`Filter.status`.
         self.retired: dict[str, dict[str, object]] = {}
+        #: Where the tracker keeps the CBT's checkpoint (None: nowhere; the
+        #: engine sets it: :mod:`blksnap.engine.cbt_checkpoint`).
+        self.checkpoint_path: str | None = None
 
     @property
     def path(self) -> str:

@@ -19,6 +19,7 @@ from typing import Any
 
 from blksnap import blockstack
 from blksnap.blockstack import Extent
+from blksnap.engine import cbt_checkpoint
 from blksnap.engine.cbt import CbtInfo
 from blksnap.engine.delay import Delay
 from blksnap.engine.device import Device
@@ -34,7 +35,15 @@ from blksnap.engine.regions import Regions
 from blksnap.engine.snapshot import Snapshot
 from blksnap.engine.snapshot_state import S_DESTROYING, SnapshotState
 from blksnap.engine.tracker import Tracker
-from blksnap.errors import BlksnapError, Busy, Exists, InvalidArgument, NotFound, from_oserror
+from blksnap.errors import (
+    BlksnapError,
+    Busy,
+    Exists,
+    InvalidArgument,
+    NoDevice,
+    NotFound,
+    from_oserror,
+)
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +126,7 @@ class Engine:
             dev = Device(name, path, self.params, self.regions, settle_cache=not taking_over)
             dev.on_error = self._device_failed  # backing store failures: log, event
             dev.on_backing_switch = self._backing_switched
+            dev.checkpoint_path = cbt_checkpoint.path_for(self.state_dir, name)
             self._devices[name] = dev
             self._extents[name] = extents
         log.info("device %s added: %s (%d bytes)", name, dev.path, dev.size)
@@ -134,6 +144,8 @@ class Engine:
             del self._devices[name]
             self._extents.pop(name, None)
         if trk is not None:
+            # (added again later, untouched meanwhile, it carries its CBT on)
+            self._checkpoint_clean(dev)
             trk.cbt.release()
         dev.close()
         log.info("device %s removed", name)
@@ -262,6 +274,8 @@ class Engine:
             dev = self.device(name)
             cls = self.registry.get(filter)
             dev.detach_filter(cls)
+            if cls is Tracker and dev.checkpoint_path is not None:
+                cbt_checkpoint.remove(dev.checkpoint_path)  # (tracking ends: so does its CBT)
 
     def ctl(self, name: str, filter: str, cmd: str, arg: Any = None) -> Any:
         dev = self.device(name)
@@ -723,9 +737,24 @@ class Engine:
                 dev.backing.flush()
             except Exception as exc:  # keep closing the others
                 log.error("flush of %s failed: %s", dev.name, exc)
+            else:
+                self._checkpoint_clean(dev)
             dev.close()
         self._devices.clear()
         self.events.close()
+
+    def _checkpoint_clean(self, dev: Device) -> None:
+        """At a clean stop, the device flushed: its CBT's checkpoint, so the
+        next blksnapd carries it on (same generation)."""
+        trk = self._tracker_or_none(dev)
+        if trk is None:
+            return
+        dev.queue.close(lambda: NoDevice(f"device {dev.name} is closing"))  # (no write after)
+        try:
+            trk.checkpoint(clean=True)
+        except OSError as exc:
+            log.error("%s: CBT checkpoint not written (%s): the next start begins a new "
+                      "generation", dev.name, exc)  # fmt: skip
 
     def __enter__(self) -> Engine:
         return self

@@ -48,6 +48,10 @@ class Params:
     device_error_report_interval: float = 10.0
     #: Largest single request the engine splits work into (bounded memory).
     max_io_size: int = 8 * MiB
+    #: Trust a CBT checkpoint of a block device after blksnapd stopped
+    #: cleanly: nothing tells whether it was written meanwhile, so off by
+    #: default (a new generation, the next backup full).
+    cbt_trust_block_devices: bool = False
 
     def chunk_size_for(self, capacity: int) -> int:
         """The COW unit for a device of ``capacity`` bytes."""

@@ -16,8 +16,10 @@ hands it to a worker thread instead. Like the kernel's ``REQ_NOWAIT``.
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
+from blksnap.engine import cbt_checkpoint
 from blksnap.engine.cbt import CbtMap
 from blksnap.engine.filters import PASS, WRITE_OPS, Bio, Filter, FilterResult
 from blksnap.engine.gate import WouldWait, no_wait
@@ -49,9 +51,72 @@ class Tracker(Filter):
     def __init__(self, device: Device, opts: dict[str, str]) -> None:
         super().__init__(device, opts)
         self.cbt = CbtMap(device.size, device.params, device.regions, f"cbt/{device.name}")
+        #: Where the map came from: "region" (a worker taking over),
+        #: "checkpoint" (blksnapd stopped cleanly and started again), or
+        #: "new: WHY" (a new generation, and why the old one was not kept).
+        self.origin = "region"
         if self.cbt.resumed:
             log.info("%s: CBT carried on from the region left (generation %s, number %d)",
                      device.name, self.cbt.generation_id, self.cbt.active)  # fmt: skip
+        elif device.checkpoint_path is not None:
+            self.origin = self._from_checkpoint(device.checkpoint_path)
+        else:
+            self.origin = "new"
+
+    def _from_checkpoint(self, path: str) -> str:
+        """Carry the map on from the device's checkpoint if it can be
+        trusted; mark it in use either way (before any write)."""
+        dev, cbt = self.device, self.cbt
+        cp = cbt_checkpoint.load(path)
+        now = cbt_checkpoint.BackingFacts.of_fd(
+            dev.backing.fd, dev.backing.identity, dev.backing.size
+        )
+        why = cp if isinstance(cp, str) else None
+        if why is None:
+            assert not isinstance(cp, str)
+            why = cbt_checkpoint.distrust(cp, now, dev.params.cbt_trust_block_devices)
+            if why is None and (cp.capacity, cp.block_shift) != (cbt.capacity, cbt.block_shift):
+                why = f"the capacity changed ({cp.capacity} -> {cbt.capacity} bytes)"
+        if why is None:
+            assert not isinstance(cp, str)
+            cbt.restore(cp.active, cp.changes_number, cp.generation_id,
+                        cp.read_generation_id, cp.write_map, cp.read_map)  # fmt: skip
+            log.info("%s: CBT carried on from its checkpoint (generation %s, number %d)",
+                     dev.name, cbt.generation_id, cbt.active)  # fmt: skip
+        elif why != "no checkpoint":
+            log.warning("%s: CBT starts a new generation %s: %s", dev.name,
+                        cbt.generation_id, why)  # fmt: skip
+        self.checkpoint(clean=False)  # (in use from now on)
+        return "checkpoint" if why is None else f"new: {why}"
+
+    def checkpoint(self, *, clean: bool) -> None:
+        """Write the map to the device's checkpoint; ``clean``: blksnapd
+        stops now, nothing will write the device until it serves it again."""
+        path = self.device.checkpoint_path
+        if path is None:
+            return
+        dev = self.device
+        head, write_map, read_map = self.cbt.export()
+        facts = cbt_checkpoint.BackingFacts.of_fd(
+            dev.backing.fd, dev.backing.identity, dev.backing.size
+        )
+        cbt_checkpoint.save(
+            path,
+            cbt_checkpoint.Checkpoint(
+                clean=clean,
+                capacity=int(head["capacity"]),  # type: ignore[call-overload]
+                block_shift=int(head["block_shift"]),  # type: ignore[call-overload]
+                block_count=int(head["block_count"]),  # type: ignore[call-overload]
+                active=int(head["active"]),  # type: ignore[call-overload]
+                changes_number=int(head["changes_number"]),  # type: ignore[call-overload]
+                generation_id=str(head["generation_id"]),
+                read_generation_id=str(head["read_generation_id"]),
+                facts=facts,
+                written_at=time.time(),
+                write_map=write_map,
+                read_map=read_map,
+            ),
+        )
         #: The snapshot holding this device, while there is one.
         self.snapshot_id: str | None = None
         #: Set while a taken snapshot needs copy-on-write.
@@ -122,6 +187,7 @@ class Tracker(Filter):
             "generation_id": info.generation_id,
             "changes_number": info.changes_number,
             "snapshot": self.snapshot_id,
+            "origin": self.origin,
         }
 
     def check_capacity(self) -> None:

@@ -1,0 +1,172 @@
+"""CBT checkpoints: the map outlives a clean stop of the engine (same
+generation), and every case where it cannot be trusted starts a new
+generation and says why."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import blksnap
+from blksnap.engine import cbt_checkpoint
+from blksnap.engine.cbt_checkpoint import BackingFacts
+from tests.conftest import random_bytes
+
+MiB = 1 << 20
+SIZE = 16 * MiB
+
+
+@pytest.fixture
+def disk(make_file) -> str:
+    return make_file(SIZE, name="disk.img", data=random_bytes(SIZE))
+
+
+def start(state: Path, disk: str) -> blksnap.Engine:
+    eng = blksnap.Engine(state)
+    eng.add_device(disk, name="d")
+    eng.attach("d")
+    return eng
+
+
+def marks(eng: blksnap.Engine) -> tuple[bytes, bytes]:
+    cbt = eng.tracker("d").cbt
+    return cbt.write_map.tobytes(), cbt.read_map.tobytes()
+
+
+def test_a_clean_stop_carries_the_cbt_on(tmp_path, disk, storage_dir):
+    first = start(tmp_path / "state", disk)
+    dev = first.device("d")
+    dev.write(3 * MiB, b"a" * 5000)
+    sid = first.snapshot_create(["d"], storage=storage_dir, limit=8 * MiB)
+    first.snapshot_take(sid)
+    first.snapshot_destroy(sid)
+    dev.write(9 * MiB, b"b" * 100)
+    info, maps = first.cbt_info("d"), marks(first)
+    assert info.changes_number == 1
+    first.close()
+    second = start(tmp_path / "state", disk)
+    assert second.tracker("d").origin == "checkpoint"
+    assert second.cbt_info("d") == info
+    assert marks(second) == maps
+    # Numbering goes on: blocks written since the take are after it.
+    trk = second.tracker("d")
+    assert trk.cbt.active == 2
+    assert set(np.flatnonzero(trk.cbt.write_map > info.changes_number).tolist()) == {
+        9 * MiB >> trk.cbt.block_shift
+    }
+    second.close()
+
+
+def test_a_device_removed_and_added_again_keeps_its_cbt(tmp_path, disk):
+    eng = start(tmp_path / "state", disk)
+    eng.device("d").write(0, b"x")
+    gen = eng.cbt_info("d").generation_id
+    eng.remove_device("d")
+    eng.add_device(disk, name="d")
+    eng.attach("d")
+    assert eng.cbt_info("d").generation_id == gen and eng.tracker("d").origin == "checkpoint"
+    eng.close()
+
+
+def test_detach_ends_the_cbt(tmp_path, disk):
+    eng = start(tmp_path / "state", disk)
+    gen = eng.cbt_info("d").generation_id
+    eng.detach("d")
+    assert not os.path.exists(cbt_checkpoint.path_for(str(tmp_path / "state"), "d"))
+    eng.attach("d")
+    assert eng.cbt_info("d").generation_id != gen
+    assert eng.tracker("d").origin == "new: no checkpoint"
+    eng.close()
+
+
+def _new_generation(tmp_path: Path, disk: str, gen: str) -> str:
+    eng = start(tmp_path / "state", disk)
+    try:
+        assert eng.cbt_info("d").generation_id != gen
+        origin = eng.tracker("d").origin
+        assert origin.startswith("new: "), origin
+        return origin
+    finally:
+        eng.close()
+
+
+def test_a_file_written_while_stopped_starts_a_new_generation(tmp_path, disk):
+    eng = start(tmp_path / "state", disk)
+    gen = eng.cbt_info("d").generation_id
+    eng.close()
+    with open(disk, "r+b") as f:  # same size, one byte
+        f.seek(12345)
+        f.write(b"!")
+    assert "changed while blksnapd was not serving it" in _new_generation(tmp_path, disk, gen)
+
+
+def test_a_resized_file_starts_a_new_generation(tmp_path, disk):
+    eng = start(tmp_path / "state", disk)
+    gen = eng.cbt_info("d").generation_id
+    eng.close()
+    os.truncate(disk, SIZE + MiB)
+    assert "size changed" in _new_generation(tmp_path, disk, gen)
+
+
+def test_another_file_under_the_path_starts_a_new_generation(tmp_path, disk):
+    eng = start(tmp_path / "state", disk)
+    gen = eng.cbt_info("d").generation_id
+    eng.close()
+    data = Path(disk).read_bytes()
+    os.rename(disk, f"{disk}.old")  # (kept: its inode is not reused)
+    Path(disk).write_bytes(data)  # same bytes, another inode
+    assert "not the one checkpointed" in _new_generation(tmp_path, disk, gen)
+
+
+def test_an_unclean_stop_starts_a_new_generation(tmp_path, disk):
+    crashed = start(tmp_path / "state", disk)
+    crashed.device("d").write(0, b"y" * 4096)
+    gen = crashed.cbt_info("d").generation_id
+    # (never closed: what a kill leaves is the checkpoint marked in use)
+    other = tmp_path / "other"
+    other.mkdir()
+    os.link(cbt_checkpoint.path_for(str(tmp_path / "state"), "d"), other / "d.cbt")
+    eng = blksnap.Engine(tmp_path / "state2")
+    os.makedirs(tmp_path / "state2" / "cbt")
+    os.link(other / "d.cbt", tmp_path / "state2" / "cbt" / "d.cbt")
+    eng.add_device(disk, name="d")
+    eng.attach("d")
+    origin = eng.tracker("d").origin
+    assert "did not stop cleanly" in origin and eng.cbt_info("d").generation_id != gen
+    eng.close()
+    crashed.close()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_a_damaged_checkpoint_starts_a_new_generation(tmp_path, disk, damage):
+    eng = start(tmp_path / "state", disk)
+    gen = eng.cbt_info("d").generation_id
+    eng.close()
+    path = cbt_checkpoint.path_for(str(tmp_path / "state"), "d")
+    data = bytearray(Path(path).read_bytes())
+    if damage == "truncate":
+        Path(path).write_bytes(data[: len(data) // 2])
+        want = "torn"
+    else:
+        data[200] ^= 0x40
+        Path(path).write_bytes(data)
+        want = "digest mismatch"
+    assert want in _new_generation(tmp_path, disk, gen)
+
+
+def test_block_devices_are_not_trusted_unless_asked():
+    cp = cbt_checkpoint.Checkpoint(
+        clean=True, capacity=MiB, block_shift=16, block_count=16, active=2, changes_number=1,
+        generation_id="00000000-0000-0000-0000-000000000001",
+        read_generation_id="00000000-0000-0000-0000-000000000001",
+        facts=BackingFacts((0, 0x0701), True, MiB, 0, 0), written_at=0.0,
+        write_map=bytes(16), read_map=bytes(16),
+    )  # fmt: skip
+    same = BackingFacts((0, 0x0701), True, MiB, 0, 0)
+    assert "cannot be detected" in (cbt_checkpoint.distrust(cp, same, False) or "")
+    assert cbt_checkpoint.distrust(cp, same, True) is None
+    other = BackingFacts((0, 0x0702), True, MiB, 0, 0)
+    assert cbt_checkpoint.distrust(cp, other, True) is not None

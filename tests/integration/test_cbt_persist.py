@@ -1,0 +1,110 @@
+"""The CBT across a stop of the whole blksnapd: after a clean stop a new
+blksnapd on the same state dir carries the map on (same generation, next
+backup incremental and right); after a kill of every process it starts a
+new generation and says why."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from blksnap.backup.repo import Repository
+from blksnap.backup.session import run_backup
+from blksnap.tools import sandbox
+from tests.integration.conftest import SKIP
+from tests.integration.helpers import sha256_file
+
+pytestmark = pytest.mark.skipif(bool(SKIP), reason=SKIP or "")
+MiB = 1 << 20
+SIZE = 32 * MiB
+
+
+def write_dev(d: sandbox.Sandbox, name: str, rng: random.Random, count: int) -> None:
+    fd = os.open(f"{d.mount}/dev/{name}", os.O_WRONLY)
+    try:
+        for _ in range(count):
+            n = rng.randrange(1, 200_000)
+            os.pwrite(fd, rng.randbytes(n), rng.randrange(SIZE - n))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def serve(root: Path, disk: Path) -> sandbox.Sandbox:
+    d = sandbox.start(root)
+    d.client.add_device(str(disk), "a")
+    d.client.attach("a")
+    return d
+
+
+def origin(d: sandbox.Sandbox) -> str:
+    stack = d.client.devices()[0]["stack"]
+    return next(f["status"]["origin"] for f in stack if f["filter"] == "blksnap")
+
+
+def test_a_clean_stop_and_a_new_blksnapd_keep_the_backups_incremental(tmp_path: Path) -> None:
+    rng = random.Random(11)
+    disk = tmp_path / "a.img"
+    disk.write_bytes(rng.randbytes(SIZE))
+    repo = Repository.init(tmp_path / "repo")
+    root = tmp_path / "d"
+    d = serve(root, disk)
+    try:
+        full = run_backup(d.client, repo, ["a"], "auto")
+        assert full.backup.kind == "full"
+        write_dev(d, "a", rng, 20)
+        info = d.client.cbt_info("a")
+    finally:
+        d.stop()
+    assert not sandbox.mounts_under(str(root))
+    d = serve(root, disk)  # a new blksnapd, as after a reboot
+    try:
+        assert origin(d) == "checkpoint"
+        assert d.client.cbt_info("a") == info
+        write_dev(d, "a", rng, 20)
+        hashes: dict[str, str] = {}
+
+        def at_take(sid: str) -> None:
+            hashes["a"] = sha256_file(f"{d.mount}/images/{sid}/a")
+
+        inc = run_backup(d.client, repo, ["a"], "auto", on_take=at_take)
+        assert inc.backup.kind == "incremental", inc.backup.device("a").reason
+        assert inc.backup.device("a").parent == full.backup.id
+        out = tmp_path / "restored"
+        assert repo.restore(inc.backup.id, "a", str(out))["sha256"] == hashes["a"]
+        assert sha256_file(out) == sha256_file(disk)  # nothing written since the take
+    finally:
+        d.stop()
+
+
+def test_a_killed_blksnapd_starts_a_new_generation_and_says_why(tmp_path: Path) -> None:
+    rng = random.Random(12)
+    disk = tmp_path / "a.img"
+    disk.write_bytes(rng.randbytes(SIZE))
+    root = tmp_path / "d"
+    d = serve(root, disk)
+    try:
+        gen = d.client.cbt_info("a").generation_id
+        write_dev(d, "a", rng, 5)
+        pids = [d.client.status()["worker_pid"], d.proc.pid]
+        for pid in pids:  # every process of it, ours, by pid
+            os.kill(pid, signal.SIGKILL)
+        d.proc.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while os.path.exists(f"/proc/{pids[0]}") and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        sandbox.cleanup_under(str(root))
+    d = serve(root, disk)  # clears the dead mount, serves again
+    try:
+        why = origin(d)
+        assert why.startswith("new: ") and "did not stop cleanly" in why, why
+        assert d.client.cbt_info("a").generation_id != gen
+        assert "did not stop cleanly" in d.log_text()
+    finally:
+        d.stop()
