@@ -645,9 +645,12 @@ class Device:
     def attach_filter(self, flt_cls: type[Filter], opts: dict[str, str]) -> Filter:
         """Attach with the device drained, as the kernel freezes the queue."""
         self.filters.check_attach(flt_cls)
+        made = flt_cls.prepare(self, opts)  # (its I/O before the drain)
         self.queue.freeze()
         try:
             flt = flt_cls(self, opts)
+            if made is not None:
+                flt.prepared(made)
             self.filters.add(flt)
         finally:
             self.queue.unfreeze()

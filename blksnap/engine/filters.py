@@ -135,6 +135,17 @@ class Filter:
         if opts:
             raise InvalidArgument(f"filter {self.name!r} takes no option {sorted(opts)[0]!r}")
 
+    @classmethod
+    def prepare(cls, device: Device, opts: dict[str, str]) -> Any:
+        """Work an attach needs that may do I/O, done before the device is
+        drained for it (a file on the device itself would wait for the
+        drain); what it returns is given to :meth:`prepared` (None: not
+        called)."""
+        return None
+
+    def prepared(self, what: Any) -> None:
+        """Right after ``__init__``, the device drained: what :meth:`prepare` made."""
+
     def submit(self, bio: Bio) -> FilterResult:
         return FilterResult.PASS
 

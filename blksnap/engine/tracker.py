@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from blksnap.engine import cbt_checkpoint
-from blksnap.engine.cbt import CbtMap
+from blksnap.engine.cbt import CbtMap, tracking_block_shift
 from blksnap.engine.filters import PASS, WRITE_OPS, Bio, Filter, FilterResult
 from blksnap.engine.gate import WouldWait, no_wait
 from blksnap.errors import Busy, InvalidArgument
@@ -54,40 +55,57 @@ class Tracker(Filter):
         #: Where the map came from: "region" (a worker taking over),
         #: "checkpoint" (blksnapd stopped cleanly and started again), or
         #: "new: WHY" (a new generation, and why the old one was not kept).
-        self.origin = "region"
+        self.origin = "region" if self.cbt.resumed else "new"
         if self.cbt.resumed:
             log.info("%s: CBT carried on from the region left (generation %s, number %d)",
                      device.name, self.cbt.generation_id, self.cbt.active)  # fmt: skip
-        elif device.checkpoint_path is not None:
-            self.origin = self._from_checkpoint(device.checkpoint_path)
-        else:
-            self.origin = "new"
+        #: The snapshot holding this device, while there is one.
+        self.snapshot_id: str | None = None
+        #: Set while a taken snapshot needs copy-on-write.
+        self.diff_area: DiffArea | None = None
 
-    def _from_checkpoint(self, path: str) -> str:
-        """Carry the map on from the device's checkpoint if it can be
-        trusted; mark it in use either way (before any write)."""
-        dev, cbt = self.device, self.cbt
+    @classmethod
+    def prepare(cls, device: Device, opts: dict[str, str]) -> Any:
+        """Before the drain (the state dir may live on this very device):
+        the device's checkpoint, loaded and judged, then marked in use (a
+        crash from here on cannot make it look trusted). Nothing when a
+        region carries the map on (a worker taking over)."""
+        path = device.checkpoint_path
+        if path is None or device.regions.find(f"cbt/{device.name}") is not None:
+            return None
         cp = cbt_checkpoint.load(path)
         now = cbt_checkpoint.BackingFacts.of_fd(
-            dev.backing.fd, dev.backing.identity, dev.backing.size
+            device.backing.fd, device.backing.identity, device.backing.size
         )
-        why = cp if isinstance(cp, str) else None
+        if isinstance(cp, str):
+            why: str | None = cp
+        else:
+            why = cbt_checkpoint.distrust(cp, now, device.params.cbt_trust_block_devices)
+            shift = tracking_block_shift(device.size, device.params)
+            if why is None and (cp.capacity, cp.block_shift) != (device.size, shift):
+                why = f"the capacity changed ({cp.capacity} -> {device.size} bytes)"
         if why is None:
             assert not isinstance(cp, str)
-            why = cbt_checkpoint.distrust(cp, now, dev.params.cbt_trust_block_devices)
-            if why is None and (cp.capacity, cp.block_shift) != (cbt.capacity, cbt.block_shift):
-                why = f"the capacity changed ({cp.capacity} -> {cbt.capacity} bytes)"
-        if why is None:
-            assert not isinstance(cp, str)
-            cbt.restore(cp.active, cp.changes_number, cp.generation_id,
-                        cp.read_generation_id, cp.write_map, cp.read_map)  # fmt: skip
-            log.info("%s: CBT carried on from its checkpoint (generation %s, number %d)",
-                     dev.name, cbt.generation_id, cbt.active)  # fmt: skip
-        elif why != "no checkpoint":
-            log.warning("%s: CBT starts a new generation %s: %s", dev.name,
-                        cbt.generation_id, why)  # fmt: skip
-        self.checkpoint(clean=False)  # (in use from now on)
-        return "checkpoint" if why is None else f"new: {why}"
+            cbt_checkpoint.save(path, replace(cp, clean=False, written_at=time.time()))
+            return cp
+        cbt_checkpoint.remove(path)  # (the map it held will not be carried on)
+        return why
+
+    def prepared(self, what: Any) -> None:
+        dev, cbt = self.device, self.cbt
+        if cbt.resumed:
+            return  # (a region appeared meanwhile: it wins)
+        if isinstance(what, str):
+            self.origin = f"new: {what}"
+            if what != "no checkpoint":
+                log.warning("%s: CBT starts a new generation %s: %s", dev.name,
+                            cbt.generation_id, what)  # fmt: skip
+            return
+        cbt.restore(what.active, what.changes_number, what.generation_id,
+                    what.read_generation_id, what.write_map, what.read_map)  # fmt: skip
+        self.origin = "checkpoint"
+        log.info("%s: CBT carried on from its checkpoint (generation %s, number %d)",
+                 dev.name, cbt.generation_id, cbt.active)  # fmt: skip
 
     def checkpoint(self, *, clean: bool) -> None:
         """Write the map to the device's checkpoint; ``clean``: blksnapd
@@ -117,10 +135,6 @@ class Tracker(Filter):
                 read_map=read_map,
             ),
         )
-        #: The snapshot holding this device, while there is one.
-        self.snapshot_id: str | None = None
-        #: Set while a taken snapshot needs copy-on-write.
-        self.diff_area: DiffArea | None = None
 
     def submit(self, bio: Bio) -> FilterResult:
         if bio.op in WRITE_OPS:

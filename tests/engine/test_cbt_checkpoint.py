@@ -122,7 +122,9 @@ def test_another_file_under_the_path_starts_a_new_generation(tmp_path, disk):
 
 
 def test_an_unclean_stop_starts_a_new_generation(tmp_path, disk):
-    crashed = start(tmp_path / "state", disk)
+    start(tmp_path / "state", disk).close()  # a clean stop: a checkpoint
+    crashed = start(tmp_path / "state", disk)  # carries it on, marks it in use
+    assert crashed.tracker("d").origin == "checkpoint"
     crashed.device("d").write(0, b"y" * 4096)
     gen = crashed.cbt_info("d").generation_id
     # (never closed: what a kill leaves is the checkpoint marked in use)
@@ -170,3 +172,30 @@ def test_block_devices_are_not_trusted_unless_asked():
     assert cbt_checkpoint.distrust(cp, same, True) is None
     other = BackingFacts((0, 0x0702), True, MiB, 0, 0)
     assert cbt_checkpoint.distrust(cp, other, True) is not None
+
+
+def test_checkpoint_io_at_attach_is_done_before_the_drain(tmp_path, disk, monkeypatch):
+    """The state dir may live on the very device being attached (a
+    protected root file system): its checkpoint is read and marked in use
+    before the device is drained for the attach, or that I/O would wait for
+    the drain forever."""
+    start(tmp_path / "state", disk).close()
+    eng = blksnap.Engine(tmp_path / "state")
+    dev = eng.add_device(disk, name="d")
+    frozen_at: list[int] = []
+    real_load, real_save = cbt_checkpoint.load, cbt_checkpoint.save
+
+    def load(path):
+        frozen_at.append(dev.queue._frozen)
+        return real_load(path)
+
+    def save(path, cp):
+        frozen_at.append(dev.queue._frozen)
+        real_save(path, cp)
+
+    monkeypatch.setattr(cbt_checkpoint, "load", load)
+    monkeypatch.setattr(cbt_checkpoint, "save", save)
+    eng.attach("d")
+    assert eng.tracker("d").origin == "checkpoint"
+    assert frozen_at == [0, 0]
+    eng.close()

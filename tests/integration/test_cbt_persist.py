@@ -87,8 +87,10 @@ def test_a_killed_blksnapd_starts_a_new_generation_and_says_why(tmp_path: Path) 
     disk = tmp_path / "a.img"
     disk.write_bytes(rng.randbytes(SIZE))
     root = tmp_path / "d"
+    serve(root, disk).stop()  # a clean stop: a checkpoint
     d = serve(root, disk)
     try:
+        assert origin(d) == "checkpoint"  # carried on, and marked in use
         gen = d.client.cbt_info("a").generation_id
         write_dev(d, "a", rng, 5)
         pids = [d.client.status()["worker_pid"], d.proc.pid]
