@@ -37,8 +37,12 @@ def write_dev(d: sandbox.Sandbox, name: str, rng: random.Random, count: int) -> 
 
 def serve(root: Path, disk: Path) -> sandbox.Sandbox:
     d = sandbox.start(root)
-    d.client.add_device(str(disk), "a")
-    d.client.attach("a")
+    try:
+        d.client.add_device(str(disk), "a")
+        d.client.attach("a")
+    except BaseException:
+        d.stop()  # (nothing left running when the test fails here)
+        raise
     return d
 
 
