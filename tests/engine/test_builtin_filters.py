@@ -346,3 +346,49 @@ def test_migrate_status_answers_through_the_switch(engine, make_file):
                 break
         assert state == "switched", states
         engine.remove_device(f"s{i}")
+
+
+def test_a_snapshot_taken_during_a_migration_stays_right_across_the_switch(
+    engine, make_file, storage_dir
+):
+    data = random_bytes(SIZE)
+    dev = engine.add_device(make_file(SIZE, name="m.img", data=data), name="m")
+    sid = engine.snapshot_create(["m"], storage=storage_dir, limit=2 * SIZE)
+    engine.snapshot_take(sid)
+    image = engine.image(sid, "m")
+    model = bytearray(data)
+    rnd = __import__("random").Random(9)
+
+    def scribble(n: int) -> None:
+        for _ in range(n):
+            off = rnd.randrange(0, SIZE // 4096) * 4096
+            buf = rnd.randbytes(4096)
+            dev.write(off, buf)  # copy-on-write first, then the write
+            model[off : off + 4096] = buf
+
+    scribble(50)
+    engine.attach("m", "migrate", {"target": make_file(SIZE, name="mt.img"), "rate": "16M"})
+    while engine.ctl("m", "migrate", "status")["state"] == "copying":
+        scribble(5)
+    assert engine.ctl("m", "migrate", "status")["state"] == "switched"
+    scribble(50)  # on the new store: copies of chunks never copied yet
+    assert image.read(0, SIZE) == data  # the image: the device at take, throughout
+    assert dev.read(0, SIZE) == bytes(model)
+    snap = engine.snapshot_collect(sid)[0]
+    assert snap["error"] is None, snap
+    engine.snapshot_destroy(sid)
+
+
+def test_a_disk_failing_reads_fails_the_snapshot_not_the_writes(engine, dev, storage_dir):
+    """Copy-on-write reads the device's original data below the tracker,
+    through the filters that stand for the disk: flakey failing reads fails
+    the copy, so the snapshot is corrupted; the device's write goes on."""
+    sid = engine.snapshot_create(["d"], storage=storage_dir, limit=SIZE)
+    engine.snapshot_take(sid)
+    engine.attach("d", "flakey", {"mode": "error_reads"})  # down: reads fail
+    dev.write(0, b"w" * 4096)  # its chunk's copy cannot be read
+    snap = engine.snapshot_collect(sid)[0]
+    assert snap["state"] == "corrupted" and snap["error"] == "EIO", snap
+    engine.ctl("d", "flakey", "up")
+    assert dev.read(0, 4096) == b"w" * 4096
+    engine.snapshot_destroy(sid)
