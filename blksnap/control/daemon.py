@@ -71,6 +71,7 @@ class Daemon:
         nbd: Address | None = None,
         nbd_writable_images: bool = False,
         inherited: Inherited | None = None,
+        restore_devices: bool = False,
     ) -> None:
         self.state_dir = os.path.abspath(state_dir)
         self.mount = os.path.abspath(mount)
@@ -97,6 +98,17 @@ class Daemon:
             self.nbd = NbdServer(self.engine, nbd, writable_images=nbd_writable_images)
         #: Loop devices this daemon attached: FUSE path -> loop device.
         self.loops: dict[str, str] = {}
+        #: Devices added with a loop device over them (attached again when
+        #: blksnapd serves them again at start).
+        self.loop_wanted: set[str] = set()
+        #: ``--restore-devices`` at a fresh start: the devices of the last
+        #: run's record, by name, until served again; kept in the record
+        #: meanwhile (one whose backing store is missing stays there).
+        self.unrestored: dict[str, dict[str, Any]] = {}
+        if restore_devices and not self.takeover:
+            for d in (self._read_record(DAEMON_RECORD) or {}).get("devices", []):
+                if isinstance(d, dict) and isinstance(d.get("name"), str):
+                    self.unrestored[d["name"]] = d
         #: Options of the filters attached: (device, filter) -> options.
         self.filter_opts: dict[tuple[str, str], dict[str, Any]] = {}
         #: One writer of the record at a time (the control thread, and a
@@ -318,7 +330,11 @@ class Daemon:
                 for f in self.engine.filters(dev.name)
             ]
             entry = {"name": dev.name, "backing": dev.path, "filters": filters}
-            devices.append({**entry, "loop": self.loops.get(path)})
+            devices.append(
+                {**entry, "loop": self.loops.get(path), "loop_wanted": dev.name in self.loop_wanted}
+            )
+        served = {d["name"] for d in devices}
+        devices += [d for n, d in list(self.unrestored.items()) if n not in served]
         images = os.path.join(self.mount, "images") + "/"
         return {
             "version": 1,
@@ -383,6 +399,8 @@ class Daemon:
                               f["filter"], name, exc)  # fmt: skip
             self.fs.add_device(name)
             lp = d.get("loop")
+            if d.get("loop_wanted") or lp:
+                self.loop_wanted.add(name)
             path = self.device_path(name)
             if lp and hostinfo.backing_file(os.path.basename(lp)) == path:
                 self.loops[path] = lp
@@ -435,6 +453,46 @@ class Daemon:
                     regions.drop(key)
         self.rebuilt = True
 
+    async def restore_devices(self) -> None:
+        """``--restore-devices``, at a fresh start (a boot): the devices of
+        the last run served again, each with its tracker (the CBT carries on
+        from its checkpoint when it can be trusted, else starts a new
+        generation and says why) and its loop device. Other filters are not
+        attached again (a flakey or powercut left attached must not greet a
+        boot; a migration starts again when asked). A device that cannot be
+        served (its file missing) stays in the record for the next start."""
+        for name, d in list(self.unrestored.items()):
+            try:
+                await self.thread(self.engine.add_device, str(d["backing"]), name)
+            except (BlksnapError, KeyError, TypeError) as exc:
+                log.error("device %s (%s) not served again at start: %s", name,
+                          d.get("backing"), exc)  # fmt: skip
+                continue
+            self.fs.add_device(name)
+            del self.unrestored[name]
+            filters = [f.get("filter") for f in d.get("filters") or [] if isinstance(f, dict)]
+            if "blksnap" in filters:
+                try:
+                    await self.thread(self.engine.attach, name, "blksnap", {})
+                    self.filter_opts[(name, "blksnap")] = {}
+                except BlksnapError as exc:
+                    log.error("device %s: tracker not attached again: %s", name, exc)
+            others = [f for f in filters if f != "blksnap"]
+            if others:
+                log.warning("device %s: filters %s not attached again at start",
+                            name, ", ".join(map(str, others)))  # fmt: skip
+            trk = self.engine.tracker_of(name)
+            origin = trk.origin if trk is not None else None
+            log.info("device %s served again (%s)%s", name, d["backing"],
+                     f", CBT: {origin}" if origin else "")  # fmt: skip
+            if d.get("loop_wanted") or d.get("loop"):
+                self.loop_wanted.add(name)
+                try:
+                    await self._attach_loop(self.device_path(name))
+                except BlksnapError as exc:
+                    log.error("device %s: no loop device: %s", name, exc)
+            self.save_record()
+
     async def thaw_left(self) -> None:
         """Once serving, after a takeover: thaw the file systems the dead
         worker left frozen (it died in a take; :func:`loop.thaw_left`)."""
@@ -473,6 +531,9 @@ class Daemon:
             raise InvalidArgument("a file served by blksnapd cannot back another device")
         await self.thread(self.engine.add_device, path, name)
         self.fs.add_device(name)
+        self.unrestored.pop(name, None)
+        if args.get("loop"):
+            self.loop_wanted.add(name)
         self.save_record()
         if args.get("loop"):
             try:
@@ -499,6 +560,7 @@ class Daemon:
             await self._detach_loop(path)
             self.fs.remove_device(name)
             await self.thread(self.engine.remove_device, name)
+            self.loop_wanted.discard(name)
             self.save_record()
         return {"name": name, "removed": True}
 
@@ -749,6 +811,8 @@ class Daemon:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._serve_fuse)
+                if self.unrestored:  # (before the control socket answers)
+                    await self.restore_devices()
                 await nursery.start(self.control.serve, control_sock)
                 if self.nbd is not None:
                     await nursery.start(self.nbd.serve)
@@ -832,6 +896,13 @@ def main(argv: list[str] | None = None) -> int:
         help="one process, no supervisor: a crash of blksnapd then ends the FUSE "
         "connection (the file systems on its devices see I/O errors)",
     )
+    p.add_argument(
+        "--restore-devices",
+        action="store_true",
+        help="at start, serve again the devices of the last run (the state dir's record), "
+        "with their trackers (the CBT carries on from its checkpoint after a clean stop) "
+        "and loop devices: what a boot needs",
+    )
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     raw_argv = list(sys.argv[1:] if argv is None else argv)
     args = p.parse_args(raw_argv)
@@ -873,6 +944,7 @@ def main(argv: list[str] | None = None) -> int:
             nbd=nbd_address,
             nbd_writable_images=args.nbd_writable_images,
             inherited=inherited,
+            restore_devices=args.restore_devices,
         )
         trio.run(daemon.run)
     except BlksnapError as exc:
