@@ -86,9 +86,15 @@ class Tracker(Filter):
                 why = f"the capacity changed ({cp.capacity} -> {device.size} bytes)"
         if why is None:
             assert not isinstance(cp, str)
-            cbt_checkpoint.save(path, replace(cp, clean=False, written_at=time.time()))
-            return cp
-        cbt_checkpoint.remove(path)  # (the map it held will not be carried on)
+            try:
+                cbt_checkpoint.save(path, replace(cp, clean=False, written_at=time.time()))
+                return cp
+            except OSError as exc:  # (unmarked, it must not be trusted)
+                why = f"the checkpoint could not be marked in use ({exc.strerror})"
+        try:
+            cbt_checkpoint.remove(path)  # (the map it held will not be carried on)
+        except OSError as exc:
+            log.error("%s: checkpoint %s not removed: %s", device.name, path, exc.strerror)
         return why
 
     def prepared(self, what: Any) -> None:

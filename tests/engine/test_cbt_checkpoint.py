@@ -199,3 +199,21 @@ def test_checkpoint_io_at_attach_is_done_before_the_drain(tmp_path, disk, monkey
     assert eng.tracker("d").origin == "checkpoint"
     assert frozen_at == [0, 0]
     eng.close()
+
+
+def test_a_checkpoint_that_cannot_be_marked_in_use_is_not_trusted(tmp_path, disk, monkeypatch):
+    start(tmp_path / "state", disk).close()
+    kept = cbt_checkpoint.load(cbt_checkpoint.path_for(str(tmp_path / "state"), "d"))
+    assert not isinstance(kept, str)
+
+    def full(path, cp):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cbt_checkpoint, "save", full)
+    eng = blksnap.Engine(tmp_path / "state")
+    eng.add_device(disk, name="d")
+    eng.attach("d")  # no error: a new generation instead
+    assert "could not be marked in use" in eng.tracker("d").origin
+    assert eng.cbt_info("d").generation_id != kept.generation_id
+    monkeypatch.undo()
+    eng.close()
