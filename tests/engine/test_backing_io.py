@@ -4,8 +4,11 @@ and the small folios it keeps on ext4."""
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -44,11 +47,44 @@ def _file(path: Path, size: int) -> bytes:
 
 
 def _uncache(path: Path) -> None:
+    """Drop the file's clean pages, and make sure they are gone: a page the
+    kernel still holds in another CPU's LRU batch survives one DONTNEED (the
+    full suite hit it under load), so ask again until ``mincore`` finds none
+    of the file's pages in the page cache (it reads nothing itself)."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        for _ in range(200):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            if not _cached_pages(fd):
+                return
+            time.sleep(0.01)
+        raise AssertionError(f"{path}: its pages stay in the page cache")
     finally:
         os.close(fd)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long)  # fmt: skip
+_libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+_libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
+
+
+def _cached_pages(fd: int) -> int:
+    """How many of the file's pages are in the page cache: ``mincore`` of
+    a mapping of it (no page of which is touched, so nothing is read)."""
+    size = os.fstat(fd).st_size
+    addr = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+    if addr in (None, ctypes.c_void_p(-1).value):
+        raise OSError(ctypes.get_errno(), "mmap")
+    try:
+        vec = (ctypes.c_ubyte * -(-size // mmap.PAGESIZE))()
+        if _libc.mincore(addr, size, vec) != 0:
+            raise OSError(ctypes.get_errno(), "mincore")
+        return sum(v & 1 for v in vec)
+    finally:
+        _libc.munmap(addr, size)
 
 
 ON_EXT4 = _fs_type(os.stat("/tmp").st_dev) == "ext4"
