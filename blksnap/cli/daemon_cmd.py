@@ -39,6 +39,12 @@ def register(sub: Any, cmd: Commands) -> None:
     start.add_argument(
         "--nbd-writable-images", action="store_true", help="export snapshot images read-write"
     )
+    start.add_argument(
+        "--restore-devices",
+        action="store_true",
+        help="serve the last run's devices again, with their trackers (the CBT carries on "
+        "after a clean stop) and loop devices",
+    )
     start.set_defaults(handler=daemon_start)
     stop = cmd(
         dsub,
@@ -107,6 +113,8 @@ def daemon_start(args: argparse.Namespace, client: Client, out: Out) -> int:
         cmdline.append("--nbd-any")
     if args.nbd_writable_images:
         cmdline.append("--nbd-writable-images")
+    if args.restore_devices:
+        cmdline.append("--restore-devices")
     with open(logfile, "ab") as log:
         proc = subprocess.Popen(
             cmdline, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True

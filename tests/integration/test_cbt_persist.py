@@ -5,6 +5,7 @@ new generation and says why."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -16,7 +17,7 @@ import pytest
 from blksnap.backup.repo import Repository
 from blksnap.backup.session import run_backup
 from blksnap.tools import sandbox
-from tests.integration.conftest import SKIP
+from tests.integration.conftest import SKIP, cli
 from tests.integration.helpers import sha256_file
 
 pytestmark = pytest.mark.skipif(bool(SKIP), reason=SKIP or "")
@@ -160,3 +161,19 @@ def test_restore_devices_serves_the_last_run_again(tmp_path: Path) -> None:
         assert d.client.devices() == []
     finally:
         d.stop()
+
+
+def test_daemon_start_restore_devices(tmp_path: Path) -> None:
+    """``blksnap daemon start --restore-devices`` passes the option on."""
+    disk = tmp_path / "a.img"
+    disk.write_bytes(random.Random(14).randbytes(4 * MiB))
+    root = tmp_path / "d"
+    serve(root, disk).stop()  # the last run: device a, tracked
+    sock, mount, state = str(root / "blksnapd.sock"), str(root / "mnt"), str(root / "state")
+    cli(sock, "daemon", "start", "--restore-devices", "--mount", mount, "--state-dir", state)
+    try:
+        devs = json.loads(cli(sock, "--json", "device", "list").stdout)
+        assert [d["name"] for d in devs] == ["a"] and devs[0]["filters"] == ["blksnap"]
+    finally:
+        cli(sock, "daemon", "stop", check=False)
+        sandbox.cleanup_under(str(root))
