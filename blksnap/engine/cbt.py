@@ -25,11 +25,13 @@ from __future__ import annotations
 import mmap
 import struct
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 
 import numpy as np
 
+from blksnap.engine.cbt_checkpoint import BackingFacts, Checkpoint
 from blksnap.engine.params import Params
 from blksnap.engine.regions import LOCAL, Regions
 from blksnap.errors import InvalidArgument
@@ -158,36 +160,33 @@ class CbtMap:
             if self._region is not None:
                 self.regions.drop(self.key)
 
-    def export(self) -> tuple[dict[str, object], bytes, bytes]:
-        """The map's numbers and both maps, consistent (for a checkpoint)."""
+    def export(self, facts: BackingFacts, *, clean: bool) -> Checkpoint:
+        """The map as a checkpoint (numbers and both maps, consistent), of a
+        backing store that is ``facts``; ``clean``: taken at a clean stop."""
         with self._lock:
-            head: dict[str, object] = {
-                "capacity": self.capacity,
-                "block_shift": self.block_shift,
-                "block_count": self.block_count,
-                "active": self.active,
-                "changes_number": self.changes_number,
-                "generation_id": self.generation_id,
-                "read_generation_id": self.read_generation_id,
-            }
-            return head, self.write_map.tobytes(), self.read_map.tobytes()
+            return Checkpoint(
+                clean=clean,
+                capacity=self.capacity,
+                block_shift=self.block_shift,
+                block_count=self.block_count,
+                active=self.active,
+                changes_number=self.changes_number,
+                generation_id=self.generation_id,
+                read_generation_id=self.read_generation_id,
+                facts=facts,
+                written_at=time.time(),
+                write_map=self.write_map.tobytes(),
+                read_map=self.read_map.tobytes(),
+            )
 
-    def restore(
-        self,
-        active: int,
-        changes_number: int,
-        generation_id: str,
-        read_generation_id: str,
-        write_map: bytes,
-        read_map: bytes,
-    ) -> None:
-        """Carry on from a checkpoint of a map of this capacity and block
-        size (before any write is marked)."""
+    def restore(self, cp: Checkpoint) -> None:
+        """Carry on from checkpoint ``cp`` of a map of this capacity and
+        block size (before any write is marked)."""
         with self._lock:
-            self.write_map[:] = np.frombuffer(write_map, dtype=np.uint8)
-            self.read_map[:] = np.frombuffer(read_map, dtype=np.uint8)
-            self.active, self.changes_number = active, changes_number
-            self.generation_id, self.read_generation_id = generation_id, read_generation_id
+            self.write_map[:] = np.frombuffer(cp.write_map, dtype=np.uint8)
+            self.read_map[:] = np.frombuffer(cp.read_map, dtype=np.uint8)
+            self.active, self.changes_number = cp.active, cp.changes_number
+            self.generation_id, self.read_generation_id = cp.generation_id, cp.read_generation_id
             self._save_header()
 
     def _blocks(self, offset: int, length: int) -> slice:

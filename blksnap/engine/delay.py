@@ -99,8 +99,5 @@ class Delay(Filter):
             return super().ctl(cmd, arg)
         return self.status()
 
-    def detach(self) -> None:
-        self.device.regions.drop(self.state_key)
-
     def status(self) -> dict[str, Any]:
         return {**self.ms, "held": self.held}

@@ -158,7 +158,10 @@ class Filter:
         return True
 
     def detach(self) -> None:
-        """Called with the device drained, before the filter is removed."""
+        """Called with the device drained, before the filter is removed.
+        Here: what :meth:`keep_state` kept (or a region under
+        :attr:`state_key`) is let go."""
+        self.device.regions.drop(self.state_key)
 
     def ctl(self, cmd: str, arg: Any = None) -> Any:
         raise NotSupported(f"filter {self.name!r} has no command {cmd!r}")

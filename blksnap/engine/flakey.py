@@ -165,9 +165,6 @@ class Flakey(Filter):
             self.keep_state({"forced": self.forced, "modes": sorted(self.modes)})
         return self.status()
 
-    def detach(self) -> None:
-        self.device.regions.drop(self.state_key)
-
     def status(self) -> dict[str, Any]:
         return {
             "state": "down" if self.is_down() else "up",

@@ -99,8 +99,7 @@ class Migrate(Filter):
             raise
         self.target = self.store.path
         self.total = device.size
-        self.key = self.state_key
-        self.region, existed = device.regions.open(self.key, _PROGRESS.size)
+        self.region, existed = device.regions.open(self.state_key, _PROGRESS.size)
         self.copied = 0
         if existed:
             magic, a, b, total, copied = _PROGRESS.unpack_from(self.region)
@@ -238,7 +237,7 @@ class Migrate(Filter):
             return
         self.finished = time.monotonic()
         dev.retired[self.name] = self.status()
-        dev.regions.drop(self.key)
+        dev.regions.drop(self.state_key)
         log.info("%s: migrated to %s (%d bytes in %.1f s)", dev.name, self.target,
                  self.total - self._from, self.finished - self.started)  # fmt: skip
 
@@ -303,5 +302,5 @@ class Migrate(Filter):
             self._thread.join(timeout=30)
         if self.state != "switched":
             self.store.close()
-            self.device.regions.drop(self.key)
+            super().detach()
         self.device.retired[self.name] = self.status()

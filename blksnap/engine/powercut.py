@@ -68,10 +68,9 @@ class Powercut(Filter):
 
     def __init__(self, device: Device, opts: dict[str, str]) -> None:
         super().__init__(device, opts)
-        self.key = self.state_key
         capacity = device.size
         self.blocks, self.data_at, size = _layout(capacity)
-        self.region, existed = device.regions.open(self.key, size)
+        self.region, existed = device.regions.open(self.state_key, size)
         self._lock = threading.Lock()
         self.map = np.frombuffer(self.region, dtype=np.uint8, count=self.blocks,
                                  offset=_HEADER_SIZE)  # fmt: skip
@@ -210,4 +209,4 @@ class Powercut(Filter):
 
     def detach(self) -> None:
         self.map = np.zeros(0, dtype=np.uint8)
-        self.device.regions.drop(self.key)
+        super().detach()

@@ -74,12 +74,11 @@ class Tracker(Filter):
         if path is None or device.regions.find(f"cbt/{device.name}") is not None:
             return None
         cp = cbt_checkpoint.load(path)
-        now = cbt_checkpoint.BackingFacts.of_fd(
-            device.backing.fd, device.backing.identity, device.backing.size
-        )
         if isinstance(cp, str):
             why: str | None = cp
         else:
+            store = device.backing
+            now = cbt_checkpoint.BackingFacts.of_fd(store.fd, store.identity, store.size)
             why = cbt_checkpoint.distrust(cp, now, device.params.cbt_trust_block_devices)
             shift = tracking_block_shift(device.size, device.params)
             if why is None and (cp.capacity, cp.block_shift) != (device.size, shift):
@@ -107,8 +106,7 @@ class Tracker(Filter):
                 log.warning("%s: CBT starts a new generation %s: %s", dev.name,
                             cbt.generation_id, what)  # fmt: skip
             return
-        cbt.restore(what.active, what.changes_number, what.generation_id,
-                    what.read_generation_id, what.write_map, what.read_map)  # fmt: skip
+        cbt.restore(what)
         self.origin = "checkpoint"
         log.info("%s: CBT carried on from its checkpoint (generation %s, number %d)",
                  dev.name, cbt.generation_id, cbt.active)  # fmt: skip
@@ -116,31 +114,10 @@ class Tracker(Filter):
     def checkpoint(self, *, clean: bool) -> None:
         """Write the map to the device's checkpoint; ``clean``: blksnapd
         stops now, nothing will write the device until it serves it again."""
-        path = self.device.checkpoint_path
-        if path is None:
-            return
-        dev = self.device
-        head, write_map, read_map = self.cbt.export()
-        facts = cbt_checkpoint.BackingFacts.of_fd(
-            dev.backing.fd, dev.backing.identity, dev.backing.size
-        )
-        cbt_checkpoint.save(
-            path,
-            cbt_checkpoint.Checkpoint(
-                clean=clean,
-                capacity=int(head["capacity"]),  # type: ignore[call-overload]
-                block_shift=int(head["block_shift"]),  # type: ignore[call-overload]
-                block_count=int(head["block_count"]),  # type: ignore[call-overload]
-                active=int(head["active"]),  # type: ignore[call-overload]
-                changes_number=int(head["changes_number"]),  # type: ignore[call-overload]
-                generation_id=str(head["generation_id"]),
-                read_generation_id=str(head["read_generation_id"]),
-                facts=facts,
-                written_at=time.time(),
-                write_map=write_map,
-                read_map=read_map,
-            ),
-        )
+        path, store = self.device.checkpoint_path, self.device.backing
+        if path is not None:
+            facts = cbt_checkpoint.BackingFacts.of_fd(store.fd, store.identity, store.size)
+            cbt_checkpoint.save(path, self.cbt.export(facts, clean=clean))
 
     def submit(self, bio: Bio) -> FilterResult:
         if bio.op in WRITE_OPS:
