@@ -27,6 +27,7 @@ from __future__ import annotations
 import mmap
 import struct
 import threading
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -122,14 +123,7 @@ class Powercut(Filter):
         with self._lock:
             code = self._code()
             todo = np.flatnonzero(self.map[first : last + 1] != code) + first
-            if not len(todo):
-                return
-            # Runs of consecutive blocks: one read each.
-            breaks = np.flatnonzero(np.diff(todo) != 1) + 1
-            size = self.device.size
-            for run in np.split(todo, breaks):
-                a = int(run[0]) * BLOCK
-                b = min((int(run[-1]) + 1) * BLOCK, size)
+            for run, a, b in self._runs(todo):  # (one read per run)
                 bio = Bio(READ, a, b - a, device=self.device)
                 self.device.submit_below(self, bio)
                 assert bio.result is not None
@@ -145,11 +139,24 @@ class Powercut(Filter):
             if not self.saved:
                 self._save_header()
                 return
-            self.epoch += 1
-            self._save_header()  # (the old entries are void from here)
-            self.map[:] = 0
-            self.saved = 0
-            self.region.madvise(mmap.MADV_REMOVE, self.data_at, len(self.region) - self.data_at)
+            self._void()
+
+    def _runs(self, blocks: np.ndarray) -> Iterator[tuple[np.ndarray, int, int]]:
+        """Runs of consecutive ``blocks`` (sorted): each run and its bytes
+        ``a``..``b`` on the device (the last block may be short)."""
+        if not len(blocks):
+            return
+        size = self.device.size
+        for run in np.split(blocks, np.flatnonzero(np.diff(blocks) != 1) + 1):
+            yield run, int(run[0]) * BLOCK, min((int(run[-1]) + 1) * BLOCK, size)
+
+    def _void(self) -> None:
+        """The next epoch: every block kept so far is let go (with the lock)."""
+        self.epoch += 1
+        self._save_header()  # (the old entries are void from here)
+        self.map[:] = 0
+        self.saved = 0
+        self.region.madvise(mmap.MADV_REMOVE, self.data_at, len(self.region) - self.data_at)
 
     # -- control --------------------------------------------------------------
 
@@ -172,26 +179,14 @@ class Powercut(Filter):
             with self._lock:
                 if self.is_cut:
                     return
-                code = self._code()
-                todo = np.flatnonzero(self.map == code)
-                size = dev.size
-                for run in np.split(todo, np.flatnonzero(np.diff(todo) != 1) + 1):
-                    if not len(run):
-                        continue
-                    a = int(run[0]) * BLOCK
-                    b = min((int(run[-1]) + 1) * BLOCK, size)
+                for _, a, b in self._runs(np.flatnonzero(self.map == self._code())):
                     at = self.data_at + a
                     data = bytes(self.region[at : at + (b - a)])
                     dev.submit_below(self, Bio(WRITE, a, b - a, data, dev))
                 dev.submit_below(self, Bio(Op.FLUSH, 0, 0, device=dev))
                 self.cuts += 1
                 self.is_cut = True
-                self.epoch += 1
-                self._save_header()
-                self.map[:] = 0
-                self.saved = 0
-                self.region.madvise(mmap.MADV_REMOVE, self.data_at,
-                                    len(self.region) - self.data_at)  # fmt: skip
+                self._void()
         finally:
             dev.queue.unfreeze()
 
