@@ -237,7 +237,7 @@ class Client:
     def cbt_info(self, name: str) -> CbtInfo:
         from blksnap.engine.cbt import CbtInfo
 
-        return CbtInfo(**self.call("cbt.info", device=name))
+        return CbtInfo.from_dict(self.call("cbt.info", device=name))
 
     def cbt_map(self, name: str) -> bytes:
         return base64.b64decode(self.call("cbt.map", device=name)["map"])

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import errno
 import json
 import logging
@@ -26,7 +27,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +42,7 @@ from blksnap.control.server import ControlServer, Handler
 from blksnap.control.supervisor import RESTART_STATUS, Inherited
 from blksnap.control.users import Users
 from blksnap.engine.engine import Engine
+from blksnap.engine.params import Params
 from blksnap.errors import BlksnapError, InvalidArgument, error
 from blksnap.settings import SETTINGS
 
@@ -72,6 +74,7 @@ class Daemon:
         nbd_writable_images: bool = False,
         inherited: Inherited | None = None,
         restore_devices: bool = False,
+        params: Params | None = None,
     ) -> None:
         self.state_dir = os.path.abspath(state_dir)
         self.mount = os.path.abspath(mount)
@@ -79,7 +82,7 @@ class Daemon:
         #: A worker of a supervisor: the fds it holds for us (None: alone).
         self.inherited = inherited
         regions = SupervisedRegions(inherited) if inherited is not None else None
-        self.engine = Engine(self.state_dir, regions=regions)
+        self.engine = Engine(self.state_dir, params, regions=regions)
         self.engine.served_root = self.mount
         #: Taking over from a worker that died (or, under systemd, from a
         #: supervisor that died: the connection came back from the fd store):
@@ -849,6 +852,30 @@ class Daemon:
             log.info("blksnapd stopped")
 
 
+def parse_params(items: Sequence[str]) -> Params:
+    """``NAME=VALUE`` tunables as :class:`Params` (EINVAL for an unknown
+    name or a value of the wrong type)."""
+    fields = {f.name: f for f in dataclasses.fields(Params)}
+    kwargs: dict[str, Any] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or name not in fields:
+            raise InvalidArgument(
+                f"--param {item!r}: NAME=VALUE with NAME one of {', '.join(sorted(fields))}"
+            )
+        kind = type(getattr(Params(), name))
+        try:
+            if kind is bool:
+                if text.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                    raise ValueError(text)
+                kwargs[name] = text.lower() in ("1", "true", "yes", "on")
+            else:
+                kwargs[name] = kind(text)
+        except ValueError:
+            raise InvalidArgument(f"--param {name}: {text!r} is not a {kind.__name__}") from None
+    return Params(**kwargs)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="blksnapd",
@@ -903,6 +930,14 @@ def main(argv: list[str] | None = None) -> int:
         "with their trackers (the CBT carries on from its checkpoint after a clean stop) "
         "and loop devices: what a boot needs",
     )
+    p.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an engine tunable (blksnap.engine.params.Params), e.g. "
+        "cbt_checkpoint_interval=10 or cbt_intent_region_size=16777216; repeatable",
+    )
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     raw_argv = list(sys.argv[1:] if argv is None else argv)
     args = p.parse_args(raw_argv)
@@ -920,6 +955,11 @@ def main(argv: list[str] | None = None) -> int:
         except BlksnapError as exc:
             print(f"blksnapd: {exc}", file=sys.stderr)
             return 2
+    try:
+        params = parse_params(args.param)
+    except BlksnapError as exc:
+        print(f"blksnapd: {exc}", file=sys.stderr)
+        return 2
     if os.geteuid() != 0:
         log.warning("not root: loop devices and FIFREEZE will fail")
     inherited = Inherited.from_env()
@@ -945,6 +985,7 @@ def main(argv: list[str] | None = None) -> int:
             nbd_writable_images=args.nbd_writable_images,
             inherited=inherited,
             restore_devices=args.restore_devices,
+            params=params,
         )
         trio.run(daemon.run)
     except BlksnapError as exc:

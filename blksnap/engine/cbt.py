@@ -28,20 +28,31 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from blksnap.engine.cbt_checkpoint import BackingFacts, Checkpoint
+from blksnap.engine.cbt_checkpoint import (
+    MAX_NUMBER,
+    BackingFacts,
+    Checkpoint,
+    bits_numbers,
+    numbers_bits,
+)
+from blksnap.engine.cbt_intent import IntentLog
 from blksnap.engine.params import Params
 from blksnap.engine.regions import LOCAL, Regions
 from blksnap.errors import InvalidArgument
 
-MAX_SNAP_NUMBER = 255
+MAX_SNAP_NUMBER = MAX_NUMBER
 
 #: The region's header: magic, capacity, block shift, block count, active
 #: number, changes number, generation and read generation (UUID bytes).
 _HEADER = struct.Struct("<8sQI4xQII16s16s")
 _MAGIC = b"BSNPCBT1"
+#: After it: the recovered numbers of the write and of the read generation.
+_RECOVERED = struct.Struct("<32s32s")
+_RECOVERED_AT = 128
 #: Where the write map starts in the region (the read map follows it).
 _MAPS_AT = 4096
 
@@ -90,15 +101,31 @@ class CbtInfo:
     block_count: int
     generation_id: str
     changes_number: int
+    #: Numbers of the read map that a recovery after a crash gave to the
+    #: regions of its write intent: blocks with one of these numbers may or
+    #: may not have changed (a backup compares them with its parent's).
+    recovered: tuple[int, ...] = ()
 
-    def as_dict(self) -> dict[str, int | str]:
+    def as_dict(self) -> dict[str, Any]:
         return {
             "block_size": self.block_size,
             "device_capacity": self.device_capacity,
             "block_count": self.block_count,
             "generation_id": self.generation_id,
             "changes_number": self.changes_number,
+            "recovered": list(self.recovered),
         }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CbtInfo:
+        return cls(
+            block_size=int(d["block_size"]),
+            device_capacity=int(d["device_capacity"]),
+            block_count=int(d["block_count"]),
+            generation_id=str(d["generation_id"]),
+            changes_number=int(d["changes_number"]),
+            recovered=tuple(int(n) for n in d.get("recovered", ())),
+        )
 
 
 class CbtMap:
@@ -106,6 +133,15 @@ class CbtMap:
         self, capacity: int, params: Params, regions: Regions = LOCAL, key: str = "cbt"
     ) -> None:
         self._lock = threading.Lock()
+        #: Held by a mark and its write-intent check, and by a checkpoint's
+        #: export with the start of a new intent epoch: so every mark is
+        #: either in that export or covered by the new epoch's intent.
+        self._mark_lock = threading.Lock()
+        #: The device's write intent (:mod:`blksnap.engine.cbt_intent`), if any.
+        self.intent: IntentLog | None = None
+        #: See :attr:`Checkpoint.recovered`.
+        self.recovered: frozenset[int] = frozenset()
+        self.read_recovered: frozenset[int] = frozenset()
         self.params = params
         self.regions = regions
         self.key = key
@@ -134,6 +170,8 @@ class CbtMap:
                 self.active, self.changes_number = active, changes
                 self.generation_id = str(uuid.UUID(bytes=gen))
                 self.read_generation_id = str(uuid.UUID(bytes=read_gen))
+                rec, read_rec = _RECOVERED.unpack_from(region, _RECOVERED_AT)
+                self.recovered, self.read_recovered = bits_numbers(rec), bits_numbers(read_rec)
                 return True
         self.generation_id = str(uuid.uuid4())
         self.write_map.fill(0)
@@ -142,6 +180,7 @@ class CbtMap:
         self.read_map.fill(0)
         self.read_generation_id = self.generation_id
         self.changes_number = 0
+        self.recovered = self.read_recovered = frozenset()
         self._save_header()
         return False
 
@@ -152,6 +191,10 @@ class CbtMap:
             self.active, self.changes_number, uuid.UUID(self.generation_id).bytes,
             uuid.UUID(self.read_generation_id).bytes,
         )  # fmt: skip
+        _RECOVERED.pack_into(
+            self._region, _RECOVERED_AT, numbers_bits(self.recovered),
+            numbers_bits(self.read_recovered),
+        )  # fmt: skip
 
     def release(self) -> None:
         """The map is done with (tracker detached, device removed): its
@@ -159,11 +202,20 @@ class CbtMap:
         with self._lock:
             if self._region is not None:
                 self.regions.drop(self.key)
+        intent, self.intent = self.intent, None
+        if intent is not None:
+            intent.close()
 
-    def export(self, facts: BackingFacts, *, clean: bool) -> Checkpoint:
+    def export(self, facts: BackingFacts, *, clean: bool, epoch: bool = False) -> Checkpoint:
         """The map as a checkpoint (numbers and both maps, consistent), of a
-        backing store that is ``facts``; ``clean``: taken at a clean stop."""
-        with self._lock:
+        backing store that is ``facts``; ``clean``: taken at a clean stop.
+        ``epoch``: the write intent starts a new epoch at the same instant
+        (end it with ``intent.end_epoch`` once the checkpoint is durable)."""
+        intent = self.intent
+        with self._mark_lock, self._lock:
+            if epoch and intent is not None:
+                intent.begin_epoch()
+            usable = intent is not None and intent.failed is None
             return Checkpoint(
                 clean=clean,
                 capacity=self.capacity,
@@ -177,6 +229,10 @@ class CbtMap:
                 written_at=time.time(),
                 write_map=self.write_map.tobytes(),
                 read_map=self.read_map.tobytes(),
+                intent_token=intent.token if usable and intent is not None else None,
+                intent_shift=intent.shift if usable and intent is not None else 0,
+                recovered=self.recovered,
+                read_recovered=self.read_recovered,
             )
 
     def restore(self, cp: Checkpoint) -> None:
@@ -187,6 +243,7 @@ class CbtMap:
             self.read_map[:] = np.frombuffer(cp.read_map, dtype=np.uint8)
             self.active, self.changes_number = cp.active, cp.changes_number
             self.generation_id, self.read_generation_id = cp.generation_id, cp.read_generation_id
+            self.recovered, self.read_recovered = cp.recovered, cp.read_recovered
             self._save_header()
 
     def _blocks(self, offset: int, length: int) -> slice:
@@ -197,18 +254,34 @@ class CbtMap:
         return slice(offset >> self.block_shift, (offset + length - 1 >> self.block_shift) + 1)
 
     def mark(self, offset: int, length: int) -> None:
-        """A device write: its blocks changed under the active number.
+        """A device write: its blocks changed under the active number; with
+        a write intent, returns once the write's regions are durable in it
+        (the write may then reach the device).
 
-        Lock-free: it runs with the device's gate held, and take (the only
-        change of ``active``) drains the gate first.
+        Without write intent lock-free: it runs with the device's gate held,
+        and take (the only change of ``active``) drains the gate first.
         """
-        if length > 0:
-            shift = self.block_shift
-            first, last = offset >> shift, (offset + length - 1) >> shift
+        if length <= 0:
+            return
+        shift = self.block_shift
+        first, last = offset >> shift, (offset + length - 1) >> shift
+        intent = self.intent
+        if intent is None:
             if first == last:  # (an item costs a sixth of a slice)
                 self.write_map[first] = self.active
             else:
                 self.write_map[first : last + 1] = self.active
+            return
+        rs = intent.shift
+        r0, r1 = offset >> rs, (offset + length - 1) >> rs
+        with self._mark_lock:
+            if first == last:
+                self.write_map[first] = self.active
+            else:
+                self.write_map[first : last + 1] = self.active
+            if intent.covered(r0, r1):
+                return
+        intent.cover(r0, r1)
 
     def mark_both(self, offset: int, length: int) -> None:
         """Mark blocks changed in the write map *and* in the frozen read map,
@@ -216,11 +289,18 @@ class CbtMap:
         writes, ``markdirtyblock``)."""
         if length <= 0:
             return
-        with self._lock:
+        intent = self.intent
+        with self._mark_lock, self._lock:
             blocks = self._blocks(offset, length)
             self.write_map[blocks] = self.active
             if self.changes_number:
                 self.read_map[blocks] = self.changes_number
+            if intent is None:
+                return
+            r0, r1 = offset >> intent.shift, (offset + length - 1) >> intent.shift
+            if intent.covered(r0, r1):
+                return
+        intent.cover(r0, r1)
 
     def switch(self) -> None:
         """At take: freeze the read map and move to the next number."""
@@ -228,10 +308,12 @@ class CbtMap:
             self.read_map[:] = self.write_map
             self.read_generation_id = self.generation_id
             self.changes_number = self.active
+            self.read_recovered = self.recovered
             if self.active == MAX_SNAP_NUMBER:
                 self.generation_id = str(uuid.uuid4())
                 self.write_map.fill(0)
                 self.active = 1
+                self.recovered = frozenset()
             else:
                 self.active += 1
             self._save_header()
@@ -249,6 +331,7 @@ class CbtMap:
                 block_count=self.block_count,
                 generation_id=self.read_generation_id,
                 changes_number=self.changes_number,
+                recovered=tuple(sorted(self.read_recovered)),
             )
 
     def read_map_bytes(self) -> bytes:

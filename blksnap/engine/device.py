@@ -453,6 +453,10 @@ class Device:
         #: Where the tracker keeps the CBT's checkpoint (None: nowhere; the
         #: engine sets it: :mod:`blksnap.engine.cbt_checkpoint`).
         self.checkpoint_path: str | None = None
+        #: The served device whose data carries the state dir, if any (the
+        #: engine sets it): no write intent then, its flushes would go
+        #: through a device blksnapd serves.
+        self.state_carrier: Callable[[], str | None] | None = None
 
     @property
     def path(self) -> str:

@@ -102,6 +102,13 @@ class Engine:
         #: failures since then that were not reported).
         self._error_reports: dict[str, tuple[float, int]] = {}
         self._error_report_lock = threading.Lock()
+        self._stop_checkpoints = threading.Event()
+        self._checkpointer: threading.Thread | None = None
+        if self.params.cbt_checkpoint_interval > 0:
+            self._checkpointer = threading.Thread(
+                target=self._checkpoint_loop, name="blksnap-checkpoint", daemon=True
+            )
+            self._checkpointer.start()
 
     # -- devices --------------------------------------------------------------
 
@@ -127,6 +134,7 @@ class Engine:
             dev.on_error = self._device_failed  # backing store failures: log, event
             dev.on_backing_switch = self._backing_switched
             dev.checkpoint_path = cbt_checkpoint.path_for(self.state_dir, name)
+            dev.state_carrier = self._state_carrier
             self._devices[name] = dev
             self._extents[name] = extents
         log.info("device %s added: %s (%d bytes)", name, dev.path, dev.size)
@@ -673,6 +681,9 @@ class Engine:
             snap.take()
         if guard_storage:
             snap.storage.guard()
+        # The take's numbers durable, and the write intent afresh (after
+        # the thaw: never I/O while the devices are frozen).
+        self.checkpoint_cbt(list(snap.members))
 
     def guard_storage(self, sid: str) -> None:
         """Make the files of diff storage that lies on served devices
@@ -718,6 +729,54 @@ class Engine:
 
     # -- life ---------------------------------------------------------------
 
+    # -- CBT checkpoints ------------------------------------------------------------
+
+    def _state_carrier(self) -> str | None:
+        """The served device whose data carries the state dir's file
+        system, if any."""
+        try:
+            fs = blockstack.resolve_devnum(os.stat(self.state_dir).st_dev, self._alias)
+        except (OSError, BlksnapError):
+            return None
+        for ext in fs:
+            if ext.served is not None:
+                return ext.served
+        with self._lock:
+            for name, theirs in self._extents.items():
+                if blockstack.overlap(fs, theirs) is not None:
+                    return name
+        return None
+
+    def _checkpoint_loop(self) -> None:
+        """Every ``cbt_checkpoint_interval`` seconds, a checkpoint of each
+        device written since its last one: the re-read after a crash stays
+        bounded by what was written in one interval."""
+        while not self._stop_checkpoints.wait(self.params.cbt_checkpoint_interval):
+            self.checkpoint_cbt(only_dirty=True)
+
+    def checkpoint_cbt(
+        self, names: Sequence[str] | None = None, *, only_dirty: bool = False
+    ) -> int:
+        """Write the CBT checkpoint of devices ``names`` (all) that have a
+        working write intent (``only_dirty``: and were written since their
+        last one); how many were written. Failures are logged."""
+        with self._lock:
+            devs = [d for n, d in self._devices.items() if names is None or n in names]
+        done = 0
+        for dev in devs:
+            trk = self._tracker_or_none(dev)
+            intent = trk.cbt.intent if trk is not None else None
+            if trk is None or intent is None or intent.failed is not None:
+                continue
+            if only_dirty and not intent.dirty():
+                continue
+            try:
+                trk.checkpoint(clean=False)
+                done += 1
+            except OSError as exc:
+                log.error("%s: CBT checkpoint not written: %s", dev.name, exc.strerror or exc)
+        return done
+
     def _check_open(self) -> None:
         if self._closed:
             raise InvalidArgument("engine is closed")
@@ -730,6 +789,9 @@ class Engine:
             self._closed = True
             snaps = list(self._snapshots.values())
             self._snapshots.clear()
+        self._stop_checkpoints.set()
+        if self._checkpointer is not None:
+            self._checkpointer.join()
         for snap in snaps:
             snap.destroy()
         for dev in self.devices():

@@ -52,6 +52,17 @@ class Params:
     #: cleanly: nothing tells whether it was written meanwhile, so off by
     #: default (a new generation, the next backup full).
     cbt_trust_block_devices: bool = False
+    #: Write intent (see :mod:`blksnap.engine.cbt_intent`): the region size.
+    #: The first write to a region since the last checkpoint waits for its
+    #: byte in the intent file to be durable; after a crash every region set
+    #: there is read again by the next backup. Chosen by `make bench`
+    #: (BENCHMARKS.md, "CBT across crashes"). 0: no write intent (the CBT
+    #: then survives a clean stop only).
+    cbt_intent_region_size: int = 64 * MiB
+    #: A device written since its last CBT checkpoint gets a new one (and
+    #: its write intent starts afresh) every this many seconds; also at each
+    #: take. 0: only at takes and at a clean stop.
+    cbt_checkpoint_interval: float = 30.0
 
     def chunk_size_for(self, capacity: int) -> int:
         """The COW unit for a device of ``capacity`` bytes."""
@@ -70,5 +81,10 @@ class Params:
             raise InvalidArgument("low_free_space_fraction must be in [0, 1)")
         if self.chunk_maximum_count <= 0:
             raise InvalidArgument("chunk_maximum_count must be positive")
+        ri = self.cbt_intent_region_size
+        if ri and (ri < 4096 or ri & (ri - 1)):
+            raise InvalidArgument(f"cbt_intent_region_size {ri} is not 0 or a power of two >= 4096")
+        if self.cbt_checkpoint_interval < 0:
+            raise InvalidArgument("cbt_checkpoint_interval must be >= 0")
         if self.chunk_map_page <= 0 or self.max_io_size < cs:
             raise InvalidArgument("bad chunk_map_page or max_io_size")

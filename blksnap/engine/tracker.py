@@ -16,16 +16,19 @@ hands it to a worker thread instead. Like the kernel's ``REQ_NOWAIT``.
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from blksnap.engine import cbt_checkpoint
+import numpy as np
+
+from blksnap.engine import cbt_checkpoint, cbt_intent
 from blksnap.engine.cbt import CbtMap, tracking_block_shift
 from blksnap.engine.filters import PASS, WRITE_OPS, Bio, Filter, FilterResult
 from blksnap.engine.gate import WouldWait, no_wait
 from blksnap.errors import Busy, InvalidArgument
-from blksnap.units import parse_sector_range
+from blksnap.units import format_size, parse_sector_range
 
 if TYPE_CHECKING:
     from blksnap.engine.device import Device
@@ -53,8 +56,10 @@ class Tracker(Filter):
         super().__init__(device, opts)
         self.cbt = CbtMap(device.size, device.params, device.regions, f"cbt/{device.name}")
         #: Where the map came from: "region" (a worker taking over),
-        #: "checkpoint" (blksnapd stopped cleanly and started again), or
-        #: "new: WHY" (a new generation, and why the old one was not kept).
+        #: "checkpoint" (blksnapd stopped cleanly and started again),
+        #: "checkpoint and write intent: ..." (after a crash: the regions
+        #: marked), or "new: WHY" (a new generation, and why the old one
+        #: was not kept).
         self.origin = "region" if self.cbt.resumed else "new"
         if self.cbt.resumed:
             log.info("%s: CBT carried on from the region left (generation %s, number %d)",
@@ -63,61 +68,153 @@ class Tracker(Filter):
         self.snapshot_id: str | None = None
         #: Set while a taken snapshot needs copy-on-write.
         self.diff_area: DiffArea | None = None
+        self._checkpoint_lock = threading.Lock()
+        #: Checkpoints written by this tracker (status).
+        self.checkpoints = 0
 
     @classmethod
-    def prepare(cls, device: Device, opts: dict[str, str]) -> Any:
+    def prepare(cls, device: Device, opts: dict[str, str]) -> _Start | None:
         """Before the drain (the state dir may live on this very device):
-        the device's checkpoint, loaded and judged, then marked in use (a
-        crash from here on cannot make it look trusted). Nothing when a
-        region carries the map on (a worker taking over)."""
+        the device's checkpoint, loaded and judged (after a crash, merged
+        with its write intent), the write-intent file opened or made, and the
+        checkpoint marked in use (a crash from here on cannot make it look
+        clean). When a region carries the map on (a worker taking over), only
+        the write intent."""
         path = device.checkpoint_path
-        if path is None or device.regions.find(f"cbt/{device.name}") is not None:
+        if path is None:
             return None
+        intent_off = _intent_off(device)
+        ipath = intent_path(path)
+        if device.regions.find(f"cbt/{device.name}") is not None:
+            cp = cbt_checkpoint.load(path)
+            token = cp.intent_token if not isinstance(cp, str) else None
+            return _Start(None, "", None if intent_off else _reuse_intent(device, ipath, token))
         cp = cbt_checkpoint.load(path)
+        recovery = ""
+        store = device.backing
+        now = cbt_checkpoint.BackingFacts.of_fd(store.fd, store.identity, store.size)
         if isinstance(cp, str):
             why: str | None = cp
         else:
-            store = device.backing
-            now = cbt_checkpoint.BackingFacts.of_fd(store.fd, store.identity, store.size)
             why = cbt_checkpoint.distrust(cp, now, device.params.cbt_trust_block_devices)
             shift = tracking_block_shift(device.size, device.params)
             if why is None and (cp.capacity, cp.block_shift) != (device.size, shift):
                 why = f"the capacity changed ({cp.capacity} -> {device.size} bytes)"
-        if why is None:
-            assert not isinstance(cp, str)
-            try:
-                cbt_checkpoint.save(path, replace(cp, clean=False, written_at=time.time()))
-                return cp
-            except OSError as exc:  # (unmarked, it must not be trusted)
-                why = f"the checkpoint could not be marked in use ({exc.strerror})"
+            if why is None and not cp.clean:
+                assert cp.intent_token is not None
+                count = _regions(cp.capacity, cp.intent_shift)
+                bits = cbt_intent.read_regions(ipath, cp.intent_token, cp.intent_shift, count)
+                got = bits if isinstance(bits, str) else cbt_checkpoint.recovered(cp, bits)
+                if isinstance(got, str):
+                    why = f"blksnapd did not stop cleanly, and {got}"
+                else:
+                    assert not isinstance(bits, str)
+                    n = int(np.count_nonzero(bits))
+                    recovery = (
+                        f" and write intent: blksnapd did not stop cleanly; {n} region(s) of "
+                        f"{format_size(1 << cp.intent_shift)} marked to be read again"
+                    )
+                    cp = got
+        if why is not None:
+            cp = cbt_checkpoint.fresh(device.size, tracking_block_shift(device.size, device.params))
+        assert not isinstance(cp, str)
+        intent = None
+        if not intent_off:
+            intent = _reuse_intent(device, ipath, cp.intent_token, cp.intent_shift)
         try:
-            cbt_checkpoint.remove(path)  # (the map it held will not be carried on)
-        except OSError as exc:
-            log.error("%s: checkpoint %s not removed: %s", device.name, path, exc.strerror)
-        return why
+            cbt_checkpoint.save(
+                path,
+                replace(
+                    cp,
+                    clean=False,
+                    facts=now,
+                    written_at=time.time(),
+                    intent_token=intent.token if intent is not None else None,
+                    intent_shift=intent.shift if intent is not None else 0,
+                ),
+            )
+        except OSError as exc:  # (unmarked, it must not be trusted)
+            if why is None:
+                why = f"the checkpoint could not be marked in use ({exc.strerror})"
+                cp = cbt_checkpoint.fresh(cp.capacity, cp.block_shift)
+            try:
+                cbt_checkpoint.remove(path)
+            except OSError as exc2:
+                log.error("%s: checkpoint %s not removed: %s", device.name, path, exc2.strerror)
+        origin = f"new: {why}" if why is not None else f"checkpoint{recovery}"
+        if intent_off and intent_off is not True:
+            origin += f" (no write intent: {intent_off})"
+        return _Start(cp, origin, intent)
 
-    def prepared(self, what: Any) -> None:
+    def prepared(self, what: _Start) -> None:
         dev, cbt = self.device, self.cbt
-        if cbt.resumed:
-            return  # (a region appeared meanwhile: it wins)
-        if isinstance(what, str):
-            self.origin = f"new: {what}"
-            if what != "no checkpoint":
-                log.warning("%s: CBT starts a new generation %s: %s", dev.name,
-                            cbt.generation_id, what)  # fmt: skip
+        if what.intent is not None:
+            what.intent.on_failure = self._intent_failed
+            cbt.intent = what.intent
+        if cbt.resumed or what.checkpoint is None:
+            if what.checkpoint is not None or (
+                what.intent is not None and what.intent.token != _named_token(dev)
+            ):
+                # A region carried the map on, with an intent file of its
+                # own now: the checkpoint names it (in the drain: the state
+                # dir is on no served device, or there is no intent).
+                self._checkpoint_now()
             return
-        cbt.restore(what)
-        self.origin = "checkpoint"
-        log.info("%s: CBT carried on from its checkpoint (generation %s, number %d)",
-                 dev.name, cbt.generation_id, cbt.active)  # fmt: skip
+        cbt.restore(what.checkpoint)
+        self.origin = what.origin
+        if what.origin.startswith("new: "):
+            why = what.origin[5:]
+            if not why.startswith("no checkpoint"):
+                log.warning("%s: CBT starts a new generation %s: %s", dev.name,
+                            cbt.generation_id, why)  # fmt: skip
+            return
+        log.info("%s: CBT carried on from its %s (generation %s, number %d)",
+                 dev.name, what.origin, cbt.generation_id, cbt.active)  # fmt: skip
+
+    def _checkpoint_now(self) -> None:
+        try:
+            self.checkpoint(clean=False)
+        except OSError as exc:
+            log.error("%s: CBT checkpoint not written: %s", self.device.name, exc.strerror)
 
     def checkpoint(self, *, clean: bool) -> None:
         """Write the map to the device's checkpoint; ``clean``: blksnapd
-        stops now, nothing will write the device until it serves it again."""
+        stops now, nothing will write the device until it serves it again.
+        Otherwise (a take, the periodic checkpoint) the write intent starts
+        a new epoch with it, and the regions of the last one are cleared
+        once it is durable; without a working write intent an unclean
+        checkpoint would not be trusted, so none is written."""
         path, store = self.device.checkpoint_path, self.device.backing
-        if path is not None:
+        if path is None:
+            return
+        intent = self.cbt.intent
+        if not clean and (intent is None or intent.failed is not None):
+            return
+        with self._checkpoint_lock:
             facts = cbt_checkpoint.BackingFacts.of_fd(store.fd, store.identity, store.size)
-            cbt_checkpoint.save(path, self.cbt.export(facts, clean=clean))
+            cp = self.cbt.export(facts, clean=clean, epoch=not clean)
+            try:
+                cbt_checkpoint.save(path, cp)
+            except BaseException:
+                if intent is not None and not clean:
+                    intent.end_epoch(False)
+                raise
+            if intent is not None and not clean:
+                intent.end_epoch(True)
+            self.checkpoints += 1
+
+    def _intent_failed(self, why: str) -> None:
+        """The write intent was given up: the checkpoint in use must not be
+        trusted after a crash (it would miss writes): it goes."""
+        self.origin += f" (write intent given up: {why})"
+        path = self.device.checkpoint_path
+        if path is not None:
+            try:
+                cbt_checkpoint.remove(path)
+            except OSError as exc:
+                log.critical("%s: checkpoint %s could not be removed (%s) after the write "
+                             "intent failed: after a crash, make the next backup full",
+                             self.device.name, path, exc.strerror)  # fmt: skip
 
     def submit(self, bio: Bio) -> FilterResult:
         if bio.op in WRITE_OPS:
@@ -164,6 +261,9 @@ class Tracker(Filter):
         if self.snapshot_id is not None:
             raise Busy(f"{self.device.name} is in snapshot {self.snapshot_id}")
         self.cbt.release()
+        path = self.device.checkpoint_path
+        if path is not None:  # (tracking ends: so does its write intent)
+            cbt_intent.remove(intent_path(path))
 
     def ctl(self, cmd: str, arg: Any = None) -> Any:
         if cmd == "cbtinfo":
@@ -185,13 +285,84 @@ class Tracker(Filter):
             "changes_number": info.changes_number,
             "snapshot": self.snapshot_id,
             "origin": self.origin,
+            "checkpoints": self.checkpoints,
+            "write_intent": self.cbt.intent.status() if self.cbt.intent is not None else None,
         }
 
     def check_capacity(self) -> None:
         """Before take: a device whose size changed starts a new generation."""
         size = self.device.backing.refresh_size()
         if self.cbt.capacity != size:
+            old = self.cbt.intent
             self.cbt.resize(size)
+            if old is not None:  # (its regions are of the old capacity)
+                path = self.device.checkpoint_path
+                assert path is not None
+                self.cbt.intent = None
+                old.close()
+                try:
+                    new = cbt_intent.IntentLog.create(intent_path(path), old.shift,
+                                                      _regions(size, old.shift))  # fmt: skip
+                except OSError as exc:
+                    log.error("%s: no write intent after the resize: %s", self.device.name,
+                              exc.strerror)  # fmt: skip
+                    cbt_checkpoint.remove(path)
+                else:
+                    new.on_failure = self._intent_failed
+                    self.cbt.intent = new
+
+
+@dataclass
+class _Start:
+    """What :meth:`Tracker.prepare` found: the checkpoint to carry on (None:
+    a region carries the map on), where it came from, the write intent."""
+
+    checkpoint: cbt_checkpoint.Checkpoint | None
+    origin: str
+    intent: cbt_intent.IntentLog | None
+
+
+def intent_path(checkpoint_path: str) -> str:
+    return checkpoint_path.removesuffix(".cbt") + ".intent"
+
+
+def _regions(capacity: int, shift: int) -> int:
+    return max(1, (capacity + (1 << shift) - 1) >> shift)
+
+
+def _intent_off(device: Device) -> str | bool:
+    """Why the device gets no write intent (True: turned off), or False."""
+    if not device.params.cbt_intent_region_size:
+        return True
+    carrier = device.state_carrier() if device.state_carrier is not None else None
+    if carrier is not None:
+        return f"the state dir is on blksnapd device {carrier}"
+    return False
+
+
+def _named_token(device: Device) -> str | None:
+    path = device.checkpoint_path
+    cp = cbt_checkpoint.load(path) if path is not None else "none"
+    return None if isinstance(cp, str) else cp.intent_token
+
+
+def _reuse_intent(
+    device: Device, path: str, token: str | None, shift: int | None = None
+) -> cbt_intent.IntentLog | None:
+    """The intent file named ``token`` if it fits the device and the region
+    size asked for, else a new one; None if none can be made."""
+    want = cbt_intent.region_shift_for(device.params.cbt_intent_region_size)
+    count = _regions(device.size, want)
+    if token is not None and shift in (None, want):
+        got = cbt_intent.IntentLog.open(path, token, want, count)
+        if not isinstance(got, str):
+            return got
+    try:
+        return cbt_intent.IntentLog.create(path, want, count)
+    except OSError as exc:
+        log.error("%s: no write intent (%s): after a crash its CBT starts a new generation",
+                  device.name, exc.strerror)  # fmt: skip
+        return None
 
 
 def parse_ranges(text: str) -> list[tuple[int, int]]:

@@ -116,6 +116,7 @@ def test_engine_cbt_info_and_map(engine, make_file):
         "block_count": 17,
         "generation_id": info.generation_id,
         "changes_number": 0,
+        "recovered": [],
     }
     assert engine.cbt_map("d0") == bytes(17)
     dev.write(0, b"x")
