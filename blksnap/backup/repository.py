@@ -35,6 +35,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
+import numpy as np
+
 from blksnap.backup import restore as _restore
 from blksnap.backup import verify as _verify
 from blksnap.backup.format import (
@@ -274,6 +276,17 @@ class Repository:
         start = self.get(backup_id)
         index = {info.id: info for info in self.backups()}
         return resolve_chain(index, start, device)
+
+    def block_digests(self, backup_id: str, device: str) -> np.ndarray:
+        """The blake3 of every block of ``device`` as of ``backup_id`` (its
+        chain resolved, newest wins): ``(block_count, 32)`` uint8."""
+        chain = self.chain(backup_id, device)
+        record = chain[-1].device(device)
+        out = np.zeros((record.block_count, 32), dtype=np.uint8)
+        for info in chain:
+            rows = _restore.read_map(info, info.device(device))
+            out[rows["index"].astype(np.int64)] = rows["checksum"]
+        return out
 
     # -- writing ------------------------------------------------------------
 

@@ -75,6 +75,16 @@ class DevicePlan:
     generation_id: str
     changes_number: int
     blocks: np.ndarray = field(repr=False)
+    #: Blocks of ``blocks`` marked only because a crash left their write-
+    #: intent region set (their number is one of the CBT's ``recovered``):
+    #: each is compared with the parent chain's blake3, stored only if it
+    #: differs.
+    recheck: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64), repr=False)
+    #: ``recheck`` block -> its digest in the parent chain (filled before the copy).
+    parent_digests: dict[int, bytes] = field(default_factory=dict, repr=False)
+    #: Of ``recheck``: bytes read, and blocks found unchanged (not stored).
+    recheck_bytes: int = 0
+    recheck_unchanged: int = 0
 
     @property
     def bytes_planned(self) -> int:
@@ -105,6 +115,12 @@ class BackupResult:
             if p is not None:
                 d["reason"] = p.reason
                 d["blocks_read"] = len(p.blocks)
+                d["reread_after_crash"] = {
+                    "blocks": len(p.recheck),
+                    "bytes": p.recheck_bytes,
+                    "unchanged": p.recheck_unchanged,
+                    "stored": len(p.recheck) - p.recheck_unchanged,
+                }
         doc["seconds"] = round(self.seconds, 3)
         doc["storage_added"] = self.storage_added
         doc["events"] = list(self.events)
@@ -158,6 +174,8 @@ def plan_device(repo: Repository, name: str, mode: str, info: Any, cbt_map: byte
         return full(f"the CBT map has {len(cbt_map)} blocks, {count} expected")
     numbers = np.frombuffer(cbt_map, dtype=np.uint8)
     changed = np.flatnonzero(numbers > rec.changes_number).astype(np.int64)
+    recovered = [n for n in getattr(info, "recovered", ()) if n > rec.changes_number]
+    recheck = changed[np.isin(numbers[changed], np.array(recovered, dtype=np.uint8))]
     return DevicePlan(
         name,
         kind,
@@ -168,6 +186,7 @@ def plan_device(repo: Repository, name: str, mode: str, info: Any, cbt_map: byte
         gen,
         number,
         changed,
+        recheck,
     )
 
 
@@ -478,6 +497,9 @@ def run_backup(
         for name in names:
             info = service.cbt_info(name)
             plan = plan_device(repo, name, mode, info, service.cbt_map(name))
+            if len(plan.recheck) and plan.parent is not None:
+                digests = repo.block_digests(plan.parent, name)
+                plan.parent_digests = {int(i): digests[i].tobytes() for i in plan.recheck.tolist()}
             plans.append(plan)
             if on_plan:
                 on_plan(plan)
@@ -589,10 +611,21 @@ def _copy(
         ]
         return len(data), blocks
 
+    recheck = plan.parent_digests
+
     def drain_one() -> None:
         nonlocal total
         nbytes, blocks = pending.popleft().result()
         for block in blocks:
+            if recheck:
+                was = recheck.get(block.index)
+                if was is not None:
+                    plan.recheck_bytes += block.length
+                    if was == block.digest:
+                        # Marked only by a crash's write intent, and the
+                        # same as in the parent chain: nothing to store.
+                        plan.recheck_unchanged += 1
+                        continue
             writer.put_prepared(block)
         total += nbytes
         advance(nbytes)

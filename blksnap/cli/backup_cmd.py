@@ -149,6 +149,12 @@ def cmd_backup(args: argparse.Namespace, client: Any, out: Any) -> int:
                 f"({format_size(p.bytes_planned)}): {p.reason}",
                 flush=True,
             )
+            if len(p.recheck):
+                print(
+                    f"{p.name}: {len(p.recheck)} of them only because blksnapd did not stop "
+                    "cleanly (write intent): compared with the parent's, stored if changed",
+                    flush=True,
+                )
 
     # SIGTERM unwinds like Ctrl-C: the snapshot is destroyed and the staged
     # backup removed before the process ends.
@@ -172,11 +178,18 @@ def cmd_backup(args: argparse.Namespace, client: Any, out: Any) -> int:
     doc = res.as_dict()
     b = res.backup
     lines = []
+    rechecked = {p.name: p for p in res.plans if len(p.recheck)}
     for d in b.devices:
         lines.append(
             f"{d.name}: read {format_size(d.bytes_read)}, stored {format_size(d.bytes_stored)}"
             f" ({d.blocks_stored} blocks, {d.blocks_zero} zero)"
         )
+        p = rechecked.get(d.name)
+        if p is not None:
+            lines.append(
+                f"{d.name}: re-read after an unclean stop: {format_size(p.recheck_bytes)} "
+                f"({len(p.recheck)} blocks), {p.recheck_unchanged} unchanged and not stored"
+            )
     lines.append(f"backup {b.id} ({b.kind}) done in {res.seconds:.1f} s")
     out.emit(doc, "\n".join(lines))
     return 0
