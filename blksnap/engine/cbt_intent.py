@@ -28,6 +28,9 @@ name: an intent file that is not the one a checkpoint names is not used.
 A failure to write the file (``EIO``, ``ENOSPC``) does not fail the device's
 writes: the intent is given up (:attr:`IntentLog.failed`), the caller
 removes the checkpoint, and after a crash the CBT starts a new generation.
+Only if that removal fails too (the state dir's disk is gone) do the
+device's writes fail with ``EIO`` from then on: a checkpoint left behind
+would be trusted after a crash and miss them.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from blksnap.errors import IOFailure
 from blksnap.fileio import fsync_dir, pwrite_full
 
 log = logging.getLogger(__name__)
@@ -90,8 +94,12 @@ class IntentLog:
         self._flushing = False
         #: Why the intent was given up (None while it works).
         self.failed: str | None = None
-        #: Called once, in the failing thread, when the intent is given up.
-        self.on_failure: Callable[[str], None] | None = None
+        #: Called once, in the failing thread, when the intent is given up;
+        #: False: nothing keeps the CBT from being trusted wrongly after a
+        #: crash (:attr:`fatal`).
+        self.on_failure: Callable[[str], bool] | None = None
+        #: Set when writes must fail from now on (see the module's doc).
+        self.fatal: str | None = None
         #: Flushes done, and regions made durable by them (for status).
         self.flushes = 0
 
@@ -159,6 +167,8 @@ class IntentLog:
         reads of a bytearray; the caller holds the map's mark lock, which
         :meth:`begin_epoch` needs too."""
         if self.failed is not None:
+            if self.fatal is not None:
+                raise IOFailure(f"write refused: {self.fatal}")
             return True
         durable = self.durable
         if first == last:
@@ -171,7 +181,11 @@ class IntentLog:
         with self._cv:
             self._want[first : last + 1] = True
             while True:
-                if self.failed is not None or all(self.durable[first : last + 1]):
+                if self.failed is not None:
+                    if self.fatal is not None:
+                        raise IOFailure(f"write refused: {self.fatal}")
+                    return
+                if all(self.durable[first : last + 1]):
                     return
                 if self._flushing:
                     self._cv.wait()
@@ -222,8 +236,8 @@ class IntentLog:
             return
         self.failed = why
         log.error("%s: write intent given up: the CBT survives a clean stop only", why)
-        if self.on_failure is not None:
-            self.on_failure(why)
+        if self.on_failure is not None and not self.on_failure(why):
+            self.fatal = f"{why}, and the CBT checkpoint could not be removed"
 
     # -- checkpoints ---------------------------------------------------------------
 

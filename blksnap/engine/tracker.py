@@ -16,6 +16,7 @@ hands it to a worker thread instead. Like the kernel's ``REQ_NOWAIT``.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -28,6 +29,7 @@ from blksnap.engine.cbt import CbtMap, tracking_block_shift
 from blksnap.engine.filters import PASS, WRITE_OPS, Bio, Filter, FilterResult
 from blksnap.engine.gate import WouldWait, no_wait
 from blksnap.errors import Busy, InvalidArgument
+from blksnap.fileio import fsync_dir
 from blksnap.units import format_size, parse_sector_range
 
 if TYPE_CHECKING:
@@ -203,18 +205,22 @@ class Tracker(Filter):
                 intent.end_epoch(True)
             self.checkpoints += 1
 
-    def _intent_failed(self, why: str) -> None:
+    def _intent_failed(self, why: str) -> bool:
         """The write intent was given up: the checkpoint in use must not be
-        trusted after a crash (it would miss writes): it goes."""
+        trusted after a crash (it would miss writes): it goes. False if it
+        could not be removed: the device's writes then fail."""
         self.origin += f" (write intent given up: {why})"
         path = self.device.checkpoint_path
         if path is not None:
             try:
                 cbt_checkpoint.remove(path)
+                fsync_dir(os.path.dirname(path))
             except OSError as exc:
                 log.critical("%s: checkpoint %s could not be removed (%s) after the write "
-                             "intent failed: after a crash, make the next backup full",
+                             "intent failed: the device's writes fail from now on",
                              self.device.name, path, exc.strerror)  # fmt: skip
+                return False
+        return True
 
     def submit(self, bio: Bio) -> FilterResult:
         if bio.op in WRITE_OPS:

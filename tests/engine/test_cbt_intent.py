@@ -249,3 +249,26 @@ def test_the_periodic_checkpoint(tmp_path, disk):
     assert not on_disk(tmp_path / "state").any()
     assert eng.tracker("d").checkpoints >= 1
     eng.close()
+
+
+def test_writes_fail_when_neither_intent_nor_checkpoint_can_be_kept(tmp_path, disk, monkeypatch):
+    """The state dir's disk is gone: the intent cannot be written and the
+    checkpoint in use cannot be removed. A write let through then would be
+    missed by that checkpoint after a crash: writes fail with EIO instead."""
+    eng = start(tmp_path / "state", disk)
+    dev = eng.device("d")
+
+    def gone(*_args) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(cbt_intent.os, "fdatasync", gone)
+    monkeypatch.setattr(cbt_checkpoint.os, "unlink", gone)
+    with pytest.raises(blksnap.BlksnapError) as info:
+        dev.write(0, b"refused")
+    assert info.value.errno == 5
+    with open(disk, "rb") as f:
+        assert f.read(7) != b"refused"
+    with pytest.raises(blksnap.BlksnapError):
+        dev.write(10 * MiB, b"refused too")
+    monkeypatch.undo()
+    crash(eng)
