@@ -181,3 +181,60 @@ def test_daemon_start_restore_devices(tmp_path: Path) -> None:
     finally:
         cli(sock, "daemon", "stop", check=False)
         sandbox.cleanup_under(str(root))
+
+
+def test_a_reboot_keeps_the_backups_incremental(tmp_path: Path) -> None:
+    """A reboot, simulated: ext4 on a blksnapd loop device, a full backup,
+    files written; then everything stops (the file system unmounted, blksnapd
+    stopped: its loop device and FUSE mount gone) and blksnapd starts fresh
+    with ``--restore-devices`` on the same state dir. The device and its
+    loop device are back, same generation; more files; the incremental
+    backup restores to exactly the device, and the file system's files
+    are all there."""
+    from tests.integration.helpers import populate, tree
+
+    rng = random.Random(14)
+    disk = tmp_path / "a.img"
+    with open(disk, "wb") as f:
+        f.truncate(64 * MiB)
+    repo = Repository.init(tmp_path / "repo")
+    root = tmp_path / "d"
+    opts = ("--restore-devices",)
+    mnt = tmp_path / "fs"
+    d = sandbox.start(root, opts)
+    try:
+        lp = d.client.add_device(str(disk), "a", loop=True)["loop"]
+        d.client.attach("a")
+        sandbox.run("mkfs.ext4", "-q", "-E", "lazy_itable_init=0,lazy_journal_init=0", lp)
+        d.mount_fs(lp, mnt)
+        populate(mnt, rng, 20, "before")
+        sandbox.run("sync", "-f", str(mnt))
+        full = run_backup(d.client, repo, ["a"], "full")
+        populate(mnt, rng, 20, "between")
+        d.umount(mnt)
+        gen = d.client.cbt_info("a").generation_id
+    finally:
+        d.stop()
+    assert not sandbox.mounts_under(str(root)) and not sandbox.loops_under(str(root))
+    d = sandbox.start(root, opts)  # the boot
+    try:
+        (dev,) = d.client.devices()
+        assert dev["name"] == "a" and dev["loop"], dev
+        assert origin(d) == "checkpoint"
+        assert d.client.cbt_info("a").generation_id == gen
+        d.mount_fs(dev["loop"], mnt)
+        populate(mnt, rng, 20, "after")
+        files = tree(mnt)
+        d.umount(mnt)
+        inc = run_backup(d.client, repo, ["a"], "auto")
+        rec = inc.backup.device("a")
+        assert rec.kind == "incremental" and rec.parent == full.backup.id, rec.reason
+        out = tmp_path / "restored.img"
+        assert repo.restore(inc.backup.id, "a", str(out))["sha256"] == sha256_file(disk)
+        sandbox.run("mount", "-o", "ro,loop,noload", str(out), str(mnt))
+        try:
+            assert tree(mnt) == files
+        finally:
+            sandbox.run("umount", str(mnt))
+    finally:
+        d.stop()
