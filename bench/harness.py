@@ -330,3 +330,19 @@ def main_alone(
         return 0
     print(run(args, lambda m: print(m, file=sys.stderr, flush=True)))
     return 0
+
+
+def main_with_tmpdir(
+    doc: str,
+    run_section: Callable[[bool, Callable[[str], None], str | None], str],
+    argv: Sequence[str] | None = None,
+) -> int:
+    """:func:`main_alone` for a section whose files go in ``--tmpdir``."""
+    return main_alone(
+        doc,
+        lambda a, progress: run_section(a.quick, progress, a.tmpdir),
+        lambda p: p.add_argument(
+            "--tmpdir", help="for the files (default: $BLKSNAP_BENCH_TMPDIR or /var/tmp)"
+        ),
+        argv,
+    )

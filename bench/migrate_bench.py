@@ -51,7 +51,7 @@ from harness import (  # noqa: E402
     fs_type,
     fsync_path,
     incompressible_file,
-    main_alone,
+    main_with_tmpdir,
     size_text,
     table,
 )
@@ -417,14 +417,7 @@ def run_section(quick: bool, progress: Callable[[str], None], tmpdir: str | None
 
 
 def main(argv: list[str] | None = None) -> int:
-    return main_alone(
-        __doc__,
-        lambda a, progress: run_section(a.quick, progress, a.tmpdir),
-        lambda p: p.add_argument(
-            "--tmpdir", help="for the files (default: $BLKSNAP_BENCH_TMPDIR or /var/tmp)"
-        ),
-        argv,
-    )
+    return main_with_tmpdir(__doc__, run_section, argv)
 
 
 if __name__ == "__main__":

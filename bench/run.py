@@ -19,7 +19,9 @@ over the trials):
 6. the cost of a diff-storage slot as storage sources accumulate;
 
 and then, through the real block layer (``bench/fuse_bench.py``: blksnapd,
-FUSE and loop devices, fio), the section "Block layer: fio on loop devices".
+FUSE and loop devices, fio), the section "Block layer: fio on loop devices",
+and the sections of ``nbd_bench``, ``backup_bench``, ``restart_bench``,
+``migrate_bench`` and ``cbt_bench``.
 
 ``make bench`` runs ``bench/run.py --output BENCHMARKS.md``; ``--quick`` is a
 smoke run of a few seconds whose numbers mean little.
@@ -1229,6 +1231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         failed = not backup_section(cfg, report, progress) or failed
         failed = not restart_section(cfg, report, progress) or failed
         failed = not migrate_section(cfg, report, progress) or failed
+        failed = not cbt_section(cfg, report, progress) or failed
 
     elapsed = time.perf_counter() - t_start
     report.add(f"_Whole run: {elapsed:.0f} s._\n")
@@ -1318,6 +1321,20 @@ def migrate_section(cfg: Config, report: Report, progress: Callable[[str], None]
         migrate_bench,
         "migrate",
         lambda: migrate_bench.run_section(cfg.quick, progress, cfg.tmpdir),
+    )
+
+
+def cbt_section(cfg: Config, report: Report, progress: Callable[[str], None]) -> bool:
+    """Write intent's cost to writers, and the re-read and the bytes stored
+    after a crash (bench/cbt_bench.py)."""
+    import cbt_bench
+
+    return _sub_section(
+        report,
+        progress,
+        cbt_bench,
+        "cbt",
+        lambda: cbt_bench.run_section(cfg.quick, progress, cfg.tmpdir),
     )
 
 

@@ -133,12 +133,10 @@ class CbtMap:
         self, capacity: int, params: Params, regions: Regions = LOCAL, key: str = "cbt"
     ) -> None:
         self._lock = threading.Lock()
-        #: Held by a mark and its write-intent check, and by a checkpoint's
-        #: export with the start of a new intent epoch: so every mark is
-        #: either in that export or covered by the new epoch's intent.
-        self._mark_lock = threading.Lock()
-        #: The device's write intent (:mod:`blksnap.engine.cbt_intent`), if any.
-        self.intent: IntentLog | None = None
+        self._intent: IntentLog | None = None
+        #: The intent's region shift and durable regions, for :meth:`mark`.
+        self._ishift = 0
+        self._idurable = bytearray()
         #: See :attr:`Checkpoint.recovered`.
         self.recovered: frozenset[int] = frozenset()
         self.read_recovered: frozenset[int] = frozenset()
@@ -148,6 +146,17 @@ class CbtMap:
         self._region: mmap.mmap | None = None
         #: Did this map carry on from a region left by an earlier process?
         self.resumed = self._open(capacity, fresh=False)
+
+    @property
+    def intent(self) -> IntentLog | None:
+        """The device's write intent (:mod:`blksnap.engine.cbt_intent`), if any."""
+        return self._intent
+
+    @intent.setter
+    def intent(self, intent: IntentLog | None) -> None:
+        self._intent = intent
+        if intent is not None:
+            self._ishift, self._idurable = intent.shift, intent.durable
 
     def _open(self, capacity: int, *, fresh: bool) -> bool:
         """Map the region for ``capacity``; carry on from what it holds
@@ -212,9 +221,9 @@ class CbtMap:
         ``epoch``: the write intent starts a new epoch at the same instant
         (end it with ``intent.end_epoch`` once the checkpoint is durable)."""
         intent = self.intent
-        with self._mark_lock, self._lock:
+        with self._lock:
             if epoch and intent is not None:
-                intent.begin_epoch()
+                intent.begin_epoch()  # (before the maps are copied: see mark)
             usable = intent is not None and intent.failed is None
             return Checkpoint(
                 clean=clean,
@@ -258,49 +267,54 @@ class CbtMap:
         a write intent, returns once the write's regions are durable in it
         (the write may then reach the device).
 
-        Without write intent lock-free: it runs with the device's gate held,
-        and take (the only change of ``active``) drains the gate first.
+        Lock-free: it runs with the device's gate held, and take (the only
+        change of ``active``) drains the gate first. With write intent the
+        order makes it safe without a lock too: the map is marked *before*
+        the regions are looked up, and a checkpoint clears the regions
+        (:meth:`IntentLog.begin_epoch`) *before* it copies the map. So a
+        write that finds its regions durable was marked before the copy (the
+        checkpoint has it), and one that does not waits in
+        :meth:`IntentLog.cover` (the next checkpoint has it, and until then
+        the file has its regions). (The GIL orders these steps.)
         """
         if length <= 0:
             return
         shift = self.block_shift
         first, last = offset >> shift, (offset + length - 1) >> shift
+        if first == last:  # (an item costs a sixth of a slice)
+            self.write_map[first] = self.active
+        else:
+            self.write_map[first : last + 1] = self.active
+        intent = self._intent
+        if intent is not None:
+            rs = self._ishift
+            r0, r1 = offset >> rs, (offset + length - 1) >> rs
+            if r0 != r1 or not self._idurable[r0]:
+                intent.cover(r0, r1)
+
+    def mark_may_wait(self, offset: int, length: int) -> bool:
+        """Could :meth:`mark` of this range wait for a write-intent flush?"""
         intent = self.intent
-        if intent is None:
-            if first == last:  # (an item costs a sixth of a slice)
-                self.write_map[first] = self.active
-            else:
-                self.write_map[first : last + 1] = self.active
-            return
-        rs = intent.shift
-        r0, r1 = offset >> rs, (offset + length - 1) >> rs
-        with self._mark_lock:
-            if first == last:
-                self.write_map[first] = self.active
-            else:
-                self.write_map[first : last + 1] = self.active
-            if intent.covered(r0, r1):
-                return
-        intent.cover(r0, r1)
+        if intent is None or length <= 0 or intent.failed is not None:
+            return False
+        return not intent.covered(offset >> intent.shift, (offset + length - 1) >> intent.shift)
 
     def mark_both(self, offset: int, length: int) -> None:
         """Mark blocks changed in the write map *and* in the frozen read map,
         so both the backup under way and the next one read them (image
-        writes, ``markdirtyblock``)."""
+        writes, ``markdirtyblock``); with write intent, durable as
+        :meth:`mark` makes them."""
         if length <= 0:
             return
-        intent = self.intent
-        with self._mark_lock, self._lock:
+        with self._lock:
             blocks = self._blocks(offset, length)
             self.write_map[blocks] = self.active
             if self.changes_number:
                 self.read_map[blocks] = self.changes_number
-            if intent is None:
-                return
-            r0, r1 = offset >> intent.shift, (offset + length - 1) >> intent.shift
-            if intent.covered(r0, r1):
-                return
-        intent.cover(r0, r1)
+        intent = self.intent
+        if intent is not None:
+            rs = intent.shift
+            intent.cover(offset >> rs, (offset + length - 1) >> rs)
 
     def switch(self) -> None:
         """At take: freeze the read map and move to the next number."""

@@ -40,6 +40,7 @@ import logging
 import os
 import struct
 import threading
+import time
 import uuid
 from collections.abc import Callable
 
@@ -71,9 +72,10 @@ def region_shift_for(region_size: int) -> int:
 class IntentLog:
     """The intent file of one device, open for writing.
 
-    :meth:`covered` (under the map's mark lock, right after the mark) says
-    whether the regions of a write are durable in this epoch; if not, the
-    writer calls :meth:`cover` (no lock held), which returns once they are.
+    After marking the map, a writer looks its region up in :attr:`durable`
+    (set: durable in this epoch, done) and else calls :meth:`cover`, which
+    returns once its regions are durable (see :meth:`CbtMap.mark
+    <blksnap.engine.cbt.CbtMap.mark>` for why the order matters).
     """
 
     def __init__(self, path: str, fd: int, token: str, shift: int, bits: np.ndarray) -> None:
@@ -82,7 +84,8 @@ class IntentLog:
         self.token = token
         self.shift = shift
         self.count = len(bits)
-        #: Durable and of this epoch: a write there passes at once.
+        #: Durable and of this epoch: a write there passes at once. (Changed
+        #: in place only: the map keeps a reference for its fast path.)
         self.durable = bytearray(self.count)
         #: Asked for, not yet durable.
         self._want = np.zeros(self.count, dtype=bool)
@@ -100,8 +103,9 @@ class IntentLog:
         self.on_failure: Callable[[str], bool] | None = None
         #: Set when writes must fail from now on (see the module's doc).
         self.fatal: str | None = None
-        #: Flushes done, and regions made durable by them (for status).
+        #: Flushes done, and the seconds they took (for status).
         self.flushes = 0
+        self.flush_seconds = 0.0
 
     # -- making and opening --------------------------------------------------------
 
@@ -163,9 +167,8 @@ class IntentLog:
         return range(offset >> self.shift, ((offset + length - 1) >> self.shift) + 1)
 
     def covered(self, first: int, last: int) -> bool:
-        """Are regions ``first``..``last`` durable in this epoch? Lock-free
-        reads of a bytearray; the caller holds the map's mark lock, which
-        :meth:`begin_epoch` needs too."""
+        """Are regions ``first``..``last`` durable in this epoch? (Lock-free
+        reads of a bytearray; EIO once writes must fail.)"""
         if self.failed is not None:
             if self.fatal is not None:
                 raise IOFailure(f"write refused: {self.fatal}")
@@ -197,6 +200,20 @@ class IntentLog:
         entry and exit, released during the I/O."""
         wanted = self._want.copy()
         state = wanted | self._old | np.frombuffer(self.durable, dtype=bool)
+        t0 = time.monotonic()
+        if not self._write_locked(state):
+            return
+        self.flushes += 1
+        self.flush_seconds += time.monotonic() - t0
+        idx = np.flatnonzero(wanted)
+        self._want[idx] = False
+        for r in idx.tolist():
+            self.durable[r] = 1
+
+    def _write_locked(self, state: np.ndarray) -> bool:
+        """Make ``state`` the file's, durably; with ``_cv`` held on entry and
+        exit (released during the I/O, other writers then wait for it).
+        False if it failed (the intent is given up)."""
         self._flushing = True
         self._cv.release()
         err: str | None = None
@@ -210,13 +227,9 @@ class IntentLog:
             self._cv.notify_all()
         if err is not None:
             self._give_up(err)
-            return
+            return False
         self._on_disk = state
-        self.flushes += 1
-        idx = np.flatnonzero(wanted)
-        self._want[idx] = False
-        for r in idx.tolist():
-            self.durable[r] = 1
+        return True
 
     def _write(self, state: np.ndarray) -> None:
         """The pages of the file that differ from ``state``, then fdatasync."""
@@ -242,9 +255,9 @@ class IntentLog:
     # -- checkpoints ---------------------------------------------------------------
 
     def begin_epoch(self) -> None:
-        """A checkpoint is being taken (under the map's mark lock, with the
-        map's export): regions set so far are kept aside until it is durable;
-        writes from now on set theirs again."""
+        """A checkpoint is being taken: regions set so far are kept aside
+        until it is durable; writes from now on set theirs again. Called
+        before the map is copied for it."""
         with self._cv:
             self._old |= np.frombuffer(self.durable, dtype=bool)
             self.durable[:] = bytes(self.count)
@@ -263,21 +276,7 @@ class IntentLog:
             if not np.array_equal(state, self._on_disk):
                 # Not urgent (a stale set region costs a re-read only), but
                 # done now keeps the re-read after a crash small.
-                self._flushing = True
-                self._cv.release()
-                err: str | None = None
-                try:
-                    self._write(state)
-                except OSError as exc:
-                    err = f"write-intent file {self.path}: {exc.strerror or exc}"
-                finally:
-                    self._cv.acquire()
-                    self._flushing = False
-                    self._cv.notify_all()
-                if err is not None:
-                    self._give_up(err)
-                    return
-                self._on_disk = state
+                self._write_locked(state)
 
     def dirty(self) -> bool:
         """Was anything written since the last checkpoint?"""
@@ -289,6 +288,7 @@ class IntentLog:
             "regions": self.count,
             "regions_set": int(np.count_nonzero(self._on_disk)),
             "flushes": self.flushes,
+            "flush_seconds": round(self.flush_seconds, 6),
             "failed": self.failed,
         }
 

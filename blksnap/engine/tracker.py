@@ -71,6 +71,8 @@ class Tracker(Filter):
         #: Set while a taken snapshot needs copy-on-write.
         self.diff_area: DiffArea | None = None
         self._checkpoint_lock = threading.Lock()
+        #: The clean checkpoint is written: no other may follow it.
+        self._stopped = False
         #: Checkpoints written by this tracker (status).
         self.checkpoints = 0
 
@@ -189,10 +191,10 @@ class Tracker(Filter):
         path, store = self.device.checkpoint_path, self.device.backing
         if path is None:
             return
-        intent = self.cbt.intent
-        if not clean and (intent is None or intent.failed is not None):
-            return
         with self._checkpoint_lock:
+            intent = self.cbt.intent
+            if not clean and (self._stopped or intent is None or intent.failed is not None):
+                return  # (none after the clean one: the device is closing)
             facts = cbt_checkpoint.BackingFacts.of_fd(store.fd, store.identity, store.size)
             cp = self.cbt.export(facts, clean=clean, epoch=not clean)
             try:
@@ -202,8 +204,12 @@ class Tracker(Filter):
                     intent.end_epoch(False)
                 raise
             if intent is not None and not clean:
+                if intent.failed is not None:  # (given up meanwhile: see _intent_failed)
+                    cbt_checkpoint.remove(path)
+                    return
                 intent.end_epoch(True)
             self.checkpoints += 1
+            self._stopped = self._stopped or clean
 
     def _intent_failed(self, why: str) -> bool:
         """The write intent was given up: the checkpoint in use must not be
@@ -231,6 +237,8 @@ class Tracker(Filter):
                 if diff_area.write_needs_copy(bio.offset, bio.length):
                     raise WouldWait(f"write to {self.device.name} needs copy-on-write")
                 diff_area = None
+            if no_wait.active and self.cbt.mark_may_wait(bio.offset, bio.length):
+                raise WouldWait(f"write to {self.device.name} waits for its write intent")
             self.cbt.mark(bio.offset, bio.length)
             if diff_area is not None:
                 diff_area.cow(bio.offset, bio.length)
@@ -241,7 +249,8 @@ class Tracker(Filter):
         now wait in this filter (copy a chunk to diff storage, or wait for
         another thread's copy)? False only when it surely would not:
 
-        * no snapshot holds the device: the write only marks the CBT;
+        * its write-intent regions are durable (or there is no write intent),
+          and no snapshot holds the device: the write only marks the CBT;
         * a snapshot is taken and its diff area needs no copy for the range
           (:meth:`DiffArea.write_needs_copy`: every chunk stored, or the
           snapshot corrupted, in which case writes go straight through).
@@ -258,6 +267,8 @@ class Tracker(Filter):
         by the take of another snapshot.) Submit inside ``with no_wait:`` to be sure: the
         tracker repeats the check inside the gate, where it cannot go stale.
         """
+        if self.cbt.mark_may_wait(offset, length):
+            return True  # (the first write to its region since the checkpoint)
         diff_area = self.diff_area
         if diff_area is not None:
             return diff_area.write_needs_copy(offset, length)

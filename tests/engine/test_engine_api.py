@@ -87,6 +87,8 @@ def test_device_write_may_wait_asks_every_filter(engine, make_file, storage_dir)
     dev = engine.device("d")
     assert not dev.write_may_wait(0, 4096)  # no filter
     engine.attach("d")
+    assert dev.write_may_wait(0, 4096)  # the region's first write: its write intent
+    dev.write(0, b"x")
     assert not dev.write_may_wait(0, 4096)  # tracker, no snapshot: a CBT mark
     sid = engine.snapshot_create(["d"], storage=storage_dir, limit=8 * MiB)
     assert dev.write_may_wait(0, 4096)  # created: a take may arm copy-on-write

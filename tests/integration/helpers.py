@@ -377,3 +377,21 @@ def kill_worker(d: Daemon) -> dict:
     old = worker_pid(d)
     os.kill(old, signal.SIGKILL)
     return wait_new_worker(d, old)
+
+
+def kill_daemon(d: Daemon) -> None:
+    """kill -9 of every process of blksnapd ``d`` (its worker and its
+    supervisor, ours, by pid), then its dead mount and loop devices cleared."""
+    from blksnap.tools import sandbox
+
+    pids = [d.client.status()["worker_pid"], d.proc.pid]
+    try:
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        d.proc.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while os.path.exists(f"/proc/{pids[0]}") and time.monotonic() < deadline:
+            time.sleep(0.02)
+        d.client.close()
+    finally:
+        sandbox.cleanup_under(str(d.root))

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ import pytest
 from blksnap.errors import BlksnapError
 from blksnap.tools import sandbox
 from tests.integration.conftest import SKIP
+from tests.integration.helpers import kill_daemon
 
 pytestmark = pytest.mark.skipif(bool(SKIP), reason=SKIP or "")
 MiB = 1 << 20
@@ -80,18 +80,6 @@ def written_map(d: sandbox.Sandbox) -> tuple[np.ndarray, object]:
     return numbers, info
 
 
-def kill_everything(d: sandbox.Sandbox) -> None:
-    pids = [d.client.status()["worker_pid"], d.proc.pid]
-    for pid in pids:  # every process of it, ours, by pid
-        os.kill(pid, signal.SIGKILL)
-    d.proc.wait(timeout=30)
-    deadline = time.monotonic() + 10
-    while os.path.exists(f"/proc/{pids[0]}") and time.monotonic() < deadline:
-        time.sleep(0.02)
-    d.client.close()
-    sandbox.cleanup_under(str(d.root))
-
-
 def writer(path: str, rng: random.Random, backup: Backup, stop: threading.Event) -> None:
     """Random writes until the device goes away; each range is noted as
     touched before it is sent."""
@@ -112,6 +100,21 @@ def writer(path: str, rng: random.Random, backup: Backup, stop: threading.Event)
     finally:
         with contextlib.suppress(OSError):  # (ENOTCONN: the daemon is gone)
             os.close(fd)
+
+
+def start_writers(
+    d: sandbox.Sandbox, rng: random.Random, backup: Backup
+) -> tuple[threading.Event, list[threading.Thread]]:
+    """Three writers on device ``a`` until the event is set or it goes away."""
+    stop = threading.Event()
+    path = f"{d.mount}/dev/a"
+    threads = [
+        threading.Thread(target=writer, args=(path, random.Random(rng.random()), backup, stop))
+        for _ in range(3)
+    ]
+    for t in threads:
+        t.start()
+    return stop, threads
 
 
 def check(d: sandbox.Sandbox, backup: Backup, disk: Path) -> int:
@@ -153,18 +156,9 @@ def run_rounds(tmp_path: Path, rounds: int, seed: int) -> None:
         d.client.attach("a")
         backup = take_backup(d)
         for i in range(rounds):
-            stop = threading.Event()
-            threads = [
-                threading.Thread(
-                    target=writer,
-                    args=(f"{d.mount}/dev/a", random.Random(rng.random()), backup, stop),
-                )
-                for _ in range(3)
-            ]
-            for t in threads:
-                t.start()
+            stop, threads = start_writers(d, rng, backup)
             time.sleep(rng.uniform(0.02, 0.8))
-            kill_everything(d)
+            kill_daemon(d)
             stop.set()
             for t in threads:
                 t.join(timeout=30)
@@ -225,7 +219,7 @@ def test_the_backup_after_a_crash_stores_only_what_changed(tmp_path: Path) -> No
                 os.pwrite(fd, rng.randbytes(5000), off)
         finally:
             os.close(fd)
-        kill_everything(d)
+        kill_daemon(d)
         d = sandbox.start(root, opts)
         info = d.client.cbt_info("a")
         assert info.generation_id == full.backup.device("a").generation_id
@@ -302,18 +296,9 @@ def test_cbt_survives_power_cuts_of_its_state_dir(tmp_path: Path) -> None:
         backup = take_backup(a)
         sandbox.run("sync", "-f", str(m))  # (blksnapd's record of its devices)
         for i in range(rounds):
-            stop = threading.Event()
-            threads = [
-                threading.Thread(
-                    target=writer,
-                    args=(f"{a.mount}/dev/a", random.Random(rng.random()), backup, stop),
-                )
-                for _ in range(3)
-            ]
-            for t in threads:
-                t.start()
+            stop, threads = start_writers(a, rng, backup)
             time.sleep(rng.uniform(0.05, 0.8))
-            kill_everything(a)
+            kill_daemon(a)
             a = None
             b.client.ctl("s", "powercut", "cut")
             stop.set()

@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,7 @@ from blksnap.backup.repo import Repository
 from blksnap.backup.session import run_backup
 from blksnap.tools import sandbox
 from tests.integration.conftest import SKIP, cli
-from tests.integration.helpers import sha256_file
+from tests.integration.helpers import kill_daemon, sha256_file
 
 pytestmark = pytest.mark.skipif(bool(SKIP), reason=SKIP or "")
 MiB = 1 << 20
@@ -102,15 +100,8 @@ def test_a_killed_blksnapd_without_write_intent_starts_a_new_generation(tmp_path
         assert origin(d) == "checkpoint"  # carried on, and marked in use
         gen = d.client.cbt_info("a").generation_id
         write_dev(d, "a", rng, 5)
-        pids = [d.client.status()["worker_pid"], d.proc.pid]
-        for pid in pids:  # every process of it, ours, by pid
-            os.kill(pid, signal.SIGKILL)
-        d.proc.wait(timeout=30)
-        deadline = time.monotonic() + 10
-        while os.path.exists(f"/proc/{pids[0]}") and time.monotonic() < deadline:
-            time.sleep(0.05)
     finally:
-        sandbox.cleanup_under(str(root))
+        kill_daemon(d)
     d = serve(root, disk, off)  # clears the dead mount, serves again
     try:
         why = origin(d)
