@@ -157,6 +157,8 @@ def test_write_may_wait_follows_the_chunk_states(engine, make_file, storage_dir)
     dev.write(0, b"\x01" * MiB)
     engine.attach("d0")
     trk = engine.tracker("d0")
+    assert trk.write_may_wait(0, MiB)  # the region's first write: its write intent
+    dev.write(0, b"\x01")  # (the byte it holds)
     assert not trk.write_may_wait(0, MiB)  # no snapshot: a CBT mark only
     sid = engine.snapshot_create(["d0"], storage=storage_dir, limit=MiB)
     assert trk.write_may_wait(0, 4096)  # created: a take may arm copy-on-write
@@ -244,6 +246,7 @@ def test_no_wait_refuses_a_write_that_would_copy_untouched(engine, make_file, st
     dev.write(0, b"\x01" * MiB)
     engine.attach("d0")
     trk = engine.tracker("d0")
+    dev.write(0, b"\x01")  # (the byte it holds: its write-intent region set)
     assert not trk.write_may_wait(0, 4096)  # the answer the caller got ...
     sid = engine.snapshot_create(["d0"], storage=storage_dir, limit=MiB)
     engine.snapshot_take(sid)  # ... went stale: copy-on-write armed meanwhile

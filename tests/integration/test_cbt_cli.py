@@ -16,7 +16,14 @@ from tests.integration.helpers import (
 )
 
 SIZE = 16 * MiB
-CBT_KEYS = {"block_size", "device_capacity", "block_count", "generation_id", "changes_number"}
+CBT_KEYS = {
+    "block_size",
+    "device_capacity",
+    "block_count",
+    "generation_id",
+    "changes_number",
+    "recovered",
+}
 
 
 def cbtinfo(daemon, name: str) -> dict:
