@@ -134,9 +134,9 @@ class CbtMap:
     ) -> None:
         self._lock = threading.Lock()
         self._intent: IntentLog | None = None
-        #: The intent's region shift and durable regions, for :meth:`mark`.
-        self._ishift = 0
-        self._idurable = bytearray()
+        #: Per block: are all the intent regions it touches durable in this
+        #: epoch? (:meth:`mark`'s fast path: one lookup.)
+        self._iok = bytearray()
         #: See :attr:`Checkpoint.recovered`.
         self.recovered: frozenset[int] = frozenset()
         self.read_recovered: frozenset[int] = frozenset()
@@ -154,9 +154,36 @@ class CbtMap:
 
     @intent.setter
     def intent(self, intent: IntentLog | None) -> None:
-        self._intent = intent
+        old, self._intent = self._intent, intent
+        if old is not None and old is not intent:
+            old.on_durable = old.on_clear = None
+        self._iok = bytearray(self.block_count)
         if intent is not None:
-            self._ishift, self._idurable = intent.shift, intent.durable
+            intent.on_durable, intent.on_clear = self._intent_durable, self._intent_cleared
+            self._intent_durable(np.flatnonzero(np.frombuffer(intent.durable, dtype=bool)))
+
+    def _intent_durable(self, regions: np.ndarray) -> None:
+        """Regions became durable (the intent's lock held): their blocks
+        whose every region is durable pass :meth:`mark` at once."""
+        intent, iok = self._intent, self._iok
+        if intent is None or not len(regions):
+            return
+        rs, bs, n = intent.shift, self.block_shift, self.block_count
+        durable = intent.durable
+        for r in regions.tolist():
+            b0 = (r << rs) >> bs
+            b1 = min((((r + 1) << rs) - 1) >> bs, n - 1)
+            if rs >= bs:  # (blocks within the region)
+                iok[b0 : b1 + 1] = b"\x01" * (b1 - b0 + 1)
+                continue
+            for b in range(b0, b1 + 1):  # (a block of several regions)
+                ra, rb = (b << bs) >> rs, min((((b + 1) << bs) - 1) >> rs, intent.count - 1)
+                if durable.find(0, ra, rb + 1) < 0:
+                    iok[b] = 1
+
+    def _intent_cleared(self) -> None:
+        """A new intent epoch (before the checkpoint copies the map)."""
+        self._iok[:] = bytes(len(self._iok))
 
     def _open(self, capacity: int, *, fresh: bool) -> bool:
         """Map the region for ``capacity``; carry on from what it holds
@@ -270,8 +297,9 @@ class CbtMap:
         Lock-free: it runs with the device's gate held, and take (the only
         change of ``active``) drains the gate first. With write intent the
         order makes it safe without a lock too: the map is marked *before*
-        the regions are looked up, and a checkpoint clears the regions
-        (:meth:`IntentLog.begin_epoch`) *before* it copies the map. So a
+        the regions are looked up (per block, in ``_iok``), and a checkpoint
+        clears them (:meth:`IntentLog.begin_epoch`) *before* it copies the
+        map. So a
         write that finds its regions durable was marked before the copy (the
         checkpoint has it), and one that does not waits in
         :meth:`IntentLog.cover` (the next checkpoint has it, and until then
@@ -283,14 +311,16 @@ class CbtMap:
         first, last = offset >> shift, (offset + length - 1) >> shift
         if first == last:  # (an item costs a sixth of a slice)
             self.write_map[first] = self.active
+            if self._intent is None or self._iok[first]:
+                return
         else:
             self.write_map[first : last + 1] = self.active
+            if self._intent is None or self._iok.find(0, first, last + 1) < 0:
+                return
         intent = self._intent
-        if intent is not None:
-            rs = self._ishift
-            r0, r1 = offset >> rs, (offset + length - 1) >> rs
-            if r0 != r1 or not self._idurable[r0]:
-                intent.cover(r0, r1)
+        if intent is not None:  # (not durable yet in this epoch)
+            rs = intent.shift
+            intent.cover(offset >> rs, (offset + length - 1) >> rs)
 
     def mark_may_wait(self, offset: int, length: int) -> bool:
         """Could :meth:`mark` of this range wait for a write-intent flush?"""

@@ -97,6 +97,10 @@ class IntentLog:
         self._flushing = False
         #: Why the intent was given up (None while it works).
         self.failed: str | None = None
+        #: Told (with the lock held) of regions made durable, and of a new
+        #: epoch (every region to be set again): the map's per-block cache.
+        self.on_durable: Callable[[np.ndarray], None] | None = None
+        self.on_clear: Callable[[], None] | None = None
         #: Called once, in the failing thread, when the intent is given up;
         #: False: nothing keeps the CBT from being trusted wrongly after a
         #: crash (:attr:`fatal`).
@@ -209,6 +213,8 @@ class IntentLog:
         self._want[idx] = False
         for r in idx.tolist():
             self.durable[r] = 1
+        if self.on_durable is not None:
+            self.on_durable(idx)
 
     def _write_locked(self, state: np.ndarray) -> bool:
         """Make ``state`` the file's, durably; with ``_cv`` held on entry and
@@ -261,6 +267,8 @@ class IntentLog:
         with self._cv:
             self._old |= np.frombuffer(self.durable, dtype=bool)
             self.durable[:] = bytes(self.count)
+            if self.on_clear is not None:
+                self.on_clear()
 
     def end_epoch(self, durable: bool) -> None:
         """The checkpoint begun by :meth:`begin_epoch` is on stable storage

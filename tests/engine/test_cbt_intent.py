@@ -272,3 +272,24 @@ def test_writes_fail_when_neither_intent_nor_checkpoint_can_be_kept(tmp_path, di
         dev.write(10 * MiB, b"refused too")
     monkeypatch.undo()
     crash(eng)
+
+
+def test_regions_smaller_than_a_tracking_block(tmp_path, disk):
+    """A block that spans several regions passes at once only when every
+    one of them is durable."""
+    params = Params(cbt_intent_region_size=16 * 1024, cbt_checkpoint_interval=0)
+    eng = start(tmp_path / "state", disk, params)
+    dev = eng.device("d")
+    intent = eng.tracker("d").cbt.intent
+    assert intent is not None and eng.tracker("d").cbt.block_size == 64 * 1024
+    dev.write(0, b"a")
+    flushes = intent.flushes
+    dev.write(20 * 1024, b"b")  # the same block, another region: a flush
+    assert intent.flushes == flushes + 1
+    assert np.flatnonzero(on_disk(tmp_path / "state")).tolist() == [0, 1]
+    dev.write(0, b"c" * 65536)  # the whole block: its four regions
+    assert np.flatnonzero(on_disk(tmp_path / "state")).tolist() == [0, 1, 2, 3]
+    flushes = intent.flushes
+    dev.write(50 * 1024, b"d")
+    assert intent.flushes == flushes  # every region of the block durable
+    eng.close()
