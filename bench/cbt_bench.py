@@ -143,7 +143,7 @@ def engine_cost(
                 continue
             mem = rates["in memory"]
             progress(
-                f"cbt bench: engine trial {t + 1}/{trials}: "
+                f"cbt bench: engine trial {t}/{trials}: "
                 + ", ".join(
                     f"{label} {rates[label]['fresh 4 KiB'][-1] / mem['fresh 4 KiB'][-1]:.2f}"
                     for label, region in VARIANTS
@@ -363,9 +363,11 @@ def report(
         "on this shared 2-vCPU VM swung by up to 1.5x between two runs of the same "
         "engine (the other guests' load); *own time*: writes per second of what the "
         "writer itself spent, its thread's CPU time plus its waits for the intent "
-        "file's flushes (a lone writer waits for each in full), which leaves the "
-        "machine's noise out and the intent's whole cost in. The targets are judged on "
-        "it. *flushes*: the intent file's flushes (a page "
+        "file's flushes (a lone writer waits for each in full): the intent's whole "
+        "cost, without other processes' turns on the CPU (time the host takes the "
+        "vCPU away still counts as CPU time in this VM, so where no flush is waited "
+        "for the two columns agree). The targets are judged on it. *flushes*: the intent "
+        "file's flushes (a page "
         "written and an fdatasync) in the run (median); *ms each*: their mean time. Through "
         "FUSE, a loop device and fio the same comparison is lost in that path's own noise "
         "on this machine (one trial's ratio ranged 0.4-1.9 between runs), so it is made "
@@ -418,8 +420,8 @@ def report(
         f"ran at {d64.median:.2f} / {s64.median:.2f} / {q64.median:.2f} of the in-memory "
         "tracker's rate for fresh 4 KiB, steady 4 KiB and 1 MiB writes; with 1 MiB regions "
         f"a fresh random run pays hundreds of flushes ({d1.median:.2f}), and on a disk whose "
-        "flush takes milliseconds (this one's is a page-cache-backed virtual disk) each "
-        "costs that much more: 64 MiB, md's default, stays. After a crash a random "
+        "flush takes milliseconds, not the fraction of one here, each costs that much "
+        "more: 64 MiB, md's default, stays. After a crash a random "
         "workload has every region dirty, so the re-read is every region written between "
         "two checkpoints (here the whole time since the full backup; the periodic "
         "checkpoint bounds it to what one interval writes); a localized one reads little "

@@ -299,9 +299,8 @@ class CbtMap:
         order makes it safe without a lock too: the map is marked *before*
         the regions are looked up (per block, in ``_iok``), and a checkpoint
         clears them (:meth:`IntentLog.begin_epoch`) *before* it copies the
-        map. So a
-        write that finds its regions durable was marked before the copy (the
-        checkpoint has it), and one that does not waits in
+        map. So a write that finds its regions durable was marked before the
+        copy (the checkpoint has it), and one that does not waits in
         :meth:`IntentLog.cover` (the next checkpoint has it, and until then
         the file has its regions). (The GIL orders these steps.)
         """

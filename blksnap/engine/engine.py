@@ -680,17 +680,19 @@ class Engine:
             snap = self._snapshot(sid)
             snap.take()
         if guard_storage:
-            snap.storage.guard()
-        # The take's numbers durable, and the write intent afresh (after
-        # the thaw: never I/O while the devices are frozen).
-        self.checkpoint_cbt(list(snap.members))
+            self.guard_storage(sid)
 
     def guard_storage(self, sid: str) -> None:
-        """Make the files of diff storage that lies on served devices
-        immutable (``chattr +i``) until the snapshot releases them: a write,
-        truncate or defragmenter on them would corrupt the snapshot. It is
-        a write to their file system: never while it is frozen."""
-        self._snapshot(sid).storage.guard()
+        """After a take, what writes file systems: make the files of diff
+        storage that lies on served devices immutable (``chattr +i``) until
+        the snapshot releases them (a write, truncate or defragmenter on them
+        would corrupt the snapshot), and write the CBT checkpoints of its
+        devices (the take's numbers durable, their write intent afresh).
+        Never while file systems on the devices are frozen: that would wait
+        on them, or make them wait."""
+        snap = self._snapshot(sid)
+        snap.storage.guard()
+        self.checkpoint_cbt(list(snap.members))
 
     def snapshot_destroy(self, sid: str) -> None:
         with self._lock:

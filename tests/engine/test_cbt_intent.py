@@ -293,3 +293,21 @@ def test_regions_smaller_than_a_tracking_block(tmp_path, disk):
     dev.write(50 * 1024, b"d")
     assert intent.flushes == flushes  # every region of the block durable
     eng.close()
+
+
+def test_the_take_checkpoint_waits_for_guard_storage(tmp_path, disk, storage_dir):
+    """A caller that holds file systems frozen around the take (blksnapd)
+    takes with ``guard_storage=False``: the checkpoint is written by
+    ``guard_storage`` after the thaw, not inside the frozen window."""
+    eng = start(tmp_path / "state", disk)
+    trk = eng.tracker("d")
+    sid = eng.snapshot_create(["d"], storage=storage_dir, limit=8 * MiB)
+    before = trk.checkpoints
+    eng.snapshot_take(sid, guard_storage=False)
+    assert trk.checkpoints == before
+    eng.guard_storage(sid)
+    assert trk.checkpoints == before + 1
+    cp = cbt_checkpoint.load(cbt_checkpoint.path_for(str(tmp_path / "state"), "d"))
+    assert not isinstance(cp, str) and cp.changes_number == eng.cbt_info("d").changes_number
+    eng.snapshot_destroy(sid)
+    eng.close()
