@@ -182,10 +182,14 @@ def run_rounds(tmp_path: Path, rounds: int, seed: int) -> None:
             sandbox.cleanup_under(str(root))
 
 
+CRASHES = int(os.environ.get("BLKSNAP_CRASHES", "3"))
+POWERCUTS = int(os.environ.get("BLKSNAP_POWERCUTS", "2"))
+
+
 @pytest.mark.slow
+@pytest.mark.timeout(max(300, 10 * CRASHES))  # (a long run is seconds a round)
 def test_cbt_survives_kills_of_the_whole_daemon(tmp_path: Path) -> None:
-    rounds = int(os.environ.get("BLKSNAP_CRASHES", "3"))
-    run_rounds(tmp_path, rounds, seed=rounds)
+    run_rounds(tmp_path, CRASHES, seed=CRASHES)
 
 
 def test_the_backup_after_a_crash_stores_only_what_changed(tmp_path: Path) -> None:
@@ -261,6 +265,7 @@ def _unmount(where: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(max(300, 10 * POWERCUTS))
 def test_cbt_survives_power_cuts_of_its_state_dir(tmp_path: Path) -> None:
     """blksnapd's state dir on ext4 over a disk that loses every write not
     flushed when the power goes (a second blksnapd's device with the
@@ -269,7 +274,7 @@ def test_cbt_survives_power_cuts_of_its_state_dir(tmp_path: Path) -> None:
     file system mounted again (its journal replayed on what was durable),
     the first blksnapd started again on it: the same assertions as after a
     kill. Two rounds by default; ``BLKSNAP_POWERCUTS=50`` for the long run."""
-    rounds = int(os.environ.get("BLKSNAP_POWERCUTS", "2"))
+    rounds = POWERCUTS
     rng = random.Random(1000 + rounds)
     disk = tmp_path / "a.img"
     disk.write_bytes(rng.randbytes(SIZE))
