@@ -169,9 +169,10 @@ def run_rounds(tmp_path: Path, rounds: int, seed: int) -> None:
                 raise AssertionError(f"round {i}: {exc}") from None
             if number >= 240:
                 # The numbers run short (a crash uses two, a take one): takes
-                # until the generation rolls over, then a full backup.
-                while d.client.cbt_info("a").generation_id == backup.generation_id:
-                    backup = take_backup(d)
+                # until one reports the next generation, then a new backup.
+                old = backup.generation_id
+                while take_backup(d).generation_id == old:
+                    pass
                 backup = take_backup(d)
             elif rng.random() < 0.3:  # a new backup now and then
                 backup = take_backup(d)
