@@ -174,7 +174,7 @@ def plan_device(repo: Repository, name: str, mode: str, info: Any, cbt_map: byte
         return full(f"the CBT map has {len(cbt_map)} blocks, {count} expected")
     numbers = np.frombuffer(cbt_map, dtype=np.uint8)
     changed = np.flatnonzero(numbers > rec.changes_number).astype(np.int64)
-    recovered = [n for n in getattr(info, "recovered", ()) if n > rec.changes_number]
+    recovered = [n for n in info.recovered if n > rec.changes_number]
     recheck = changed[np.isin(numbers[changed], np.array(recovered, dtype=np.uint8))]
     return DevicePlan(
         name,

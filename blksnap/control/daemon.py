@@ -855,15 +855,16 @@ class Daemon:
 def parse_params(items: Sequence[str]) -> Params:
     """``NAME=VALUE`` tunables as :class:`Params` (EINVAL for an unknown
     name or a value of the wrong type)."""
-    fields = {f.name: f for f in dataclasses.fields(Params)}
+    names = sorted(f.name for f in dataclasses.fields(Params))
+    defaults = Params()
     kwargs: dict[str, Any] = {}
     for item in items:
         name, sep, text = item.partition("=")
-        if not sep or name not in fields:
+        if not sep or name not in names:
             raise InvalidArgument(
-                f"--param {item!r}: NAME=VALUE with NAME one of {', '.join(sorted(fields))}"
+                f"--param {item!r}: NAME=VALUE with NAME one of {', '.join(names)}"
             )
-        kind = type(getattr(Params(), name))
+        kind = type(getattr(defaults, name))
         try:
             if kind is bool:
                 if text.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):

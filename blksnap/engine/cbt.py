@@ -39,7 +39,7 @@ from blksnap.engine.cbt_checkpoint import (
     bits_numbers,
     numbers_bits,
 )
-from blksnap.engine.cbt_intent import IntentLog
+from blksnap.engine.cbt_intent import IntentLog, region_blocks
 from blksnap.engine.params import Params
 from blksnap.engine.regions import LOCAL, Regions
 from blksnap.errors import InvalidArgument
@@ -171,14 +171,13 @@ class CbtMap:
         rs, bs, n = intent.shift, self.block_shift, self.block_count
         durable = intent.durable
         for r in regions.tolist():
-            b0 = (r << rs) >> bs
-            b1 = min((((r + 1) << rs) - 1) >> bs, n - 1)
+            b0, b1 = region_blocks(r, rs, bs, n)
             if rs >= bs:  # (blocks within the region)
                 iok[b0 : b1 + 1] = b"\x01" * (b1 - b0 + 1)
                 continue
             for b in range(b0, b1 + 1):  # (a block of several regions)
-                ra, rb = (b << bs) >> rs, min((((b + 1) << bs) - 1) >> rs, intent.count - 1)
-                if durable.find(0, ra, rb + 1) < 0:
+                ra, rb = intent.span(b << bs, 1 << bs)
+                if durable.find(0, ra, min(rb, intent.count - 1) + 1) < 0:
                     iok[b] = 1
 
     def _intent_cleared(self) -> None:
@@ -251,7 +250,7 @@ class CbtMap:
         with self._lock:
             if epoch and intent is not None:
                 intent.begin_epoch()  # (before the maps are copied: see mark)
-            usable = intent is not None and intent.failed is None
+            live = intent if intent is not None and intent.failed is None else None
             return Checkpoint(
                 clean=clean,
                 capacity=self.capacity,
@@ -265,8 +264,8 @@ class CbtMap:
                 written_at=time.time(),
                 write_map=self.write_map.tobytes(),
                 read_map=self.read_map.tobytes(),
-                intent_token=intent.token if usable and intent is not None else None,
-                intent_shift=intent.shift if usable and intent is not None else 0,
+                intent_token=live.token if live is not None else None,
+                intent_shift=live.shift if live is not None else 0,
                 recovered=self.recovered,
                 read_recovered=self.read_recovered,
             )
@@ -318,15 +317,14 @@ class CbtMap:
                 return
         intent = self._intent
         if intent is not None:  # (not durable yet in this epoch)
-            rs = intent.shift
-            intent.cover(offset >> rs, (offset + length - 1) >> rs)
+            intent.cover(*intent.span(offset, length))
 
     def mark_may_wait(self, offset: int, length: int) -> bool:
         """Could :meth:`mark` of this range wait for a write-intent flush?"""
         intent = self.intent
         if intent is None or length <= 0 or intent.failed is not None:
             return False
-        return not intent.covered(offset >> intent.shift, (offset + length - 1) >> intent.shift)
+        return not intent.covered(*intent.span(offset, length))
 
     def mark_both(self, offset: int, length: int) -> None:
         """Mark blocks changed in the write map *and* in the frozen read map,
@@ -342,8 +340,7 @@ class CbtMap:
                 self.read_map[blocks] = self.changes_number
         intent = self.intent
         if intent is not None:
-            rs = intent.shift
-            intent.cover(offset >> rs, (offset + length - 1) >> rs)
+            intent.cover(*intent.span(offset, length))
 
     def switch(self) -> None:
         """At take: freeze the read map and move to the next number."""

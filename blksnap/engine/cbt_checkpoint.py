@@ -47,6 +47,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from blksnap.engine.cbt_intent import region_blocks
 from blksnap.fileio import fsync_dir
 
 _MAGIC = b"BSNPCKP1"
@@ -261,12 +262,9 @@ def recovered(cp: Checkpoint, regions: np.ndarray) -> Checkpoint | str:
         return "the change numbers of this generation ran out at the recovery after a crash"
     numbers = np.frombuffer(cp.write_map, dtype=np.uint8).copy()
     mark = cp.active + 1
-    rs, bs = cp.intent_shift, cp.block_shift
     for r in np.flatnonzero(regions).tolist():
-        first = (r << rs) >> bs
-        last = min((((r + 1) << rs) - 1) >> bs, cp.block_count - 1)
-        if first <= last:
-            numbers[first : last + 1] = mark
+        first, last = region_blocks(r, cp.intent_shift, cp.block_shift, cp.block_count)
+        numbers[first : last + 1] = mark
     return replace(
         cp,
         clean=False,

@@ -61,8 +61,11 @@ _BITS_AT = 4096
 _PAGE = 4096
 
 
-def path_for(state_dir: str, device: str) -> str:
-    return os.path.join(state_dir, "cbt", f"{device}.intent")
+def region_blocks(region: int, shift: int, block_shift: int, block_count: int) -> tuple[int, int]:
+    """The first and last tracking block (of 2**``block_shift`` bytes, of
+    ``block_count``) that region ``region`` of 2**``shift`` bytes touches."""
+    first = (region << shift) >> block_shift
+    return first, min((((region + 1) << shift) - 1) >> block_shift, block_count - 1)
 
 
 def region_shift_for(region_size: int) -> int:
@@ -167,8 +170,14 @@ class IntentLog:
 
     # -- the write path ------------------------------------------------------------
 
-    def regions(self, offset: int, length: int) -> range:
-        return range(offset >> self.shift, ((offset + length - 1) >> self.shift) + 1)
+    def span(self, offset: int, length: int) -> tuple[int, int]:
+        """The first and last region of bytes ``offset``..``offset+length``."""
+        return offset >> self.shift, (offset + length - 1) >> self.shift
+
+    def regions_set(self) -> np.ndarray:
+        """The regions the file holds (a bool per region): after a crash,
+        those that may hold writes its checkpoint does not know of."""
+        return self._on_disk.copy()
 
     def covered(self, first: int, last: int) -> bool:
         """Are regions ``first``..``last`` durable in this epoch? (Lock-free
@@ -301,17 +310,6 @@ class IntentLog:
         }
 
 
-def read_regions(path: str, token: str, shift: int, count: int) -> np.ndarray | str:
-    """The regions set in intent file ``path`` (a bool per region), or why
-    it cannot be used."""
-    got = IntentLog.open(path, token, shift, count)
-    if isinstance(got, str):
-        return got
-    bits = got._on_disk.copy()
-    got.close()
-    return bits
-
-
 def _check(data: bytes, token: str, shift: int, count: int) -> str | None:
     if len(data) < _HEADER.size + _DIGEST:
         return "its write-intent file is torn (too short)"
@@ -328,10 +326,3 @@ def _check(data: bytes, token: str, shift: int, count: int) -> str | None:
     if len(data) != _BITS_AT + count:
         return "its write-intent file is torn (wrong length)"
     return None
-
-
-def remove(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass

@@ -89,12 +89,13 @@ class Tracker(Filter):
             return None
         intent_off = _intent_off(device)
         ipath = intent_path(path)
-        if device.regions.find(f"cbt/{device.name}") is not None:
-            cp = cbt_checkpoint.load(path)
-            token = cp.intent_token if not isinstance(cp, str) else None
-            return _Start(None, "", None if intent_off else _reuse_intent(device, ipath, token))
         cp = cbt_checkpoint.load(path)
+        if device.regions.find(f"cbt/{device.name}") is not None:
+            token = cp.intent_token if not isinstance(cp, str) else None
+            intent = None if intent_off else _reuse_intent(device, ipath, token)
+            return _Start(None, "", intent, named=token)
         recovery = ""
+        opened: cbt_intent.IntentLog | str | None = None
         store = device.backing
         now = cbt_checkpoint.BackingFacts.of_fd(store.fd, store.identity, store.size)
         if isinstance(cp, str):
@@ -107,7 +108,8 @@ class Tracker(Filter):
             if why is None and not cp.clean:
                 assert cp.intent_token is not None
                 count = _regions(cp.capacity, cp.intent_shift)
-                bits = cbt_intent.read_regions(ipath, cp.intent_token, cp.intent_shift, count)
+                opened = cbt_intent.IntentLog.open(ipath, cp.intent_token, cp.intent_shift, count)
+                bits = opened if isinstance(opened, str) else opened.regions_set()
                 got = bits if isinstance(bits, str) else cbt_checkpoint.recovered(cp, bits)
                 if isinstance(got, str):
                     why = f"blksnapd did not stop cleanly, and {got}"
@@ -121,10 +123,15 @@ class Tracker(Filter):
                     cp = got
         if why is not None:
             cp = cbt_checkpoint.fresh(device.size, tracking_block_shift(device.size, device.params))
+            if isinstance(opened, cbt_intent.IntentLog):  # (a new generation: a new file)
+                opened.close()
+                opened = None
         assert not isinstance(cp, str)
         intent = None
         if not intent_off:
-            intent = _reuse_intent(device, ipath, cp.intent_token, cp.intent_shift)
+            intent = _reuse_intent(device, ipath, cp.intent_token, cp.intent_shift, opened)
+        elif isinstance(opened, cbt_intent.IntentLog):
+            opened.close()
         try:
             cbt_checkpoint.save(
                 path,
@@ -157,7 +164,7 @@ class Tracker(Filter):
             cbt.intent = what.intent
         if cbt.resumed or what.checkpoint is None:
             if what.checkpoint is not None or (
-                what.intent is not None and what.intent.token != _named_token(dev)
+                what.intent is not None and what.intent.token != what.named
             ):
                 # A region carried the map on, with an intent file of its
                 # own now: the checkpoint names it (in the drain: the state
@@ -280,7 +287,7 @@ class Tracker(Filter):
         self.cbt.release()
         path = self.device.checkpoint_path
         if path is not None:  # (tracking ends: so does its write intent)
-            cbt_intent.remove(intent_path(path))
+            cbt_checkpoint.remove(intent_path(path))
 
     def ctl(self, cmd: str, arg: Any = None) -> Any:
         if cmd == "cbtinfo":
@@ -337,6 +344,8 @@ class _Start:
     checkpoint: cbt_checkpoint.Checkpoint | None
     origin: str
     intent: cbt_intent.IntentLog | None
+    #: The intent token the checkpoint on disk names (a region carrying on).
+    named: str | None = None
 
 
 def intent_path(checkpoint_path: str) -> str:
@@ -357,20 +366,23 @@ def _intent_off(device: Device) -> str | bool:
     return False
 
 
-def _named_token(device: Device) -> str | None:
-    path = device.checkpoint_path
-    cp = cbt_checkpoint.load(path) if path is not None else "none"
-    return None if isinstance(cp, str) else cp.intent_token
-
-
 def _reuse_intent(
-    device: Device, path: str, token: str | None, shift: int | None = None
+    device: Device,
+    path: str,
+    token: str | None,
+    shift: int | None = None,
+    opened: cbt_intent.IntentLog | str | None = None,
 ) -> cbt_intent.IntentLog | None:
-    """The intent file named ``token`` if it fits the device and the region
-    size asked for, else a new one; None if none can be made."""
+    """The intent file named ``token`` (``opened`` already, if it was) if it
+    fits the device and the region size asked for, else a new one; None if
+    none can be made."""
     want = cbt_intent.region_shift_for(device.params.cbt_intent_region_size)
     count = _regions(device.size, want)
-    if token is not None and shift in (None, want):
+    if isinstance(opened, cbt_intent.IntentLog):
+        if (opened.shift, opened.count) == (want, count):
+            return opened
+        opened.close()
+    elif token is not None and shift in (None, want):
         got = cbt_intent.IntentLog.open(path, token, want, count)
         if not isinstance(got, str):
             return got
