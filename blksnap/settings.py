@@ -97,10 +97,14 @@ class Settings:
     backup_read_threads: int = 4
     #: zstd level of stored blocks (1: fast, and most of the gain).
     backup_zstd_level: int = 1
-    #: A backup's data file is sent to disk in the background every this many bytes.
-    backup_writeback_step: int = 32 * MiB
-    #: Restore rebuilds a device this many bytes at a time.
+    #: gc never removes a chunk whose mtime is less than this many seconds
+    #: before it started (on top of the rule that protects every chunk a
+    #: running backup touched: docs/REPOSITORY.md, "Garbage collection").
+    gc_grace: float = 300.0
+    #: Restore rebuilds a device this many bytes at a time, fetching its
+    #: chunks with this many threads.
     restore_window: int = 16 * MiB
+    restore_threads: int = 4
     #: Restore onto a block device zeroes this much at its start first and
     #: writes it last: room for any file-system signature or superblock.
     restore_head: int = 64 * KiB

@@ -1,16 +1,19 @@
-"""The repository's on-disk format, version 1: the code twin of ``docs/REPOSITORY.md``.
+"""The repository's on-disk format, version 2: the code twin of ``docs/REPOSITORY.md``.
 
 Names of files and directories, backup ids, the ``REPO.json`` and manifest
-layouts and the manifest checksum, the block map's row type and flags, the
-device and backup records, and the rules a reader checks: a manifest that
-can be trusted (else the backup is *damaged*), a block map's structure, a
-chain's links, a stored block's contents. A change here is a change of the
-format: the document changes with it (and so does ``FORMAT_VERSION`` where
-old readers would misread new repositories).
+layouts and the manifest checksum (a MAC when the repository is encrypted),
+the device index (one chunk digest per chunk of the device), the stored
+chunk's framing, the device and backup records, and the rules a reader
+checks: a manifest that can be trusted (else the backup is *damaged*), an
+index's size and checksum, a chunk's contents. A change here is a change of
+the format: the document changes with it (and so does ``FORMAT_VERSION``
+where old readers would misread new repositories).
 
 Nothing here takes a lock or writes a file; :mod:`blksnap.backup.repository`,
-:mod:`~blksnap.backup.writer`, :mod:`~blksnap.backup.restore` and
-:mod:`~blksnap.backup.verify` do, by these rules.
+:mod:`~blksnap.backup.chunkstore`, :mod:`~blksnap.backup.writer`,
+:mod:`~blksnap.backup.restore` and :mod:`~blksnap.backup.verify` do, by these
+rules. Version 1 repositories are read only by ``blksnap repo upgrade``
+(:mod:`blksnap.backup.v1format`).
 """
 
 from __future__ import annotations
@@ -19,59 +22,82 @@ import errno
 import json
 import os
 import re
+import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import blake3
-import numpy as np
 import zstandard
 
-from blksnap.errors import InvalidArgument, IOFailure, NotFound, error
+from blksnap.errors import IOFailure, NotFound, error
+from blksnap.units import MiB
 
 REPO_FORMAT = "blksnap-repository"
 BACKUP_FORMAT = "blksnap-backup"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 CHECKSUM = "blake3"
 COMPRESSIONS = ("zstd", "none")
 KINDS = ("full", "incremental", "differential")
 
-FLAG_ZERO = 1
-FLAG_ZSTD = 2
-
-#: One row of a block map (``dev-<i>.map``): 56 bytes, little-endian, no padding.
-MAP_DTYPE = np.dtype(
-    [
-        ("index", "<u8"),
-        ("offset", "<u8"),
-        ("length", "<u4"),
-        ("flags", "<u4"),
-        ("checksum", "u1", (32,)),
-    ]
-)
+#: The chunk size of a new repository (``--chunk-size``): chosen by
+#: ``make bench`` (BENCHMARKS.md, "Repository v2"): 1 MiB keeps an
+#: incremental's re-read small next to 64 KiB CBT blocks and a 16 GiB device
+#: at 16384 chunk files.
+DEFAULT_CHUNK_SIZE = 1 * MiB
+MIN_CHUNK_SIZE = 64 * 1024
+MAX_CHUNK_SIZE = 16 * MiB
 
 REPO_FILE = "REPO.json"
 MANIFEST = "manifest.json"
 WRITE_LOCK = "lock"
 READ_LOCK = "read.lock"
+#: flock: held shared around each chunk a backup stores or reuses, and
+#: exclusively by gc while it removes chunks.
+CHUNK_LOCK = "chunks.lock"
+#: flock: one gc at a time.
+GC_LOCK = "gc.lock"
 BACKUPS = "backups"
+CHUNKS = "chunks"
 TMP = "tmp"
 #: In a staging dir: the id of the snapshot the backup reads.
 SNAPSHOT_FILE = "snapshot"
+#: In a staging dir: written once at begin; its mtime is when the backup
+#: began, in the repository file system's own clock (gc's grace rule).
+BEGUN_FILE = "begun"
 #: What a crashed ``init`` may leave in the directory it was making a repository.
-INIT_LEFTOVERS = {BACKUPS, TMP, WRITE_LOCK, READ_LOCK, REPO_FILE + ".tmp"}
+INIT_LEFTOVERS = {
+    BACKUPS,
+    TMP,
+    CHUNKS,
+    WRITE_LOCK,
+    READ_LOCK,
+    CHUNK_LOCK,
+    GC_LOCK,
+    REPO_FILE + ".tmp",
+}
 
 #: A backup id (the name of its directory under ``backups/``).
 ID_RE = re.compile(r"^\d{8}T\d{6}Z(?:-[1-9]\d*)?$")
-#: A device record's ``file``.
+#: A device record's ``file``: the index is ``<file>.index``.
 FILE_RE = re.compile(r"^dev-\d+$")
-#: Bytes of a blake3 checksum.
+INDEX_SUFFIX = ".index"
+#: Bytes of a chunk digest (one index row).
 DIGEST = 32
+
+#: A stored chunk: magic, version, flags, reserved, plain length (16 bytes),
+#: then the payload: ``kind`` byte (0 raw, 1 zstd) and the data, sealed
+#: (AES-256-GCM, nonce first) when the repository is encrypted.
+CHUNK_MAGIC = b"BKSC"
+CHUNK_HEADER = struct.Struct("<4sBBHQ")
+CHUNK_VERSION = 1
+CHUNK_ENCRYPTED = 1
+KIND_RAW = 0
+KIND_ZSTD = 1
 
 
 # ---------------------------------------------------------------------------
-# names, checksums, blocks
+# names, checksums, chunks
 
 
 def now() -> tuple[str, str]:
@@ -89,80 +115,98 @@ def canonical_json(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
-def manifest_checksum(manifest: dict[str, Any]) -> str:
-    """Hex blake3 of the canonical JSON of ``manifest`` without ``manifest_checksum``."""
+def manifest_checksum(manifest: dict[str, Any], mac: Callable[[bytes], str]) -> str:
+    """``mac`` (hex blake3, keyed in an encrypted repository) of the canonical
+    JSON of ``manifest`` without ``manifest_checksum``."""
     body = {k: v for k, v in manifest.items() if k != "manifest_checksum"}
-    return blake3.blake3(canonical_json(body)).hexdigest()
+    return mac(canonical_json(body))
 
 
-def block_length(size: int, block_size: int, index: int) -> int:
-    return min(block_size, size - index * block_size)
+def chunk_length(size: int, chunk_size: int, index: int) -> int:
+    return min(chunk_size, size - index * chunk_size)
 
 
-_zero_digests: dict[int, bytes] = {}
+def chunk_count(size: int, chunk_size: int) -> int:
+    return -(-size // chunk_size) if chunk_size > 0 else 0
 
 
-def zero_digest(length: int) -> bytes:
-    """blake3 of ``length`` zero bytes (cached: a few distinct lengths per repository)."""
-    digest = _zero_digests.get(length)
-    if digest is None:
-        digest = blake3.blake3(bytes(length)).digest()
-        if len(_zero_digests) < 64:
-            _zero_digests[length] = digest
-    return digest
+def check_chunk_size(chunk_size: int) -> None:
+    if (
+        not isinstance(chunk_size, int)
+        or chunk_size < MIN_CHUNK_SIZE
+        or chunk_size > MAX_CHUNK_SIZE
+        or chunk_size & (chunk_size - 1)
+    ):
+        raise error(
+            errno.EINVAL,
+            f"chunk size {chunk_size} is not a power of two from {MIN_CHUNK_SIZE}"
+            f" to {MAX_CHUNK_SIZE}",
+        )
 
 
-def decompress(dctx: zstandard.ZstdDecompressor, blob: memoryview, expect: int) -> bytes:
-    """Decompress one stored blob of ``expect`` bytes; ZstdError if it is not one.
+def chunk_name(digest: bytes) -> tuple[str, str]:
+    """(fan-out directory, file name) of a chunk under ``chunks/``."""
+    hexd = digest.hex()
+    return hexd[:2], hexd
+
+
+def decompress(dctx: zstandard.ZstdDecompressor, blob: bytes | memoryview, expect: int) -> bytes:
+    """Decompress one stored payload of ``expect`` bytes; ZstdError if it is not one.
 
     The frame's declared size is checked first: a damaged header must not make
     us allocate whatever it claims.
     """
     declared = zstandard.frame_content_size(blob)
     if declared != expect:
-        raise zstandard.ZstdError(f"frame declares {declared} bytes, the block has {expect}")
+        raise zstandard.ZstdError(f"frame declares {declared} bytes, the chunk has {expect}")
     return dctx.decompress(blob, max_output_size=expect)
-
-
-def runs(offsets: list[int], lengths: list[int], limit: int) -> Iterator[tuple[int, int]]:
-    """Split rows ``[0, len)`` into ``(first, end)`` ranges whose blobs lie back to
-    back in the data file, each at most ``limit`` bytes (or a single blob)."""
-    count = len(offsets)
-    j = 0
-    while j < count:
-        start = offsets[j]
-        end = start + lengths[j]
-        k = j + 1
-        while k < count and offsets[k] == end and end + lengths[k] - start <= limit:
-            end += lengths[k]
-            k += 1
-        yield j, k
-        j = k
 
 
 # ---------------------------------------------------------------------------
 # records
 
 
+def _integer(d: dict[str, Any], key: str, default: int | None = None) -> int:
+    value = d.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"device record: {key} is not an integer")
+    return value
+
+
+def _text(d: dict[str, Any], key: str, default: str | None = None) -> str:
+    value = d.get(key, default)
+    if not isinstance(value, str):
+        raise ValueError(f"device record: {key} is not a string")
+    return value
+
+
 @dataclass
 class DeviceRecord:
-    """What a backup holds of one device."""
+    """What a backup holds of one device: its index lists every chunk."""
 
     name: str
     size: int
-    block_size: int
+    block_size: int  # the CBT's block size when the backup was taken
     generation_id: str
     changes_number: int
     kind: str  # "full" | "incremental" | "differential"
     parent: str | None = None
-    blocks_stored: int = 0  # map rows (zero blocks included)
-    blocks_zero: int = 0  # map rows that are ZERO (nothing in the data file)
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    chunks_read: int = 0  # chunks read from the image (the rest came from the parent's index)
+    chunks_zero: int = 0  # of chunks_read: all zero (never stored)
+    chunks_new: int = 0  # of chunks_read: stored now (the repository lacked them)
+    chunks_reused: int = 0  # of chunks_read: already in the repository
     bytes_read: int = 0  # set by the caller before commit
-    bytes_stored: int = 0  # bytes appended to the data file
+    bytes_stored: int = 0  # bytes of the chunk files stored now (compressed, sealed)
+    bytes_new: int = 0  # device bytes of chunks_new
+    bytes_reused: int = 0  # device bytes of chunks_reused
     image_bytes_read: int | None = None  # set by the caller before commit
-    file: str = ""  # "dev-<i>": the data file is <file>.data, the map <file>.map
-    map_checksum: str = ""
-    data_size: int = 0
+    file: str = ""  # "dev-<i>": the index is <file>.index
+    index_checksum: str = ""
+
+    @property
+    def chunk_count(self) -> int:
+        return chunk_count(self.size, self.chunk_size)
 
     @property
     def block_count(self) -> int:
@@ -174,58 +218,59 @@ class DeviceRecord:
             "file": self.file,
             "size": self.size,
             "block_size": self.block_size,
-            "block_count": self.block_count,
             "generation_id": self.generation_id,
             "changes_number": self.changes_number,
             "kind": self.kind,
             "parent": self.parent,
-            "blocks_stored": self.blocks_stored,
-            "blocks_zero": self.blocks_zero,
+            "chunk_size": self.chunk_size,
+            "chunk_count": self.chunk_count,
+            "chunks_read": self.chunks_read,
+            "chunks_zero": self.chunks_zero,
+            "chunks_new": self.chunks_new,
+            "chunks_reused": self.chunks_reused,
             "bytes_read": self.bytes_read,
             "bytes_stored": self.bytes_stored,
+            "bytes_new": self.bytes_new,
+            "bytes_reused": self.bytes_reused,
             "image_bytes_read": self.image_bytes_read,
-            "map_checksum": self.map_checksum,
-            "data_size": self.data_size,
+            "index_checksum": self.index_checksum,
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DeviceRecord:
-        """Build a record from :meth:`as_dict` output (``block_count`` is derived)."""
-
-        def integer(key: str, default: int | None = None) -> int:
-            value = d.get(key, default)
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise ValueError(f"device record: {key} is not an integer")
-            return value
-
-        def text(key: str, default: str | None = None) -> str:
-            value = d.get(key, default)
-            if not isinstance(value, str):
-                raise ValueError(f"device record: {key} is not a string")
-            return value
-
+        """Build a record from :meth:`as_dict` output (``chunk_count`` is derived)."""
         parent = d.get("parent")
         if parent is not None and not isinstance(parent, str):
             raise ValueError("device record: parent is not a string")
         image = d.get("image_bytes_read")
         if image is not None and (not isinstance(image, int) or isinstance(image, bool)):
             raise ValueError("device record: image_bytes_read is not an integer")
+        counters = {
+            key: _integer(d, key, 0)
+            for key in (
+                "chunks_read",
+                "chunks_zero",
+                "chunks_new",
+                "chunks_reused",
+                "bytes_read",
+                "bytes_stored",
+                "bytes_new",
+                "bytes_reused",
+            )
+        }
         return cls(
-            name=text("name"),
-            size=integer("size"),
-            block_size=integer("block_size"),
-            generation_id=text("generation_id"),
-            changes_number=integer("changes_number"),
-            kind=text("kind"),
+            name=_text(d, "name"),
+            size=_integer(d, "size"),
+            block_size=_integer(d, "block_size"),
+            generation_id=_text(d, "generation_id"),
+            changes_number=_integer(d, "changes_number"),
+            kind=_text(d, "kind"),
             parent=parent,
-            blocks_stored=integer("blocks_stored", 0),
-            blocks_zero=integer("blocks_zero", 0),
-            bytes_read=integer("bytes_read", 0),
-            bytes_stored=integer("bytes_stored", 0),
+            chunk_size=_integer(d, "chunk_size"),
             image_bytes_read=image,
-            file=text("file", ""),
-            map_checksum=text("map_checksum", ""),
-            data_size=integer("data_size", 0),
+            file=_text(d, "file", ""),
+            index_checksum=_text(d, "index_checksum", ""),
+            **counters,
         )
 
 
@@ -343,20 +388,25 @@ def damaged(backup_id: str, path: str, reason: str, m: Any = None) -> BackupInfo
 # REPO.json and manifests
 
 
-def repo_meta(compression: str) -> dict[str, Any]:
+def repo_meta(
+    compression: str, chunk_size: int, encryption: dict[str, Any] | None
+) -> dict[str, Any]:
     """The contents of a new ``REPO.json``."""
     return {
         "format": REPO_FORMAT,
         "version": FORMAT_VERSION,
         "checksum": CHECKSUM,
         "compression": compression,
+        "chunk_size": chunk_size,
+        "encryption": encryption,
         "created": iso_now(),
     }
 
 
 def parse_repo_meta(path: str, raw: bytes) -> dict[str, Any]:
     """The checked contents of the ``REPO.json`` of repository ``path``: ENOENT
-    if it is not a repository's, EPROTONOSUPPORT if this blksnap cannot read it."""
+    if it is not a repository's, EPROTONOSUPPORT if this blksnap cannot read it
+    (a version 1 repository: the message names the converter)."""
     meta_path = os.path.join(path, REPO_FILE)
     try:
         meta = json.loads(raw)
@@ -365,6 +415,13 @@ def parse_repo_meta(path: str, raw: bytes) -> dict[str, Any]:
     if not isinstance(meta, dict) or meta.get("format") != REPO_FORMAT:
         raise NotFound(f"{path} is not a blksnap repository ({REPO_FILE} has another format)")
     version = meta.get("version")
+    if version == 1:
+        raise error(
+            errno.EPROTONOSUPPORT,
+            f"{path} is a version 1 repository; this blksnap writes and reads version"
+            f" {FORMAT_VERSION}. Convert it with 'blksnap repo upgrade --repo {path} --to NEW'"
+            " (a new directory; the old one is left as it is)",
+        )
     if version != FORMAT_VERSION:
         raise error(
             errno.EPROTONOSUPPORT,
@@ -378,6 +435,15 @@ def parse_repo_meta(path: str, raw: bytes) -> dict[str, Any]:
             errno.EPROTONOSUPPORT,
             f"{path}: unsupported compression {meta.get('compression')!r}",
         )
+    try:
+        check_chunk_size(meta.get("chunk_size"))  # type: ignore[arg-type]
+    except Exception:
+        raise error(
+            errno.EPROTONOSUPPORT, f"{path}: unsupported chunk size {meta.get('chunk_size')!r}"
+        ) from None
+    enc = meta.get("encryption")
+    if enc is not None and not isinstance(enc, dict):
+        raise error(errno.EPROTONOSUPPORT, f"{path}: unreadable encryption settings")
     return meta
 
 
@@ -392,8 +458,10 @@ def new_manifest(
     snapshot_id: str | None,
     compression: str,
     records: list[DeviceRecord],
+    mac: Callable[[bytes], str],
+    finished: str | None = None,
 ) -> dict[str, Any]:
-    """The manifest of a backup finished now, with its checksum."""
+    """The manifest of a backup finished now, with its checksum (``mac``)."""
     manifest: dict[str, Any] = {
         "format": BACKUP_FORMAT,
         "version": FORMAT_VERSION,
@@ -403,17 +471,19 @@ def new_manifest(
         "state": state,
         "error": err,
         "started": started,
-        "finished": iso_now(),
+        "finished": finished or iso_now(),
         "snapshot_id": snapshot_id,
         "compression": compression,
         "checksum": CHECKSUM,
         "devices": [record.as_dict() for record in records],
     }
-    manifest["manifest_checksum"] = manifest_checksum(manifest)
+    manifest["manifest_checksum"] = manifest_checksum(manifest, mac)
     return manifest
 
 
-def parse_manifest(backup_id: str, path: str, raw: bytes) -> BackupInfo:
+def parse_manifest(
+    backup_id: str, path: str, raw: bytes, mac: Callable[[bytes], str]
+) -> BackupInfo:
     """The backup ``backup_id`` (directory ``path``) its manifest ``raw``
     describes: damaged if the manifest cannot be trusted."""
     try:
@@ -429,8 +499,13 @@ def parse_manifest(backup_id: str, path: str, raw: bytes) -> BackupInfo:
             f"unsupported manifest format {m.get('format')!r} version {m.get('version')!r}",
             m,
         )
-    if m.get("manifest_checksum") != manifest_checksum(m):
-        return damaged(backup_id, path, "manifest checksum mismatch", m)
+    if m.get("manifest_checksum") != manifest_checksum(m, mac):
+        return damaged(
+            backup_id,
+            path,
+            "manifest checksum mismatch (damaged, or written with another key)",
+            m,
+        )
     if m.get("id") != backup_id:
         return damaged(
             backup_id, path, f"manifest names backup {m.get('id')!r}, not its directory", m
@@ -441,138 +516,47 @@ def parse_manifest(backup_id: str, path: str, raw: bytes) -> BackupInfo:
         return damaged(backup_id, path, f"malformed manifest: {exc}", m)
     if info.state not in ("ok", "failed"):
         return damaged(backup_id, path, f"unknown state {info.state!r}", m)
+    for record in info.devices:
+        try:
+            check_chunk_size(record.chunk_size)
+        except Exception:
+            return damaged(backup_id, path, f"device {record.name}: bad chunk size", m)
+        if info.ok and not FILE_RE.match(record.file):
+            return damaged(backup_id, path, f"device {record.name}: bad file {record.file!r}", m)
     return info
 
 
 # ---------------------------------------------------------------------------
-# chains
+# stored chunks
 
 
-def resolve_chain(index: dict[str, BackupInfo], start: BackupInfo, device: str) -> list[BackupInfo]:
-    """The chain of ``device`` as of ``start``, full first, every link checked
-    (EINVAL saying which is wrong); ``index`` maps ids to the backups present."""
-    if not start.ok:
-        raise InvalidArgument(f"backup {start.id} is {start.state}: it cannot be restored")
-    record = start.device(device)
-    chain = [start]
-    info = start
-    while record.kind != "full":
-        where = f"backup {info.id} device {device}"
-        if record.kind not in KINDS:
-            raise InvalidArgument(f"{where}: unknown kind {record.kind!r}")
-        if record.parent is None:
-            raise InvalidArgument(f"{where}: {record.kind} backup without a parent")
-        parent = index.get(record.parent)
-        if parent is None:
-            raise InvalidArgument(f"{where}: parent backup {record.parent} is missing")
-        if not parent.ok:
-            raise InvalidArgument(f"{where}: parent backup {parent.id} is {parent.state}")
-        if parent.seq >= info.seq:
-            raise InvalidArgument(f"{where}: parent backup {parent.id} is not older")
-        try:
-            parent_record = parent.device(device)
-        except NotFound:
-            raise InvalidArgument(
-                f"{where}: parent backup {parent.id} has no device {device}"
-            ) from None
-        check_link(where, parent.id, parent_record, record)
-        chain.append(parent)
-        info, record = parent, parent_record
-    chain.reverse()
-    return chain
+class BadChunk(Exception):
+    """A stored chunk that is not what its name says (the message says why)."""
 
 
-def check_link(where: str, parent_id: str, parent: DeviceRecord, child: DeviceRecord) -> None:
-    """EINVAL unless ``child`` can be restored on top of ``parent``."""
-    if parent.generation_id != child.generation_id:
-        raise InvalidArgument(
-            f"{where}: parent backup {parent_id} has another CBT generation"
-            f" ({parent.generation_id}, not {child.generation_id})"
+def frame_chunk(kind: int, length: int, payload: bytes, encrypted: bool) -> bytes:
+    """A chunk file: the header, then ``payload`` (the kind byte and data,
+    sealed when ``encrypted``)."""
+    header = CHUNK_HEADER.pack(
+        CHUNK_MAGIC, CHUNK_VERSION, CHUNK_ENCRYPTED if encrypted else 0, 0, length
+    )
+    return header + payload
+
+
+def unframe_chunk(blob: bytes | memoryview, expect: int, encrypted: bool) -> memoryview:
+    """The payload of a chunk file of ``expect`` plain bytes; BadChunk if its
+    header is not one this repository writes."""
+    if len(blob) < CHUNK_HEADER.size + 1:
+        raise BadChunk(f"holds {len(blob)} bytes: too short for a chunk")
+    magic, version, flags, _, length = CHUNK_HEADER.unpack_from(blob)
+    if magic != CHUNK_MAGIC or version != CHUNK_VERSION:
+        raise BadChunk("not a chunk file (bad magic or version)")
+    if bool(flags & CHUNK_ENCRYPTED) != encrypted:
+        raise BadChunk(
+            "not encrypted, in an encrypted repository"
+            if encrypted
+            else "encrypted, in a repository without encryption"
         )
-    if parent.block_size != child.block_size:
-        raise InvalidArgument(
-            f"{where}: parent backup {parent_id} has block size {parent.block_size},"
-            f" not {child.block_size}"
-        )
-    if parent.size != child.size:
-        raise InvalidArgument(
-            f"{where}: parent backup {parent_id} has size {parent.size}, not {child.size}"
-        )
-    if child.kind == "differential" and parent.kind != "full":
-        raise InvalidArgument(
-            f"{where}: a differential backup must be based on a full one,"
-            f" {parent_id} is {parent.kind}"
-        )
-
-
-# ---------------------------------------------------------------------------
-# block maps and stored blocks
-
-
-def map_structure_problem(rows: np.ndarray, record: DeviceRecord) -> str | None:
-    """What is structurally wrong with a block map, or None."""
-    count = len(rows)
-    block_count = record.block_count
-    if count == 0:
-        if record.kind == "full" and block_count:
-            return f"full backup holds 0 of {block_count} blocks"
-        if record.data_size:
-            return "no block in the map but a non-empty data file"
-        return None
-    index = rows["index"]
-    if count > 1 and (np.diff(index.astype(np.int64)) <= 0).any():
-        return "block map rows are not sorted by strictly increasing block index"
-    if int(index[-1]) >= block_count:
-        return f"block {int(index[-1])} is past the device end ({block_count} blocks)"
-    if record.kind == "full" and count != block_count:
-        return f"full backup holds {count} of {block_count} blocks"
-    flags = rows["flags"]
-    if (flags & ~np.uint32(FLAG_ZERO | FLAG_ZSTD)).any():
-        return "unknown flags in the block map"
-    zero = (flags & FLAG_ZERO) != 0
-    if (flags[zero] & FLAG_ZSTD).any():
-        return "a zero block is flagged compressed"
-    if (rows["length"][zero] != 0).any():
-        return "a zero block has a non-zero stored length"
-    data = rows[~zero]
-    if len(data):
-        offsets = data["offset"].astype(np.int64)
-        lengths = data["length"].astype(np.int64)
-        expected = np.concatenate(([0], np.cumsum(lengths)[:-1]))
-        if (offsets != expected).any():
-            return "stored blocks do not lie back to back in the data file"
-        if int(lengths.sum()) != record.data_size:
-            return f"blocks hold {int(lengths.sum())} bytes, the manifest says {record.data_size}"
-        if (lengths == 0).any():
-            return "a stored block has length 0"
-        if (lengths > record.block_size).any():
-            return "a stored block is longer than a block"
-    elif record.data_size:
-        return "no stored block but a non-empty data file"
-    return None
-
-
-class BadBlock(Exception):
-    """A stored block that is not what its map row says (the message says why)."""
-
-
-def unpack_block(
-    dctx: zstandard.ZstdDecompressor,
-    blob: memoryview,
-    flags: int,
-    expect: int,
-    digest: bytes,
-) -> bytes | memoryview:
-    """The block of ``expect`` bytes a stored ``blob`` holds, checked against its
-    row's ``flags`` and ``digest``; :class:`BadBlock` if it is not that block."""
-    block: bytes | memoryview = blob
-    if flags & FLAG_ZSTD:
-        try:
-            block = decompress(dctx, blob, expect)
-        except zstandard.ZstdError as exc:
-            raise BadBlock(f"cannot decompress: {exc}") from None
-    if len(block) != expect:
-        raise BadBlock(f"holds {len(block)} bytes, not {expect}")
-    if blake3.blake3(block).digest() != digest:
-        raise BadBlock("checksum mismatch")
-    return block
+    if length != expect:
+        raise BadChunk(f"holds {length} bytes of data, not {expect}")
+    return memoryview(blob)[CHUNK_HEADER.size :]

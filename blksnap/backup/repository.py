@@ -1,24 +1,26 @@
-"""The repository: a directory of backups; open it, list and read backups, prune.
+"""The repository: a directory of backups sharing one chunk store; open it,
+list and read backups, prune, gc.
 
-A repository is a plain directory. Each finished backup is one directory
-under ``backups/`` holding a JSON manifest and, per device, a data file (the
-stored blocks back to back, optionally zstd-compressed) and a block map (a
-raw little-endian numpy array, one row per stored block, with the blake3
-checksum of the block). A backup is staged under ``tmp/`` and published with
-one ``rename`` (:mod:`blksnap.backup.writer`), so a crash never leaves a half
-backup that looks whole.
-
-Incremental and differential backups store only the blocks the change-block
-tracking (CBT) reported; a device record names its parent backup, and a
-restore (:mod:`blksnap.backup.restore`) replays the chain full -> ... ->
-newest, the newest copy of a block winning. The exact on-disk format is
-described in ``docs/REPOSITORY.md`` and spoken by :mod:`blksnap.backup.format`.
+A repository is a plain directory. Devices are cut into fixed-size chunks
+(``chunk_size`` of ``REPO.json``); each chunk is stored once in the chunk store
+(:mod:`blksnap.backup.chunkstore`) under its digest, whichever backup or
+device it came from. Each finished backup is one directory under
+``backups/`` holding a JSON manifest and, per device, an index: the digest of
+every chunk of the device, in order. Every index is whole, so a restore reads
+one index, and removing a backup never breaks another; an incremental
+reads only the chunks the CBT says changed and copies the other digests from
+its parent's index. A backup is staged under ``tmp/`` and published with one
+``rename`` (:mod:`blksnap.backup.writer`), so a crash never leaves a half
+backup that looks whole. The exact format is ``docs/REPOSITORY.md``, spoken by
+:mod:`blksnap.backup.format`; encryption is :mod:`blksnap.backup.crypto`.
 
 Locks (``flock``): ``lock`` serializes writers (a backup from ``begin`` to
 ``commit``/``fail``/``abort``, and ``prune``); ``read.lock`` is held shared by
 readers (``restore``, ``verify``) and exclusively by ``prune``, the only
-operation that removes published backups. So a restore or a verify runs
-while a backup is being written, and a backup can start while a verify runs.
+operation that removes published backups; ``chunks.lock`` and ``gc.lock`` are
+gc's (:mod:`blksnap.backup.gc`). So a restore or a verify runs while a backup
+is being written, a backup can start while a verify runs, and gc runs beside
+backups.
 
 This module has no user interface: progress is reported through callbacks.
 """
@@ -37,12 +39,21 @@ from typing import Any
 
 import numpy as np
 
+from blksnap.backup import gc as _gc
 from blksnap.backup import restore as _restore
+from blksnap.backup import retention
 from blksnap.backup import verify as _verify
+from blksnap.backup.chunkstore import ChunkStore
+from blksnap.backup.crypto import Keys, create_encryption, open_keys, passphrase_from_env
 from blksnap.backup.format import (
     BACKUPS,
+    BEGUN_FILE,
+    CHUNKS,
     COMPRESSIONS,
+    DEFAULT_CHUNK_SIZE,
+    DIGEST,
     ID_RE,
+    INDEX_SUFFIX,
     INIT_LEFTOVERS,
     KINDS,
     MANIFEST,
@@ -52,17 +63,18 @@ from blksnap.backup.format import (
     TMP,
     WRITE_LOCK,
     BackupInfo,
+    check_chunk_size,
     damaged,
     now,
     parse_manifest,
     parse_repo_meta,
     repo_meta,
-    resolve_chain,
 )
 from blksnap.backup.verify import Problem
 from blksnap.backup.writer import BackupWriter, remove_tree, write_file
-from blksnap.errors import Busy, Exists, InvalidArgument, NotFound, from_oserror
+from blksnap.errors import Busy, Exists, InvalidArgument, IOFailure, NotFound, from_oserror
 from blksnap.fileio import fsync_dir
+from blksnap.settings import SETTINGS
 
 log = logging.getLogger("blksnap.backup.repo")  # the name its lines have always had
 
@@ -97,6 +109,14 @@ def _flock(path: str, mode: int, blocking: bool, busy: str) -> int:
     return fd
 
 
+def _time_or_epoch(info: BackupInfo) -> Any:
+    """When a failed or damaged backup began (its id says, if its manifest cannot)."""
+    try:
+        return retention.parse_backup_time(info.id, info.started or None)
+    except InvalidArgument:
+        return retention.parse_backup_time("19700101T000000Z", None)
+
+
 # ---------------------------------------------------------------------------
 # the repository
 
@@ -104,31 +124,57 @@ def _flock(path: str, mode: int, blocking: bool, busy: str) -> int:
 class Repository:
     """A backup repository directory (see the module docstring)."""
 
-    def __init__(self, path: str, meta: dict[str, Any]) -> None:
+    def __init__(self, path: str, meta: dict[str, Any], keys: Keys) -> None:
         self.path = path
         self.compression: str = meta["compression"]
+        self.chunk_size: int = meta["chunk_size"]
+        self.encryption: dict[str, Any] | None = meta.get("encryption")
         self.created: str = meta.get("created", "")
+        self.keys = keys
         self.backups_dir = os.path.join(path, BACKUPS)
         self.tmp_dir = os.path.join(path, TMP)
+        self.store = ChunkStore(path, keys, self.compression, SETTINGS.backup_zstd_level)
 
     def __repr__(self) -> str:
-        return f"<Repository {self.path} compression={self.compression}>"
+        enc = f" encrypted key_id={self.keys.key_id}" if self.keys.encrypted else ""
+        return f"<Repository {self.path} compression={self.compression}{enc}>"
 
     # -- creation -----------------------------------------------------------
 
     @classmethod
-    def init(cls, path: str, compression: str = "zstd") -> Repository:
+    def init(
+        cls,
+        path: str,
+        compression: str = "zstd",
+        *,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        passphrase: bytes | None = None,
+        key_file: str | None = None,
+        encrypt: bool = False,
+    ) -> Repository:
         """Make ``path`` a repository (``mkdir -p``), or open it if it already is one.
 
-        An existing repository keeps its own compression.
+        An existing repository keeps its own compression, chunk size and keys
+        (``passphrase``/``key_file`` then open it). With ``encrypt``, a new
+        repository gets a random master key, wrapped by ``passphrase`` into
+        ``REPO.json`` or written to the new file ``key_file``
+        (:func:`blksnap.backup.crypto.create_encryption`); an existing one must
+        already be encrypted (``EEXIST`` otherwise: encryption is chosen once).
         """
         if compression not in COMPRESSIONS:
             raise InvalidArgument(
                 f"unknown compression {compression!r} (one of: {', '.join(COMPRESSIONS)})"
             )
+        check_chunk_size(chunk_size)
         path = os.path.abspath(path)
         if os.path.exists(os.path.join(path, REPO_FILE)):
-            return cls.open(path)
+            repo = cls.open(path, passphrase=passphrase, key_file=key_file)
+            if encrypt and not repo.keys.encrypted:
+                raise Exists(
+                    f"{path} is a repository without encryption; encryption is chosen when"
+                    " a repository is made (make a new one and back up into it)"
+                )
+            return repo
         try:
             if os.path.lexists(path):
                 if not os.path.isdir(path):
@@ -141,7 +187,10 @@ class Repository:
                     raise Exists(f"{path} is not empty and is not a blksnap repository")
             else:
                 os.makedirs(path, mode=0o700)
-            for sub in (BACKUPS, TMP):
+            encryption = None
+            if encrypt:
+                encryption, _ = create_encryption(passphrase=passphrase, key_file=key_file)
+            for sub in (BACKUPS, TMP, CHUNKS):
                 os.makedirs(os.path.join(path, sub), mode=0o700, exist_ok=True)
             for name in (WRITE_LOCK, READ_LOCK):
                 os.close(
@@ -149,17 +198,21 @@ class Repository:
                         os.path.join(path, name), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600
                     )
                 )
-            meta = repo_meta(compression)
+            meta = repo_meta(compression, chunk_size, encryption)
             staged = os.path.join(path, REPO_FILE + ".tmp")
             write_file(staged, json.dumps(meta, indent=2).encode() + b"\n")
             os.rename(staged, os.path.join(path, REPO_FILE))
             fsync_dir(path)
         except OSError as exc:
             raise from_oserror(exc, f"init repository {path}") from None
-        return cls.open(path)
+        return cls.open(path, passphrase=passphrase, key_file=key_file)
 
     @classmethod
-    def open(cls, path: str) -> Repository:
+    def open(
+        cls, path: str, *, passphrase: bytes | None = None, key_file: str | None = None
+    ) -> Repository:
+        """Open the repository at ``path``; an encrypted one needs ``key_file``
+        or ``passphrase`` (default: ``BLKSNAP_PASSPHRASE``)."""
         path = os.path.abspath(path)
         meta_path = os.path.join(path, REPO_FILE)
         try:
@@ -169,7 +222,13 @@ class Repository:
             raise NotFound(f"{path} is not a blksnap repository (no {REPO_FILE})") from None
         except OSError as exc:
             raise from_oserror(exc, meta_path) from None
-        return cls(path, parse_repo_meta(path, raw))
+        meta = parse_repo_meta(path, raw)
+        if passphrase is None and key_file is None:
+            passphrase = passphrase_from_env()
+        keys = open_keys(
+            meta.get("encryption"), passphrase=passphrase, key_file=key_file, where=path
+        )
+        return cls(path, meta, keys)
 
     # -- locks --------------------------------------------------------------
 
@@ -233,7 +292,7 @@ class Repository:
             return damaged(backup_id, path, "manifest.json is missing")
         except OSError as exc:
             return damaged(backup_id, path, f"manifest.json unreadable: {exc.strerror}")
-        return parse_manifest(backup_id, path, raw)
+        return parse_manifest(backup_id, path, raw, self.keys.mac)
 
     def backups(self) -> list[BackupInfo]:
         """Every published backup (ok, failed, damaged), oldest first (by seq)."""
@@ -271,22 +330,25 @@ class Repository:
                     return info
         return None
 
-    def chain(self, backup_id: str, device: str) -> list[BackupInfo]:
-        """The backups a restore of ``device`` as of ``backup_id`` reads: full first."""
-        start = self.get(backup_id)
-        index = {info.id: info for info in self.backups()}
-        return resolve_chain(index, start, device)
-
-    def block_digests(self, backup_id: str, device: str) -> np.ndarray:
-        """The blake3 of every block of ``device`` as of ``backup_id`` (its
-        chain resolved, newest wins): ``(block_count, 32)`` uint8."""
-        chain = self.chain(backup_id, device)
-        record = chain[-1].device(device)
-        out = np.zeros((record.block_count, 32), dtype=np.uint8)
-        for info in chain:
-            rows = _restore.read_map(info, info.device(device))
-            out[rows["index"].astype(np.int64)] = rows["checksum"]
-        return out
+    def read_index(self, info: BackupInfo, device: str) -> np.ndarray:
+        """The checked index of ``device`` in backup ``info``: ``(chunk_count, 32)``
+        uint8, one digest per chunk (EIO naming what is wrong)."""
+        where = f"backup {info.id} device {device}"
+        if not info.ok:
+            raise InvalidArgument(f"backup {info.id} is {info.state}: it cannot be read")
+        record = info.device(device)
+        path = os.path.join(info.path, record.file + INDEX_SUFFIX)
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+        except OSError as exc:
+            raise from_oserror(exc, f"{where}: index") from None
+        expect = record.chunk_count * DIGEST
+        if len(raw) != expect:
+            raise IOFailure(f"{where}: index holds {len(raw)} bytes, not {expect} (truncated?)")
+        if self.keys.mac(raw) != record.index_checksum:
+            raise IOFailure(f"{where}: index checksum mismatch")
+        return np.frombuffer(raw, dtype=np.uint8).reshape(record.chunk_count, DIGEST)
 
     # -- writing ------------------------------------------------------------
 
@@ -302,9 +364,15 @@ class Repository:
         return candidate, started
 
     def begin(
-        self, kind: str, snapshot_id: str | None = None, *, blocking: bool = True
+        self,
+        kind: str,
+        snapshot_id: str | None = None,
+        *,
+        blocking: bool = True,
+        as_of: tuple[str, int, str] | None = None,
     ) -> BackupWriter:
-        """Start a backup: take the writer lock (wait, or EBUSY with ``blocking=False``)."""
+        """Start a backup: take the writer lock (wait, or EBUSY with ``blocking=False``).
+        ``as_of`` (id, seq, started) keeps a converted backup's own identity."""
         if kind not in KINDS:
             raise InvalidArgument(f"unknown backup kind {kind!r} (one of: {', '.join(KINDS)})")
         lock_fd = self._write_lock(blocking)
@@ -313,9 +381,12 @@ class Repository:
             infos = self.backups()
             seq = 1 + max((info.seq for info in infos), default=0)
             backup_id, started = self._new_id()
+            if as_of is not None:
+                backup_id, seq, started = as_of
             staging = os.path.join(self.tmp_dir, backup_id)
             os.makedirs(self.backups_dir, mode=0o700, exist_ok=True)
             os.mkdir(staging, 0o700)
+            write_file(os.path.join(staging, BEGUN_FILE), b"")
         except OSError as exc:
             os.close(lock_fd)
             raise from_oserror(exc, f"begin backup in {self.path}") from None
@@ -363,58 +434,80 @@ class Repository:
         (:mod:`blksnap.settings`) are zeroed first and written last, so a
         half-restored device has no valid file-system signature."""
         with self._read_lock():
-            chain = self.chain(backup_id, device)
-            return _restore.restore(chain, device, target, progress, force)
+            info = self.get(backup_id)
+            digests = self.read_index(info, device)
+            return _restore.restore(self.store, info, device, digests, target, progress, force)
 
     def verify(
         self, backup_id: str | None = None, progress: Callable[[int], None] | None = None
     ) -> list[Problem]:
         """Check every ok or damaged backup (or just ``backup_id``) and return what
-        is wrong (an empty list: all good). ``progress(n)`` is called with the
-        data-file bytes checked: they sum to the ``data_size`` of the checked
-        device records."""
+        is wrong (an empty list: all good). Each distinct chunk is read and
+        checked once; ``progress(n)`` is called with the device bytes of the
+        chunks checked."""
         with self._read_lock():
             infos = self.backups()
             targets = [self.get(backup_id)] if backup_id is not None else None
-            return _verify.verify(infos, targets, progress)
+            return _verify.verify(self, infos, targets, progress)
 
     # -- prune --------------------------------------------------------------
 
-    def prune(self, keep: int, dry_run: bool = False) -> list[str]:
-        """Keep the newest ``keep`` ok backups and every backup their chains refer
-        to; remove the other ok backups and the failed or damaged backups older
-        than the oldest of those ``keep``. Returns the removed ids, oldest first."""
-        if not isinstance(keep, int) or keep < 1:
-            raise InvalidArgument(f"prune must keep at least one backup (keep={keep})")
+    def prune(
+        self, policy: retention.Policy | int, dry_run: bool = False
+    ) -> list[retention.Decision]:
+        """Apply a retention ``policy`` (an int: keep the newest N) to the ok
+        backups; also remove failed or damaged backups older than the oldest
+        kept one. Every index is whole, so removing a backup never breaks
+        another. Returns the decisions, newest first (failed and damaged
+        backups included, with why). The chunks only removed backups used
+        are freed by :meth:`gc`."""
+        if isinstance(policy, int):
+            if policy < 1:
+                raise InvalidArgument(f"prune must keep at least one backup (keep={policy})")
+            policy = retention.Policy(last=policy)
         lock_fd = -1 if dry_run else self._write_lock(True)
         try:
             with nullcontext() if dry_run else self._read_lock(exclusive=True):
                 infos = self.backups()
-                index = {info.id: info for info in infos}
                 ok = [info for info in infos if info.ok]
                 if not ok:
                     return []
-                heads = ok[-keep:]
-                window = heads[0].seq
-                kept: set[str] = set()
-                stack = list(heads)
-                while stack:
-                    info = stack.pop()
-                    if info.id in kept:
-                        continue
-                    kept.add(info.id)
-                    for record in info.devices:
-                        if record.parent is not None and record.parent in index:
-                            stack.append(index[record.parent])
-                doomed = [
-                    info for info in infos if info.id not in kept and (info.ok or info.seq < window)
+                candidates = [
+                    retention.Backup(
+                        info.id, retention.parse_backup_time(info.id, info.started), info.seq
+                    )
+                    for info in ok
                 ]
+                decisions = retention.select(candidates, policy)
+                kept = [d for d in decisions if d.keep]
+                oldest = min((d.seq for d in kept), default=None)
+                for info in infos:
+                    if info.ok:
+                        continue
+                    old = oldest is not None and info.seq < oldest
+                    why = () if old else (f"{info.state}, newer than the oldest kept backup",)
+                    decisions.append(
+                        retention.Decision(info.id, info.seq, _time_or_epoch(info), not old, why)
+                    )
+                decisions.sort(key=lambda d: (d.time, d.seq), reverse=True)
+                by_id = {info.id: info for info in infos}
+                doomed = [by_id[d.id] for d in decisions if not d.keep]
+                doomed.sort(key=lambda b: b.seq)
                 if not dry_run and doomed:
                     self._remove(doomed)
-                return [info.id for info in doomed]
+                return decisions
         finally:
             if lock_fd >= 0:
                 os.close(lock_fd)
+
+    def gc(
+        self,
+        dry_run: bool = False,
+        grace: float | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> _gc.GcReport:
+        """Remove the chunks no backup's index names (see :mod:`blksnap.backup.gc`)."""
+        return _gc.collect(self, dry_run=dry_run, grace=grace, progress=progress)
 
     def _remove(self, doomed: list[BackupInfo]) -> None:
         """Unpublish (rename into tmp/, one fsync) and then delete backups."""

@@ -1,11 +1,12 @@
-"""Restore: rebuild a device as of a backup from its chain, into a file or a block device.
+"""Restore: rebuild a device as of a backup from its index, into a file or a block device.
 
-The chain (full first) is resolved and locked by
+The backup's index (one digest per chunk, checked against the manifest) is
+read and the repository read-locked by
 :meth:`blksnap.backup.repository.Repository.restore`; this module checks the
-target, reads and checks every chain member's map and stored blocks
-(:mod:`blksnap.backup.format`), and writes the device a window
-(``restore_window`` of :mod:`blksnap.settings`) at a time, so that a failed
-restore leaves nothing that looks complete.
+target, fetches and checks the chunks (several threads: reading, opening the
+seal, decompressing and hashing release the GIL) and writes the device a
+window (``restore_window`` of :mod:`blksnap.settings`) at a time, so that a
+failed restore leaves nothing that looks complete.
 """
 
 from __future__ import annotations
@@ -20,26 +21,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import suppress
 from typing import Any
 
-import blake3
 import numpy as np
-import zstandard
 
 from blksnap import inuse
-from blksnap.backup.format import (
-    DIGEST,
-    FILE_RE,
-    FLAG_ZERO,
-    MAP_DTYPE,
-    BackupInfo,
-    BadBlock,
-    DeviceRecord,
-    block_length,
-    map_structure_problem,
-    runs,
-    unpack_block,
-)
+from blksnap.backup.chunkstore import ChunkStore
+from blksnap.backup.format import BackupInfo, DeviceRecord, chunk_length
 from blksnap.errors import Busy, Exists, InvalidArgument, IOFailure, NoSpace, from_oserror
-from blksnap.fileio import fd_size, fsync_dir, pread_upto, pwrite_full
+from blksnap.fileio import fd_size, fsync_dir, pwrite_full
 from blksnap.settings import SETTINGS
 
 #: A file is restored under ``.NAME`` + this + random, then renamed to NAME.
@@ -47,29 +35,23 @@ TEMP_MARK = ".blksnap-restore-"
 
 
 def restore(
-    chain: list[BackupInfo],
+    store: ChunkStore,
+    info: BackupInfo,
     device: str,
+    digests: np.ndarray,
     target: str,
     progress: Callable[[int], None] | None = None,
     force: bool = False,
 ) -> dict[str, Any]:
-    """Rebuild ``device`` from ``chain`` (full first, resolved and read-locked by
-    the caller) into ``target``: see :meth:`Repository.restore
+    """Rebuild ``device`` of backup ``info`` (its checked index ``digests``,
+    read-locked by the caller) into ``target``: see :meth:`Repository.restore
     <blksnap.backup.repository.Repository.restore>`."""
     real = os.path.realpath(target)
-    record = chain[-1].device(device)
+    record = info.device(device)
     st = _check_target(target, real, force)
-    maps = [read_map(info, info.device(device)) for info in chain]
-    data_fds: list[int] = []
     target_fd = -1
     temp: str | None = None
     try:
-        for info in chain:
-            path = os.path.join(info.path, info.device(device).file + ".data")
-            try:
-                data_fds.append(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
-            except OSError as exc:
-                raise from_oserror(exc, path) from None
         if st is not None and stat.S_ISBLK(st.st_mode):
             target_fd = _open_blockdev(target, real, record.size, device)
             head = bytearray(min(SETTINGS.restore_head, record.size))
@@ -79,7 +61,7 @@ def restore(
             except OSError as exc:
                 raise from_oserror(exc, f"write {target}") from None
             written, sha = _rebuild(
-                chain, maps, data_fds, record, target, target_fd, True, progress, head
+                store, info, record, digests, target, target_fd, True, progress, head
             )
             try:
                 os.fsync(target_fd)
@@ -90,7 +72,7 @@ def restore(
         else:
             target_fd, temp = _open_temp(target, real, record.size, st)
             written, sha = _rebuild(
-                chain, maps, data_fds, record, target, target_fd, False, progress
+                store, info, record, digests, target, target_fd, False, progress
             )
             try:
                 os.fsync(target_fd)
@@ -106,48 +88,18 @@ def restore(
             except OSError as exc:
                 raise from_oserror(exc, f"rename to {target}") from None
     finally:
-        for fd in data_fds:
-            os.close(fd)
         if target_fd >= 0:
             os.close(target_fd)
         if temp is not None:
             with suppress(OSError):
                 os.unlink(temp)
     return {
-        "backup": chain[-1].id,
+        "backup": info.id,
         "device": device,
         "size": record.size,
         "bytes_written": written,
-        "chain": [info.id for info in chain],
         "sha256": sha,
     }
-
-
-def read_map(info: BackupInfo, record: DeviceRecord) -> np.ndarray:
-    """The checked block map of ``record`` (EIO if it does not match the manifest)."""
-    where = f"backup {info.id} device {record.name}"
-    if not FILE_RE.match(record.file):
-        raise IOFailure(f"{where}: bad file name {record.file!r} in manifest")
-    path = os.path.join(info.path, record.file + ".map")
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-        data_size = os.stat(os.path.join(info.path, record.file + ".data")).st_size
-    except OSError as exc:
-        raise from_oserror(exc, where) from None
-    if blake3.blake3(raw).hexdigest() != record.map_checksum:
-        raise IOFailure(f"{where}: block map checksum mismatch")
-    if len(raw) % MAP_DTYPE.itemsize:
-        raise IOFailure(f"{where}: block map size is not a multiple of the row size")
-    if data_size != record.data_size:
-        raise IOFailure(
-            f"{where}: data file holds {data_size} bytes, the manifest says {record.data_size}"
-        )
-    rows = np.frombuffer(raw, dtype=MAP_DTYPE)
-    problem = map_structure_problem(rows, record)
-    if problem:
-        raise IOFailure(f"{where}: {problem}")
-    return rows
 
 
 def _named(target: str, real: str) -> str:
@@ -227,10 +179,10 @@ def _open_temp(target: str, real: str, size: int, st: os.stat_result | None) -> 
 
 
 def _rebuild(
-    chain: list[BackupInfo],
-    maps: list[np.ndarray],
-    data_fds: list[int],
+    store: ChunkStore,
+    info: BackupInfo,
     record: DeviceRecord,
+    digests: np.ndarray,
     target: str,
     target_fd: int,
     is_blockdev: bool,
@@ -240,141 +192,72 @@ def _rebuild(
     """Write the device into ``target_fd`` window by window; (bytes written, sha256).
     With ``head``, its first ``len(head)`` bytes go there instead of the target
     (counted as written): the caller writes them last."""
-    device, size, bs = record.name, record.size, record.block_size
-    count = record.block_count
-    # Which chain member holds each block (newest wins), and at which map row.
-    source = np.full(count, -1, dtype=np.int32)
-    row = np.zeros(count, dtype=np.int64)
-    for k, rows in enumerate(maps):
-        idx = rows["index"].astype(np.int64)
-        source[idx] = k
-        row[idx] = np.arange(len(rows), dtype=np.int64)
-    missing = np.flatnonzero(source < 0)
-    if missing.size:
-        raise IOFailure(
-            f"device {device}: block {int(missing[0])} is in no backup of the chain"
-            f" ({missing.size} blocks missing)"
-        )
+    size, cs = record.size, record.chunk_size
+    count = record.chunk_count
     zero = np.zeros(count, dtype=bool)
-    for k, rows in enumerate(maps):
-        mine = source == k
-        zero[mine] = (rows["flags"][row[mine]] & FLAG_ZERO) != 0
-
-    window = SETTINGS.restore_window
-    window_blocks = max(1, window // bs) if bs else 1
-    span = min(window_blocks * bs, size)
-    blank = memoryview(bytes(span))
-    dctx = zstandard.ZstdDecompressor()
+    if count:
+        full_zero = np.frombuffer(store.zero_digest(cs), dtype=np.uint8)
+        zero = (digests == full_zero).all(axis=1)
+        last = chunk_length(size, cs, count - 1)
+        if last != cs:
+            zero[-1] = digests[-1].tobytes() == store.zero_digest(last)
+    per_window = max(1, SETTINGS.restore_window // cs)
     sha = hashlib.sha256()
+    blank = bytes(min(per_window * cs, size))
+    where = f"backup {info.id} device {record.name}"
 
-    def flush(view: memoryview, w0: int, wbytes: int, wzero: np.ndarray) -> int:
-        """Hash a rebuilt window and write it (holes skipped in a file); bytes written."""
-        window = view[:wbytes]
-        sha.update(window)
+    def fetch(index: int) -> bytes:
+        digest = digests[index].tobytes()
         try:
-            start = w0 * bs
-            if head is not None and start < len(head):
-                cut = min(len(head) - start, wbytes)
-                head[start : start + cut] = window[:cut]
-                if cut < wbytes:
-                    pwrite_full(target_fd, start + cut, window[cut:])
-                return wbytes
-            if is_blockdev or not wzero.any():
-                pwrite_full(target_fd, start, window)
-                return wbytes
-            done = 0
-            edges = np.diff(np.concatenate(([0], (~wzero).astype(np.int8), [0])))
-            for a, b in zip(
-                np.flatnonzero(edges == 1).tolist(),
-                np.flatnonzero(edges == -1).tolist(),
-                strict=True,
-            ):
-                lo, hi = a * bs, min(b * bs, wbytes)
-                pwrite_full(target_fd, w0 * bs + lo, view[lo:hi])
-                done += hi - lo
-            return done
-        except OSError as exc:
-            raise from_oserror(exc, f"write {target}") from None
+            return store.read(digest, chunk_length(size, cs, index))
+        except IOFailure as exc:
+            raise IOFailure(f"{where} chunk {index} (offset {index * cs}): {exc.message}") from None
 
-    # Two window buffers: one thread hashes and writes a window (hashlib and
-    # pwrite release the GIL) while this one reads and checks the next.
-    views = [memoryview(bytearray(span)) for _ in range(2 if count > window_blocks else 1)]
-    pending: list[tuple[Future[int], int] | None] = [None] * len(views)
+    def write(start: int, data: bytes | memoryview) -> int:
+        """Write at ``start``; the part inside ``head`` goes there instead."""
+        if head is not None and start < len(head):
+            cut = min(len(head) - start, len(data))
+            head[start : start + cut] = data[:cut]
+            if cut < len(data):
+                pwrite_full(target_fd, start + cut, data[cut:])
+            return len(data)
+        pwrite_full(target_fd, start, data)
+        return len(data)
+
     written = 0
+    threads = max(1, SETTINGS.restore_threads)
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="blksnap-restore") as pool:
+        # One window fetched ahead: the next window's chunks are read and
+        # checked while this one is hashed and written.
+        def submit(w0: int) -> list[Future[bytes] | None]:
+            w1 = min(count, w0 + per_window)
+            return [None if zero[i] else pool.submit(fetch, i) for i in range(w0, w1)]
 
-    def settle(slot: int) -> None:
-        nonlocal written
-        job = pending[slot]
-        if job is not None:
-            pending[slot] = None
-            written += job[0].result()
-            if progress:
-                progress(job[1])
-
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="blksnap-restore") as pool:
-        slot = 0
-        for number, w0 in enumerate(range(0, count, window_blocks)):
-            slot = number % len(views)
-            settle(slot)
-            view = views[slot]
-            w1 = min(count, w0 + window_blocks)
-            wbytes = min(size, w1 * bs) - w0 * bs
-            wzero = zero[w0:w1]
-            if wzero.any():
-                view[:wbytes] = blank[:wbytes]
-            wsource = source[w0:w1]
-            for k in np.unique(wsource[~wzero]).tolist():
-                sel = np.flatnonzero((wsource == k) & ~wzero)
-                rows = maps[k][row[w0:w1][sel]]
-                _fill_window(
-                    view, w0, sel.tolist(), rows, data_fds[k], record, chain[k].id, dctx, window
-                )
-            pending[slot] = (pool.submit(flush, view, w0, wbytes, wzero), wbytes)
-        for other in range(1, len(views) + 1):
-            settle((slot + other) % len(views))
-    return written, sha.hexdigest()
-
-
-def _fill_window(
-    view: memoryview,
-    w0: int,
-    sel: list[int],
-    rows: np.ndarray,
-    fd: int,
-    record: DeviceRecord,
-    backup_id: str,
-    dctx: zstandard.ZstdDecompressor,
-    window: int,
-) -> None:
-    """Read, check and place the stored blocks ``rows`` (window slots ``sel``),
-    in reads of at most ``window`` bytes."""
-    bs, size = record.block_size, record.size
-    offsets = rows["offset"].tolist()
-    lengths = rows["length"].tolist()
-    flags = rows["flags"].tolist()
-    sums = np.ascontiguousarray(rows["checksum"]).tobytes()
-    for first, end in runs(offsets, lengths, window):
-        base = offsets[first]
-        total = offsets[end - 1] + lengths[end - 1] - base
-        try:
-            raw = pread_upto(fd, base, total)
-        except OSError as exc:
-            raise from_oserror(exc, f"backup {backup_id} device {record.name}") from None
-        if len(raw) != total:
-            raise IOFailure(f"backup {backup_id} device {record.name}: data file is short")
-        rv = memoryview(raw)
-        for j in range(first, end):
-            slot = sel[j]
-            bi = w0 + slot
-            expect = block_length(size, bs, bi)
-            a = offsets[j] - base
-            blob = rv[a : a + lengths[j]]
+        starts = list(range(0, count, per_window))
+        ahead = submit(starts[0]) if starts else []
+        for k, w0 in enumerate(starts):
+            jobs = ahead
+            ahead = submit(starts[k + 1]) if k + 1 < len(starts) else []
             try:
-                block = unpack_block(
-                    dctx, blob, flags[j], expect, sums[j * DIGEST : (j + 1) * DIGEST]
-                )
-            except BadBlock as exc:
-                where = f"backup {backup_id} device {record.name} block {bi} (offset {bi * bs})"
-                raise IOFailure(f"{where}: {exc}") from None
-            lo = slot * bs
-            view[lo : lo + expect] = block
+                for j, job in enumerate(jobs):
+                    i = w0 + j
+                    length = chunk_length(size, cs, i)
+                    data: bytes | memoryview = (
+                        memoryview(blank)[:length] if job is None else job.result()
+                    )
+                    sha.update(data)
+                    if job is not None or is_blockdev or (head is not None and i * cs < len(head)):
+                        written += write(i * cs, data)
+                    if progress:
+                        progress(length)
+            except OSError as exc:
+                for job in ahead:
+                    if job is not None:
+                        job.cancel()
+                raise from_oserror(exc, f"write {target}") from None
+            except BaseException:
+                for job in ahead:
+                    if job is not None:
+                        job.cancel()
+                raise
+    return written, sha.hexdigest()

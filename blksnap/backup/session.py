@@ -74,27 +74,48 @@ class DevicePlan:
     block_size: int
     generation_id: str
     changes_number: int
+    #: CBT blocks changed since the parent (every block for a full).
     blocks: np.ndarray = field(repr=False)
-    #: Blocks of ``blocks`` marked only because a crash left their write-
-    #: intent region set (their number is one of the CBT's ``recovered``):
-    #: each is compared with the parent chain's blake3, stored only if it
-    #: differs.
+    #: The repository's chunk size, and the chunks read: every chunk that
+    #: holds a changed block (the rest keep their parent's digest).
+    chunk_size: int = 0
+    chunks: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64), repr=False)
+    #: Chunks of ``chunks`` read only because a crash left write-intent
+    #: regions set (every changed block in them has one of the CBT's
+    #: ``recovered`` numbers): each is compared with the parent's index and
+    #: counted unchanged if its digest is the same.
     recheck: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64), repr=False)
-    #: ``recheck`` block -> its digest in the parent chain (filled before the copy).
+    #: ``recheck`` chunk -> its digest in the parent's index (filled before the copy).
     parent_digests: dict[int, bytes] = field(default_factory=dict, repr=False)
-    #: Of ``recheck``: bytes read, and blocks found unchanged (not stored).
+    #: Of ``recheck``: bytes read, and chunks found unchanged (not stored).
     recheck_bytes: int = 0
     recheck_unchanged: int = 0
 
     @property
     def bytes_planned(self) -> int:
-        if not len(self.blocks):
+        if not len(self.chunks):
             return 0
-        n = len(self.blocks) * self.block_size
-        last = (self.size + self.block_size - 1) // self.block_size - 1
-        if self.blocks[-1] == last:
-            n -= last * self.block_size + self.block_size - self.size
+        cs = self.chunk_size
+        n = len(self.chunks) * cs
+        last = (self.size + cs - 1) // cs - 1
+        if self.chunks[-1] == last:
+            n -= last * cs + cs - self.size
         return int(n)
+
+
+def chunks_of(blocks: np.ndarray, block_size: int, chunk_size: int, size: int) -> np.ndarray:
+    """The chunks that hold any byte of ``blocks`` (sorted, unique)."""
+    if not len(blocks):
+        return np.zeros(0, np.int64)
+    first = blocks * block_size // chunk_size
+    last = (np.minimum((blocks + 1) * block_size, size) - 1) // chunk_size
+    if (first == last).all():
+        return np.unique(first)
+    return np.unique(
+        np.concatenate(
+            [np.arange(a, b + 1) for a, b in zip(first.tolist(), last.tolist(), strict=True)]
+        )
+    ).astype(np.int64)
 
 
 @dataclass
@@ -114,9 +135,10 @@ class BackupResult:
             p = reasons.get(d["name"])
             if p is not None:
                 d["reason"] = p.reason
-                d["blocks_read"] = len(p.blocks)
+                d["blocks_changed"] = len(p.blocks)
+                d["chunks_planned"] = len(p.chunks)
                 d["reread_after_crash"] = {
-                    "blocks": len(p.recheck),
+                    "chunks": len(p.recheck),
                     "bytes": p.recheck_bytes,
                     "unchanged": p.recheck_unchanged,
                     "stored": len(p.recheck) - p.recheck_unchanged,
@@ -139,14 +161,16 @@ class BackupFailed(BlksnapError):
 
 
 def plan_device(repo: Repository, name: str, mode: str, info: Any, cbt_map: bytes) -> DevicePlan:
-    """Decide the kind and the blocks of ``name`` from its CBT after take."""
+    """Decide the kind, the blocks and the chunks of ``name`` from its CBT after take."""
     size, bs = int(info.device_capacity), int(info.block_size)
     gen, number = str(info.generation_id), int(info.changes_number)
+    cs = repo.chunk_size
     count = (size + bs - 1) // bs
-    everything = np.arange(count, dtype=np.int64)
 
     def full(reason: str) -> DevicePlan:
-        return DevicePlan(name, "full", None, reason, size, bs, gen, number, everything)
+        everything = np.arange(count, dtype=np.int64)
+        chunks = np.arange((size + cs - 1) // cs, dtype=np.int64)
+        return DevicePlan(name, "full", None, reason, size, bs, gen, number, everything, cs, chunks)
 
     if mode == "full":
         return full("full backup asked for")
@@ -164,18 +188,24 @@ def plan_device(repo: Repository, name: str, mode: str, info: Any, cbt_map: byte
         )
     if rec.size != size or rec.block_size != bs:
         return full(f"size or block size changed since {parent.id}")
+    if rec.chunk_size != cs:
+        return full(f"{parent.id} has chunk size {rec.chunk_size}, the repository {cs}")
     if rec.changes_number > number:
         return full(f"{parent.id} is newer than this take (changes number {rec.changes_number})")
     try:
-        repo.chain(parent.id, name)
+        repo.read_index(parent, name)
     except BlksnapError as exc:
-        return full(f"the chain of {parent.id} does not resolve: {exc.message}")
+        return full(f"the index of {parent.id} cannot be read: {exc.message}")
     if len(cbt_map) != count:
         return full(f"the CBT map has {len(cbt_map)} blocks, {count} expected")
     numbers = np.frombuffer(cbt_map, dtype=np.uint8)
     changed = np.flatnonzero(numbers > rec.changes_number).astype(np.int64)
-    recovered = [n for n in info.recovered if n > rec.changes_number]
-    recheck = changed[np.isin(numbers[changed], np.array(recovered, dtype=np.uint8))]
+    recovered = np.array([n for n in info.recovered if n > rec.changes_number], dtype=np.uint8)
+    by_crash = np.isin(numbers[changed], recovered)
+    chunks = chunks_of(changed, bs, cs, size)
+    # A chunk is only re-checked if every changed block in it is there by a crash.
+    really = chunks_of(changed[~by_crash], bs, cs, size)
+    recheck = np.setdiff1d(chunks_of(changed[by_crash], bs, cs, size), really)
     return DevicePlan(
         name,
         kind,
@@ -186,6 +216,8 @@ def plan_device(repo: Repository, name: str, mode: str, info: Any, cbt_map: byte
         gen,
         number,
         changed,
+        cs,
+        chunks,
         recheck,
     )
 
@@ -498,7 +530,7 @@ def run_backup(
             info = service.cbt_info(name)
             plan = plan_device(repo, name, mode, info, service.cbt_map(name))
             if len(plan.recheck) and plan.parent is not None:
-                digests = repo.block_digests(plan.parent, name)
+                digests = repo.read_index(repo.get(plan.parent), name)
                 plan.parent_digests = {int(i): digests[i].tobytes() for i in plan.recheck.tolist()}
             plans.append(plan)
             if on_plan:
@@ -594,48 +626,47 @@ def _copy(
     advance: Callable[[int], None],
     watcher: _Watcher,
 ) -> int:
-    """Read ``plan``'s blocks from ``image`` into ``writer``; bytes read."""
-    bs, size = plan.block_size, plan.size
-    per_read = max(1, read_size // bs)
-    pending: deque[Future[tuple[int, list[Any]]]] = deque()
+    """Read ``plan``'s chunks from ``image`` into ``writer``; bytes read."""
+    cs, size = plan.chunk_size, plan.size
+    per_read = max(1, read_size // cs)
+    pending: deque[Future[int]] = deque()
     window = max(2, threads * 2)
     total = 0
-
-    def read_and_prepare(first: int, n: int) -> tuple[int, list[Any]]:
-        # In a reader thread: the read, then the checksums and compression
-        # (both release the GIL), so only the file appends stay in order.
-        offset = first * bs
-        data = memoryview(image.read(offset, min(n * bs, size - offset)))
-        blocks = [
-            writer.prepare(plan.name, first + i, data[i * bs : (i + 1) * bs]) for i in range(n)
-        ]
-        return len(data), blocks
-
     recheck = plan.parent_digests
+    count_lock = threading.Lock()
+
+    def read_and_store(first: int, n: int) -> int:
+        # In a reader thread: the read, the digests, and the chunk store's
+        # put-if-absent (compression, sealing and fdatasync only for chunks
+        # the repository lacks): all of it releases the GIL where it counts.
+        offset = first * cs
+        data = memoryview(image.read(offset, min(n * cs, size - offset)))
+        for i in range(n):
+            chunk = writer.prepare(plan.name, first + i, data[i * cs : (i + 1) * cs])
+            was = recheck.get(chunk.index) if recheck else None
+            if was is not None:
+                with count_lock:
+                    plan.recheck_bytes += chunk.length
+                    if was == chunk.digest:
+                        # Marked only by a crash's write intent, and the same
+                        # as in the parent's index: it keeps that digest.
+                        plan.recheck_unchanged += 1
+                        continue
+            writer.put_prepared(chunk)
+        return len(data)
 
     def drain_one() -> None:
         nonlocal total
-        nbytes, blocks = pending.popleft().result()
-        for block in blocks:
-            if recheck:
-                was = recheck.get(block.index)
-                if was is not None:
-                    plan.recheck_bytes += block.length
-                    if was == block.digest:
-                        # Marked only by a crash's write intent, and the
-                        # same as in the parent chain: nothing to store.
-                        plan.recheck_unchanged += 1
-                        continue
-            writer.put_prepared(block)
+        nbytes = pending.popleft().result()
         total += nbytes
         advance(nbytes)
 
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="blksnap-read") as pool:
         try:
-            for first, n in runs(plan.blocks, per_read):
+            for first, n in runs(plan.chunks, per_read):
                 if watcher.failure is not None:
                     raise error(watcher.failure[0], watcher.failure[1])
-                pending.append(pool.submit(read_and_prepare, first, n))
+                pending.append(pool.submit(read_and_store, first, n))
                 if len(pending) >= window:
                     drain_one()
             while pending:

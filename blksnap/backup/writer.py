@@ -1,47 +1,43 @@
 """The writer: one backup being staged under ``tmp/`` and published with one rename.
 
 :meth:`blksnap.backup.repository.Repository.begin` takes the writer lock and
-makes the staging directory; a :class:`BackupWriter` then stores each
-device's blocks (zero check, blake3, zstd: :meth:`BackupWriter.prepare`, in
-any thread; :meth:`BackupWriter.put_prepared`, in block order), and
+makes the staging directory; a :class:`BackupWriter` then takes each
+device's chunks (zero check and digest: :meth:`BackupWriter.prepare`; the
+chunk store's put-if-absent: :meth:`BackupWriter.put_prepared`; both in any
+thread, in any order), keeps the device's index (a full device starts empty,
+an incremental or differential one from its parent's index: the chunks the
+CBT says did not change keep their parent's digest), and
 :meth:`~BackupWriter.commit`, :meth:`~BackupWriter.fail` or
 :meth:`~BackupWriter.abort` finishes it, as ``docs/REPOSITORY.md`` describes.
 """
 
 from __future__ import annotations
 
-import array
 import errno
 import json
 import logging
 import os
 import shutil
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import blake3
 import numpy as np
-import zstandard
 
+from blksnap.backup.chunkstore import ChunkStore
 from blksnap.backup.format import (
+    BEGUN_FILE,
     DIGEST,
-    FLAG_ZERO,
-    FLAG_ZSTD,
+    INDEX_SUFFIX,
     KINDS,
     MANIFEST,
-    MAP_DTYPE,
     SNAPSHOT_FILE,
     BackupInfo,
     DeviceRecord,
-    block_length,
-    check_link,
+    chunk_length,
     info_from_manifest,
     new_manifest,
-    resolve_chain,
-    zero_digest,
 )
 from blksnap.errors import (
     AlreadyDone,
@@ -52,7 +48,6 @@ from blksnap.errors import (
     from_oserror,
 )
 from blksnap.fileio import fsync_dir, pwrite_full
-from blksnap.settings import SETTINGS
 
 if TYPE_CHECKING:
     from blksnap.backup.repository import Repository
@@ -85,62 +80,25 @@ def remove_tree(path: str) -> None:
 
 
 @dataclass(frozen=True)
-class PreparedBlock:
-    """One block ready to be stored: what :meth:`BackupWriter.prepare` computed."""
+class PreparedChunk:
+    """One chunk ready to be stored: what :meth:`BackupWriter.prepare` computed."""
 
     device: str
     index: int
     length: int
-    flags: int
     digest: bytes
-    blob: bytes | memoryview
+    zero: bool
+    data: bytes | memoryview
 
 
 @dataclass
 class _DeviceState:
     record: DeviceRecord
-    fd: int
-    data_path: str
-    map_path: str
-    zero: bytes  # block_size zero bytes (shared by devices of one block size)
-    offset: int = 0  # bytes in the data file
-    last: int = -1  # last block index put
-    index: array.array = field(default_factory=lambda: array.array("Q"))
-    offsets: array.array = field(default_factory=lambda: array.array("Q"))
-    lengths: array.array = field(default_factory=lambda: array.array("Q"))
-    flags: array.array = field(default_factory=lambda: array.array("B"))
-    sums: bytearray = field(default_factory=bytearray)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    kicked: int = 0  # data-file offset the last background fdatasync was started at
-    flushing: Future[None] | None = None
-
-    def settle(self) -> None:
-        """Wait for the background fdatasync; raise its error."""
-        job, self.flushing = self.flushing, None
-        if job is not None:
-            job.result()
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            try:
-                self.settle()  # never close the fd under a running fdatasync
-            except OSError:
-                pass
-            os.close(self.fd)
-            self.fd = -1
-
-    def rows(self) -> np.ndarray:
-        count = len(self.index)
-        rows = np.zeros(count, dtype=MAP_DTYPE)
-        if count:
-            rows["index"] = np.frombuffer(self.index, dtype=np.uint64)
-            rows["offset"] = np.frombuffer(self.offsets, dtype=np.uint64)
-            rows["length"] = np.frombuffer(self.lengths, dtype=np.uint64)
-            rows["flags"] = np.frombuffer(self.flags, dtype=np.uint8)
-            rows["checksum"] = np.frombuffer(bytes(self.sums), dtype=np.uint8).reshape(
-                count, DIGEST
-            )
-        return rows
+    index_path: str
+    digests: np.ndarray  # (chunk_count, 32) uint8: the index being built
+    filled: np.ndarray  # bool per chunk: has a digest (inherited or put)
+    zero: bytes  # chunk_size zero bytes
+    lock: threading.Lock
 
 
 class BackupWriter:
@@ -148,8 +106,8 @@ class BackupWriter:
     :meth:`commit`, :meth:`fail` or :meth:`abort`. As a context manager, leaving
     the block without commit or fail aborts (nothing is recorded).
 
-    ``put`` may be called from several threads for different devices; the calls
-    for one device must come in increasing block order.
+    ``prepare``/``put_prepared``/``put`` may be called from several threads,
+    for any device and chunk, in any order.
     """
 
     def __init__(
@@ -167,21 +125,21 @@ class BackupWriter:
         abandoned_snapshots: list[str] | None = None,
     ) -> None:
         self.repo = repo
+        self.store: ChunkStore = repo.store
         self.id = backup_id
         self.seq = seq
         self.kind = kind
         self.snapshot_id = snapshot_id
         self.started = started
+        #: When the backup finished (None: at publication); a converted
+        #: backup keeps its own.
+        self.finished: str | None = None
         self.path = staging
         self._lock_fd = lock_fd
         self._index = index
         self._devices: dict[str, _DeviceState] = {}
         self._zeros: dict[int, bytes] = {}
         self._done = False
-        self._pool: ThreadPoolExecutor | None = None
-        self._tls = threading.local()
-        self._zstd_level = SETTINGS.backup_zstd_level
-        self._writeback_step = SETTINGS.backup_writeback_step
         #: Snapshots named by the staging dirs of writers that died (a killed
         #: backup): the caller may destroy them if they still exist.
         self.abandoned_snapshots = list(abandoned_snapshots or [])
@@ -197,11 +155,6 @@ class BackupWriter:
             write_file(os.path.join(self.path, SNAPSHOT_FILE), snapshot_id.encode() + b"\n")
         except OSError as exc:
             raise from_oserror(exc, f"backup {self.id}") from None
-
-    def _background(self) -> ThreadPoolExecutor:
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blksnap-sync")
-        return self._pool
 
     def __repr__(self) -> str:
         return f"<BackupWriter {self.id} {self.kind} in {self.repo.path}>"
@@ -229,7 +182,10 @@ class BackupWriter:
             raise AlreadyDone(f"backup {self.id} is already finished")
 
     def add_device(self, record: DeviceRecord) -> None:
-        """Add a device; the writer keeps ``record`` and fills in its counters."""
+        """Add a device; the writer keeps ``record`` and fills in its counters.
+
+        An incremental or differential record starts from its parent's index
+        (checked): only the chunks put into this backup change."""
         self._check_open()
         name = record.name
         if not isinstance(name, str) or not name:
@@ -247,173 +203,152 @@ class BackupWriter:
                 f"device {name}: a {self.kind} backup holds full or {self.kind} devices,"
                 f" not {record.kind}"
             )
+        record.chunk_size = self.repo.chunk_size
+        count = record.chunk_count
         if record.kind == "full":
             if record.parent is not None:
                 raise InvalidArgument(f"device {name}: a full backup has no parent")
+            digests = np.zeros((count, DIGEST), dtype=np.uint8)
+            filled = np.zeros(count, dtype=bool)
         else:
             if record.parent is None:
                 raise InvalidArgument(f"device {name}: a {record.kind} backup needs a parent")
             parent = self._index.get(record.parent)
             if parent is None:
                 raise InvalidArgument(f"device {name}: parent backup {record.parent} not found")
-            if not any(r.name == name for r in parent.devices):
-                raise InvalidArgument(
-                    f"device {name}: parent backup {parent.id} has no device {name}"
-                )
-            # The whole chain must be restorable, or this backup never will be.
-            resolve_chain(self._index, parent, name)
-            check_link(f"device {name}", parent.id, parent.device(name), record)
+            check_parent(f"device {name}", parent, record)
+            digests = self.repo.read_index(parent, name).copy()
+            filled = np.ones(count, dtype=bool)
         number = len(self._devices)
         record.file = f"dev-{number}"
-        record.blocks_stored = record.blocks_zero = record.bytes_stored = record.data_size = 0
-        record.map_checksum = ""
-        data_path = os.path.join(self.path, record.file + ".data")
-        try:
-            fd = os.open(data_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            raise from_oserror(exc, data_path) from None
-        zero = self._zeros.get(record.block_size)
+        for counter in (
+            "chunks_read",
+            "chunks_zero",
+            "chunks_new",
+            "chunks_reused",
+            "bytes_stored",
+            "bytes_new",
+            "bytes_reused",
+        ):
+            setattr(record, counter, 0)
+        record.index_checksum = ""
+        zero = self._zeros.get(record.chunk_size)
         if zero is None:
-            zero = self._zeros[record.block_size] = bytes(record.block_size)
+            zero = self._zeros[record.chunk_size] = bytes(record.chunk_size)
         self._devices[name] = _DeviceState(
             record=record,
-            fd=fd,
-            data_path=data_path,
-            map_path=os.path.join(self.path, record.file + ".map"),
+            index_path=os.path.join(self.path, record.file + INDEX_SUFFIX),
+            digests=digests,
+            filled=filled,
             zero=zero,
+            lock=threading.Lock(),
         )
 
+    def _state(self, device: str) -> _DeviceState:
+        state = self._devices.get(device)
+        if state is None:
+            raise NotFound(f"device {device} is not in backup {self.id}")
+        return state
+
     def put(self, device: str, index: int, data: bytes | bytearray | memoryview) -> int:
-        """Store block ``index`` of ``device``; returns the bytes stored (0 for a zero block)."""
+        """Store chunk ``index`` of ``device``; returns the bytes written to the
+        chunk store (0 for a zero chunk or one the repository already has)."""
         return self.put_prepared(self.prepare(device, index, data))
 
     def prepare(
         self, device: str, index: int, data: bytes | bytearray | memoryview
-    ) -> PreparedBlock:
-        """The CPU work of :meth:`put` (zero check, checksum, compression) for
-        block ``index``, without storing it. Thread-safe: a backup prepares
-        blocks in its reader threads and stores them in order with
-        :meth:`put_prepared`. ``data`` must not change until then."""
+    ) -> PreparedChunk:
+        """The zero check and digest of chunk ``index``, without storing it.
+        Thread-safe. ``data`` must not change until :meth:`put_prepared`."""
         self._check_open()
-        state = self._devices.get(device)
-        if state is None:
-            raise NotFound(f"device {device} is not in backup {self.id}")
+        state = self._state(device)
         if not isinstance(data, bytes):
             data = memoryview(data)
+            if not data.c_contiguous:
+                raise InvalidArgument("chunk data must be a contiguous buffer")
             if data.itemsize != 1 or data.ndim != 1:
-                try:
-                    data = data.cast("B")
-                except TypeError:
-                    raise InvalidArgument("block data must be a contiguous buffer") from None
+                data = data.cast("B")
         record = state.record
-        if index < 0 or index >= record.block_count:
+        if index < 0 or index >= record.chunk_count:
             raise InvalidArgument(
-                f"device {device}: block {index} is outside 0..{record.block_count - 1}"
+                f"device {device}: chunk {index} is outside 0..{record.chunk_count - 1}"
             )
         length = len(data)
-        expect = block_length(record.size, record.block_size, index)
+        expect = chunk_length(record.size, record.chunk_size, index)
         if length != expect:
             raise InvalidArgument(
-                f"device {device}: block {index} has {length} bytes, not {expect}"
+                f"device {device}: chunk {index} has {length} bytes, not {expect}"
             )
         if state.zero.startswith(data):
-            return PreparedBlock(device, index, length, FLAG_ZERO, zero_digest(length), b"")
-        digest = blake3.blake3(data).digest()
-        if self.repo.compression == "zstd":
-            cctx = getattr(self._tls, "cctx", None)
-            if cctx is None:  # compressors are not thread-safe: one per thread
-                cctx = self._tls.cctx = zstandard.ZstdCompressor(level=self._zstd_level)
-            packed = cctx.compress(data)
-            if len(packed) < length:
-                return PreparedBlock(device, index, length, FLAG_ZSTD, digest, packed)
-        return PreparedBlock(device, index, length, 0, digest, data)
+            return PreparedChunk(device, index, length, self.store.zero_digest(length), True, b"")
+        return PreparedChunk(device, index, length, self.store.keys.digest(data), False, data)
 
-    def put_prepared(self, block: PreparedBlock) -> int:
-        """Store a block made by :meth:`prepare`; bytes stored."""
+    def put_prepared(self, chunk: PreparedChunk) -> int:
+        """Put a chunk made by :meth:`prepare` in the index, and in the chunk
+        store unless it is there (or all zero); bytes written. Thread-safe."""
         self._check_open()
-        device, index = block.device, block.index
-        state = self._devices.get(device)
-        if state is None:
-            raise NotFound(f"device {device} is not in backup {self.id}")
+        state = self._state(chunk.device)
+        stored = 0
+        new = False
+        if not chunk.zero:
+            with self.store.shared():
+                if not self.store.touch(chunk.digest):
+                    blob = self.store.encode(chunk.digest, chunk.data)
+                    new = self.store.put(chunk.digest, blob)
+                    stored = len(blob) if new else 0
         record = state.record
         with state.lock:
-            if index <= state.last:
-                raise InvalidArgument(
-                    f"device {device}: block {index} after block {state.last}"
-                    " (indices must increase)"
-                )
-            flags, digest = block.flags, block.digest
-            stored = 0 if flags == FLAG_ZERO else len(block.blob)
-            if stored:
-                try:
-                    pwrite_full(state.fd, state.offset, block.blob)
-                except OSError as exc:
-                    raise from_oserror(exc, f"backup {self.id} device {device}") from None
-            state.index.append(index)
-            state.offsets.append(state.offset)
-            state.lengths.append(stored)
-            state.flags.append(flags)
-            state.sums += digest
-            state.offset += stored
-            state.last = index
-            if state.offset - state.kicked >= self._writeback_step and (
-                state.flushing is None or state.flushing.done()
-            ):
-                try:
-                    state.settle()
-                except OSError as exc:
-                    raise from_oserror(exc, f"backup {self.id} device {device}") from None
-                state.kicked = state.offset
-                state.flushing = self._background().submit(os.fdatasync, state.fd)
-            record.blocks_stored += 1
-            record.bytes_stored += stored
-            if flags == FLAG_ZERO:
-                record.blocks_zero += 1
+            state.digests[chunk.index] = np.frombuffer(chunk.digest, dtype=np.uint8)
+            state.filled[chunk.index] = True
+            record.chunks_read += 1
+            if chunk.zero:
+                record.chunks_zero += 1
+            elif new:
+                record.chunks_new += 1
+                record.bytes_new += chunk.length
+                record.bytes_stored += stored
+            else:
+                record.chunks_reused += 1
+                record.bytes_reused += chunk.length
         return stored
 
     def commit(self) -> BackupInfo:
-        """Write the maps and the manifest and publish the backup atomically."""
+        """Write the indexes and the manifest and publish the backup atomically."""
         self._check_open()
         if not self._devices:
             raise InvalidArgument(f"backup {self.id} has no device")
         for state in self._devices.values():
-            record = state.record
-            if record.kind == "full" and len(state.index) != record.block_count:
+            missing = np.flatnonzero(~state.filled)
+            if missing.size:
+                record = state.record
                 raise IOFailure(
-                    f"backup {self.id} device {record.name} incomplete: a full backup"
-                    f" holds {len(state.index)} of {record.block_count} blocks"
+                    f"backup {self.id} device {record.name} incomplete: chunk"
+                    f" {int(missing[0])} was never stored ({missing.size} of"
+                    f" {record.chunk_count} missing)"
                 )
         try:
+            self.store.sync()  # every chunk an index names is durable first
             for state in self._devices.values():
-                record = state.record
-                if state.fd >= 0:
-                    state.settle()
-                    os.ftruncate(state.fd, state.offset)  # drop a partial write that failed
-                    os.fsync(state.fd)
-                    state.close()
-                raw = state.rows().tobytes()
-                write_file(state.map_path, raw)
-                record.map_checksum = blake3.blake3(raw).hexdigest()
-                record.data_size = state.offset
+                raw = state.digests.tobytes()
+                write_file(state.index_path, raw)
+                state.record.index_checksum = self.store.keys.mac(raw)
         except OSError as exc:
             raise from_oserror(exc, f"commit backup {self.id}") from None
         return self._publish("ok", None)
 
     def fail(self, err: int, message: str) -> BackupInfo:
-        """Record a failed backup: the manifest only, with the error."""
+        """Record a failed backup: the manifest only, with the error. The chunks
+        it stored stay until gc (a retry reuses them)."""
         self._check_open()
         for state in self._devices.values():
-            state.close()
-            for path in (state.data_path, state.map_path):
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
-                except OSError as exc:
-                    raise from_oserror(exc, f"fail backup {self.id}") from None
+            try:
+                os.unlink(state.index_path)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise from_oserror(exc, f"fail backup {self.id}") from None
             state.record.file = ""
-            state.record.map_checksum = ""
-            state.record.data_size = 0
+            state.record.index_checksum = ""
         name = errno.errorcode.get(err, f"E{err}")
         return self._publish("failed", {"errno": name, "message": str(message)})
 
@@ -428,6 +363,8 @@ class BackupWriter:
             snapshot_id=self.snapshot_id,
             compression=self.repo.compression,
             records=self.records,
+            mac=self.store.keys.mac,
+            finished=self.finished,
         )
         final = os.path.join(self.repo.backups_dir, self.id)
         try:
@@ -440,9 +377,13 @@ class BackupWriter:
             os.rename(self.path, final)
         except OSError as exc:
             raise from_oserror(exc, f"publish backup {self.id}") from None
-        # Published: whatever happens now, this writer is finished.
+        # Published: whatever happens now, this writer is finished. ``begun``
+        # goes only now: until the rename gc must see this backup as running
+        # (its index is not under backups/ yet).
         self._done = True
         self._release()
+        with suppress(OSError):
+            os.unlink(os.path.join(final, BEGUN_FILE))
         try:
             fsync_dir(self.repo.backups_dir)
         except OSError as exc:
@@ -450,12 +391,11 @@ class BackupWriter:
         return info_from_manifest(manifest, final)
 
     def abort(self) -> None:
-        """Drop the backup: remove the staging directory, record nothing."""
+        """Drop the backup: remove the staging directory, record nothing (the
+        chunks it stored stay until gc)."""
         if self._done:
             return
         self._done = True
-        for state in self._devices.values():
-            state.close()
         try:
             remove_tree(self.path)
         except OSError as exc:
@@ -463,11 +403,34 @@ class BackupWriter:
         self._release()
 
     def _release(self) -> None:
-        for state in self._devices.values():
-            state.close()
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
+
+
+def check_parent(where: str, parent: BackupInfo, child: DeviceRecord) -> None:
+    """EINVAL unless ``child`` can be an incremental or differential of ``parent``."""
+    if not parent.ok:
+        raise InvalidArgument(f"{where}: parent backup {parent.id} is {parent.state}")
+    try:
+        rec = parent.device(child.name)
+    except NotFound:
+        raise InvalidArgument(f"{where}: parent backup {parent.id} has no device") from None
+    if rec.generation_id != child.generation_id:
+        raise InvalidArgument(
+            f"{where}: parent backup {parent.id} has another CBT generation"
+            f" ({rec.generation_id}, not {child.generation_id})"
+        )
+    if rec.size != child.size:
+        raise InvalidArgument(
+            f"{where}: parent backup {parent.id} has size {rec.size}, not {child.size}"
+        )
+    if rec.chunk_size != child.chunk_size:
+        raise InvalidArgument(
+            f"{where}: parent backup {parent.id} has chunk size {rec.chunk_size},"
+            f" not {child.chunk_size}"
+        )
+    if child.kind == "differential" and rec.kind != "full":
+        raise InvalidArgument(
+            f"{where}: a differential backup must be based on a full one, {parent.id} is {rec.kind}"
+        )

@@ -1,4 +1,5 @@
-"""The backup commands of ``blksnap``: backup, backups, restore, verify, prune.
+"""The backup commands of ``blksnap``: backup, backups, restore, verify,
+prune, gc, key create, repo upgrade.
 
 Only ``backup`` talks to blksnapd; the others work on the repository alone,
 so a restore needs no daemon.
@@ -9,7 +10,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import getpass
+import os
 import signal
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +22,21 @@ from blksnap.cli.output import table
 from blksnap.cli.progress import progress
 from blksnap.errors import error
 from blksnap.units import format_size
+
+KEY_HELP = (
+    "key file of an encrypted repository (else the passphrase in BLKSNAP_PASSPHRASE opens it)"
+)
+
+
+def _repo_args(parser: argparse.ArgumentParser, help: str = "repository directory") -> None:
+    parser.add_argument("--repo", required=True, help=help)
+    parser.add_argument("--key-file", metavar="FILE", help=KEY_HELP)
+
+
+def _open(args: argparse.Namespace) -> Any:
+    from blksnap.backup.repo import Repository
+
+    return Repository.open(args.repo, key_file=args.key_file)
 
 
 def register(sub: Any, cmd: Commands) -> None:
@@ -40,7 +59,9 @@ def register(sub: Any, cmd: Commands) -> None:
         metavar="N",
         help="devices to back up, all taken at one instant",
     )
-    bk.add_argument("--repo", required=True, help="repository directory (created if missing)")
+    _repo_args(
+        bk, "repository directory (created if missing, without encryption: see 'key create')"
+    )
     kind = bk.add_mutually_exclusive_group()
     kind.add_argument("--full", dest="mode", action="store_const", const="full", help="every block")
     kind.add_argument(
@@ -70,20 +91,25 @@ def register(sub: Any, cmd: Commands) -> None:
         default="zstd",
         help="compression of a new repository (default zstd)",
     )
+    bk.add_argument(
+        "--chunk-size",
+        type=sizearg,
+        help="chunk size of a new repository (a power of two, 64K to 16M; default 1M)",
+    )
     bk.add_argument("--no-progress", action="store_true", help="no progress bar")
     bk.set_defaults(handler=cmd_backup, long_timeout=True)
     bl = cmd(sub, "backups", "the backups in a repository (or one backup's devices)")
-    bl.add_argument("--repo", required=True)
+    _repo_args(bl)
     bl.add_argument("--backup", "-b", help="show this backup's devices ('latest' works too)")
     bl.set_defaults(handler=cmd_backups)
     rs = cmd(
         sub,
         "restore",
-        "rebuild a device as of a backup (its whole chain) into PATH",
+        "rebuild a device as of a backup into PATH",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=RESTORE_EPILOG,
     )
-    rs.add_argument("--repo", required=True)
+    _repo_args(rs)
     rs.add_argument("--backup", "-b", required=True, help="backup id, or 'latest'")
     rs.add_argument("-d", "--device", required=True)
     rs.add_argument("--to", required=True, metavar="PATH", help="a file, or a block device")
@@ -94,20 +120,119 @@ def register(sub: Any, cmd: Commands) -> None:
     )
     rs.add_argument("--no-progress", action="store_true", help="no progress bar")
     rs.set_defaults(handler=cmd_restore)
-    vf = cmd(sub, "verify", "check every checksum of a repository (or of one backup)")
-    vf.add_argument("--repo", required=True)
+    vf = cmd(
+        sub,
+        "verify",
+        "check a repository (or one backup): manifests, indexes, and every chunk they"
+        " name, once each (present, its seal opens, its digest is its name)",
+    )
+    _repo_args(vf)
     vf.add_argument("--backup", "-b", help="only this backup")
     vf.add_argument("--no-progress", action="store_true", help="no progress bar")
     vf.set_defaults(handler=cmd_verify)
     pr = cmd(
         sub,
         "prune",
-        "remove old backups, keeping the newest N and every backup their chains need",
+        "remove backups a retention policy does not keep (then 'gc' frees their chunks)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=PRUNE_EPILOG,
     )
-    pr.add_argument("--repo", required=True)
-    pr.add_argument("--keep", type=int, required=True, metavar="N")
+    _repo_args(pr)
+    pr.add_argument("--keep", type=int, metavar="N", help="the same as --keep-last N")
+    for rule, what in (
+        ("last", "the N newest backups"),
+        ("hourly", "the newest backup of each of the N newest hours that have one"),
+        ("daily", "... of each of the N newest days"),
+        ("weekly", "... of each of the N newest ISO weeks"),
+        ("monthly", "... of each of the N newest months"),
+        ("yearly", "... of each of the N newest years"),
+    ):
+        pr.add_argument(
+            f"--keep-{rule}", type=int, metavar="N", default=0, help=f"{what} (-1: all)"
+        )
     pr.add_argument("--dry-run", action="store_true", help="only say what would be removed")
     pr.set_defaults(handler=cmd_prune)
+    gc = cmd(
+        sub,
+        "gc",
+        "remove the chunks no backup names any more (after prune, or failed backups)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=GC_EPILOG,
+    )
+    _repo_args(gc)
+    gc.add_argument("--dry-run", action="store_true", help="only say what would be removed")
+    gc.add_argument(
+        "--grace",
+        type=float,
+        metavar="SECONDS",
+        help="keep unnamed chunks younger than this (default 300)",
+    )
+    gc.set_defaults(handler=cmd_gc)
+    ky = cmd(sub, "key", "encryption keys of a repository")
+    ksub = ky.add_subparsers(dest="action", metavar="ACTION", required=True)
+    kc = cmd(
+        ksub,
+        "create",
+        "make R a new encrypted repository: a random master key, wrapped by the passphrase"
+        " in BLKSNAP_PASSPHRASE (or asked for), or written to --key-file F",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=KEY_EPILOG,
+    )
+    kc.add_argument("--repo", required=True, help="a new or empty directory")
+    kc.add_argument(
+        "--key-file",
+        metavar="FILE",
+        help="write the key to FILE (new; keep it apart from the repository) instead of"
+        " wrapping it with a passphrase",
+    )
+    kc.add_argument("--compress", choices=["zstd", "none"], default="zstd")
+    kc.add_argument("--chunk-size", type=sizearg, help="a power of two, 64K to 16M (default 1M)")
+    kc.set_defaults(handler=cmd_key_create)
+    rp = cmd(sub, "repo", "repository maintenance")
+    rsub = rp.add_subparsers(dest="action", metavar="ACTION", required=True)
+    up = cmd(
+        rsub,
+        "upgrade",
+        "convert a version 1 repository into a new version 2 repository (the old one is"
+        " only read; remove it once the new one verifies)",
+    )
+    up.add_argument("--repo", required=True, help="the version 1 repository")
+    up.add_argument(
+        "--to",
+        required=True,
+        metavar="NEW",
+        help="new directory (or an empty repository made by 'key create': encrypted)",
+    )
+    up.add_argument("--key-file", metavar="FILE", help="key file of NEW, if encrypted so")
+    up.add_argument("--no-progress", action="store_true", help="no progress bar")
+    up.set_defaults(handler=cmd_repo_upgrade)
+
+
+PRUNE_EPILOG = """Rules as restic's 'forget' and Proxmox Backup Server's prune: backups are taken
+newest first; --keep-last N keeps the N newest; each period rule keeps the
+newest backup of each of its N newest periods (UTC hours, days, ISO weeks,
+months, years) that have a backup. A backup kept by any rule stays; the table
+says which rules keep it. Failed or damaged backups older than the oldest
+kept one are removed too.
+
+Every backup's index lists all of its device's chunks, so removing a backup
+never breaks another (an incremental does not need its parent to restore).
+The chunks only removed backups used are freed by 'blksnap gc'."""
+
+GC_EPILOG = """gc marks every chunk named by an index under backups/, then removes the
+others, unless they are younger than the cutoff: gc's start minus --grace, or
+the start of the oldest backup still running, whichever is earlier (times by
+the repository file system's clock). A backup holds chunks.lock shared while it
+reuses or stores a chunk, gc holds it exclusively while it removes: so gc runs
+safely beside backups, and a chunk a running backup reused is never removed."""
+
+KEY_EPILOG = """Every command on an encrypted repository then needs the key: --key-file FILE,
+or the passphrase in BLKSNAP_PASSPHRASE. Chunks are sealed with AES-256-GCM,
+chunk names are keyed digests (they reveal nothing about the data), manifests
+and indexes carry a keyed MAC. Lose the key file or the passphrase and the
+backups cannot be read by anyone: keep a copy of the key file elsewhere.
+Encryption is chosen when a repository is made; to encrypt existing backups,
+make a new encrypted repository and 'blksnap repo upgrade' or back up into it."""
 
 
 RESTORE_EPILOG = """\
@@ -131,11 +256,16 @@ def _show(args: argparse.Namespace) -> bool:
 
 
 def cmd_backup(args: argparse.Namespace, client: Any, out: Any) -> int:
-    from blksnap.backup.repo import Repository
+    from blksnap.backup.repo import DEFAULT_CHUNK_SIZE, Repository
     from blksnap.backup.session import BackupFailed, DevicePlan, run_backup
 
     client.status()  # no daemon: say so before making a repository
-    repo = Repository.init(args.repo, compression=args.compress)
+    repo = Repository.init(
+        args.repo,
+        compression=args.compress,
+        chunk_size=args.chunk_size or DEFAULT_CHUNK_SIZE,
+        key_file=args.key_file,
+    )
     show = _show(args)
 
     def bar(desc: str, total: int) -> contextlib.AbstractContextManager[Callable[[int], None]]:
@@ -146,13 +276,14 @@ def cmd_backup(args: argparse.Namespace, client: Any, out: Any) -> int:
             what = f"{p.kind}" + (f" on {p.parent}" if p.parent else "")
             print(
                 f"{p.name}: {what}, {len(p.blocks)} of {-(-p.size // p.block_size)} blocks "
-                f"({format_size(p.bytes_planned)}): {p.reason}",
+                f"changed, {len(p.chunks)} chunks to read ({format_size(p.bytes_planned)}):"
+                f" {p.reason}",
                 flush=True,
             )
             if len(p.recheck):
                 print(
-                    f"{p.name}: {len(p.recheck)} of them only because blksnapd did not stop "
-                    "cleanly (write intent): compared with the parent's, stored if changed",
+                    f"{p.name}: {len(p.recheck)} of the chunks only because blksnapd did not"
+                    " stop cleanly (write intent): compared with the parent's, kept if the same",
                     flush=True,
                 )
 
@@ -181,14 +312,15 @@ def cmd_backup(args: argparse.Namespace, client: Any, out: Any) -> int:
     rechecked = {p.name: p for p in res.plans if len(p.recheck)}
     for d in b.devices:
         lines.append(
-            f"{d.name}: read {format_size(d.bytes_read)}, stored {format_size(d.bytes_stored)}"
-            f" ({d.blocks_stored} blocks, {d.blocks_zero} zero)"
+            f"{d.name}: read {format_size(d.bytes_read)}: new {format_size(d.bytes_new)}"
+            f" (stored as {format_size(d.bytes_stored)}), already in the repository"
+            f" {format_size(d.bytes_reused)}, zero {d.chunks_zero} chunks"
         )
         p = rechecked.get(d.name)
         if p is not None:
             lines.append(
                 f"{d.name}: re-read after an unclean stop: {format_size(p.recheck_bytes)} "
-                f"({len(p.recheck)} blocks), {p.recheck_unchanged} unchanged and not stored"
+                f"({len(p.recheck)} chunks), {p.recheck_unchanged} unchanged"
             )
     lines.append(f"backup {b.id} ({b.kind}) done in {res.seconds:.1f} s")
     out.emit(doc, "\n".join(lines))
@@ -200,9 +332,7 @@ def _terminate(signum: int, _frame: object) -> None:
 
 
 def cmd_backups(args: argparse.Namespace, client: Any, out: Any) -> int:
-    from blksnap.backup.repo import Repository
-
-    repo = Repository.open(args.repo)
+    repo = _open(args)
     if args.backup:
         return _show_backup(repo.get(args.backup), out)
     backups = repo.backups()
@@ -244,7 +374,7 @@ def _show_backup(b: Any, out: Any) -> int:
             d.kind,
             d.parent or "-",
             format_size(d.size),
-            f"{d.blocks_stored - d.blocks_zero}+{d.blocks_zero}z",
+            f"{d.chunks_new}/{d.chunks_reused}/{d.chunks_zero}",
             format_size(d.bytes_read),
             format_size(d.bytes_stored),
             f"{d.generation_id[:8]}/{d.changes_number}",
@@ -252,16 +382,24 @@ def _show_backup(b: Any, out: Any) -> int:
         for d in b.devices
     ]
     text = table(
-        rows, ["DEVICE", "KIND", "PARENT", "SIZE", "BLOCKS", "READ", "STORED", "GEN/CHANGES"]
+        rows,
+        [
+            "DEVICE",
+            "KIND",
+            "PARENT",
+            "SIZE",
+            "CHUNKS NEW/REUSED/ZERO",
+            "READ",
+            "STORED",
+            "GEN/CHANGES",
+        ],
     )
     out.emit(b.as_dict(), head + "\n" + text)
     return 0
 
 
 def cmd_restore(args: argparse.Namespace, client: Any, out: Any) -> int:
-    from blksnap.backup.repo import Repository
-
-    repo = Repository.open(args.repo)
+    repo = _open(args)
     b = repo.get(args.backup)
     rec = b.device(args.device)
     # SIGTERM unwinds like Ctrl-C: the half-written temporary file is removed.
@@ -270,18 +408,16 @@ def cmd_restore(args: argparse.Namespace, client: Any, out: Any) -> int:
         r = repo.restore(b.id, args.device, args.to, progress=advance, force=args.force)
     out.emit(
         r,
-        f"restored {args.device} as of {b.id} to {args.to}: {format_size(r['size'])}, "
-        f"chain {' -> '.join(r['chain'])}\nsha256 {r['sha256']}",
+        f"restored {args.device} as of {b.id} to {args.to}: {format_size(r['size'])}"
+        f"\nsha256 {r['sha256']}",
     )
     return 0
 
 
 def cmd_verify(args: argparse.Namespace, client: Any, out: Any) -> int:
-    from blksnap.backup.repo import Repository
-
-    repo = Repository.open(args.repo)
+    repo = _open(args)
     chosen = [repo.get(args.backup)] if args.backup else [b for b in repo.backups() if b.ok]
-    total = sum(d.data_size for b in chosen for d in b.devices)
+    total = sum(d.size for b in chosen if b.ok for d in b.devices)
     with progress("verify", total, show=_show(args)) as advance:
         problems = repo.verify(args.backup and chosen[0].id, progress=advance)
     doc = {
@@ -291,8 +427,9 @@ def cmd_verify(args: argparse.Namespace, client: Any, out: Any) -> int:
             {
                 "backup": p.backup,
                 "device": p.device,
-                "block": p.block,
+                "chunk": p.chunk,
                 "offset": p.offset,
+                "digest": p.digest,
                 "message": p.message,
             }
             for p in problems
@@ -305,18 +442,133 @@ def cmd_verify(args: argparse.Namespace, client: Any, out: Any) -> int:
         else:
             out.emit(doc)
         raise error(errno.EIO, f"{len(problems)} problem(s) found in {args.repo}")
-    out.emit(doc, f"{len(chosen)} backup(s) verified, every checksum matches")
+    out.emit(doc, f"{len(chosen)} backup(s) verified, every chunk checks")
     return 0
 
 
 def cmd_prune(args: argparse.Namespace, client: Any, out: Any) -> int:
-    from blksnap.backup.repo import Repository
+    from blksnap.backup.retention import Policy
+    from blksnap.backup.retention import table as decision_rows
 
-    repo = Repository.open(args.repo)
-    removed = repo.prune(args.keep, dry_run=args.dry_run)
+    last = args.keep_last
+    if args.keep is not None:
+        if last:
+            raise error(errno.EINVAL, "give --keep or --keep-last, not both")
+        last = args.keep
+    policy = Policy(
+        last=last,
+        hourly=args.keep_hourly,
+        daily=args.keep_daily,
+        weekly=args.keep_weekly,
+        monthly=args.keep_monthly,
+        yearly=args.keep_yearly,
+    )
+    if policy.empty:
+        raise error(
+            errno.EINVAL,
+            "say what to keep: --keep-last N, --keep-hourly/daily/weekly/monthly/yearly N",
+        )
+    repo = _open(args)
+    decisions = repo.prune(policy, dry_run=args.dry_run)
+    removed = [d.id for d in decisions if not d.keep]
+    verb = "would remove" if args.dry_run else "removed"
+    text = table(decision_rows(decisions), ["ID", "STARTED", "ACTION", "WHY"]) if decisions else ""
+    summary = f"{policy.describe()}: {verb} {len(removed)} of {len(decisions)} backup(s)"
+    if removed and not args.dry_run:
+        summary += "; 'blksnap gc' frees the chunks only they used"
+    out.emit(
+        {
+            "removed": sorted(removed),
+            "kept": [d.id for d in decisions if d.keep],
+            "dry_run": args.dry_run,
+            "decisions": [
+                {"id": d.id, "keep": d.keep, "reasons": list(d.reasons)} for d in decisions
+            ],
+        },
+        (text + "\n" if text else "") + summary,
+    )
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace, client: Any, out: Any) -> int:
+    repo = _open(args)
+    r = repo.gc(dry_run=args.dry_run, grace=args.grace)
     verb = "would remove" if args.dry_run else "removed"
     out.emit(
-        {"removed": removed, "dry_run": args.dry_run},
-        f"{verb} {len(removed)} backup(s)" + (": " + ", ".join(removed) if removed else ""),
+        r.as_dict(),
+        f"{r.chunks} chunks, {r.chunks_referenced} named by {r.indexes} index(es);"
+        f" {verb} {r.chunks_removed} ({format_size(r.bytes_removed)})"
+        + (f", kept {r.chunks_recent} unnamed but newer than {r.cutoff}" if r.chunks_recent else "")
+        + (f", {r.running_backups} backup(s) running" if r.running_backups else "")
+        + f" in {r.seconds:.1f} s",
+    )
+    return 0
+
+
+def _new_passphrase() -> bytes:
+    from blksnap.backup.crypto import passphrase_from_env
+
+    given = passphrase_from_env()
+    if given:
+        return given
+    if not sys.stdin.isatty():
+        raise error(
+            errno.ENOKEY,
+            "no passphrase: set BLKSNAP_PASSPHRASE, run on a terminal to be asked,"
+            " or use --key-file FILE",
+        )
+    first = getpass.getpass("passphrase for the new key: ").encode()
+    if getpass.getpass("again: ").encode() != first:
+        raise error(errno.EINVAL, "the passphrases differ")
+    if not first:
+        raise error(errno.EINVAL, "an empty passphrase protects nothing")
+    return first
+
+
+def cmd_key_create(args: argparse.Namespace, client: Any, out: Any) -> int:
+    from blksnap.backup.repo import DEFAULT_CHUNK_SIZE, REPO_FILE, Repository
+
+    if os.path.exists(os.path.join(args.repo, REPO_FILE)):
+        raise error(
+            errno.EEXIST,
+            f"{args.repo} is already a repository; encryption is chosen when one is made"
+            " (make a new encrypted repository and back up or 'repo upgrade' into it)",
+        )
+    passphrase = None if args.key_file else _new_passphrase()
+    repo = Repository.init(
+        args.repo,
+        compression=args.compress,
+        chunk_size=args.chunk_size or DEFAULT_CHUNK_SIZE,
+        passphrase=passphrase,
+        key_file=args.key_file,
+        encrypt=True,
+    )
+    where = f"key file {args.key_file}" if args.key_file else "the passphrase"
+    out.emit(
+        {
+            "repo": repo.path,
+            "key_id": repo.keys.key_id,
+            "mode": "keyfile" if args.key_file else "passphrase",
+            "key_file": args.key_file,
+        },
+        f"{repo.path}: encrypted repository, key {repo.keys.key_id}, opened by {where}",
+    )
+    return 0
+
+
+def cmd_repo_upgrade(args: argparse.Namespace, client: Any, out: Any) -> int:
+    from blksnap.backup.upgrade import upgrade
+
+    def bar(desc: str, total: int) -> contextlib.AbstractContextManager[Callable[[int], None]]:
+        return progress(f"{desc:>10}", total, show=_show(args))
+
+    report = upgrade(args.repo, args.to, key_file=args.key_file, progress=bar)
+    out.emit(
+        report,
+        f"{args.to}: {report['converted']} backup(s) converted"
+        + (f", {report['skipped']} already there" if report["skipped"] else "")
+        + (f", {len(report['not_converted'])} not convertible" if report["not_converted"] else "")
+        + f"; {format_size(report['bytes_stored'])} stored. Check it with"
+        f" 'blksnap verify --repo {args.to}', then remove {args.repo}",
     )
     return 0

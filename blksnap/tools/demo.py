@@ -410,7 +410,7 @@ class Demo:
         self.report.check(
             f"{b.id} {name}: restored file system is fsck-clean",
             fsck.returncode == 0,
-            f"chain {' -> '.join(r['chain'])}"
+            f"{r['bytes_written']} bytes written"
             + ("" if fsck.returncode == 0 else f"; fsck: {fsck.stdout[-300:]}"),
         )
         where = self.workdir / "check"

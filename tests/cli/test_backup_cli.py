@@ -28,7 +28,7 @@ def make_repo(path: Path) -> tuple[Repository, list[bytes]]:
     dev = bytearray(rng.randbytes(SIZE))
     dev[10 * BLOCK : 20 * BLOCK] = bytes(10 * BLOCK)
     versions = []
-    repo = Repository.init(path)
+    repo = Repository.init(path, chunk_size=BLOCK)  # a chunk per block
     for kind, blocks in (("full", range(65)), ("incremental", [3, 4, 40, 64])):
         if kind == "incremental":
             for b in blocks:
@@ -86,15 +86,23 @@ def test_backups_restore_verify_prune_without_a_daemon(tmp_path: Path) -> None:
             == hashlib.sha256(out.read_bytes()).hexdigest()
         )
     ok = cli("verify", "--repo", repo.path)
-    assert ok.returncode == 0 and "every checksum matches" in ok.stdout
+    assert ok.returncode == 0 and "every chunk checks" in ok.stdout
     # Unknown backup / device: the errno is named.
     bad = cli("restore", "--repo", repo.path, "-b", "nope", "-d", "disk0", "--to", "x")
     assert bad.returncode == 1 and "ENOENT" in bad.stderr
     bad = cli("restore", "--repo", repo.path, "-b", "latest", "-d", "disk9", "--to", "x")
     assert bad.returncode == 1 and "ENOENT" in bad.stderr
-    # Prune keeping one: the full is needed by the incremental's chain, so nothing goes.
+    # Prune keeping one: every index is whole, so the full goes and the
+    # incremental still restores; gc then frees the chunks only the full had.
     pr = json.loads(cli("--json", "prune", "--repo", repo.path, "--keep", "1").stdout)
-    assert pr["removed"] == []
+    assert pr["removed"] == [listed[0]["id"]] and pr["kept"] == [listed[1]["id"]]
+    gc = json.loads(cli("--json", "gc", "--repo", repo.path, "--grace", "0").stdout)
+    assert gc["chunks_removed"] == 4  # the four chunks the incremental rewrote
+    out = tmp_path / "after-gc"
+    r = cli("restore", "--repo", repo.path, "-b", "latest", "-d", "disk0", "--to", str(out))
+    assert r.returncode == 0, r.stderr
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == hashlib.sha256(versions[1]).hexdigest()
+    assert cli("verify", "--repo", repo.path).returncode == 0
     assert cli("backups", "--repo", str(tmp_path / "missing")).returncode == 1
 
 

@@ -113,14 +113,20 @@ def test_chain_restores_equal_the_image_at_take(daemon: Daemon, tmp_path: Path) 
             r = repo.restore(res.backup.id, n, str(out))
             assert r["sha256"] == sha256_file(out) == hashes[n], (res.backup.id, n)
             out.unlink()
-    assert len(repo.chain(results[2].backup.id, "d0")) == 3
-    assert len(repo.chain(results[3].backup.id, "d0")) == 2
+    # Every index is whole: the incrementals read only changed chunks and
+    # inherit the others' digests; the chunks the full stored are shared.
+    for res in results[1:]:
+        for n in names:
+            rec = res.backup.device(n)
+            assert rec.chunks_read <= rec.chunk_count
+            assert rec.chunks_new + rec.chunks_reused + rec.chunks_zero == rec.chunks_read
+    assert results[1].backup.device("d1").chunks_read < results[1].backup.device("d1").chunk_count
     assert repo.verify() == []
 
 
-def test_incremental_reads_only_changed_blocks(daemon: Daemon, tmp_path: Path) -> None:
+def test_incremental_reads_only_changed_chunks(daemon: Daemon, tmp_path: Path) -> None:
     dev = random_device(daemon, tmp_path, "d0", seed=3)
-    repo = Repository.init(tmp_path / "repo")
+    repo = Repository.init(tmp_path / "repo", chunk_size=256 * 1024)
     full = run_backup(daemon.client, repo, ["d0"])
     assert full.backup.kind == "full"
     bs = full.backup.device("d0").block_size
@@ -139,11 +145,15 @@ def test_incremental_reads_only_changed_blocks(daemon: Daemon, tmp_path: Path) -
     rec = inc.backup.device("d0")
     assert inc.backup.kind == "incremental" and rec.parent == full.backup.id
     assert inc.plans[0].blocks.tolist() == blocks
-    # Measured by blksnapd: no more than the changed blocks were read.
+    # The chunks that hold a changed block are read, no more (measured by
+    # blksnapd too), and each changed chunk is new to the repository.
+    cs = repo.chunk_size
+    chunks = sorted({b * bs // cs for b in blocks})
+    assert inc.plans[0].chunks.tolist() == chunks
     assert rec.image_bytes_read is not None
-    assert rec.image_bytes_read <= len(blocks) * bs
-    assert rec.bytes_read == len(blocks) * bs
-    assert rec.blocks_stored + rec.blocks_zero == len(blocks)
+    assert rec.image_bytes_read <= len(chunks) * cs
+    assert rec.bytes_read == len(chunks) * cs
+    assert rec.chunks_read == rec.chunks_new == len(chunks)
     # And the chain restores to the device as it is now (nothing written since).
     out = tmp_path / "restored"
     assert repo.restore(inc.backup.id, "d0", str(out))["sha256"] == sha256_file(dev)
@@ -205,7 +215,7 @@ def test_overflowed_backup_is_failed_and_never_a_parent(daemon: Daemon, tmp_path
     assert [b.id for b in repo.backups()] == [good.backup.id, failed.id]
     assert repo.latest("d0").id == good.backup.id
     with pytest.raises(BlksnapError):
-        repo.chain(failed.id, "d0")
+        repo.read_index(failed, "d0")
     with pytest.raises(BlksnapError):
         repo.restore(failed.id, "d0", str(tmp_path / "nope"))
     # The next incremental builds on the good backup and restores to the device.
@@ -256,8 +266,8 @@ def test_cli_backup_verify_damage_and_restore_to_block_device(
         run("losetup", "-d", loop)
     assert sha256_file(target) == sha256_file(dev)
 
-    # One flipped byte in the stored data: verify fails and names the block.
-    data = next((repo / "backups" / bid).glob("*.data"))
+    # One flipped byte in a stored chunk: verify fails and names the chunk.
+    data = max((repo / "chunks").glob("*/*"), key=lambda p: p.stat().st_size)
     with open(data, "r+b") as f:
         f.seek(os.path.getsize(data) // 2)
         b = f.read(1)
@@ -268,10 +278,11 @@ def test_cli_backup_verify_damage_and_restore_to_block_device(
     report = json.loads(bad.stdout)
     assert not report["ok"]
     (p,) = report["problems"]
-    assert p["backup"] == bid and p["device"] == "d0" and isinstance(p["block"], int)
+    assert p["backup"] == bid and p["device"] == "d0" and isinstance(p["chunk"], int)
+    assert p["digest"] == data.name
     assert "EIO" in bad.stderr
     text = daemon.cli("verify", "--repo", str(repo), check=False)
-    assert f"block {p['block']}" in text.stdout
+    assert f"chunk {p['chunk']}" in text.stdout
     # Restore refuses to write damaged data silently.
     fail = daemon.cli(
         "restore",
@@ -342,12 +353,12 @@ def test_killed_backup_leaves_nothing_that_blocks_the_next(
         stderr=subprocess.PIPE,
     )  # fmt: skip
     try:
-        # Strike while the image is being read: the staged data file grows.
+        # Strike while the image is being read: chunks are being stored.
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             assert proc.poll() is None, proc.communicate()
-            staged = list((repo / "tmp").glob("*/dev-0.data")) if repo.exists() else []
-            if staged and staged[0].stat().st_size > 0:
+            staged = list((repo / "tmp").glob("*/begun")) if repo.exists() else []
+            if staged and any((repo / "chunks").glob("*/*")):
                 break
             time.sleep(0.002)
         else:

@@ -237,15 +237,15 @@ def test_the_backup_after_a_crash_stores_only_what_changed(tmp_path: Path) -> No
         rec = inc.backup.device("a")
         assert rec.kind == "incremental", rec.reason
         (plan,) = inc.plans
-        bs = plan.block_size
+        cs = plan.chunk_size
         now = np.fromfile(disk, dtype=np.uint8)
-        changed = int(np.count_nonzero((now != before).reshape(-1, bs).any(axis=1)))
-        assert len(plan.recheck) == 3 * (4 * MiB // bs)  # three regions read again
-        assert plan.recheck_bytes == len(plan.recheck) * bs
-        assert rec.blocks_stored == changed  # only what really changed
+        changed = int(np.count_nonzero((now != before).reshape(-1, cs).any(axis=1)))
+        assert len(plan.recheck) == 3 * (4 * MiB // cs)  # three regions read again
+        assert plan.recheck_bytes == len(plan.recheck) * cs
+        assert rec.chunks_read == rec.chunks_new == changed  # only what really changed
         assert plan.recheck_unchanged == len(plan.recheck) - changed
         report = inc.as_dict()["devices"][0]["reread_after_crash"]
-        assert report["stored"] == changed and report["blocks"] == len(plan.recheck)
+        assert report["stored"] == changed and report["chunks"] == len(plan.recheck)
         out = tmp_path / "restored"
         assert repo.restore(inc.backup.id, "a", str(out))["sha256"] == hashes["a"]
         assert sha256_file(out) == sha256_file(disk)

@@ -65,9 +65,13 @@ def random_backup(daemon: Daemon, tmp_path: Path, size: int, seed: int) -> tuple
 
 
 def damage_tail(repo: Path) -> None:
-    """Flip a byte near the end of the (only) backup's data file: the restore
-    fails on that block's checksum after writing the windows before it."""
-    (data,) = (repo / "backups").glob("*/*.data")
+    """Flip a byte near the end of the last stored chunk of the (only)
+    backup: the restore fails on that chunk after writing the windows before it."""
+    (index,) = (repo / "backups").glob("*/dev-0.index")
+    raw = index.read_bytes()
+    names = [raw[i : i + 32].hex() for i in range(0, len(raw), 32)]
+    stored = [repo / "chunks" / n[:2] / n for n in names if (repo / "chunks" / n[:2] / n).exists()]
+    data = stored[-1]
     with open(data, "r+b") as f:
         f.seek(os.path.getsize(data) - 1000)
         b = f.read(1)
@@ -198,7 +202,7 @@ def test_failed_restore_leaves_no_file_and_no_temporary(daemon: Daemon, tmp_path
     # A damaged block near the end: the checksum fails after 32 MiB were written.
     damage_tail(repo)
     err = error_of(restore(daemon, repo, out_dir / "new.img"))
-    assert err["error"] == "EIO" and "checksum" in err["message"], err
+    assert err["error"] == "EIO" and "digest mismatch" in err["message"], err
     assert os.listdir(out_dir) == []
     keep = out_dir / "keep.img"
     keep.write_bytes(b"keep" * 1000)

@@ -1,0 +1,265 @@
+"""The chunk store: every backup's chunks, once each, named by their digest.
+
+``chunks/<first two hex digits>/<64 hex digits>``: a fan-out of 256
+directories (a million chunks, a terabyte at 1 MiB, is about 4000 files a
+directory; ext4's and xfs's hashed directories take far more). A chunk is
+written under a temporary name in its directory, ``fdatasync``\\ ed, then
+linked to its name (``link`` fails if another writer got there first: the
+store is put-if-absent) and the temporary removed; a chunk under its name is
+therefore always whole and durable. The directory entries are made durable by
+:meth:`ChunkStore.sync` (one ``fsync`` per directory written), which a backup
+calls before it publishes anything that names them.
+
+A chunk file is a 16-byte header (:data:`blksnap.backup.format.CHUNK_HEADER`)
+and a payload: a kind byte (raw or zstd) and the data, AES-256-GCM sealed
+with the digest as associated data when the repository is encrypted
+(:class:`blksnap.backup.crypto.Keys`). Reading checks the header, opens the
+seal, decompresses and compares the digest of the result with the name.
+
+Concurrency with gc: a backup holds ``chunks.lock`` shared while it decides a
+chunk is present (and renews its mtime) or stores it; gc holds it exclusively
+while it removes chunks, and removes only chunks no index names whose mtime
+is older than its cutoff (:mod:`blksnap.backup.gc`).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import secrets
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+
+import zstandard
+
+from blksnap.backup.crypto import Keys
+from blksnap.backup.format import (
+    CHUNK_LOCK,
+    CHUNKS,
+    KIND_RAW,
+    KIND_ZSTD,
+    BadChunk,
+    chunk_name,
+    decompress,
+    frame_chunk,
+    unframe_chunk,
+)
+from blksnap.errors import IOFailure, from_oserror
+from blksnap.fileio import fsync_dir, pwrite_full
+
+#: Temporary chunk files start with this (gc removes old ones).
+TEMP_PREFIX = ".tmp-"
+
+
+class _LockFile:
+    """One thread's open file of ``chunks.lock``, closed when the thread's
+    locals go (flock locks belong to an open file, so threads cannot share one)."""
+
+    def __init__(self, path: str) -> None:
+        try:
+            self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise from_oserror(exc, path) from None
+
+    def __del__(self) -> None:
+        with suppress(OSError, AttributeError):
+            os.close(self.fd)
+
+
+class ChunkStore:
+    """The ``chunks/`` directory of a repository (see the module docstring)."""
+
+    def __init__(self, root: str, keys: Keys, compression: str, level: int = 1) -> None:
+        self.root = root
+        self.dir = os.path.join(root, CHUNKS)
+        self.keys = keys
+        self.compression = compression
+        self.level = level
+        self._tls = threading.local()
+        self._dirty: set[str] = set()
+        self._dirty_lock = threading.Lock()
+        self._zero_digests: dict[int, bytes] = {}
+
+    # -- names -------------------------------------------------------------
+
+    def path(self, digest: bytes) -> str:
+        fan, name = chunk_name(digest)
+        return os.path.join(self.dir, fan, name)
+
+    def zero_digest(self, length: int) -> bytes:
+        """The digest of ``length`` zero bytes (a zero chunk is never stored)."""
+        digest = self._zero_digests.get(length)
+        if digest is None:
+            digest = self._zero_digests[length] = self.keys.digest(bytes(length))
+        return digest
+
+    # -- encoding ----------------------------------------------------------
+
+    def encode(self, digest: bytes, data: bytes | memoryview) -> bytes:
+        """The chunk file of ``data`` (compressed if that makes it smaller,
+        sealed if the repository is encrypted). Thread-safe."""
+        kind, body = KIND_RAW, data
+        if self.compression == "zstd":
+            cctx = getattr(self._tls, "cctx", None)
+            if cctx is None:  # compressors are not thread-safe: one per thread
+                cctx = self._tls.cctx = zstandard.ZstdCompressor(level=self.level)
+            packed = cctx.compress(data)
+            if len(packed) < len(data):
+                kind, body = KIND_ZSTD, packed
+        payload = bytes((kind,)) + bytes(body)
+        return frame_chunk(kind, len(data), self.keys.seal(digest, payload), self.keys.encrypted)
+
+    def decode(self, digest: bytes, blob: bytes | memoryview, expect: int) -> bytes:
+        """The ``expect`` plain bytes of a chunk file; BadChunk if it is not the
+        chunk ``digest`` names. Thread-safe."""
+        sealed = unframe_chunk(blob, expect, self.keys.encrypted)
+        try:
+            payload = memoryview(self.keys.unseal(digest, sealed))
+        except IOFailure:
+            raise BadChunk("authentication failed (damaged, or sealed with another key)") from None
+        if not len(payload):
+            raise BadChunk("empty payload")
+        kind, body = payload[0], payload[1:]
+        if kind == KIND_ZSTD:
+            dctx = getattr(self._tls, "dctx", None)
+            if dctx is None:
+                dctx = self._tls.dctx = zstandard.ZstdDecompressor()
+            try:
+                data = decompress(dctx, body, expect)
+            except zstandard.ZstdError as exc:
+                raise BadChunk(f"cannot decompress: {exc}") from None
+        elif kind == KIND_RAW:
+            data = bytes(body)
+        else:
+            raise BadChunk(f"unknown payload kind {kind}")
+        if len(data) != expect:
+            raise BadChunk(f"holds {len(data)} bytes, not {expect}")
+        if self.keys.digest(data) != digest:
+            raise BadChunk("digest mismatch")
+        return data
+
+    # -- store and fetch ---------------------------------------------------
+
+    def touch(self, digest: bytes) -> bool:
+        """Is the chunk present? If so its mtime becomes now (gc's grace rule:
+        a chunk a running backup reuses is never old). Hold :meth:`shared`."""
+        try:
+            os.utime(self.path(digest))
+            return True
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise from_oserror(exc, f"chunk {digest.hex()}") from None
+
+    def put(self, digest: bytes, blob: bytes) -> bool:
+        """Store the chunk file ``blob`` under ``digest`` unless it is there;
+        True if this call stored it. Hold :meth:`shared`."""
+        fan, name = chunk_name(digest)
+        where = os.path.join(self.dir, fan)
+        final = os.path.join(where, name)
+        temp = os.path.join(where, f"{TEMP_PREFIX}{name[:16]}-{secrets.token_hex(6)}")
+        try:
+            try:
+                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            except FileNotFoundError:
+                os.makedirs(where, mode=0o700, exist_ok=True)
+                self._mark_dirty(self.dir)
+                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                pwrite_full(fd, 0, blob)
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+            try:
+                os.link(temp, final)
+                stored = True
+            except FileExistsError:
+                stored = False  # another backup stored it meanwhile: same content
+                os.utime(final)
+            self._mark_dirty(where)
+        except OSError as exc:
+            raise from_oserror(exc, f"store chunk {name}") from None
+        finally:
+            with suppress(OSError):
+                os.unlink(temp)
+        return stored
+
+    def read(self, digest: bytes, expect: int) -> bytes:
+        """The checked plain bytes of chunk ``digest`` (IOFailure naming it)."""
+        path = self.path(digest)
+        try:
+            with open(path, "rb") as f:
+                blob = f.read()
+        except FileNotFoundError:
+            raise IOFailure(f"chunk {digest.hex()}: missing from the repository") from None
+        except OSError as exc:
+            raise from_oserror(exc, f"chunk {digest.hex()}") from None
+        try:
+            return self.decode(digest, blob, expect)
+        except BadChunk as exc:
+            raise IOFailure(f"chunk {digest.hex()}: {exc}") from None
+
+    def _mark_dirty(self, path: str) -> None:
+        with self._dirty_lock:
+            self._dirty.add(path)
+
+    def sync(self) -> None:
+        """fsync every directory chunks were linked into since the last call."""
+        with self._dirty_lock:
+            dirty, self._dirty = self._dirty, set()
+        try:
+            for path in sorted(dirty, key=len, reverse=True):  # fan-outs before chunks/
+                fsync_dir(path)
+        except OSError as exc:
+            with self._dirty_lock:
+                self._dirty |= dirty
+            raise from_oserror(exc, "fsync the chunk store") from None
+
+    # -- locks -------------------------------------------------------------
+
+    def _lock_fd(self) -> int:
+        lock = getattr(self._tls, "lock", None)
+        if lock is None:
+            lock = self._tls.lock = _LockFile(os.path.join(self.root, CHUNK_LOCK))
+        return lock.fd
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        """Hold the chunk lock shared."""
+        fd = self._lock_fd()
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        fd = self._lock_fd()
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+
+    # -- listing -----------------------------------------------------------
+
+    def fanouts(self) -> list[str]:
+        try:
+            return sorted(e.name for e in os.scandir(self.dir) if e.is_dir(follow_symlinks=False))
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise from_oserror(exc, self.dir) from None
+
+    def entries(self, fan: str) -> Iterator[os.DirEntry[str]]:
+        try:
+            with os.scandir(os.path.join(self.dir, fan)) as it:
+                yield from it
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                raise from_oserror(exc, os.path.join(self.dir, fan)) from None
