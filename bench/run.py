@@ -20,7 +20,7 @@ over the trials):
 
 and then, through the real block layer (``bench/fuse_bench.py``: blksnapd,
 FUSE and loop devices, fio), the section "Block layer: fio on loop devices",
-and the sections of ``nbd_bench``, ``backup_bench``, ``restart_bench``,
+and the sections of ``nbd_bench``, ``backup_bench``, ``repo_bench``, ``restart_bench``,
 ``migrate_bench`` and ``cbt_bench``.
 
 ``make bench`` runs ``bench/run.py --output BENCHMARKS.md``; ``--quick`` is a
@@ -1229,6 +1229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         failed = not block_layer(cfg, report, progress)
         failed = not nbd_section(cfg, report, progress) or failed
         failed = not backup_section(cfg, report, progress) or failed
+        failed = not repo_section(cfg, report, progress) or failed
         failed = not restart_section(cfg, report, progress) or failed
         failed = not migrate_section(cfg, report, progress) or failed
         failed = not cbt_section(cfg, report, progress) or failed
@@ -1294,6 +1295,19 @@ def backup_section(cfg: Config, report: Report, progress: Callable[[str], None])
         backup_bench,
         "backup",
         lambda: backup_bench.run_backup_bench(cfg.quick, progress),
+    )
+
+
+def repo_section(cfg: Config, report: Report, progress: Callable[[str], None]) -> bool:
+    """Repository v2: dedup, encryption, restore, verify, chunk size (bench/repo_bench.py)."""
+    import repo_bench
+
+    return _sub_section(
+        report,
+        progress,
+        repo_bench,
+        "repository",
+        lambda: repo_bench.run_repo_bench(cfg.quick, progress),
     )
 
 

@@ -97,6 +97,9 @@ class Settings:
     backup_read_threads: int = 4
     #: zstd level of stored blocks (1: fast, and most of the gain).
     backup_zstd_level: int = 1
+    #: The chunks a backup stores are flushed to disk in the background every
+    #: this many bytes (and all of them before it publishes).
+    backup_writeback_step: int = 32 * MiB
     #: gc never removes a chunk whose mtime is less than this many seconds
     #: before it started (on top of the rule that protects every chunk a
     #: running backup touched: docs/REPOSITORY.md, "Garbage collection").

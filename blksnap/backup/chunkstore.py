@@ -3,12 +3,20 @@
 ``chunks/<first two hex digits>/<64 hex digits>``: a fan-out of 256
 directories (a million chunks, a terabyte at 1 MiB, is about 4000 files a
 directory; ext4's and xfs's hashed directories take far more). A chunk is
-written under a temporary name in its directory, ``fdatasync``\\ ed, then
-linked to its name (``link`` fails if another writer got there first: the
-store is put-if-absent) and the temporary removed; a chunk under its name is
-therefore always whole and durable. The directory entries are made durable by
-:meth:`ChunkStore.sync` (one ``fsync`` per directory written), which a backup
-calls before it publishes anything that names them.
+written under a temporary name in its directory and linked to its name
+(``link`` fails if the name exists: the store is put-if-absent) and the
+temporary removed. Durability is batched, not per chunk (an ``fdatasync``
+per chunk costs a journal commit each): the chunks stored since the last
+flush are synced together (``fdatasync``), in the background as a backup goes and
+all of them before it publishes anything that names them
+(:meth:`ChunkStore.flush`, then :meth:`ChunkStore.sync` for the
+directories). Until then a power cut can leave a chunk file under its name
+that is shorter than it should be: its header says its full size, so the
+store treats such a file as absent (a backup stores it again, verify and
+restore report it). One writer at a time (the repository's writer lock), and
+a writer that finds a dead writer's staging dir first makes the whole file
+system durable (``syncfs``), so no backup ever names a chunk it did not make
+durable itself.
 
 A chunk file is a 16-byte header (:data:`blksnap.backup.format.CHUNK_HEADER`)
 and a payload: a kind byte (raw or zstd) and the data, AES-256-GCM sealed
@@ -24,23 +32,27 @@ is older than its cutoff (:mod:`blksnap.backup.gc`).
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import os
 import secrets
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 
 import zstandard
 
 from blksnap.backup.crypto import Keys
 from blksnap.backup.format import (
+    CHUNK_HEADER,
     CHUNK_LOCK,
     CHUNKS,
     KIND_RAW,
     KIND_ZSTD,
     BadChunk,
+    chunk_file_size,
     chunk_name,
     decompress,
     frame_chunk,
@@ -51,6 +63,31 @@ from blksnap.fileio import fsync_dir, pwrite_full
 
 #: Temporary chunk files start with this (gc removes old ones).
 TEMP_PREFIX = ".tmp-"
+#: fdatasyncs in flight when a batch of chunks is flushed (the file system
+#: folds concurrent ones into few journal commits).
+FLUSH_THREADS = 16
+
+
+def syncfs(path: str) -> None:
+    """Make everything written to the file system holding ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if ctypes.CDLL(None, use_errno=True).syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), path)
+    finally:
+        os.close(fd)
+
+
+def _fdatasync_path(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return  # removed by gc since (it was not named by any index)
+    try:
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
 
 
 class _LockFile:
@@ -80,6 +117,9 @@ class ChunkStore:
         self._tls = threading.local()
         self._dirty: set[str] = set()
         self._dirty_lock = threading.Lock()
+        self._unsynced: list[str] = []
+        #: Bytes of chunk files stored and not yet flushed.
+        self.pending_bytes = 0
         self._zero_digests: dict[int, bytes] = {}
 
     # -- names -------------------------------------------------------------
@@ -143,19 +183,30 @@ class ChunkStore:
     # -- store and fetch ---------------------------------------------------
 
     def touch(self, digest: bytes) -> bool:
-        """Is the chunk present? If so its mtime becomes now (gc's grace rule:
-        a chunk a running backup reuses is never old). Hold :meth:`shared`."""
+        """Is the chunk present and whole (its size is what its header says)?
+        If so its mtime becomes now (gc's grace rule: a chunk a running backup
+        reuses is never old). A chunk file cut short counts as absent.
+        Hold :meth:`shared`."""
         try:
-            os.utime(self.path(digest))
-            return True
+            fd = os.open(self.path(digest), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return False
         except OSError as exc:
             raise from_oserror(exc, f"chunk {digest.hex()}") from None
+        try:
+            if chunk_file_size(os.pread(fd, CHUNK_HEADER.size, 0)) != os.fstat(fd).st_size:
+                return False
+            os.utime(fd)
+            return True
+        except OSError as exc:
+            raise from_oserror(exc, f"chunk {digest.hex()}") from None
+        finally:
+            os.close(fd)
 
     def put(self, digest: bytes, blob: bytes) -> bool:
-        """Store the chunk file ``blob`` under ``digest`` unless it is there;
-        True if this call stored it. Hold :meth:`shared`."""
+        """Store the chunk file ``blob`` under ``digest`` unless a whole one is
+        there; True if this call stored it (durable after :meth:`flush`).
+        Hold :meth:`shared`."""
         fan, name = chunk_name(digest)
         where = os.path.join(self.dir, fan)
         final = os.path.join(where, name)
@@ -169,22 +220,46 @@ class ChunkStore:
                 fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
                 pwrite_full(fd, 0, blob)
-                os.fdatasync(fd)
             finally:
                 os.close(fd)
             try:
                 os.link(temp, final)
                 stored = True
             except FileExistsError:
-                stored = False  # another backup stored it meanwhile: same content
-                os.utime(final)
-            self._mark_dirty(where)
+                if self.touch(digest):
+                    stored = False  # stored meanwhile: the same content
+                else:  # a file cut short by a power cut: replace it
+                    os.rename(temp, final)
+                    stored = True
+            if stored:
+                with self._dirty_lock:
+                    self._dirty.add(where)
+                    self._unsynced.append(final)
+                    self.pending_bytes += len(blob)
         except OSError as exc:
             raise from_oserror(exc, f"store chunk {name}") from None
         finally:
             with suppress(OSError):
                 os.unlink(temp)
         return stored
+
+    def flush(self) -> None:
+        """Make the chunks stored so far durable (data; :meth:`sync` does the
+        directories)."""
+        with self._dirty_lock:
+            paths, self._unsynced = self._unsynced, []
+            self.pending_bytes = 0
+        if not paths:
+            return
+        try:
+            with ThreadPoolExecutor(
+                max_workers=min(FLUSH_THREADS, len(paths)), thread_name_prefix="blksnap-flush"
+            ) as pool:
+                list(pool.map(_fdatasync_path, paths))
+        except OSError as exc:
+            with self._dirty_lock:
+                self._unsynced[:0] = paths
+            raise from_oserror(exc, "flush the chunk store") from None
 
     def read(self, digest: bytes, expect: int) -> bytes:
         """The checked plain bytes of chunk ``digest`` (IOFailure naming it)."""

@@ -85,11 +85,13 @@ INDEX_SUFFIX = ".index"
 #: Bytes of a chunk digest (one index row).
 DIGEST = 32
 
-#: A stored chunk: magic, version, flags, reserved, plain length (16 bytes),
-#: then the payload: ``kind`` byte (0 raw, 1 zstd) and the data, sealed
-#: (AES-256-GCM, nonce first) when the repository is encrypted.
+#: A stored chunk: magic, version, flags, reserved, plain length, payload
+#: length (16 bytes), then the payload: ``kind`` byte (0 raw, 1 zstd) and the
+#: data, sealed (AES-256-GCM, nonce first) when the repository is encrypted.
+#: The payload length lets a reader see a chunk file cut short (a power cut
+#: before it reached the disk) from its size alone.
 CHUNK_MAGIC = b"BKSC"
-CHUNK_HEADER = struct.Struct("<4sBBHQ")
+CHUNK_HEADER = struct.Struct("<4sBBHII")
 CHUNK_VERSION = 1
 CHUNK_ENCRYPTED = 1
 KIND_RAW = 0
@@ -538,9 +540,20 @@ def frame_chunk(kind: int, length: int, payload: bytes, encrypted: bool) -> byte
     """A chunk file: the header, then ``payload`` (the kind byte and data,
     sealed when ``encrypted``)."""
     header = CHUNK_HEADER.pack(
-        CHUNK_MAGIC, CHUNK_VERSION, CHUNK_ENCRYPTED if encrypted else 0, 0, length
+        CHUNK_MAGIC, CHUNK_VERSION, CHUNK_ENCRYPTED if encrypted else 0, 0, length, len(payload)
     )
     return header + payload
+
+
+def chunk_file_size(header: bytes) -> int | None:
+    """The size a whole chunk file with this header has; None if ``header``
+    is not a chunk header."""
+    if len(header) < CHUNK_HEADER.size:
+        return None
+    magic, version, _, _, _, payload = CHUNK_HEADER.unpack_from(header)
+    if magic != CHUNK_MAGIC or version != CHUNK_VERSION:
+        return None
+    return CHUNK_HEADER.size + payload
 
 
 def unframe_chunk(blob: bytes | memoryview, expect: int, encrypted: bool) -> memoryview:
@@ -548,9 +561,14 @@ def unframe_chunk(blob: bytes | memoryview, expect: int, encrypted: bool) -> mem
     header is not one this repository writes."""
     if len(blob) < CHUNK_HEADER.size + 1:
         raise BadChunk(f"holds {len(blob)} bytes: too short for a chunk")
-    magic, version, flags, _, length = CHUNK_HEADER.unpack_from(blob)
+    magic, version, flags, _, length, payload = CHUNK_HEADER.unpack_from(blob)
     if magic != CHUNK_MAGIC or version != CHUNK_VERSION:
         raise BadChunk("not a chunk file (bad magic or version)")
+    if len(blob) != CHUNK_HEADER.size + payload:
+        raise BadChunk(
+            f"chunk file holds {len(blob)} bytes, its header says {CHUNK_HEADER.size + payload}"
+            " (cut short?)"
+        )
     if bool(flags & CHUNK_ENCRYPTED) != encrypted:
         raise BadChunk(
             "not encrypted, in an encrypted repository"

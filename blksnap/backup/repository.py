@@ -43,7 +43,7 @@ from blksnap.backup import gc as _gc
 from blksnap.backup import restore as _restore
 from blksnap.backup import retention
 from blksnap.backup import verify as _verify
-from blksnap.backup.chunkstore import ChunkStore
+from blksnap.backup.chunkstore import ChunkStore, syncfs
 from blksnap.backup.crypto import Keys, create_encryption, open_keys, passphrase_from_env
 from blksnap.backup.format import (
     BACKUPS,
@@ -263,6 +263,14 @@ class Repository:
             os.makedirs(self.tmp_dir, mode=0o700, exist_ok=True)
             return []
         snapshots = []
+        if any(not name.endswith(".pruned") for name in entries):
+            # A writer died. The chunks it stored may not be durable yet, and
+            # this writer may reuse them without storing them: make the file
+            # system durable first (what the dead writer's commit would have).
+            try:
+                syncfs(self.path)
+            except OSError as exc:
+                raise from_oserror(exc, f"sync {self.path} after a writer that died") from None
         for name in entries:
             try:
                 with open(os.path.join(self.tmp_dir, name, SNAPSHOT_FILE)) as f:

@@ -263,7 +263,13 @@ class _FileImage(_ImageReader):
         self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
 
     def read(self, offset: int, length: int) -> bytes:
-        buf = bytearray()
+        try:
+            first = os.pread(self.fd, length, offset)
+        except OSError as exc:
+            raise error(exc.errno or errno.EIO, f"reading {self.path}: {exc.strerror}") from None
+        if len(first) == length:
+            return first  # the usual case: no copy
+        buf = bytearray(first)
         while len(buf) < length:
             try:
                 part = os.pread(self.fd, length - len(buf), offset + len(buf))

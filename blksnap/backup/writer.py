@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -48,6 +49,7 @@ from blksnap.errors import (
     from_oserror,
 )
 from blksnap.fileio import fsync_dir, pwrite_full
+from blksnap.settings import SETTINGS
 
 if TYPE_CHECKING:
     from blksnap.backup.repository import Repository
@@ -140,6 +142,12 @@ class BackupWriter:
         self._devices: dict[str, _DeviceState] = {}
         self._zeros: dict[int, bytes] = {}
         self._done = False
+        #: Chunks stored are flushed in the background every this many bytes,
+        #: so the disk writes overlap the backup (commit flushes the rest).
+        self._flush_step = SETTINGS.backup_writeback_step
+        self._flusher: ThreadPoolExecutor | None = None
+        self._flushing: Future[None] | None = None
+        self._flush_lock = threading.Lock()
         #: Snapshots named by the staging dirs of writers that died (a killed
         #: backup): the caller may destroy them if they still exist.
         self.abandoned_snapshots = list(abandoned_snapshots or [])
@@ -296,6 +304,8 @@ class BackupWriter:
                     blob = self.store.encode(chunk.digest, chunk.data)
                     new = self.store.put(chunk.digest, blob)
                     stored = len(blob) if new else 0
+        if new and self.store.pending_bytes >= self._flush_step:
+            self._kick_flush()
         record = state.record
         with state.lock:
             state.digests[chunk.index] = np.frombuffer(chunk.digest, dtype=np.uint8)
@@ -312,6 +322,26 @@ class BackupWriter:
                 record.bytes_reused += chunk.length
         return stored
 
+    def _kick_flush(self) -> None:
+        """Start flushing the chunks stored so far, unless a flush is running;
+        an error of the last one is raised here."""
+        with self._flush_lock:
+            job = self._flushing
+            if job is not None:
+                if not job.done():
+                    return
+                self._flushing = None
+                job.result()
+            if self._flusher is None:
+                self._flusher = ThreadPoolExecutor(1, thread_name_prefix="blksnap-flushing")
+            self._flushing = self._flusher.submit(self.store.flush)
+
+    def _settle_flush(self) -> None:
+        with self._flush_lock:
+            job, self._flushing = self._flushing, None
+        if job is not None:
+            job.result()
+
     def commit(self) -> BackupInfo:
         """Write the indexes and the manifest and publish the backup atomically."""
         self._check_open()
@@ -327,7 +357,10 @@ class BackupWriter:
                     f" {record.chunk_count} missing)"
                 )
         try:
-            self.store.sync()  # every chunk an index names is durable first
+            # Every chunk this backup stored is durable before anything names it.
+            self._settle_flush()
+            self.store.flush()
+            self.store.sync()
             for state in self._devices.values():
                 raw = state.digests.tobytes()
                 write_file(state.index_path, raw)
@@ -403,6 +436,9 @@ class BackupWriter:
         self._release()
 
     def _release(self) -> None:
+        if self._flusher is not None:
+            self._flusher.shutdown(wait=True)
+            self._flusher = None
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1

@@ -353,8 +353,9 @@ def test_full_backup_restores_and_keeps_holes(tmp_path: Path, compression: str) 
     for i in (0, 2):
         hexd = blake3.blake3(chunk(data, i)).hexdigest()
         blob = (Path(repo.path) / "chunks" / hexd[:2] / hexd).read_bytes()
-        magic, version, flags, _, length = CHUNK_HEADER.unpack_from(blob)
+        magic, version, flags, _, length, payload = CHUNK_HEADER.unpack_from(blob)
         assert (magic, version, flags, length) == (CHUNK_MAGIC, 1, 0, CS)
+        assert payload == len(blob) - CHUNK_HEADER.size
         kind = blob[CHUNK_HEADER.size]
         if compression == "zstd" and i == 2:  # the compressible chunk
             assert kind == KIND_ZSTD and len(blob) < CS // 4

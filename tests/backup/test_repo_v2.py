@@ -411,6 +411,28 @@ def test_deleted_chunk_is_missing(repo: Repository, tmp_path: Path) -> None:
     assert "chunk 6 " in exc.value.message and "missing" in exc.value.message
 
 
+def test_a_chunk_cut_short_is_reported_and_stored_again(repo: Repository, tmp_path: Path) -> None:
+    """A power cut before a chunk reached the disk leaves its file shorter
+    than its header says: verify and restore name it, and the next backup of
+    the same data stores it again instead of trusting it."""
+    data = make_device(312)
+    info = full(repo, data)
+    digest = digest_of(repo, info, 0)  # random data: stored raw, CS bytes
+    path = repo.store.path(digest)
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) - 4096)
+    [problem] = repo.verify()
+    assert (problem.chunk, problem.digest) == (0, digest.hex())
+    assert "cut short" in problem.message, problem.message
+    with pytest.raises(IOFailure):
+        repo.restore(info.id, "disk0", str(tmp_path / "x.img"))
+    again = full(repo, data)
+    rec = again.device("disk0")
+    assert rec.chunks_new == 1 and rec.bytes_new == CS  # only the cut one
+    assert repo.verify() == []  # the same name, whole again: both backups are good
+    assert restored(repo, info.id, tmp_path) == data
+
+
 def test_missing_chunk_message_is_not_mangled(repo: Repository) -> None:
     info = full(repo, make_device(311, size=4 * CS))
     os.unlink(repo.store.path(digest_of(repo, info, 0)))
