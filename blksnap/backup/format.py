@@ -320,9 +320,13 @@ class BackupInfo:
         }
 
 
-def info_from_manifest(m: dict[str, Any], path: str) -> BackupInfo:
+def info_from_manifest(
+    m: dict[str, Any], path: str, record: Callable[[dict[str, Any]], Any] | None = None
+) -> BackupInfo:
     """Build a :class:`BackupInfo` from a parsed manifest (ValueError/KeyError/TypeError
-    when a field is missing or of the wrong type)."""
+    when a field is missing or of the wrong type); ``record`` builds a device
+    record (version 1's are another type)."""
+    record = record or DeviceRecord.from_dict
     seq = m["seq"]
     if not isinstance(seq, int) or isinstance(seq, bool):
         raise ValueError("seq is not an integer")
@@ -349,20 +353,27 @@ def info_from_manifest(m: dict[str, Any], path: str) -> BackupInfo:
         snapshot_id=snapshot_id,
         compression=m["compression"],
         checksum=m["checksum"],
-        devices=[DeviceRecord.from_dict(d) for d in devices],
+        devices=[record(d) for d in devices],
         path=path,
     )
 
 
-def damaged(backup_id: str, path: str, reason: str, m: Any = None) -> BackupInfo:
+def damaged(
+    backup_id: str,
+    path: str,
+    reason: str,
+    m: Any = None,
+    record: Callable[[dict[str, Any]], Any] | None = None,
+) -> BackupInfo:
     """A backup whose manifest cannot be trusted: listed, never used."""
+    record = record or DeviceRecord.from_dict
     m = m if isinstance(m, dict) else {}
     seq = m.get("seq")
     devices: list[DeviceRecord] = []
     if isinstance(m.get("devices"), list):
         for d in m["devices"]:
             try:
-                devices.append(DeviceRecord.from_dict(d))
+                devices.append(record(d))
             except (KeyError, TypeError, ValueError, AttributeError):
                 pass
 
@@ -484,47 +495,50 @@ def new_manifest(
 
 
 def parse_manifest(
-    backup_id: str, path: str, raw: bytes, mac: Callable[[bytes], str]
+    backup_id: str,
+    path: str,
+    raw: bytes,
+    mac: Callable[[bytes], str],
+    *,
+    version: int = FORMAT_VERSION,
+    record: Callable[[dict[str, Any]], Any] | None = None,
 ) -> BackupInfo:
     """The backup ``backup_id`` (directory ``path``) its manifest ``raw``
-    describes: damaged if the manifest cannot be trusted."""
+    describes: damaged if the manifest cannot be trusted. ``version`` and
+    ``record`` read a version 1 manifest (:mod:`blksnap.backup.v1format`)."""
+
+    def bad(reason: str, m: Any = None) -> BackupInfo:
+        return damaged(backup_id, path, reason, m, record)
+
     try:
         m = json.loads(raw)
     except (ValueError, RecursionError):
-        return damaged(backup_id, path, "manifest.json is not valid JSON")
+        return bad("manifest.json is not valid JSON")
     if not isinstance(m, dict):
-        return damaged(backup_id, path, "manifest.json is not a JSON object")
-    if m.get("format") != BACKUP_FORMAT or m.get("version") != FORMAT_VERSION:
-        return damaged(
-            backup_id,
-            path,
-            f"unsupported manifest format {m.get('format')!r} version {m.get('version')!r}",
-            m,
+        return bad("manifest.json is not a JSON object")
+    if m.get("format") != BACKUP_FORMAT or m.get("version") != version:
+        return bad(
+            f"unsupported manifest format {m.get('format')!r} version {m.get('version')!r}", m
         )
     if m.get("manifest_checksum") != manifest_checksum(m, mac):
-        return damaged(
-            backup_id,
-            path,
-            "manifest checksum mismatch (damaged, or written with another key)",
-            m,
-        )
+        return bad("manifest checksum mismatch (damaged, or written with another key)", m)
     if m.get("id") != backup_id:
-        return damaged(
-            backup_id, path, f"manifest names backup {m.get('id')!r}, not its directory", m
-        )
+        return bad(f"manifest names backup {m.get('id')!r}, not its directory", m)
     try:
-        info = info_from_manifest(m, path)
+        info = info_from_manifest(m, path, record)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        return damaged(backup_id, path, f"malformed manifest: {exc}", m)
+        return bad(f"malformed manifest: {exc}", m)
     if info.state not in ("ok", "failed"):
-        return damaged(backup_id, path, f"unknown state {info.state!r}", m)
-    for record in info.devices:
+        return bad(f"unknown state {info.state!r}", m)
+    if version != FORMAT_VERSION:
+        return info
+    for rec in info.devices:
         try:
-            check_chunk_size(record.chunk_size)
+            check_chunk_size(rec.chunk_size)
         except Exception:
-            return damaged(backup_id, path, f"device {record.name}: bad chunk size", m)
-        if info.ok and not FILE_RE.match(record.file):
-            return damaged(backup_id, path, f"device {record.name}: bad file {record.file!r}", m)
+            return bad(f"device {rec.name}: bad chunk size", m)
+        if info.ok and not FILE_RE.match(rec.file):
+            return bad(f"device {rec.name}: bad file {rec.file!r}", m)
     return info
 
 

@@ -31,7 +31,8 @@ import blake3
 import numpy as np
 import zstandard
 
-from blksnap.backup.format import canonical_json, decompress, iso_now
+from blksnap.backup import format as _format
+from blksnap.backup.format import BackupInfo, decompress, iso_now
 from blksnap.errors import InvalidArgument, IOFailure, NotFound, error
 
 REPO_FORMAT = "blksnap-repository"
@@ -80,8 +81,7 @@ DIGEST = 32
 
 def manifest_checksum(manifest: dict[str, Any]) -> str:
     """Hex blake3 of the canonical JSON of ``manifest`` without ``manifest_checksum``."""
-    body = {k: v for k, v in manifest.items() if k != "manifest_checksum"}
-    return blake3.blake3(canonical_json(body)).hexdigest()
+    return _format.manifest_checksum(manifest, _plain_mac)
 
 
 def block_length(size: int, block_size: int, index: int) -> int:
@@ -190,116 +190,6 @@ class DeviceRecord:
         )
 
 
-@dataclass
-class BackupInfo:
-    """A published backup, as its manifest describes it."""
-
-    id: str
-    seq: int
-    kind: str
-    state: str  # "ok" | "failed" | "damaged" (manifest unreadable or checksum mismatch)
-    error: dict[str, Any] | None
-    started: str
-    finished: str
-    snapshot_id: str | None
-    compression: str
-    checksum: str
-    devices: list[DeviceRecord]
-    path: str
-
-    @property
-    def ok(self) -> bool:
-        return self.state == "ok"
-
-    def device(self, name: str) -> DeviceRecord:
-        for record in self.devices:
-            if record.name == name:
-                return record
-        raise NotFound(f"backup {self.id} has no device {name}")
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "seq": self.seq,
-            "kind": self.kind,
-            "state": self.state,
-            "error": self.error,
-            "started": self.started,
-            "finished": self.finished,
-            "snapshot_id": self.snapshot_id,
-            "compression": self.compression,
-            "checksum": self.checksum,
-            "devices": [record.as_dict() for record in self.devices],
-            "path": self.path,
-        }
-
-
-def info_from_manifest(m: dict[str, Any], path: str) -> BackupInfo:
-    """Build a :class:`BackupInfo` from a parsed manifest (ValueError/KeyError/TypeError
-    when a field is missing or of the wrong type)."""
-    seq = m["seq"]
-    if not isinstance(seq, int) or isinstance(seq, bool):
-        raise ValueError("seq is not an integer")
-    for key in ("id", "kind", "state", "started", "finished", "compression", "checksum"):
-        if not isinstance(m[key], str):
-            raise ValueError(f"{key} is not a string")
-    err = m.get("error")
-    if err is not None and not isinstance(err, dict):
-        raise ValueError("error is not an object")
-    snapshot_id = m.get("snapshot_id")
-    if snapshot_id is not None and not isinstance(snapshot_id, str):
-        raise ValueError("snapshot_id is not a string")
-    devices = m["devices"]
-    if not isinstance(devices, list):
-        raise ValueError("devices is not a list")
-    return BackupInfo(
-        id=m["id"],
-        seq=seq,
-        kind=m["kind"],
-        state=m["state"],
-        error=err,
-        started=m["started"],
-        finished=m["finished"],
-        snapshot_id=snapshot_id,
-        compression=m["compression"],
-        checksum=m["checksum"],
-        devices=[DeviceRecord.from_dict(d) for d in devices],
-        path=path,
-    )
-
-
-def damaged(backup_id: str, path: str, reason: str, m: Any = None) -> BackupInfo:
-    """A backup whose manifest cannot be trusted: listed, never used."""
-    m = m if isinstance(m, dict) else {}
-    seq = m.get("seq")
-    devices: list[DeviceRecord] = []
-    if isinstance(m.get("devices"), list):
-        for d in m["devices"]:
-            try:
-                devices.append(DeviceRecord.from_dict(d))
-            except (KeyError, TypeError, ValueError, AttributeError):
-                pass
-
-    def text(key: str) -> str:
-        value = m.get(key)
-        return value if isinstance(value, str) else ""
-
-    return BackupInfo(
-        id=backup_id,
-        seq=seq if isinstance(seq, int) and not isinstance(seq, bool) else 0,
-        kind=text("kind"),
-        state="damaged",
-        error={"errno": "EIO", "message": reason},
-        started=text("started"),
-        finished=text("finished"),
-        snapshot_id=m.get("snapshot_id") if isinstance(m.get("snapshot_id"), str) else None,
-        compression=text("compression"),
-        checksum=text("checksum"),
-        devices=devices,
-        path=path,
-    )
-
-
 # ---------------------------------------------------------------------------
 # REPO.json and manifests
 
@@ -374,35 +264,21 @@ def new_manifest(
     return manifest
 
 
+def _plain_mac(data: bytes) -> str:
+    return blake3.blake3(data).hexdigest()
+
+
+def damaged(backup_id: str, path: str, reason: str, m: Any = None) -> BackupInfo:
+    """A version 1 backup whose manifest cannot be trusted."""
+    return _format.damaged(backup_id, path, reason, m, DeviceRecord.from_dict)
+
+
 def parse_manifest(backup_id: str, path: str, raw: bytes) -> BackupInfo:
-    """The backup ``backup_id`` (directory ``path``) its manifest ``raw``
-    describes: damaged if the manifest cannot be trusted."""
-    try:
-        m = json.loads(raw)
-    except (ValueError, RecursionError):
-        return damaged(backup_id, path, "manifest.json is not valid JSON")
-    if not isinstance(m, dict):
-        return damaged(backup_id, path, "manifest.json is not a JSON object")
-    if m.get("format") != BACKUP_FORMAT or m.get("version") != FORMAT_VERSION:
-        return damaged(
-            backup_id,
-            path,
-            f"unsupported manifest format {m.get('format')!r} version {m.get('version')!r}",
-            m,
-        )
-    if m.get("manifest_checksum") != manifest_checksum(m):
-        return damaged(backup_id, path, "manifest checksum mismatch", m)
-    if m.get("id") != backup_id:
-        return damaged(
-            backup_id, path, f"manifest names backup {m.get('id')!r}, not its directory", m
-        )
-    try:
-        info = info_from_manifest(m, path)
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        return damaged(backup_id, path, f"malformed manifest: {exc}", m)
-    if info.state not in ("ok", "failed"):
-        return damaged(backup_id, path, f"unknown state {info.state!r}", m)
-    return info
+    """The version 1 backup ``backup_id`` its manifest ``raw`` describes
+    (:func:`blksnap.backup.format.parse_manifest`, version 1 rules)."""
+    return _format.parse_manifest(
+        backup_id, path, raw, _plain_mac, version=FORMAT_VERSION, record=DeviceRecord.from_dict
+    )
 
 
 # ---------------------------------------------------------------------------

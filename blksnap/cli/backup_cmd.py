@@ -274,10 +274,14 @@ def cmd_backup(args: argparse.Namespace, client: Any, out: Any) -> int:
     def planned(p: DevicePlan) -> None:
         if not args.json:
             what = f"{p.kind}" + (f" on {p.parent}" if p.parent else "")
+            changed = (
+                ""
+                if p.kind == "full"
+                else f"{len(p.blocks)} of {-(-p.size // p.block_size)} CBT blocks changed, "
+            )
             print(
-                f"{p.name}: {what}, {len(p.blocks)} of {-(-p.size // p.block_size)} blocks "
-                f"changed, {len(p.chunks)} chunks to read ({format_size(p.bytes_planned)}):"
-                f" {p.reason}",
+                f"{p.name}: {what}, {changed}{len(p.chunks)} chunks to read"
+                f" ({format_size(p.bytes_planned)}): {p.reason}",
                 flush=True,
             )
             if len(p.recheck):
@@ -496,7 +500,7 @@ def cmd_gc(args: argparse.Namespace, client: Any, out: Any) -> int:
     verb = "would remove" if args.dry_run else "removed"
     out.emit(
         r.as_dict(),
-        f"{r.chunks} chunks, {r.chunks_referenced} named by {r.indexes} index(es);"
+        f"{r.chunks} chunk files; {r.indexes} index(es) name {r.chunks_referenced} digests;"
         f" {verb} {r.chunks_removed} ({format_size(r.bytes_removed)})"
         + (f", kept {r.chunks_recent} unnamed but newer than {r.cutoff}" if r.chunks_recent else "")
         + (f", {r.running_backups} backup(s) running" if r.running_backups else "")

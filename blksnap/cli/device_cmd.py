@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 from typing import Any
 
 from blksnap.cli.args import Commands, optarg
@@ -31,8 +32,8 @@ def register(sub: Any, cmd: Commands) -> None:
         sub,
         "attach",
         "attach a filter to a device in use (default: blksnap, the CBT + snapshot tracker)",
-        epilog=_filters_help(options=True),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=functools.partial(_filters_help, options=True),
+        formatter_class=_LazyEpilog,
     )
     at.add_argument("-d", "--device", required=True)
     at.add_argument("--filter", default="blksnap")
@@ -49,8 +50,8 @@ def register(sub: Any, cmd: Commands) -> None:
         sub,
         "ctl",
         "a filter's control command (e.g. flakey down, powercut cut, migrate status)",
-        epilog=_filters_help(options=False),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=functools.partial(_filters_help, options=False),
+        formatter_class=_LazyEpilog,
     )
     ct.add_argument("-d", "--device", required=True)
     ct.add_argument("--filter", required=True)
@@ -63,6 +64,15 @@ def register(sub: Any, cmd: Commands) -> None:
     fls = cmd(flsub, "list", "registered filters: altitude (lowest sees requests first), "
               "options and control commands")  # fmt: skip
     fls.set_defaults(handler=filter_list)
+
+
+class _LazyEpilog(argparse.RawDescriptionHelpFormatter):
+    """An epilog given as a function is made only when help is shown: the
+    filters' help loads the engine, which every other command can do without
+    (it is most of a command's start-up time)."""
+
+    def _format_text(self, text: Any) -> str:
+        return super()._format_text(text() if callable(text) else text)
 
 
 def _filters_help(*, options: bool) -> str:
