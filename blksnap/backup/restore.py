@@ -206,12 +206,22 @@ def _rebuild(
     blank = bytes(min(per_window * cs, size))
     where = f"backup {info.id} device {record.name}"
 
-    def fetch(index: int) -> bytes:
+    def fetch(index: int) -> tuple[bytes, bool]:
+        """Read and check chunk ``index`` and, outside ``head``, write it (in
+        the fetching thread: pwrite at an offset needs no order); (its bytes,
+        written)."""
         digest = digests[index].tobytes()
         try:
-            return store.read(digest, chunk_length(size, cs, index))
+            data = store.read(digest, chunk_length(size, cs, index))
         except IOFailure as exc:
             raise IOFailure(f"{where} chunk {index} (offset {index * cs}): {exc.message}") from None
+        if head is not None and index * cs < len(head):
+            return data, False
+        try:
+            pwrite_full(target_fd, index * cs, data)
+        except OSError as exc:
+            raise from_oserror(exc, f"write {target}") from None
+        return data, True
 
     def write(start: int, data: bytes | memoryview) -> int:
         """Write at ``start``; the part inside ``head`` goes there instead."""
@@ -226,38 +236,55 @@ def _rebuild(
 
     written = 0
     threads = max(1, SETTINGS.restore_threads)
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="blksnap-restore") as pool:
+
+    def hash_window(datas: list[bytes | memoryview]) -> None:
+        for d in datas:
+            sha.update(d)
+
+    with (
+        ThreadPoolExecutor(max_workers=threads, thread_name_prefix="blksnap-restore") as pool,
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="blksnap-sha256") as hasher,
+    ):
         # One window fetched ahead: the next window's chunks are read and
-        # checked while this one is hashed and written.
-        def submit(w0: int) -> list[Future[bytes] | None]:
+        # checked while this one is written; the SHA-256 of the device runs
+        # in a thread of its own, a window behind (in order: one worker).
+        def submit(w0: int) -> list[Future[tuple[bytes, bool]] | None]:
             w1 = min(count, w0 + per_window)
             return [None if zero[i] else pool.submit(fetch, i) for i in range(w0, w1)]
 
         starts = list(range(0, count, per_window))
         ahead = submit(starts[0]) if starts else []
-        for k, w0 in enumerate(starts):
-            jobs = ahead
-            ahead = submit(starts[k + 1]) if k + 1 < len(starts) else []
-            try:
+        hashing: Future[None] | None = None
+        try:
+            for k, w0 in enumerate(starts):
+                jobs = ahead
+                ahead = submit(starts[k + 1]) if k + 1 < len(starts) else []
+                datas: list[bytes | memoryview] = []
                 for j, job in enumerate(jobs):
                     i = w0 + j
                     length = chunk_length(size, cs, i)
-                    data: bytes | memoryview = (
-                        memoryview(blank)[:length] if job is None else job.result()
-                    )
-                    sha.update(data)
-                    if job is not None or is_blockdev or (head is not None and i * cs < len(head)):
+                    if job is None:
+                        data: bytes | memoryview = memoryview(blank)[:length]
+                        done = not is_blockdev  # a hole in a file; zeroes on a device
+                    else:
+                        data, done = job.result()
+                        if done:
+                            written += length
+                    datas.append(data)
+                    if not done:
                         written += write(i * cs, data)
                     if progress:
                         progress(length)
-            except OSError as exc:
-                for job in ahead:
-                    if job is not None:
-                        job.cancel()
+                if hashing is not None:
+                    hashing.result()
+                hashing = hasher.submit(hash_window, datas)
+            if hashing is not None:
+                hashing.result()
+        except BaseException as exc:
+            for job in ahead:
+                if job is not None:
+                    job.cancel()
+            if isinstance(exc, OSError):
                 raise from_oserror(exc, f"write {target}") from None
-            except BaseException:
-                for job in ahead:
-                    if job is not None:
-                        job.cancel()
-                raise
+            raise
     return written, sha.hexdigest()

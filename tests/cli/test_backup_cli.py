@@ -140,3 +140,27 @@ def test_progress_bar_on_a_terminal(tmp_path: Path) -> None:
     assert "\u2501" in text and "4.0/4.0 MiB" in text, text
     rc, text = run_in_pty([*restore, str(tmp_path / "out2"), "--no-progress"])
     assert rc == 0 and "\u2501" not in text and "MiB/s" not in text, text
+
+
+def test_a_version_1_repository_is_refused_and_upgraded(tmp_path: Path) -> None:
+    from tests.backup.test_repo_v2 import V1_INCR, make_v1_repository
+
+    old = tmp_path / "v1"
+    contents = make_v1_repository(old, "zstd")
+    listed = cli("--json", "backups", "--repo", str(old))
+    assert listed.returncode == 1
+    err = json.loads(listed.stderr.strip().splitlines()[-1])
+    assert err["error"] == "EPROTONOSUPPORT" and "blksnap repo upgrade" in err["message"], err
+    new = tmp_path / "v2"
+    up = cli("--json", "repo", "upgrade", "--repo", str(old), "--to", str(new))
+    assert up.returncode == 0, up.stderr
+    report = json.loads(up.stdout)
+    assert report["converted"] == 2 and len(report["not_converted"]) == 1
+    assert cli("verify", "--repo", str(new)).returncode == 0
+    out = tmp_path / "sda.img"
+    r = cli("restore", "--repo", str(new), "-b", V1_INCR, "-d", "sda", "--to", str(out))
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes() == contents[V1_INCR]["sda"]
+    again = cli("--json", "repo", "upgrade", "--repo", str(old), "--to", str(new))
+    again = json.loads(again.stdout)
+    assert again["converted"] == 0 and again["skipped"] == 2
