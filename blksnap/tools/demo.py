@@ -17,8 +17,11 @@ The story a backup administrator lives, with every result checked:
    ``blksnap restore``; each restored file system must be ``fsck``-clean and
    hold exactly the files present at that backup's take (md5), and every file
    of the writer must be a prefix of what it wrote (a write cut by the take);
-5. ``blksnap verify`` checks every checksum of the repository;
-6. a report: per backup, its kind, the bytes read from the images and the
+5. ``blksnap verify`` checks every manifest, index and chunk of the
+   repository;
+6. a forced full backup reads everything and stores only what the
+   repository lacks (the repository deduplicates);
+7. a report: per backup, its kind, the bytes read from the images and the
    bytes stored.
 
 Everything the demo made (mounts, loop devices, the daemon, files) is removed
@@ -275,11 +278,19 @@ class Demo:
             for name in NAMES:
                 self.check_restore(b, name)
 
-        rep.step("verify every checksum in the repository")
+        rep.step("verify every manifest, index and chunk in the repository")
         doc = self.cli_json("verify", "--repo", str(self.repo))
-        rep.check(
-            "blksnap verify: every checksum matches", doc["ok"], f"{len(doc['backups'])} backups"
-        )
+        rep.check("blksnap verify: every chunk checks", doc["ok"], f"{len(doc['backups'])} backups")
+
+        rep.step("a forced full backup: everything read, only what the repository lacks stored")
+        doc = self.cli_json("backup", "-d", *NAMES, "--repo", str(self.repo), "--full")
+        for d in doc["devices"]:
+            rep.check(
+                f"{doc['id']} {d['name']}: full, stores only new chunks",
+                d["bytes_read"] == d["size"] and d["bytes_new"] <= d["size"] // 4,
+                f"read {format_size(d['bytes_read'])}, new {format_size(d['bytes_new'])},"
+                f" already stored {format_size(d['bytes_reused'])}",
+            )
 
         rep.step("report")
         self.summary()
@@ -355,7 +366,7 @@ class Demo:
         if expect_kind != "full":
             for d in doc["devices"]:
                 self.report.check(
-                    f"{b.id} {d['name']}: read only changed blocks",
+                    f"{b.id} {d['name']}: read only chunks holding changed blocks",
                     d["bytes_read"] < d["size"] and d["image_bytes_read"] <= d["bytes_read"],
                     f"{format_size(d['bytes_read'])} of {format_size(d['size'])}; "
                     f"blksnapd served {format_size(d['image_bytes_read'] or 0)}",

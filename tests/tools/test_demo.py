@@ -23,7 +23,8 @@ def test_demo_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # Every backup of every device restored, fsck-clean, with the files at take.
     assert sum("fsck-clean" in k for k in checks) == 6
     assert sum("exactly the files present at take" in k for k in checks) == 6
-    assert sum("read only changed blocks" in k for k in checks) == 4
+    assert sum("read only chunks holding changed blocks" in k for k in checks) == 4
+    assert sum("stores only new chunks" in k for k in checks) == 2
     assert all(checks.values())
     report = next(s for s in doc["steps"] if s["title"] == "report")
     kinds = [b["kind"] for b in report["backups"]]
