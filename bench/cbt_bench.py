@@ -195,10 +195,13 @@ def after_crash(work: Path, size: int, progress: Callable[[str], None]) -> list[
             incompressible_file(str(disk), size, random.Random(7))
             (case / "diff").mkdir()
             params = Params(cbt_intent_region_size=region, cbt_checkpoint_interval=0)
-            repo = Repository.init(case / "repo", compression="none")
             eng = blksnap.Engine(case / "state", params, regions=LocalRegions())
             eng.add_device(str(disk), name="d")
             eng.attach("d")
+            # One repository chunk per CBT block: "read" and "stored" count blocks.
+            repo = Repository.init(
+                case / "repo", compression="none", chunk_size=eng.cbt_info("d").block_size
+            )
             run_backup(eng, repo, ["d"], "full", storage=str(case / "diff"))
             before = np.fromfile(disk, dtype=np.uint8)
             # Through the engine: the tracker marks them, the intent records
@@ -229,13 +232,13 @@ def after_crash(work: Path, size: int, progress: Callable[[str], None]) -> list[
                     "changed": changed,
                     "read": len(plan.blocks),
                     "recheck": len(plan.recheck),
-                    "stored": rec.blocks_stored,
+                    "stored": rec.chunks_read,  # put: the re-read ones found unchanged are not
                     "stored_bytes": rec.bytes_stored,
                 }
             )
             progress(
                 f"cbt bench: after a crash, {name}, {label}: read {len(plan.blocks)} blocks, "
-                f"changed {changed}, stored {rec.blocks_stored}"
+                f"changed {changed}, stored {rec.chunks_read}"
             )
     return out
 
