@@ -256,10 +256,16 @@ def _show(args: argparse.Namespace) -> bool:
 
 
 def cmd_backup(args: argparse.Namespace, client: Any, out: Any) -> int:
-    from blksnap.backup.repo import DEFAULT_CHUNK_SIZE, Repository
+    from blksnap.backup.repo import DEFAULT_CHUNK_SIZE, REPO_FILE, Repository
     from blksnap.backup.session import BackupFailed, DevicePlan, run_backup
 
     client.status()  # no daemon: say so before making a repository
+    if args.key_file and not os.path.exists(os.path.join(args.repo, REPO_FILE)):
+        raise error(
+            errno.ENOENT,
+            f"{args.repo} is not a repository yet, and --key-file asks for an encrypted one:"
+            f" make it with 'blksnap key create --repo {args.repo} --key-file {args.key_file}'",
+        )
     repo = Repository.init(
         args.repo,
         compression=args.compress,

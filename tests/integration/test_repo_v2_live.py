@@ -96,6 +96,11 @@ def test_encrypted_repository_through_the_cli(
     # Key file mode: the key lives only in the file.
     kf = tmp_path / "repo.key"
     enc2 = tmp_path / "enc2"
+    # A key file for a repository that does not exist yet: refused, never a
+    # plain repository made silently.
+    err = cli_error(daemon, "backup", "-d", "d0", "--repo", str(enc2), "--key-file", str(kf))
+    assert err["error"] == "ENOENT" and "key create" in str(err["message"]), err
+    assert not enc2.exists()
     daemon.cli("key", "create", "--repo", str(enc2), "--key-file", str(kf))
     assert oct(kf.stat().st_mode & 0o777) == "0o600"
     daemon.cli("backup", "-d", "d0", "--repo", str(enc2), "--key-file", str(kf), "--no-progress")
