@@ -63,6 +63,13 @@ from blksnap.fileio import fsync_dir, pwrite_full
 
 #: Temporary chunk files start with this (gc removes old ones).
 TEMP_PREFIX = ".tmp-"
+#: Chunks from this size on are probed before compression: PROBE_SAMPLES
+#: slices of PROBE_BYTES; if they do not shrink below PROBE_RATIO of their
+#: size, the chunk is stored raw.
+PROBE_MIN = 256 * 1024
+PROBE_SAMPLES = 8
+PROBE_BYTES = 4096
+PROBE_RATIO = 0.97
 #: fdatasyncs in flight when a batch of chunks is flushed (the file system
 #: folds concurrent ones into few journal commits).
 FLUSH_THREADS = 16
@@ -141,15 +148,33 @@ class ChunkStore:
         """The chunk file of ``data`` (compressed if that makes it smaller,
         sealed if the repository is encrypted). Thread-safe."""
         kind, body = KIND_RAW, data
-        if self.compression == "zstd":
-            cctx = getattr(self._tls, "cctx", None)
-            if cctx is None:  # compressors are not thread-safe: one per thread
-                cctx = self._tls.cctx = zstandard.ZstdCompressor(level=self.level)
-            packed = cctx.compress(data)
+        if self.compression == "zstd" and self._compressible(data):
+            packed = self._cctx().compress(data)
             if len(packed) < len(data):
                 kind, body = KIND_ZSTD, packed
-        payload = bytes((kind,)) + bytes(body)
-        return frame_chunk(kind, len(data), self.keys.seal(digest, payload), self.keys.encrypted)
+        kind_byte = bytes((kind,))
+        if self.keys.encrypted:
+            sealed = self.keys.seal(digest, b"".join((kind_byte, body)))
+            return frame_chunk(len(data), (sealed,), True)
+        return frame_chunk(len(data), (kind_byte, body), False)
+
+    def _cctx(self) -> zstandard.ZstdCompressor:
+        cctx = getattr(self._tls, "cctx", None)
+        if cctx is None:  # compressors are not thread-safe: one per thread
+            cctx = self._tls.cctx = zstandard.ZstdCompressor(level=self.level)
+        return cctx
+
+    def _compressible(self, data: bytes | memoryview) -> bool:
+        """Worth compressing? Eight 4 KiB samples spread over a large chunk
+        are compressed first: random data (already compressed or encrypted
+        files) is stored raw without compressing the whole chunk in vain."""
+        n = len(data)
+        if n < PROBE_MIN:
+            return True
+        step = n // PROBE_SAMPLES
+        view = memoryview(data)
+        sample = b"".join(view[i * step : i * step + PROBE_BYTES] for i in range(PROBE_SAMPLES))
+        return len(self._cctx().compress(sample)) < len(sample) * PROBE_RATIO
 
     def decode(self, digest: bytes, blob: bytes | memoryview, expect: int) -> bytes:
         """The ``expect`` plain bytes of a chunk file; BadChunk if it is not the

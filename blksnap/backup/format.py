@@ -24,7 +24,7 @@ import os
 import re
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -550,13 +550,14 @@ class BadChunk(Exception):
     """A stored chunk that is not what its name says (the message says why)."""
 
 
-def frame_chunk(kind: int, length: int, payload: bytes, encrypted: bool) -> bytes:
-    """A chunk file: the header, then ``payload`` (the kind byte and data,
-    sealed when ``encrypted``)."""
+def frame_chunk(length: int, parts: Sequence[bytes | memoryview], encrypted: bool) -> bytes:
+    """A chunk file: the header, then the payload ``parts`` (the kind byte
+    and data, or their seal when ``encrypted``), joined in one copy."""
+    payload = sum(len(p) for p in parts)
     header = CHUNK_HEADER.pack(
-        CHUNK_MAGIC, CHUNK_VERSION, CHUNK_ENCRYPTED if encrypted else 0, 0, length, len(payload)
+        CHUNK_MAGIC, CHUNK_VERSION, CHUNK_ENCRYPTED if encrypted else 0, 0, length, payload
     )
-    return header + payload
+    return b"".join((header, *parts))
 
 
 def chunk_file_size(header: bytes) -> int | None:

@@ -992,3 +992,27 @@ def test_upgrade_stops_at_a_damaged_v1_block(tmp_path: Path) -> None:
     assert V1_FULL in exc.value.message and "checksum mismatch" in exc.value.message
     repo = Repository.open(str(new))
     assert repo.backups() == [] and os.listdir(repo.tmp_dir) == []
+
+
+def test_large_chunks_are_probed_before_compression(tmp_path: Path) -> None:
+    """A 1 MiB chunk of random bytes is stored raw (its samples did not
+    shrink), one with zeroes in it compressed, and both restore."""
+    from blksnap.backup.format import KIND_RAW, KIND_ZSTD
+
+    mib = 1 << 20
+    repo = Repository.init(tmp_path / "r", chunk_size=mib)
+    rng = random.Random(5)
+    noise = rng.randbytes(mib)
+    mixed = rng.randbytes(mib // 2) + bytes(mib // 2)
+    data = noise + mixed
+    with repo.begin("full") as w:
+        w.add_device(record(size=len(data)))
+        w.put("disk0", 0, noise)
+        w.put("disk0", 1, mixed)
+        info = w.commit()
+    kinds = []
+    for i in (0, 1):
+        blob = Path(repo.store.path(digest_of(repo, info, i))).read_bytes()
+        kinds.append(blob[CHUNK_HEADER.size])
+    assert kinds == [KIND_RAW, KIND_ZSTD]
+    assert restored(repo, info.id, tmp_path) == data
