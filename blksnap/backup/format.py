@@ -473,11 +473,13 @@ def new_manifest(
     records: list[DeviceRecord],
     mac: Callable[[bytes], str],
     finished: str | None = None,
+    version: int = FORMAT_VERSION,
 ) -> dict[str, Any]:
-    """The manifest of a backup finished now, with its checksum (``mac``)."""
+    """The manifest of a backup finished now, with its checksum (``mac``);
+    ``version`` 1 writes the old format (tests build version 1 repositories)."""
     manifest: dict[str, Any] = {
         "format": BACKUP_FORMAT,
-        "version": FORMAT_VERSION,
+        "version": version,
         "id": backup_id,
         "seq": seq,
         "kind": kind,

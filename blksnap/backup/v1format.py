@@ -244,24 +244,20 @@ def new_manifest(
     compression: str,
     records: list[DeviceRecord],
 ) -> dict[str, Any]:
-    """The manifest of a backup finished now, with its checksum."""
-    manifest: dict[str, Any] = {
-        "format": BACKUP_FORMAT,
-        "version": FORMAT_VERSION,
-        "id": backup_id,
-        "seq": seq,
-        "kind": kind,
-        "state": state,
-        "error": err,
-        "started": started,
-        "finished": iso_now(),
-        "snapshot_id": snapshot_id,
-        "compression": compression,
-        "checksum": CHECKSUM,
-        "devices": [record.as_dict() for record in records],
-    }
-    manifest["manifest_checksum"] = manifest_checksum(manifest)
-    return manifest
+    """A version 1 manifest finished now, with its checksum."""
+    return _format.new_manifest(
+        backup_id=backup_id,
+        seq=seq,
+        kind=kind,
+        state=state,
+        err=err,
+        started=started,
+        snapshot_id=snapshot_id,
+        compression=compression,
+        records=records,  # type: ignore[arg-type]
+        mac=_plain_mac,
+        version=FORMAT_VERSION,
+    )
 
 
 def _plain_mac(data: bytes) -> str:
