@@ -87,6 +87,9 @@ class DevicePlan:
     recheck: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64), repr=False)
     #: ``recheck`` chunk -> its digest in the parent's index (filled before the copy).
     parent_digests: dict[int, bytes] = field(default_factory=dict, repr=False)
+    #: The parent's index, read and checked once while planning: the writer
+    #: starts this device's index from it.
+    parent_index: np.ndarray | None = field(default=None, repr=False)
     #: Of ``recheck``: bytes read, and chunks found unchanged (not stored).
     recheck_bytes: int = 0
     recheck_unchanged: int = 0
@@ -193,7 +196,7 @@ def plan_device(repo: Repository, name: str, mode: str, info: Any, cbt_map: byte
     if rec.changes_number > number:
         return full(f"{parent.id} is newer than this take (changes number {rec.changes_number})")
     try:
-        repo.read_index(parent, name)
+        parent_index = repo.read_index(parent, name)
     except BlksnapError as exc:
         return full(f"the index of {parent.id} cannot be read: {exc.message}")
     if len(cbt_map) != count:
@@ -219,6 +222,7 @@ def plan_device(repo: Repository, name: str, mode: str, info: Any, cbt_map: byte
         cs,
         chunks,
         recheck,
+        parent_index=parent_index,
     )
 
 
@@ -535,8 +539,8 @@ def run_backup(
         for name in names:
             info = service.cbt_info(name)
             plan = plan_device(repo, name, mode, info, service.cbt_map(name))
-            if len(plan.recheck) and plan.parent is not None:
-                digests = repo.read_index(repo.get(plan.parent), name)
+            if len(plan.recheck) and plan.parent_index is not None:
+                digests = plan.parent_index
                 plan.parent_digests = {int(i): digests[i].tobytes() for i in plan.recheck.tolist()}
             plans.append(plan)
             if on_plan:
@@ -553,7 +557,7 @@ def run_backup(
                 kind=plan.kind,
                 parent=plan.parent,
             )
-            writer.add_device(rec)
+            writer.add_device(rec, parent_index=plan.parent_index)
             records[plan.name] = rec
         read_error: tuple[int, str] | None = None
         try:

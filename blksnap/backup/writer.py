@@ -189,11 +189,13 @@ class BackupWriter:
         if self._done:
             raise AlreadyDone(f"backup {self.id} is already finished")
 
-    def add_device(self, record: DeviceRecord) -> None:
+    def add_device(self, record: DeviceRecord, parent_index: np.ndarray | None = None) -> None:
         """Add a device; the writer keeps ``record`` and fills in its counters.
 
         An incremental or differential record starts from its parent's index
-        (checked): only the chunks put into this backup change."""
+        (checked): only the chunks put into this backup change. A caller that
+        has read that index already (:meth:`Repository.read_index`) passes it
+        as ``parent_index`` instead of having it read again."""
         self._check_open()
         name = record.name
         if not isinstance(name, str) or not name:
@@ -225,7 +227,14 @@ class BackupWriter:
             if parent is None:
                 raise InvalidArgument(f"device {name}: parent backup {record.parent} not found")
             check_parent(f"device {name}", parent, record)
-            digests = self.repo.read_index(parent, name).copy()
+            if parent_index is None:
+                parent_index = self.repo.read_index(parent, name)
+            elif parent_index.shape != (count, DIGEST):
+                raise InvalidArgument(
+                    f"device {name}: parent index has shape {parent_index.shape},"
+                    f" not ({count}, {DIGEST})"
+                )
+            digests = parent_index.copy()
             filled = np.ones(count, dtype=bool)
         number = len(self._devices)
         record.file = f"dev-{number}"
