@@ -5,17 +5,12 @@ Version 2 (:mod:`blksnap.backup.format`) replaced it; this module is what
 repository with. ``docs/REPOSITORY.md`` describes version 2; the history of
 that file holds the version 1 description.
 
-Names of files and directories, backup ids, the ``REPO.json`` and manifest
-layouts and the manifest checksum, the block map's row type and flags, the
-device and backup records, and the rules a reader checks: a manifest that
-can be trusted (else the backup is *damaged*), a block map's structure, a
-chain's links, a stored block's contents. A change here is a change of the
-format: the document changes with it (and so does ``FORMAT_VERSION`` where
-old readers would misread new repositories).
-
-Nothing here takes a lock or writes a file; :mod:`blksnap.backup.repository`,
-:mod:`~blksnap.backup.writer`, :mod:`~blksnap.backup.restore` and
-:mod:`~blksnap.backup.verify` do, by these rules.
+What is here: version 1's ``REPO.json``, its device records and manifest
+rules (the records are its own; manifests are parsed by
+:func:`blksnap.backup.format.parse_manifest` with version 1's rules), the
+block map's row type and flags, a chain's links, a stored block's contents.
+Nothing is written in this format any more (tests build version 1
+repositories with :func:`repo_meta` and :func:`new_manifest`).
 """
 
 from __future__ import annotations
@@ -36,7 +31,6 @@ from blksnap.backup.format import BackupInfo, decompress, iso_now
 from blksnap.errors import InvalidArgument, IOFailure, NotFound, error
 
 REPO_FORMAT = "blksnap-repository"
-BACKUP_FORMAT = "blksnap-backup"
 FORMAT_VERSION = 1
 CHECKSUM = "blake3"
 COMPRESSIONS = ("zstd", "none")
@@ -58,21 +52,11 @@ MAP_DTYPE = np.dtype(
 
 REPO_FILE = "REPO.json"
 MANIFEST = "manifest.json"
-WRITE_LOCK = "lock"
 READ_LOCK = "read.lock"
 BACKUPS = "backups"
-TMP = "tmp"
-#: In a staging dir: the id of the snapshot the backup reads.
-SNAPSHOT_FILE = "snapshot"
-#: What a crashed ``init`` may leave in the directory it was making a repository.
-INIT_LEFTOVERS = {BACKUPS, TMP, WRITE_LOCK, READ_LOCK, REPO_FILE + ".tmp"}
 
 #: A backup id (the name of its directory under ``backups/``).
 ID_RE = re.compile(r"^\d{8}T\d{6}Z(?:-[1-9]\d*)?$")
-#: A device record's ``file``.
-FILE_RE = re.compile(r"^dev-\d+$")
-#: Bytes of a blake3 checksum.
-DIGEST = 32
 
 
 # ---------------------------------------------------------------------------
@@ -86,19 +70,6 @@ def manifest_checksum(manifest: dict[str, Any]) -> str:
 
 def block_length(size: int, block_size: int, index: int) -> int:
     return min(block_size, size - index * block_size)
-
-
-_zero_digests: dict[int, bytes] = {}
-
-
-def zero_digest(length: int) -> bytes:
-    """blake3 of ``length`` zero bytes (cached: a few distinct lengths per repository)."""
-    digest = _zero_digests.get(length)
-    if digest is None:
-        digest = blake3.blake3(bytes(length)).digest()
-        if len(_zero_digests) < 64:
-            _zero_digests[length] = digest
-    return digest
 
 
 # ---------------------------------------------------------------------------
