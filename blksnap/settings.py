@@ -108,6 +108,9 @@ class Settings:
     #: chunks with this many threads.
     restore_window: int = 16 * MiB
     restore_threads: int = 4
+    #: A mounted backup (``blksnap mount``) or an instant restore's source
+    #: keeps at most this many bytes of decoded chunks in memory.
+    mount_cache: int = 64 * MiB
     #: Restore onto a block device zeroes this much at its start first and
     #: writes it last: room for any file-system signature or superblock.
     restore_head: int = 64 * KiB

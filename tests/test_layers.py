@@ -1,5 +1,5 @@
 """The layers contract (pyproject.toml, docs/ARCHITECTURE.md): imports only go
-down, cli -> tools -> backup | control -> frontends -> engine -> shared, and
+down, cli -> tools -> control -> backup -> frontends -> engine -> shared, and
 no module imports itself back through others (no import cycle)."""
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def test_the_tree_keeps_the_layers(tree_copy: Path) -> None:
     [
         ("engine/gate.py", "blksnap.frontends.fuse_own"),  # engine -> front-end
         ("errors.py", "blksnap.engine.params"),  # shared -> engine
-        ("backup/repo.py", "blksnap.control.client"),  # siblings: backup -> control
+        ("backup/repo.py", "blksnap.control.client"),  # backup -> control
     ],
 )
 def test_an_upward_import_breaks_the_contract(

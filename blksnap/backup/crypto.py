@@ -124,6 +124,11 @@ class Keys:
             raise InvalidArgument(f"a master key is {MASTER_KEY_BYTES} bytes")
         return cls(bytes(master))
 
+    def master(self) -> bytes | None:
+        """The master key (None: not encrypted): what the command line hands
+        blksnapd to serve an encrypted repository's backups."""
+        return self._master
+
     def __repr__(self) -> str:
         if not self.encrypted:
             return "Keys(plain)"

@@ -72,11 +72,27 @@ from blksnap.backup.format import (
 )
 from blksnap.backup.verify import Problem
 from blksnap.backup.writer import BackupWriter, remove_tree, write_file
-from blksnap.errors import Busy, Exists, InvalidArgument, IOFailure, NotFound, from_oserror
+from blksnap.errors import (
+    BlksnapError,
+    Busy,
+    Exists,
+    InvalidArgument,
+    IOFailure,
+    NotFound,
+    from_oserror,
+)
 from blksnap.fileio import fsync_dir
 from blksnap.settings import SETTINGS
 
 log = logging.getLogger("blksnap.backup.repo")  # the name its lines have always had
+
+#: Where generation links live (:meth:`Repository.link_generation`).
+LINKS = "links"
+_UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def _canonical(doc: dict[str, Any]) -> bytes:
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
 
 def _flock(path: str, mode: int, blocking: bool, busy: str) -> int:
@@ -209,10 +225,16 @@ class Repository:
 
     @classmethod
     def open(
-        cls, path: str, *, passphrase: bytes | None = None, key_file: str | None = None
+        cls,
+        path: str,
+        *,
+        passphrase: bytes | None = None,
+        key_file: str | None = None,
+        keys: Keys | None = None,
     ) -> Repository:
         """Open the repository at ``path``; an encrypted one needs ``key_file``
-        or ``passphrase`` (default: ``BLKSNAP_PASSPHRASE``)."""
+        or ``passphrase`` (default: ``BLKSNAP_PASSPHRASE``), or its ``keys``
+        already opened (blksnapd is handed them by the command line)."""
         path = os.path.abspath(path)
         meta_path = os.path.join(path, REPO_FILE)
         try:
@@ -223,6 +245,16 @@ class Repository:
         except OSError as exc:
             raise from_oserror(exc, meta_path) from None
         meta = parse_repo_meta(path, raw)
+        if keys is not None:
+            enc = meta.get("encryption")
+            want = enc.get("key_id") if isinstance(enc, dict) else ""
+            if keys.key_id != (want or ""):
+                raise BlksnapError(
+                    f"{path}: the key given (id {keys.key_id or 'none'}) is not the "
+                    f"repository's ({want or 'not encrypted'})",
+                    errno.EKEYREJECTED,
+                )
+            return cls(path, meta, keys)
         if passphrase is None and key_file is None:
             passphrase = passphrase_from_env()
         keys = open_keys(
@@ -241,12 +273,13 @@ class Repository:
         )
 
     @contextmanager
-    def _read_lock(self, exclusive: bool = False) -> Iterator[None]:
+    def _read_lock(self, exclusive: bool = False, blocking: bool = True) -> Iterator[None]:
         fd = _flock(
             os.path.join(self.path, READ_LOCK),
             fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH,
-            True,
-            f"{self.path} is busy",
+            blocking,
+            f"{self.path} is being read (a restore, a verify, a mounted backup or an instant "
+            "restore: blksnap umount / wait for it) and cannot be pruned now",
         )
         try:
             yield
@@ -357,6 +390,67 @@ class Repository:
         if self.keys.mac(raw) != record.index_checksum:
             raise IOFailure(f"{where}: index checksum mismatch")
         return np.frombuffer(raw, dtype=np.uint8).reshape(record.chunk_count, DIGEST)
+
+    # -- generation links ---------------------------------------------------
+
+    def link_generation(
+        self, generation_id: str, backup_id: str, device: str, changes_number: int
+    ) -> dict[str, Any]:
+        """Record that CBT generation ``generation_id`` of ``device`` starts
+        from backup ``backup_id``: its blocks numbered above
+        ``changes_number`` are those written since the device held exactly
+        that backup (an instant restore). The next backup of the device in
+        that generation is then incremental against ``backup_id``
+        (:func:`blksnap.backup.session.plan_device`). One small file,
+        ``links/<generation>.json``, with a MAC when the repository is
+        encrypted; a link whose backup was pruned is just not used."""
+        if not _UUID_RE.fullmatch(generation_id):
+            raise InvalidArgument(f"bad generation id {generation_id!r}")
+        info = self.get(backup_id)
+        info.device(device)  # (NotFound if the backup lacks it)
+        doc: dict[str, Any] = {
+            "version": 1,
+            "generation_id": generation_id,
+            "device": device,
+            "backup": info.id,
+            "changes_number": int(changes_number),
+            "created": now(),
+        }
+        doc["mac"] = self.keys.mac(_canonical(doc))
+        links = os.path.join(self.path, LINKS)
+        path = os.path.join(links, generation_id + ".json")
+        try:
+            os.makedirs(links, mode=0o700, exist_ok=True)
+            write_file(path + ".tmp", json.dumps(doc, indent=1).encode() + b"\n")
+            os.rename(path + ".tmp", path)
+            fsync_dir(links)
+        except OSError as exc:
+            raise from_oserror(exc, f"record {path}") from None
+        return doc
+
+    def generation_link(self, generation_id: str) -> dict[str, Any] | None:
+        """The link recorded for ``generation_id`` (checked), or None."""
+        if not _UUID_RE.fullmatch(generation_id or ""):
+            return None
+        path = os.path.join(self.path, LINKS, generation_id + ".json")
+        try:
+            with open(path, "rb") as f:
+                doc = json.loads(f.read())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            log.warning("%s: link %s unreadable, not used: %s", self.path, path, exc)
+            return None
+        if not isinstance(doc, dict) or doc.get("generation_id") != generation_id:
+            log.warning("%s: link %s malformed, not used", self.path, path)
+            return None
+        mac = doc.pop("mac", None)
+        if mac != self.keys.mac(_canonical(doc)):
+            log.warning("%s: link %s fails its MAC, not used", self.path, path)
+            return None
+        if not isinstance(doc.get("backup"), str) or not isinstance(doc.get("changes_number"), int):
+            return None
+        return doc
 
     # -- writing ------------------------------------------------------------
 
@@ -475,7 +569,7 @@ class Repository:
             policy = retention.Policy(last=policy)
         lock_fd = -1 if dry_run else self._write_lock(True)
         try:
-            with nullcontext() if dry_run else self._read_lock(exclusive=True):
+            with nullcontext() if dry_run else self._read_lock(exclusive=True, blocking=False):
                 infos = self.backups()
                 ok = [info for info in infos if info.ok]
                 if not ok:

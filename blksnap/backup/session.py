@@ -180,21 +180,27 @@ def plan_device(repo: Repository, name: str, mode: str, info: Any, cbt_map: byte
     kind = "differential" if mode == "differential" else "incremental"
     kinds = ("full",) if kind == "differential" else ("full", "incremental", "differential")
     parent = repo.latest(name, kinds=kinds)
+    base: int | None = None  # (the linked changes number, when the parent is linked)
+    if parent is None or parent.device(name).generation_id != gen:
+        linked = _linked_parent(repo, name, gen, kinds)
+        if linked is not None:
+            parent, base = linked
     if parent is None:
         what = "full backup" if kind == "differential" else "backup"
         return full(f"no earlier good {what} of {name}")
     rec = parent.device(name)
-    if rec.generation_id != gen:
+    if base is None and rec.generation_id != gen:
         return full(
             f"CBT generation changed since {parent.id} ({rec.generation_id[:8]} -> {gen[:8]}): "
             "the change map cannot be trusted"
         )
+    since = rec.changes_number if base is None else base
     if rec.size != size or rec.block_size != bs:
         return full(f"size or block size changed since {parent.id}")
     if rec.chunk_size != cs:
         return full(f"{parent.id} has chunk size {rec.chunk_size}, the repository {cs}")
-    if rec.changes_number > number:
-        return full(f"{parent.id} is newer than this take (changes number {rec.changes_number})")
+    if since > number:
+        return full(f"{parent.id} is newer than this take (changes number {since})")
     try:
         parent_index = repo.read_index(parent, name)
     except BlksnapError as exc:
@@ -202,8 +208,8 @@ def plan_device(repo: Repository, name: str, mode: str, info: Any, cbt_map: byte
     if len(cbt_map) != count:
         return full(f"the CBT map has {len(cbt_map)} blocks, {count} expected")
     numbers = np.frombuffer(cbt_map, dtype=np.uint8)
-    changed = np.flatnonzero(numbers > rec.changes_number).astype(np.int64)
-    recovered = np.array([n for n in info.recovered if n > rec.changes_number], dtype=np.uint8)
+    changed = np.flatnonzero(numbers > since).astype(np.int64)
+    recovered = np.array([n for n in info.recovered if n > since], dtype=np.uint8)
     by_crash = np.isin(numbers[changed], recovered)
     chunks = chunks_of(changed, bs, cs, size)
     # A chunk is only re-checked if every changed block in it is there by a crash.
@@ -213,7 +219,8 @@ def plan_device(repo: Repository, name: str, mode: str, info: Any, cbt_map: byte
         name,
         kind,
         parent.id,
-        f"blocks changed since {parent.id} (changes number > {rec.changes_number})",
+        f"blocks changed since {parent.id} (changes number > {since})"
+        + ("" if base is None else f"; generation {gen[:8]} starts from {parent.id}"),
         size,
         bs,
         gen,
@@ -224,6 +231,26 @@ def plan_device(repo: Repository, name: str, mode: str, info: Any, cbt_map: byte
         recheck,
         parent_index=parent_index,
     )
+
+
+def _linked_parent(
+    repo: Repository, name: str, gen: str, kinds: tuple[str, ...]
+) -> tuple[BackupInfo, int] | None:
+    """The backup CBT generation ``gen`` of ``name`` starts from (an instant
+    restore linked it: :meth:`Repository.link_generation`) and the changes
+    number above which its blocks changed since, if that backup is still
+    there, good, of one of ``kinds`` for ``name``; None otherwise."""
+    link = repo.generation_link(gen)
+    if link is None or link.get("device") != name:
+        return None
+    try:
+        info = repo.get(link["backup"])
+        rec = info.device(name)
+    except BlksnapError:
+        return None
+    if not info.ok or rec.kind not in kinds:
+        return None
+    return info, int(link["changes_number"])
 
 
 def runs(blocks: np.ndarray, max_blocks: int) -> list[tuple[int, int]]:

@@ -303,6 +303,66 @@ class Client:
         open (loop device, file handle, NBD client), unless ``force``."""
         self.call("snapshot.destroy", id=sid, force=True if force else None)
 
+    # -- backups served by blksnapd ---------------------------------------------------
+
+    def mount(
+        self,
+        repo: str,
+        backup: str,
+        device: str,
+        *,
+        key: bytes | None = None,
+        key_file: str | None = None,
+        loop: bool = False,
+    ) -> dict[str, Any]:
+        """Serve device ``device`` of ``backup`` read-only as
+        ``<mount>/backups/B/N`` (``key``: the master key of an encrypted
+        repository)."""
+        return self.call(
+            "backup.mount",
+            repo=os.path.abspath(repo),
+            backup=backup,
+            device=device,
+            key=key.hex() if key else None,
+            key_file=os.path.abspath(key_file) if key_file else None,
+            loop=loop,
+        )
+
+    def umount(self, backup: str, device: str, force: bool = False) -> dict[str, Any]:
+        return self.call("backup.umount", backup=backup, device=device, force=force or None)
+
+    def mounts(self) -> list[dict[str, Any]]:
+        return self.call("backup.mounts")
+
+    def restore_instant(
+        self,
+        repo: str,
+        backup: str,
+        device: str,
+        target: str,
+        *,
+        key: bytes | None = None,
+        key_file: str | None = None,
+        loop: bool = False,
+        rate: str | None = None,
+        paused: bool = False,
+        force: bool = False,
+    ) -> dict[str, Any]:
+        """Serve ``target`` at once as device ``device``, hydrated from the backup."""
+        return self.call(
+            "restore.instant",
+            repo=os.path.abspath(repo),
+            backup=backup,
+            device=device,
+            target=os.path.abspath(target),
+            key=key.hex() if key else None,
+            key_file=os.path.abspath(key_file) if key_file else None,
+            loop=loop,
+            rate=rate,
+            paused=paused or None,
+            force=force or None,
+        )
+
 
 def _settimeout(sock: socket.socket, deadline: float | None) -> None:
     """Let the next socket operation run until ``deadline`` (monotonic) at most."""

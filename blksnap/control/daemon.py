@@ -35,6 +35,7 @@ import trio
 
 from blksnap import __version__, hostinfo
 from blksnap.control import host, loop
+from blksnap.control.backups import BackupServing
 from blksnap.control.fusefront import FUSE_RECORD, FuseFront
 from blksnap.control.protocol import VERSION
 from blksnap.control.regions import SupervisedRegions
@@ -118,6 +119,9 @@ class Daemon:
         #: migration's copy thread recording its switch).
         self._record_lock = threading.Lock()
         self.engine.on_backing_switch = self._backing_switched
+        self.engine.on_filter_retired = self._filter_retired
+        #: Mounted backups and instant restores.
+        self.backups = BackupServing(self)
         #: Snapshots a dead worker had, gone with it: id -> why.
         self.lost_snapshots: dict[str, str] = {}
         self.lost_image_loops: dict[str, str] = {}
@@ -150,6 +154,10 @@ class Daemon:
             "snapshot.collect": self.op_snapshot_collect,
             "snapshot.waitevent": self.op_waitevent,
             "snapshot.destroy": self.op_snapshot_destroy,
+            "backup.mount": self.op_mount,
+            "backup.umount": self.op_umount,
+            "backup.mounts": self.op_mounts,
+            "restore.instant": self.op_restore_instant,
         }
         self.control = ControlServer(self.socket_path, self.handlers)
         #: Who uses the devices and images (what a remove, destroy or stop would break).
@@ -226,6 +234,10 @@ class Daemon:
             "nbd": self.nbd.address_text if self.nbd else None,
             "nbd_listen": list(self.nbd.bound) if self.nbd else [],
             "nbd_clients": len(self.nbd.connections) if self.nbd else 0,
+            "mounted_backups": sorted(self.backups.mounts),
+            "hydrations": {
+                n: self.backups.hydration_status(n) for n in sorted(self.backups.hydrations)
+            },
         }
 
     async def op_stop(self, args: dict[str, Any]) -> Any:
@@ -346,6 +358,7 @@ class Daemon:
             "image_loops": {p: lp for p, lp in list(self.loops.items()) if p.startswith(images)},
             # (carried from worker to worker: status keeps showing them)
             "lost_snapshots": dict(list(self.lost_snapshots.items())[-LOST_KEPT:]),
+            **self.backups.record(),
         }
 
     def save_record(self) -> None:
@@ -375,6 +388,15 @@ class Daemon:
         log.info("device %s: now on %s (migration done)", name, path)
         self.save_record()
 
+    def _filter_retired(self, name: str, filter: str) -> None:
+        """A filter took itself off device ``name`` (a hydration done; in its
+        thread, the device drained): recorded before any request goes on."""
+        self.filter_opts.pop((name, filter), None)
+        if filter == "hydrate":
+            self.backups.hydration_done(name)
+            log.info("device %s: hydration done; an ordinary device from now on", name)
+        self.save_record()
+
     def rebuild(self) -> None:
         """Taking over: the devices, filters and loop devices of the record
         the dead worker left, then its snapshots from the regions the
@@ -385,6 +407,7 @@ class Daemon:
         over its images detached once serving (:meth:`drop_lost_images`)."""
         doc = self._read_record(DAEMON_RECORD) or {}
         cause = self.inherited.causes[-1] if self.inherited and self.inherited.causes else "?"
+        self.backups.rebuild(doc)  # (hydration sources, before the filters that read them)
         for d in doc.get("devices", []):
             name = d["name"]
             try:
@@ -409,6 +432,7 @@ class Daemon:
                 self.loops[path] = lp
             log.info("taking over: device %s (%s)%s", name, d["backing"],
                      f", {lp}" if lp else "")  # fmt: skip
+        self.backups.rebuild_mounts(doc)
         earlier = doc.get("lost_snapshots")
         if isinstance(earlier, dict):
             self.lost_snapshots.update({str(k): str(v) for k, v in earlier.items()})
@@ -445,6 +469,7 @@ class Daemon:
                 for d in self.engine.devices()
                 for f in self.engine.filters(d.name)
             }
+            used |= self.backups.key_regions()
             kept = {f"snap/{s['id']}" for s in self.engine.snapshot_collect()}
             for key in regions.held_keys():
                 # (a snapshot's keys: snap/ID and snap/ID/...; file systems
@@ -464,23 +489,43 @@ class Daemon:
         attached again (a flakey or powercut left attached must not greet a
         boot; a migration starts again when asked). A device that cannot be
         served (its file missing) stays in the record for the next start."""
+        doc = self._read_record(DAEMON_RECORD) or {}
         for name, d in list(self.unrestored.items()):
+            filters = [f.get("filter") for f in d.get("filters") or [] if isinstance(f, dict)]
+            hydrate = next(
+                (f for f in d.get("filters") or [] if isinstance(f, dict)
+                 and f.get("filter") == "hydrate"), None,
+            )  # fmt: skip
+            if hydrate is not None and not await self.thread(self.backups.boot_source, name, doc):
+                # (served without its hydration it would read what is not restored yet)
+                continue
             try:
                 await self.thread(self.engine.add_device, str(d["backing"]), name)
             except (BlksnapError, KeyError, TypeError) as exc:
                 log.error("device %s (%s) not served again at start: %s", name,
                           d.get("backing"), exc)  # fmt: skip
                 continue
+            if hydrate is not None:
+                try:
+                    await self.thread(
+                        self.engine.attach, name, "hydrate", hydrate.get("opts") or {}
+                    )
+                    self.filter_opts[(name, "hydrate")] = hydrate.get("opts") or {}
+                except BlksnapError as exc:
+                    log.error("device %s: hydration not carried on, device not served: %s",
+                              name, exc)  # fmt: skip
+                    self.backups.device_removed(name)
+                    await self.thread(self.engine.remove_device, name)
+                    continue
             self.fs.add_device(name)
             del self.unrestored[name]
-            filters = [f.get("filter") for f in d.get("filters") or [] if isinstance(f, dict)]
             if "blksnap" in filters:
                 try:
                     await self.thread(self.engine.attach, name, "blksnap", {})
                     self.filter_opts[(name, "blksnap")] = {}
                 except BlksnapError as exc:
                     log.error("device %s: tracker not attached again: %s", name, exc)
-            others = [f for f in filters if f != "blksnap"]
+            others = [f for f in filters if f not in ("blksnap", "hydrate")]
             if others:
                 log.warning("device %s: filters %s not attached again at start",
                             name, ", ".join(map(str, others)))  # fmt: skip
@@ -524,6 +569,7 @@ class Daemon:
             "size": dev.size,
             "filters": self.engine.filters(name),
             "stack": self.engine.filter_status(name),
+            "hydration": self.backups.hydration_status(name),
         }
 
     async def op_device_add(self, args: dict[str, Any]) -> Any:
@@ -563,9 +609,85 @@ class Daemon:
             await self._detach_loop(path)
             self.fs.remove_device(name)
             await self.thread(self.engine.remove_device, name)
+            self.backups.device_removed(name)
+            self.filter_opts = {k: v for k, v in self.filter_opts.items() if k[0] != name}
             self.loop_wanted.discard(name)
             self.save_record()
         return {"name": name, "removed": True}
+
+    # -- backups ------------------------------------------------------------------
+
+    def _served_backup(self, key: str) -> dict[str, Any]:
+        path = self.backups.mount_path(key)
+        return {
+            "name": "backups/" + key,
+            "path": path,
+            "loop": self._loop_of(path),
+            "nbd_export": ("backups/" + key) if self.nbd else None,
+        }
+
+    async def op_mount(self, args: dict[str, Any]) -> Any:
+        got = await self.thread(self.backups.mount, args)
+        key = got["key"]
+        self.save_record()
+        if args.get("loop"):
+            path = self.backups.mount_path(key)
+            try:
+                lp = await self.thread(lambda: loop.attach(path, read_only=True))
+            except BlksnapError:
+                self.fs.remove_backup(key)
+                self.backups.forget_mount(key)
+                self.save_record()
+                raise
+            self.loops[path] = lp
+            self.save_record()
+        return {**self._served_backup(key), "size": got["size"], "source": got["source"]}
+
+    async def op_umount(self, args: dict[str, Any]) -> Any:
+        key = self.backups.mount_key(args["backup"], args["device"])
+        path = self.backups.mount_path(key)
+        if not args.get("force"):
+            users = await self.thread(self.backups.mount_users, key)
+            if users:
+                raise error(errno.EBUSY, "in use, not unmounting: " + "; ".join(users))
+        await self._detach_loop(path)
+        self.fs.remove_backup(key)
+        await self.thread(self.backups.forget_mount, key)
+        self.save_record()
+        return {"name": "backups/" + key, "unmounted": True}
+
+    async def op_mounts(self, args: dict[str, Any]) -> Any:
+        return [
+            {**self._served_backup(k), **o.doc()} for k, o in sorted(self.backups.mounts.items())
+        ]
+
+    async def op_restore_instant(self, args: dict[str, Any]) -> Any:
+        name = args["device"]
+        target = args["target"]
+        if not os.path.isabs(target):
+            raise InvalidArgument(f"target path must be absolute: {target}")
+        if os.path.commonpath([os.path.abspath(target), self.mount]) == self.mount:
+            raise InvalidArgument("a file served by blksnapd cannot be a restore target")
+        got = await self.thread(self.backups.start_hydration, args)
+        self.fs.add_device(name)
+        self.unrestored.pop(name, None)
+        if args.get("loop"):
+            self.loop_wanted.add(name)
+        self.save_record()
+        if args.get("loop"):
+            try:
+                await self._attach_loop(self.device_path(name))
+            except BlksnapError as exc:
+                log.error("device %s: no loop device: %s", name, exc)
+        desc = self._describe_device(name)
+        return {
+            "name": name,
+            "path": desc["path"],
+            "loop": desc["loop"],
+            "nbd_export": name if self.nbd else None,
+            "hydration": desc["hydration"],
+            **got,
+        }
 
     async def op_device_list(self, args: dict[str, Any]) -> Any:
         return [self._describe_device(d.name) for d in self.engine.devices()]

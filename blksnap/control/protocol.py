@@ -127,6 +127,10 @@ def _arg(v: Any) -> bool:
     return v is None or (isinstance(v, str) and len(v) <= 65536)
 
 
+def _hexkey(v: Any) -> bool:
+    return isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v)
+
+
 def _timeout(v: Any) -> bool:
     return _is_int(v) and 0 <= v <= 24 * 3600 * 1000
 
@@ -188,6 +192,28 @@ SCHEMAS: dict[str, dict[str, Field]] = {
     "snapshot.collect": {"id": F(_str)},
     "snapshot.waitevent": {"id": F(_str, True), "timeout_ms": F(_timeout, True)},
     "snapshot.destroy": {"id": F(_str, True), "force": F(_bool, doc="even with images in use")},
+    "backup.mount": {
+        "repo": F(_str, True, "repository directory"),
+        "backup": F(_str, True, "backup id or latest"),
+        "device": F(_str, True),
+        "key": F(_hexkey, doc="master key of an encrypted repository, hex"),
+        "key_file": F(_str, doc="key file of an encrypted repository"),
+        "loop": F(_bool),
+    },
+    "backup.umount": {"backup": F(_str, True), "device": F(_str, True), "force": F(_bool)},
+    "backup.mounts": {},
+    "restore.instant": {
+        "repo": F(_str, True, "repository directory"),
+        "backup": F(_str, True, "backup id or latest"),
+        "device": F(_str, True, "the device's name in the backup, and as served"),
+        "target": F(_str, True, "file or block device the device is restored onto"),
+        "key": F(_hexkey, doc="master key of an encrypted repository, hex"),
+        "key_file": F(_str, doc="key file of an encrypted repository"),
+        "loop": F(_bool),
+        "rate": F(_str, doc="hydration rate limit, SIZE per second"),
+        "paused": F(_bool, doc="start with the background copy paused"),
+        "force": F(_bool, doc="overwrite a target that holds data"),
+    },
 }
 
 

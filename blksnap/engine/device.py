@@ -447,6 +447,12 @@ class Device:
         #: (:meth:`switch_backing`), before any request reaches the new one;
         #: an exception puts the old one back.
         self.on_backing_switch: Callable[[Device, BackingStore], None] | None = None
+        #: Called with the gate drained when a filter took itself off the
+        #: stack (:meth:`retire_filter`: a hydration done); an exception
+        #: puts it back.
+        self.on_filter_retired: Callable[[Device, Filter], None] | None = None
+        #: Set by :meth:`close` before its filters are detached.
+        self.closing = False
         #: The last status of filters that detached themselves (a migration
         #: done): name -> :meth:`Filter.status`.
         self.retired: dict[str, dict[str, object]] = {}
@@ -709,9 +715,29 @@ class Device:
         log.info("%s: now served from %s (was %s); filter %s detached", self.name,
                  store.path, old.path, flt.name)  # fmt: skip
 
+    def retire_filter(self, flt: Filter, after: Callable[[], None] | None = None) -> None:
+        """``flt`` takes itself off the stack, its work done (a hydration):
+        with the gate drained, it is removed, :attr:`on_filter_retired`
+        records it (a failure puts it back and is raised), then ``after()``."""
+        self.queue.freeze()
+        try:
+            self.filters.remove(flt)
+            try:
+                if self.on_filter_retired is not None:
+                    self.on_filter_retired(self, flt)
+            except BaseException:
+                self.filters.add(flt)
+                raise
+            if after is not None:
+                after()
+        finally:
+            self.queue.unfreeze()
+        log.info("%s: filter %s done and detached", self.name, flt.name)
+
     def close(self) -> None:
         """Drain requests in flight, refuse new ones (ENODEV), release."""
         name = self.name
+        self.closing = True
         self.queue.close(lambda: NoDevice(f"device {name} has been removed"))
         for flt in list(self.filters):
             try:

@@ -26,6 +26,7 @@ from blksnap.engine.device import Device
 from blksnap.engine.event_queue import Event, EventQueue
 from blksnap.engine.filters import READ, WRITE, Bio, Filter, FilterRegistry
 from blksnap.engine.flakey import Flakey
+from blksnap.engine.hydrate import Hydrate
 from blksnap.engine.image import Image
 from blksnap.engine.migrate import Migrate
 from blksnap.engine.params import Params
@@ -57,7 +58,9 @@ DEVICE_ERROR = "device_error"
 
 
 #: The filters every engine knows, lowest altitude (sees requests first) first.
-BUILTIN_FILTERS: tuple[type[Filter], ...] = (Flakey, Delay, Tracker, Powercut, Migrate)
+BUILTIN_FILTERS: tuple[type[Filter], ...] = (
+    Flakey, Delay, Tracker, Powercut, Hydrate, Migrate
+)  # fmt: skip
 
 
 class Engine:
@@ -86,6 +89,10 @@ class Engine:
         #: with the gate drained, before any request reaches the new store;
         #: an exception keeps the old one (blksnapd records the change here).
         self.on_backing_switch: Callable[[str, str], None] | None = None
+        #: Called when a filter took itself off a device (a hydration
+        #: done), with the gate drained: (device, filter); an exception
+        #: keeps it on (blksnapd records the change here).
+        self.on_filter_retired: Callable[[str, str], None] | None = None
         self._devices: dict[str, Device] = {}
         self._snapshots: dict[str, Snapshot] = {}
         #: Where each device's bytes really live (see :mod:`blksnap.blockstack`).
@@ -133,6 +140,7 @@ class Engine:
             dev = Device(name, path, self.params, self.regions, settle_cache=not taking_over)
             dev.on_error = self._device_failed  # backing store failures: log, event
             dev.on_backing_switch = self._backing_switched
+            dev.on_filter_retired = self._filter_retired
             dev.checkpoint_path = cbt_checkpoint.path_for(self.state_dir, name)
             dev.state_carrier = self._state_carrier
             self._devices[name] = dev
@@ -195,6 +203,11 @@ class Engine:
         if callback is not None:
             callback(dev.name, dev.path)
         self._extents[dev.name] = extents
+
+    def _filter_retired(self, dev: Device, flt: Filter) -> None:
+        callback = self.on_filter_retired
+        if callback is not None:
+            callback(dev.name, flt.name)
 
     def _storage_holder(self, name: str) -> str | None:
         """The live snapshot whose diff storage lies on device ``name``."""

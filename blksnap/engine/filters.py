@@ -29,6 +29,9 @@ to highest (sees it last, right above the backing store):
                   that reaches it
  200  powercut    keeps the old contents of blocks written since the last
                   flush: sees exactly the writes that reach the store
+ 250  hydrate     serves the units of an instant restore not yet copied
+                  from the backup, and copies them meanwhile: a write it
+                  sees was tracked above it, its own copies are not
  300  migrate     mirrors every write that reaches the store to the new
                   storage: a write it mirrors was tracked once, above it
 ====  ==========  =========================================================

@@ -39,7 +39,7 @@ from blksnap.engine.engine import Engine
 from blksnap.errors import BlksnapError
 from blksnap.frontends import fuse_proto as proto
 from blksnap.frontends.fuse_session import FuseSession, Node, Tree
-from blksnap.frontends.targets import Target, device_target, image_target
+from blksnap.frontends.targets import Target, backup_target, device_target, image_target
 from blksnap.settings import SETTINGS, Settings
 
 log = logging.getLogger(__name__)
@@ -172,6 +172,7 @@ class OwnFS:
             self.tree = Tree()
         self.dev = self.tree.add_dir("dev")
         self.images = self.tree.add_dir("images")
+        self.backups = self.tree.add_dir("backups")
         self.session: _Session | None = None
         self.save()
 
@@ -289,6 +290,30 @@ class OwnFS:
     def remove_snapshot(self, sid: str) -> None:
         self.tree.remove(f"images/{sid}")
         self._changed(self.images, sid)
+
+    def add_backup(self, key: str) -> None:
+        """``backups/B/N`` for the mounted backup ``key`` (``B/N``), read-only."""
+        bid, _, name = key.partition("/")
+        backing = TargetBacking(backup_target(self.engine, key))
+        with self.tree.lock:
+            if self.tree.lookup(f"backups/{bid}") is None:
+                self.tree.add_dir(f"backups/{bid}")
+            self.tree.add_file(f"backups/{bid}/{name}", backing, mode=0o400)
+        self._changed(self.backups, bid)
+
+    def remove_backup(self, key: str) -> None:
+        bid, _, name = key.partition("/")
+        with self.tree.lock:
+            self.tree.remove(f"backups/{bid}/{name}")
+            folder = self.tree.lookup(f"backups/{bid}")
+            empty = folder is not None and not folder.children
+            if empty:
+                self.tree.remove(f"backups/{bid}")
+        if not empty:
+            node = self.tree.lookup(f"backups/{bid}")
+            if node is not None:
+                self._changed(node, name)
+        self._changed(self.backups, bid)
 
     def open_count(self, target: Any) -> int:
         """Open handles of the file served from ``target`` (a Device or an

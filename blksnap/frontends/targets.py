@@ -8,13 +8,16 @@ being still the engine's (:meth:`Target.alive`) when the front-end cares:
 a device removed, or a snapshot destroyed, leaves a dead target behind.
 
 Names: ``N`` is device ``N``; ``ID/N`` is the image of device ``N`` in
-snapshot ``ID`` (:func:`lookup`).
+snapshot ``ID``; ``backups/B/N`` is device ``N`` of backup ``B`` mounted by
+``blksnap mount`` (a :class:`~blksnap.engine.source.View`, read-only)
+(:func:`lookup`).
 """
 
 from __future__ import annotations
 
 from typing import Any, ClassVar
 
+from blksnap.engine import source as sources
 from blksnap.engine.device import Device
 from blksnap.engine.engine import Engine
 from blksnap.engine.image import Image
@@ -186,6 +189,52 @@ class ImageTarget(Target):
         return cbt.changed_runs(offset, length, cbt.changes_number - 1, limit=limit)
 
 
+class BackupTarget(Target):
+    """A mounted backup ``backups/B/N``: read-only; zero chunks are holes;
+    no CBT (every block may differ from anything)."""
+
+    kind = "backup"
+    #: Where mounted backups' sources are registered (:mod:`blksnap.engine.source`).
+    PREFIX = "backups/"
+    KEY_PREFIX = "mount/"
+
+    def __init__(self, engine: Engine, key: str, view: sources.View) -> None:
+        super().__init__(engine, self.PREFIX + key, view.size)
+        self.key = key
+        self.view = view
+
+    @property
+    def served(self) -> sources.View:
+        return self.view
+
+    def alive(self) -> bool:
+        try:
+            return sources.get(self.KEY_PREFIX + self.key) is self.view.source
+        except BlksnapError:
+            return False
+
+    def description(self, readonly: bool = False) -> str:
+        return f"{self.view.source.description} (read-only)"
+
+    def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        self.view.write(offset, b"")  # EROFS
+
+    def write_zeroes(self, offset: int, length: int, fua: bool = False, unmap: bool = True) -> None:
+        self.view.write(offset, b"")  # EROFS
+
+    def has_dirty_map(self) -> bool:
+        return False
+
+    def dirty_ranges(self, offset: int, length: int, limit: int = 0) -> list[Run]:
+        return [(offset, length, True)] if length > 0 else []
+
+
+def backup_target(engine: Engine, key: str) -> BackupTarget:
+    """Mounted backup ``key`` (``B/N``; NotFound if not mounted)."""
+    src = sources.get(BackupTarget.KEY_PREFIX + key)
+    return BackupTarget(engine, key, sources.View(key, src))
+
+
 def device_target(engine: Engine, name: str) -> DeviceTarget:
     """Device ``name`` (NotFound if there is none)."""
     return DeviceTarget(engine, engine.device(name))
@@ -197,7 +246,10 @@ def image_target(engine: Engine, sid: str, name: str) -> ImageTarget:
 
 
 def lookup(engine: Engine, name: str) -> Target:
-    """``N`` (a device) or ``ID/N`` (an image); NotFound if there is none."""
+    """``N`` (a device), ``ID/N`` (an image) or ``backups/B/N`` (a mounted
+    backup); NotFound if there is none."""
+    if name.startswith(BackupTarget.PREFIX):
+        return backup_target(engine, name[len(BackupTarget.PREFIX) :])
     sid, slash, dname = name.partition("/")
     if slash:
         return image_target(engine, sid, dname)
@@ -209,4 +261,10 @@ def names(engine: Engine) -> list[str]:
     out = [d.name for d in engine.devices()]
     for snap in engine.snapshot_collect():
         out += [f"{snap['id']}/{d['name']}" for d in snap["devices"] if d["image"]]
+    n = len(BackupTarget.KEY_PREFIX)
+    out += [
+        BackupTarget.PREFIX + k[n:]
+        for k in sources.registered()
+        if k.startswith(BackupTarget.KEY_PREFIX)
+    ]
     return out

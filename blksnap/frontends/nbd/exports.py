@@ -26,7 +26,7 @@ from blksnap.frontends.nbd.protocol import (
     run_extents,
     transmission_flags,
 )
-from blksnap.frontends.targets import DeviceTarget, ImageTarget, Target
+from blksnap.frontends.targets import BackupTarget, DeviceTarget, ImageTarget, Target
 
 if TYPE_CHECKING:
     from blksnap.frontends.nbd.connection import Connection
@@ -115,6 +115,18 @@ class ImageExport(Export):
         return f"snapshot {self.sid} has been destroyed"
 
 
+class BackupExport(Export):
+    """A mounted backup ``backups/B/N``: always read-only."""
+
+    kind = "backup"
+
+    def __init__(self, target: BackupTarget) -> None:
+        super().__init__(target, readonly=True)
+
+    def gone(self) -> str:
+        return f"{self.name} has been unmounted"
+
+
 class Exports:
     """The exports of one server: lookups by name, the devices withdrawn
     while they are being removed, and the connections holding each device."""
@@ -135,6 +147,8 @@ class Exports:
             return None
         if isinstance(target, DeviceTarget):
             return DeviceExport(target)
+        if isinstance(target, BackupTarget):
+            return BackupExport(target)
         assert isinstance(target, ImageTarget)
         return ImageExport(target, readonly=not self.writable_images)
 

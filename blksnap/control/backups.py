@@ -1,0 +1,400 @@
+"""blksnapd serving backups: ``blksnap mount`` and ``blksnap restore --instant``.
+
+**Mount.** Device ``N`` of backup ``B`` is opened as a
+:class:`~blksnap.backup.source.BackupSource` (its index read and checked,
+the repository read-locked against prunes) and served read-only as
+``<mount>/backups/B/N``, with a read-only loop device over it if asked, and
+as the NBD export ``backups/B/N`` when blksnapd serves NBD.
+
+**Instant restore.** The target (a file, made at the backup's size if
+missing, or a block device) is served at once as device ``N`` with the
+``hydrate`` filter (:mod:`blksnap.engine.hydrate`) over the backup's source,
+and the tracker attached before any request can reach it. The tracker
+starts a new CBT generation; the repository records that it starts from
+``B`` (:meth:`Repository.link_generation`), so the next backup of ``N`` is
+an incremental against ``B`` holding exactly the writes since the restore.
+
+**Keys.** The command line opens an encrypted repository (passphrase or
+key file) and hands blksnapd the master key; blksnapd keeps it in memory its
+supervisor holds (a region), never on disk, so a worker that takes over
+opens the repository again; a key *file* named on the command line is
+recorded instead, so that a boot can carry on a hydration. After a boot a
+hydration whose repository needs a passphrase waits (its device is not
+served) until ``blksnap restore --instant`` is given again with the same
+arguments: it carries on from the committed map.
+
+Everything is recorded in ``daemon.json`` (``"mounts"`` and each
+hydration's ``"sources"`` entry) for a worker taking over.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from typing import TYPE_CHECKING, Any
+
+from blksnap import inuse
+from blksnap.backup.crypto import Keys
+from blksnap.backup.repository import Repository
+from blksnap.backup.source import BackupSource
+from blksnap.control.users import host_users
+from blksnap.engine import cbt_checkpoint
+from blksnap.engine import source as sources
+from blksnap.errors import BlksnapError, Busy, Exists, InvalidArgument, NotFound, error
+
+if TYPE_CHECKING:
+    from blksnap.control.daemon import Daemon
+
+log = logging.getLogger("blksnapd.backups")
+
+MOUNT_PREFIX = "mount/"
+HYDRATE_PREFIX = "hydrate/"
+#: Where hydration maps live, under the state dir.
+MAPS = "hydrate"
+
+
+class Opened:
+    """What blksnapd needs to open one source again (a worker taking over)."""
+
+    def __init__(
+        self, repo: str, backup: str, device: str, key_id: str | None, key_file: str | None
+    ) -> None:
+        self.repo = repo
+        self.backup = backup
+        self.device = device
+        self.key_id = key_id
+        self.key_file = key_file
+
+    def doc(self) -> dict[str, Any]:
+        return {
+            "repo": self.repo,
+            "backup": self.backup,
+            "device": self.device,
+            "key_id": self.key_id,
+            "key_file": self.key_file,
+        }
+
+    @classmethod
+    def from_doc(cls, d: dict[str, Any]) -> Opened:
+        return cls(
+            str(d["repo"]), str(d["backup"]), str(d["device"]), d.get("key_id"), d.get("key_file")
+        )
+
+
+class BackupServing:
+    """The mounted backups and the hydrations of one daemon."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.d = daemon
+        #: mount key ``B/N`` -> how it was opened.
+        self.mounts: dict[str, Opened] = {}
+        #: device name -> how its hydration source was opened.
+        self.hydrations: dict[str, Opened] = {}
+
+    # -- opening --------------------------------------------------------------
+
+    def _key_region(self, key_id: str) -> str:
+        return f"key/{key_id}"
+
+    def open_repo(
+        self, path: str, key_hex: str | None, key_file: str | None
+    ) -> tuple[Repository, str | None]:
+        """The repository, opened by the master key the command line sent
+        (kept where a worker taking over finds it) or by a key file; and
+        its key id (None: not encrypted)."""
+        if key_hex:
+            try:
+                master = bytes.fromhex(key_hex)
+            except ValueError:
+                raise InvalidArgument("key: not hex") from None
+            keys = Keys.from_master(master)
+            repo = Repository.open(path, keys=keys)
+            self.d.engine.regions.put_blob(self._key_region(keys.key_id), master)
+            return repo, keys.key_id
+        repo = Repository.open(path, key_file=key_file)
+        return repo, repo.keys.key_id or None
+
+    def reopen(self, o: Opened) -> BackupSource:
+        """Open a recorded source again (a worker taking over, a boot)."""
+        keys = None
+        if o.key_id:
+            master = self.d.engine.regions.get_blob(self._key_region(o.key_id))
+            if master is not None:
+                keys = Keys.from_master(master)
+        if keys is not None:
+            repo = Repository.open(o.repo, keys=keys)
+        elif o.key_id and not o.key_file:
+            raise error(errno.ENOKEY, f"{o.repo} is encrypted and its key is not held here")
+        else:
+            repo = Repository.open(o.repo, key_file=o.key_file)
+        return BackupSource(repo, o.backup, o.device)
+
+    def key_regions(self) -> set[str]:
+        """The regions holding keys still needed."""
+        return {
+            self._key_region(o.key_id)
+            for o in (*self.mounts.values(), *self.hydrations.values())
+            if o.key_id
+        }
+
+    def _drop_key(self, key_id: str | None) -> None:
+        if key_id and self._key_region(key_id) not in self.key_regions():
+            self.d.engine.regions.drop(self._key_region(key_id))
+
+    # -- mounts ---------------------------------------------------------------
+
+    def mount_path(self, key: str) -> str:
+        return os.path.join(self.d.mount, "backups", key)
+
+    def mount(self, args: dict[str, Any]) -> dict[str, Any]:
+        """(In a worker thread.) Serve a backup read-only."""
+        repo, key_id = self.open_repo(args["repo"], args.get("key"), args.get("key_file"))
+        src = BackupSource(repo, args["backup"], args["device"])
+        key = f"{src.backup_id}/{src.device}"
+        try:
+            if key in self.mounts:
+                raise Exists(f"backup {key} is already mounted at {self.mount_path(key)}")
+            sources.register(MOUNT_PREFIX + key, src)
+        except BaseException:
+            src.close()
+            raise
+        self.mounts[key] = Opened(
+            repo.path, src.backup_id, src.device, key_id, args.get("key_file")
+        )
+        self.d.fs.add_backup(key)
+        log.info("mounted %s at %s", src.description, self.mount_path(key))
+        return {"key": key, "size": src.size, "source": src.description}
+
+    def forget_mount(self, key: str) -> None:
+        """(Taken out of the tree already.) Close the source."""
+        o = self.mounts.pop(key, None)
+        src = sources.unregister(MOUNT_PREFIX + key)
+        if src is not None:
+            src.close()
+        if o is not None:
+            self._drop_key(o.key_id)
+
+    def mount_key(self, backup: str, device: str) -> str:
+        key = f"{backup}/{device}"
+        if key not in self.mounts:
+            raise NotFound(f"backup {backup} device {device} is not mounted")
+        return key
+
+    def mount_users(self, key: str) -> list[str]:
+        """(Blocking.) Who uses a mounted backup: what an umount would break."""
+        path = self.mount_path(key)
+        own = self.d.loops.get(path)
+        found, other_loops, named = host_users(path, own)
+        try:
+            src = sources.get(MOUNT_PREFIX + key)
+        except BlksnapError:
+            return found
+        handles = self._open_handles(src) - (1 if own else 0) - other_loops
+        if handles > 0 and not named:
+            found.append(f"{path} is open in {handles} file handle(s)")
+        nbd = self.d.nbd
+        if nbd is not None:
+            name = "backups/" + key
+            n = sum(
+                1
+                for c in list(nbd.connections)
+                if c.export is not None and c.export.name == name and not c.finished
+            )
+            if n:
+                found.append(f"{n} NBD client(s) on export {name}")
+        return found
+
+    def _open_handles(self, src: Any) -> int:
+        s = self.d.fs.session
+        if s is None:
+            return 0
+        n = 0
+        for node in list(s.handles.values()):
+            t = getattr(node.backing, "target", None)
+            if t is not None and getattr(getattr(t, "view", None), "source", None) is src:
+                n += 1
+        return n
+
+    # -- instant restore ------------------------------------------------------------
+
+    def map_path(self, name: str) -> str:
+        return os.path.join(self.d.state_dir, MAPS, f"{name}.map")
+
+    def prepare_target(self, target: str, size: int, name: str, force: bool) -> tuple[str, bool]:
+        """(Blocking.) The target's real path, made (a sparse file of ``size``)
+        if missing; and whether this carries on an earlier hydration (its map
+        is there). Refused: in use (EBUSY), holding data without ``force``
+        and not carried on (EEXIST), too small (ENOSPC), served already."""
+        real = os.path.realpath(target)
+        resume = os.path.exists(self.map_path(name))
+        try:
+            st = os.stat(real)
+        except FileNotFoundError:
+            st = None
+        if st is None:
+            if not os.path.isdir(os.path.dirname(real)):
+                raise NotFound(f"{os.path.dirname(real)}: no such directory")
+            fd = os.open(real, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                os.ftruncate(fd, size)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            return real, False
+        if not stat.S_ISREG(st.st_mode) and not stat.S_ISBLK(st.st_mode):
+            raise InvalidArgument(f"{target} is neither a regular file nor a block device")
+        users = inuse.users_of(real)
+        if users:
+            raise Busy(f"{target} is in use: {'; '.join(users)}")
+        if stat.S_ISREG(st.st_mode):
+            if st.st_size < size:
+                if st.st_size and not (force or resume):
+                    raise Exists(f"{target} holds data (use --force to overwrite it)")
+                os.truncate(real, size)
+                return real, resume
+            if st.st_size and not (force or resume):
+                raise Exists(f"{target} holds data (use --force to overwrite it)")
+        elif not (force or resume):
+            raise Exists(f"{target} is a block device: its data is overwritten only with --force")
+        return real, resume
+
+    def start_hydration(self, args: dict[str, Any]) -> dict[str, Any]:
+        """(In a worker thread.) Serve the target as device ``N`` at once,
+        hydrating from the backup."""
+        d, engine = self.d, self.d.engine
+        name = args["device"]
+        if name in {dev.name for dev in engine.devices()}:
+            raise Exists(f"a device named {name!r} is already served")
+        repo, key_id = self.open_repo(args["repo"], args.get("key"), args.get("key_file"))
+        src = BackupSource(repo, args["backup"], name)
+        registered = False
+        added = False
+        try:
+            real, resume = self.prepare_target(args["target"], src.size, name, args.get("force"))
+            if not resume:
+                # (the map of an earlier hydration of another backup or target)
+                try:
+                    os.unlink(self.map_path(name))
+                except FileNotFoundError:
+                    pass
+            sources.register(HYDRATE_PREFIX + name, src)
+            registered = True
+            engine.add_device(real, name)
+            added = True
+            dev = engine.device(name)
+            if not resume and dev.checkpoint_path:
+                cbt_checkpoint.remove(dev.checkpoint_path)  # (another device's CBT)
+            opts = {"source": HYDRATE_PREFIX + name, "map": self.map_path(name)}
+            if args.get("rate"):
+                opts["rate"] = str(args["rate"])
+            if args.get("paused"):
+                opts["paused"] = "1"
+            engine.attach(name, "blksnap", {})
+            engine.attach(name, "hydrate", opts)
+        except BaseException:
+            if added:
+                try:
+                    engine.remove_device(name)
+                except BlksnapError as exc:
+                    log.error("device %s not removed after a failed start: %s", name, exc)
+            if registered:
+                sources.unregister(HYDRATE_PREFIX + name)
+            src.close()
+            raise
+        d.filter_opts[(name, "blksnap")] = {}
+        d.filter_opts[(name, "hydrate")] = {k: v for k, v in opts.items() if k != "paused"}
+        self.hydrations[name] = Opened(repo.path, src.backup_id, name, key_id, args.get("key_file"))
+        info = engine.cbt_info(name)
+        link: dict[str, Any] | None = None
+        try:
+            existing = repo.generation_link(info.generation_id)
+            link = existing or repo.link_generation(
+                info.generation_id, src.backup_id, name, info.changes_number
+            )
+        except BlksnapError as exc:
+            log.warning("device %s: generation not linked to backup %s (the next backup "
+                        "will be full): %s", name, src.backup_id, exc)  # fmt: skip
+        log.info("device %s: instant restore of %s onto %s%s", name, src.description, real,
+                 " (carried on)" if resume else "")  # fmt: skip
+        return {
+            "target": real,
+            "resumed": resume,
+            "generation_id": info.generation_id,
+            "linked": link is not None and link.get("backup") == src.backup_id,
+        }
+
+    def hydration_done(self, name: str) -> None:
+        """The hydrate filter of ``name`` took itself off (the gate drained)."""
+        o = self.hydrations.pop(name, None)
+        src = sources.unregister(HYDRATE_PREFIX + name)
+        if src is not None:
+            src.close()
+        if o is not None:
+            self._drop_key(o.key_id)
+
+    def device_removed(self, name: str) -> None:
+        """Device ``name`` was removed while it hydrated: its source closes
+        (the map stays: a restore --instant of the same backup onto the same
+        target carries on)."""
+        if name in self.hydrations:
+            self.hydration_done(name)
+
+    # -- the record -----------------------------------------------------------
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "mounts": {k: o.doc() for k, o in self.mounts.items()},
+            "sources": {n: o.doc() for n, o in self.hydrations.items()},
+        }
+
+    def rebuild(self, doc: dict[str, Any]) -> None:
+        """Taking over: open the sources of the hydrations again (before
+        their devices' filters are attached) and serve the mounts again."""
+        for name, od in (doc.get("sources") or {}).items():
+            try:
+                o = Opened.from_doc(od)
+                sources.register(HYDRATE_PREFIX + name, self.reopen(o))
+                self.hydrations[name] = o
+            except (BlksnapError, KeyError, TypeError, ValueError) as exc:
+                log.error("taking over: hydration source of %s not opened again: %s", name, exc)
+
+    def rebuild_mounts(self, doc: dict[str, Any]) -> None:
+        for key, od in (doc.get("mounts") or {}).items():
+            try:
+                o = Opened.from_doc(od)
+                sources.register(MOUNT_PREFIX + key, self.reopen(o))
+                self.mounts[key] = o
+                self.d.fs.add_backup(key)
+            except (BlksnapError, KeyError, TypeError, ValueError) as exc:
+                log.error("taking over: mounted backup %s not served again: %s", key, exc)
+
+    def boot_source(self, name: str, doc: dict[str, Any]) -> bool:
+        """At a boot (``--restore-devices``): open the hydration source of
+        device ``name`` again if nothing but a key file is needed."""
+        od = (doc.get("sources") or {}).get(name)
+        if not isinstance(od, dict):
+            return False
+        try:
+            o = Opened.from_doc(od)
+            src = self.reopen(o)
+        except (BlksnapError, KeyError, TypeError, ValueError) as exc:
+            log.error(
+                "device %s: its instant restore cannot carry on by itself (%s): run "
+                "blksnap restore --instant again with the same arguments",
+                name,
+                exc,
+            )
+            return False
+        sources.register(HYDRATE_PREFIX + name, src)
+        self.hydrations[name] = o
+        return True
+
+    def hydration_status(self, name: str) -> dict[str, Any] | None:
+        dev = self.d.engine.device(name)
+        flt = dev.filters.find("hydrate")
+        st = flt.status() if flt is not None else dev.retired.get("hydrate")
+        if st is None:
+            return None
+        return {k: st.get(k) for k in ("state", "done", "total", "rate", "source", "error")}
