@@ -226,7 +226,13 @@ class BackupWriter:
             parent = self._index.get(record.parent)
             if parent is None:
                 raise InvalidArgument(f"device {name}: parent backup {record.parent} not found")
-            check_parent(f"device {name}", parent, record)
+            linked = False
+            if parent.ok and record.generation_id != parent.device(name).generation_id:
+                # (a generation an instant restore started from this parent)
+                link = self.repo.generation_link(record.generation_id)
+                linked = bool(link and link.get("backup") == parent.id
+                              and link.get("device") == name)  # fmt: skip
+            check_parent(f"device {name}", parent, record, linked=linked)
             if parent_index is None:
                 parent_index = self.repo.read_index(parent, name)
             elif parent_index.shape != (count, DIGEST):
@@ -453,15 +459,19 @@ class BackupWriter:
             self._lock_fd = -1
 
 
-def check_parent(where: str, parent: BackupInfo, child: DeviceRecord) -> None:
-    """EINVAL unless ``child`` can be an incremental or differential of ``parent``."""
+def check_parent(
+    where: str, parent: BackupInfo, child: DeviceRecord, *, linked: bool = False
+) -> None:
+    """EINVAL unless ``child`` can be an incremental or differential of
+    ``parent`` (``linked``: its CBT generation starts from ``parent``, see
+    :meth:`Repository.link_generation`)."""
     if not parent.ok:
         raise InvalidArgument(f"{where}: parent backup {parent.id} is {parent.state}")
     try:
         rec = parent.device(child.name)
     except NotFound:
         raise InvalidArgument(f"{where}: parent backup {parent.id} has no device") from None
-    if rec.generation_id != child.generation_id:
+    if rec.generation_id != child.generation_id and not linked:
         raise InvalidArgument(
             f"{where}: parent backup {parent.id} has another CBT generation"
             f" ({rec.generation_id}, not {child.generation_id})"
