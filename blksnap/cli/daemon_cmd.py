@@ -18,6 +18,7 @@ from blksnap.control.client import Client
 from blksnap.errors import BlksnapError, error
 from blksnap.hostinfo import proc_stat
 from blksnap.settings import SETTINGS
+from blksnap.units import format_size
 
 
 def register(sub: Any, cmd: Commands) -> None:
@@ -205,6 +206,15 @@ def daemon_status(args: argparse.Namespace, client: Client, out: Out) -> int:
             f"  nbd    {', '.join(st.get('nbd_listen') or [st['nbd']])}, "
             f"{st.get('nbd_clients', 0)} client(s)"
         )
+    for key in st.get("mounted_backups") or []:
+        lines.append(f"  backup {key} mounted at {st['mount']}/backups/{key}")
+    for name, h in (st.get("hydrations") or {}).items():
+        if h:
+            total = h.get("total") or 1
+            lines.append(
+                f"  device {name}: hydration {h['state']}, {100 * h['done'] / total:.1f} % of "
+                f"{format_size(total)}"
+            )
     out.emit({"running": True, **st}, "\n".join(lines))
     return 0
 

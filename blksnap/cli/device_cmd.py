@@ -140,11 +140,26 @@ def device_list(args: argparse.Namespace, client: Client, out: Out) -> int:
         ]
         for d in devs
     ]
-    out.emit(
-        devs,
-        table(rows, ["NAME", "SIZE", "LOOP", "FILTERS", "BACKING"]) if devs else "no devices",
-    )
+    text = table(rows, ["NAME", "SIZE", "LOOP", "FILTERS", "BACKING"]) if devs else "no devices"
+    for d in devs:
+        h = d.get("hydration")
+        if h and h.get("state") != "done":
+            text += "\n" + _hydration_text(d["name"], h)
+    out.emit(devs, text)
     return 0
+
+
+def _hydration_text(name: str, h: dict) -> str:
+    total = h.get("total") or 1
+    line = (
+        f"{name}: hydration {h['state']}, {format_size(h['done'])} of {format_size(total)}"
+        f" ({100 * h['done'] / total:.1f} %) from {h.get('source')}"
+    )
+    if h.get("rate"):
+        line += f", {format_size(h['rate'])}/s"
+    if h.get("error"):
+        line += f": {h['error']}"
+    return line
 
 
 def attach(args: argparse.Namespace, client: Client, out: Out) -> int:

@@ -32,7 +32,7 @@ def _leaves(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
 
 def test_every_command_has_a_handler() -> None:
     leaves = dict(_leaves(app._parser()))
-    assert len(leaves) == 32  # gc, key create, repo upgrade came with repository v2
+    assert len(leaves) == 34  # v2: gc, key create, repo upgrade; mount, umount
     assert {("gc",), ("key", "create"), ("repo", "upgrade")} <= set(leaves)
     for words, parser in leaves.items():
         handler = parser.get_default("handler")

@@ -271,3 +271,49 @@ def test_instant_restore_of_ext4_used_at_once(daemon: Daemon, tmp_path: Path) ->
     daemon.cli("restore", "--repo", str(repo), "-b", nxt2["id"], "-d", "e0", "--to", str(out2))
     assert sha256_file(out2) == sha256_file(f"{daemon.mount}/dev/e0")
     assert sha256_file(target) == sha256_file(out2)
+
+
+@pytest.mark.skipif(not have("qemu-img"), reason="qemu-img is not installed")
+def test_mounted_encrypted_backup_over_nbd_blocks_prune(nbd_daemon: Daemon, tmp_path: Path) -> None:
+    """An encrypted repository (key file): the backup is served as NBD
+    export backups/B/N to qemu-img, read-only; while mounted a prune is
+    refused (EBUSY) and daemon status names the mount."""
+    daemon = nbd_daemon
+    rng = random.Random(7)
+    data = rng.randbytes(6 * MiB) + bytes(3 * MiB) + rng.randbytes(3 * MiB)
+    src = tmp_path / "src.img"
+    src.write_bytes(data)
+    add_device(daemon, str(src), "n0", loop=False)
+    daemon.cli("attach", "-d", "n0")
+    repo, key = tmp_path / "repo", tmp_path / "repo.key"
+    daemon.cli("key", "create", "--repo", str(repo), "--key-file", str(key))
+    b = jcli(daemon, "backup", "-d", "n0", "--repo", str(repo), "--key-file", str(key))
+    jcli(daemon, "backup", "-d", "n0", "--repo", str(repo), "--key-file", str(key), "--full")
+    # Without the key: refused, nothing mounted.
+    err = daemon.cli("--json", "mount", "--repo", str(repo), "-b", b["id"], "-d", "n0", check=False)
+    assert err.returncode != 0 and "ENOKEY" in err.stderr
+    got = jcli(
+        daemon, "mount", "--repo", str(repo), "--key-file", str(key), "-b", b["id"], "-d", "n0",
+        "--nbd",
+    )  # fmt: skip
+    assert got["nbd_export"] == f"backups/{b['id']}/n0" and got["loop"] is None
+    uri = f"nbd+unix:///{got['nbd_export']}?socket={daemon.nbd}"
+    out = tmp_path / "via-nbd.img"
+    run("qemu-img", "convert", "-f", "raw", "-O", "raw", uri, str(out))
+    assert md5(out.read_bytes()) == md5(data)
+    wr = run("qemu-io", "-f", "raw", "-c", "write -P 0x55 0 4k", uri, check=False)
+    assert "read-only" in (wr.stdout + wr.stderr).lower() or "denied" in wr.stdout + wr.stderr, wr
+    run("qemu-img", "convert", "-f", "raw", "-O", "raw", uri, str(out))
+    assert md5(out.read_bytes()) == md5(data)
+    st = jcli(daemon, "daemon", "status")
+    assert st["mounted_backups"] == [f"{b['id']}/n0"]
+    err = daemon.cli(
+        "--json", "prune", "--repo", str(repo), "--key-file", str(key), "--keep-last", "1",
+        check=False,
+    )  # fmt: skip
+    assert err.returncode != 0 and "EBUSY" in err.stderr
+    assert len(jcli(daemon, "backups", "--repo", str(repo), "--key-file", str(key))) == 2
+    daemon.cli("umount", "-b", b["id"], "-d", "n0")
+    assert jcli(daemon, "daemon", "status")["mounted_backups"] == []
+    daemon.cli("prune", "--repo", str(repo), "--key-file", str(key), "--keep-last", "1")
+    assert len(jcli(daemon, "backups", "--repo", str(repo), "--key-file", str(key))) == 1
