@@ -292,8 +292,74 @@ class Demo:
                 f" already stored {format_size(d['bytes_reused'])}",
             )
 
+        self.instant_restore()
+
         rep.step("report")
         self.summary()
+
+    def instant_restore(self) -> None:
+        """disk0 is lost; its last backup (the differential) is restored
+        instantly onto a new file: its file system mounted and its files
+        checked while the hydration runs, then the next backup is an
+        incremental against that backup."""
+        assert self.box is not None
+        rep, name, b = self.report, NAMES[0], self.backups[-1]
+        rep.step(
+            f"{name} is lost: restore its backup {b.id} instantly onto a new file and use it"
+            " while it is copied in the background"
+        )
+        self.box.umount(self.fs[name])
+        self.cli_json("device", "remove", name)
+        target = self.workdir / f"{name}-restored.img"
+        t0 = time.monotonic()
+        got = self.cli_json(
+            "restore", "--instant", "--repo", str(self.repo), "--backup", b.id, "-d", name,
+            "--to", str(target), "--loop", "--rate", str(max(self.size // 8, 1 << 20)),
+        )  # fmt: skip
+        where = Path(self.box.mount_fs(got["loop"], self.workdir / "fs" / f"{name}-restored"))
+        files = tree(where / "data")
+        served = time.monotonic() - t0
+        h = got["hydration"]
+        now = next(d for d in self.box.client.devices() if d["name"] == name)["hydration"]
+        rep.line(
+            f"{name} served from {target} on {got['loop']}, mounted and read in {served:.2f} s;"
+            f" hydration {now['state']}: {format_size(now['done'])} of {format_size(now['total'])}"
+        )
+        want = b.expected[name]
+        diff = sorted(set(files) ^ set(want)) + sorted(
+            k for k in set(files) & set(want) if files[k] != want[k]
+        )
+        rep.check(
+            f"{name} instantly restored: exactly the files of {b.id} (md5), read while hydrating",
+            not diff and now["state"] == "running" and now["done"] < now["total"],
+            f"{len(want)} files; started with {format_size(h['done'])} copied, "
+            f"{100 * now['done'] / now['total']:.0f} % when checked"
+            + (f"; differ: {', '.join(diff[:5])}" if diff else ""),
+        )
+        new = where / "data" / "after-instant-restore.bin"
+        new.write_bytes(churn_content(424242))
+        sandbox.run("sync", "-f", str(where))
+        self.box.cli("ctl", "-d", name, "--filter", "hydrate", "rate", "0")
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            dev = next(d for d in self.box.client.devices() if d["name"] == name)
+            if dev["hydration"]["state"] in ("done", "failed"):
+                break
+            time.sleep(0.1)
+        rep.check(
+            f"{name}: hydration done, an ordinary device again (tracker only)",
+            dev["hydration"]["state"] == "done" and dev["filters"] == ["blksnap"],
+            f"{dev['hydration']}",
+        )
+        doc = self.cli_json("backup", "-d", name, "--repo", str(self.repo))
+        d = doc["devices"][0]
+        rep.check(
+            f"{doc['id']} {name}: the next backup is incremental against {b.id}",
+            d["kind"] == "incremental" and d["parent"] == b.id,
+            f"{d['kind']} (parent {d['parent']}): read {format_size(d['bytes_read'])} of "
+            f"{format_size(d['size'])}; {d.get('reason')}",
+        )
+        self.box.umount(where)
 
     def kill_worker(self) -> None:
         assert self.box is not None
