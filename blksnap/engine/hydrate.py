@@ -90,8 +90,11 @@ _VERSION = 1
 _HEADER = struct.Struct("<8sIIQQQQQ32s")
 #: The map's bytes (one per unit) start here.
 MAP_OFFSET = 4096
-#: The live region: the same identity digest, then one byte per unit.
-_LIVE_HEAD = 32
+#: The live region: the same identity digest, the steering (rate limit,
+#: paused: what ``ctl`` set, carried on by a worker taking over), then one
+#: byte per unit from _LIVE_HEAD.
+_STEER = struct.Struct("<QB")
+_LIVE_HEAD = 64
 _PAGE = 4096
 
 
@@ -108,7 +111,8 @@ class Hydrate(Filter):
     options = {
         "source": "the source's key (blksnapd registers it: blksnap restore --instant)",
         "map": "file keeping which units are done (made if missing)",
-        "rate": "copy at most SIZE per second (e.g. 100M; default: as fast as it goes)",
+        "rate": "copy at most SIZE of data per second (e.g. 100M; zero regions are not"
+        " counted; default: as fast as it goes)",
         "paused": "1: attach with the copy paused",
     }
     commands = {
@@ -151,11 +155,14 @@ class Hydrate(Filter):
         # taking over finds the units acknowledged writes made done).
         self.region, existed = device.regions.open(self.state_key, _LIVE_HEAD + self.count)
         live = np.frombuffer(self.region, dtype=np.uint8, count=self.count, offset=_LIVE_HEAD)
-        if not existed or bytes(self.region[:_LIVE_HEAD]) != ident:
+        if not existed or bytes(self.region[:32]) != ident:
             live[:] = committed
-            self.region[:_LIVE_HEAD] = ident
+            self.region[:32] = ident
+            _STEER.pack_into(self.region, 32, self.rate, paused)
         else:
             live |= committed  # (never less than what is durable)
+            self.rate, was_paused = _STEER.unpack_from(self.region, 32)
+            paused = bool(was_paused)
         self.done = live
         self.committed = committed.copy()
         self.locks = [threading.Lock() for _ in range(STRIPES)]
@@ -175,6 +182,9 @@ class Hydrate(Filter):
         self.filled = 0  # by reads and writes, this attach
         self._since_commit = 0
         self._last_commit = time.monotonic()
+        #: Bytes of data (not zero units: those cost no I/O) the copy wrote:
+        #: what the rate limit paces.
+        self.paced = 0
         self._pace_from, self._pace_base = time.monotonic(), 0
         self._thread = threading.Thread(
             target=self._run, name=f"hydrate-{device.name}", daemon=True
@@ -389,6 +399,8 @@ class Hydrate(Filter):
                         dev.queue.leave()
                 n = self.source.unit_length(i)
                 self.copied += n
+                if data is not None:
+                    self.paced += n
                 self._since_commit += n
                 self._maybe_commit()
                 self._pace()
@@ -416,7 +428,7 @@ class Hydrate(Filter):
     def _pace(self) -> None:
         if not self.rate:
             return
-        due = self._pace_from + (self.copied - self._pace_base) / self.rate
+        due = self._pace_from + (self.paced - self._pace_base) / self.rate
         wait = due - time.monotonic()
         if wait > 0:
             self._stop.wait(wait)
@@ -473,23 +485,30 @@ class Hydrate(Filter):
         if cmd == "pause":
             self.paused = True
             self._resume.clear()
+            self._steer()
         elif cmd == "resume":
             self.paused = False
             self.error = None
-            self._pace_from, self._pace_base = time.monotonic(), self.copied
+            self._pace_from, self._pace_base = time.monotonic(), self.paced
             if not self._thread.is_alive() and not self.complete:
                 self._thread = threading.Thread(
                     target=self._run, name=f"hydrate-{self.device.name}", daemon=True
                 )
                 self._thread.start()
             self._resume.set()
+            self._steer()
         elif cmd == "rate":
             text = str(arg or "0")
             self.rate = parse_size(text[:-2] if text.endswith("/s") else text)
-            self._pace_from, self._pace_base = time.monotonic(), self.copied
+            self._pace_from, self._pace_base = time.monotonic(), self.paced
+            self._steer()
         elif cmd != "status":
             return super().ctl(cmd, arg)
         return self.status()
+
+    def _steer(self) -> None:
+        if not self.retired:
+            _STEER.pack_into(self.region, 32, self.rate, self.paused)
 
     def status(self) -> dict[str, Any]:
         end = self.finished or time.monotonic()

@@ -314,7 +314,7 @@ class Demo:
         t0 = time.monotonic()
         got = self.cli_json(
             "restore", "--instant", "--repo", str(self.repo), "--backup", b.id, "-d", name,
-            "--to", str(target), "--loop", "--rate", str(max(self.size // 8, 1 << 20)),
+            "--to", str(target), "--loop", "--rate", str(max(self.size // 16, 1 << 20)),
         )  # fmt: skip
         where = Path(self.box.mount_fs(got["loop"], self.workdir / "fs" / f"{name}-restored"))
         files = tree(where / "data")

@@ -204,9 +204,14 @@ def test_instant_restore_of_ext4_used_at_once(daemon: Daemon, tmp_path: Path) ->
     device is ordinary, fsck-clean, and its next backup incremental."""
     rng = random.Random(3)
     _, where = ext4_device(daemon, tmp_path, "e0", size=96 * MiB)
-    populate(where, rng, 20, "f")
+    populate(os.path.join(where, "files"), rng, 20, "f")
+    ballast = {}  # read only at the end: the copy has them to do meanwhile
+    for i in range(6):
+        data = rng.randbytes(6 * MiB)
+        Path(where, f"ballast{i}").write_bytes(data)
+        ballast[f"ballast{i}"] = md5(data)
     run("sync", "-f", where)
-    want = tree(where)
+    want = tree(os.path.join(where, "files"))
     repo = tmp_path / "repo"
     b = backup(daemon, repo, "e0")
     daemon.umount(where)
@@ -215,13 +220,14 @@ def test_instant_restore_of_ext4_used_at_once(daemon: Daemon, tmp_path: Path) ->
     t0 = time.monotonic()
     got = jcli(
         daemon, "restore", "--instant", "--repo", str(repo), "-b", b["id"], "-d", "e0",
-        "--to", str(target), "--loop", "--rate", "8M",
+        "--to", str(target), "--loop", "--paused",
     )  # fmt: skip
     mnt = daemon.mount_fs(got["loop"], tmp_path / "restored")
-    assert tree(mnt) == want  # every file, read at once
+    assert tree(os.path.join(mnt, "files")) == want  # every file, read at once
+    assert sorted(os.listdir(mnt)) == sorted(["files", "lost+found", *ballast])
     served_in = time.monotonic() - t0
     h = hydration(daemon, "e0")
-    assert h["state"] == "running" and h["done"] < h["total"], (h, served_in)
+    assert h["state"] == "paused" and h["done"] < h["total"], (h, served_in)
     os.makedirs(os.path.join(mnt, "w"))
     writer = Writer(os.path.join(mnt, "w"), tmp_path / "stop", keep=30, maxsize=200_000)
     fio = subprocess.Popen(
@@ -232,11 +238,20 @@ def test_instant_restore_of_ext4_used_at_once(daemon: Daemon, tmp_path: Path) ->
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
+        daemon.cli("ctl", "-d", "e0", "--filter", "hydrate", "rate", "256K")
+        daemon.cli("ctl", "-d", "e0", "--filter", "hydrate", "resume")
         time.sleep(2)
         mid = hydration(daemon, "e0")
         assert mid["state"] == "running" and mid["done"] < mid["total"], mid
         kill_worker(daemon)
+        # The new worker carries on, at the rate the old one was told.
+        st = json.loads(
+            daemon.cli("--json", "ctl", "-d", "e0", "--filter", "hydrate", "status").stdout
+        )
+        assert st["state"] == "running" and st["rate_limit"] == 256 * 1024, st
+        assert st["done"] >= mid["done"], (st, mid)
         out, err = fio.communicate(timeout=120)
+        daemon.cli("ctl", "-d", "e0", "--filter", "hydrate", "rate", "0")
         wait_hydrated(daemon, "e0", timeout=180)
     finally:
         if fio.poll() is None:
@@ -251,10 +266,9 @@ def test_instant_restore_of_ext4_used_at_once(daemon: Daemon, tmp_path: Path) ->
     for name, digest in files.items():
         with open(os.path.join(mnt, "w", name), "rb") as f:
             assert md5(f.read()) == digest, name
-    for name, digest in want.items():
-        if digest != "dir":
-            with open(os.path.join(mnt, name), "rb") as f:
-                assert md5(f.read()) == digest, name
+    assert tree(os.path.join(mnt, "files")) == want
+    for name, digest in ballast.items():
+        assert md5(Path(mnt, name).read_bytes()) == digest, name
     dev = next(d for d in daemon.client.devices() if d["name"] == "e0")
     assert dev["filters"] == ["blksnap"] and dev["hydration"]["state"] == "done"
     # The next backup is incremental against the restored one and restores
