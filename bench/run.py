@@ -20,8 +20,8 @@ over the trials):
 
 and then, through the real block layer (``bench/fuse_bench.py``: blksnapd,
 FUSE and loop devices, fio), the section "Block layer: fio on loop devices",
-and the sections of ``nbd_bench``, ``backup_bench``, ``repo_bench``, ``restart_bench``,
-``migrate_bench`` and ``cbt_bench``.
+and the sections of ``nbd_bench``, ``backup_bench``, ``repo_bench``, ``instant_bench``,
+``restart_bench``, ``migrate_bench`` and ``cbt_bench``.
 
 ``make bench`` runs ``bench/run.py --output BENCHMARKS.md``; ``--quick`` is a
 smoke run of a few seconds whose numbers mean little.
@@ -1230,6 +1230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         failed = not nbd_section(cfg, report, progress) or failed
         failed = not backup_section(cfg, report, progress) or failed
         failed = not repo_section(cfg, report, progress) or failed
+        failed = not instant_section(cfg, report, progress) or failed
         failed = not restart_section(cfg, report, progress) or failed
         failed = not migrate_section(cfg, report, progress) or failed
         failed = not cbt_section(cfg, report, progress) or failed
@@ -1308,6 +1309,20 @@ def repo_section(cfg: Config, report: Report, progress: Callable[[str], None]) -
         repo_bench,
         "repository",
         lambda: repo_bench.run_repo_bench(cfg.quick, progress),
+    )
+
+
+def instant_section(cfg: Config, report: Report, progress: Callable[[str], None]) -> bool:
+    """Instant restore: time to first read, hydration vs restore, read latency
+    (bench/instant_bench.py)."""
+    import instant_bench
+
+    return _sub_section(
+        report,
+        progress,
+        instant_bench,
+        "instant restore",
+        lambda: instant_bench.run_instant_bench(cfg.quick, progress),
     )
 
 

@@ -274,11 +274,12 @@ class BackupServing:
         try:
             real, resume = self.prepare_target(args["target"], src.size, name, args.get("force"))
             if not resume:
-                # (the map of an earlier hydration of another backup or target)
+                # (the maps of an earlier hydration of another backup or target)
                 try:
                     os.unlink(self.map_path(name))
                 except FileNotFoundError:
                     pass
+                engine.regions.drop(f"filter/{name}/hydrate")
             sources.register(HYDRATE_PREFIX + name, src)
             registered = True
             engine.add_device(real, name)
@@ -309,10 +310,16 @@ class BackupServing:
         info = engine.cbt_info(name)
         link: dict[str, Any] | None = None
         try:
-            existing = repo.generation_link(info.generation_id)
-            link = existing or repo.link_generation(
-                info.generation_id, src.backup_id, name, info.changes_number
-            )
+            link = repo.generation_link(info.generation_id)
+            if link is None and not resume:
+                link = repo.link_generation(
+                    info.generation_id, src.backup_id, name, info.changes_number
+                )
+            elif link is None:
+                # (carried on, and the CBT did not: the writes made before
+                # are not in this generation's map, so it must not be linked)
+                log.warning("device %s: CBT generation %s is new; the next backup is full",
+                            name, info.generation_id)  # fmt: skip
         except BlksnapError as exc:
             log.warning("device %s: generation not linked to backup %s (the next backup "
                         "will be full): %s", name, src.backup_id, exc)  # fmt: skip

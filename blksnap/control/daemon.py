@@ -299,8 +299,13 @@ class Daemon:
         return await self.who.of_snapshot(sid)
 
     async def all_users(self) -> list[str]:
-        """Who uses any device or image: what a stop would break."""
-        return await self.who.of_all()
+        """Who uses any device, image or mounted backup: what a stop would break."""
+        users = await self.who.of_all()
+        for key in sorted(self.backups.mounts):
+            users += [
+                f"backup {key}: {what}" for what in await self.thread(self.backups.mount_users, key)
+            ]
+        return users
 
     def _loop_of(self, path: str) -> str | None:
         return self.loops.get(path)
@@ -897,6 +902,8 @@ class Daemon:
                 log.error("destroy %s: %s", snap["id"], exc)
         for path in list(self.loops):
             await self._detach_loop(path)
+        for key in list(self.backups.mounts):
+            self.backups.forget_mount(key)  # (the read lock of its repository goes)
         for dev in self.engine.devices():
             try:
                 await self.thread(dev.flush)

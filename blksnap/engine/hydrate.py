@@ -61,6 +61,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from blksnap.engine import source as sources
+from blksnap.engine.device import UNMAP
 from blksnap.engine.filters import READ, WRITE, Bio, Filter, FilterResult, Op
 from blksnap.errors import BlksnapError, Busy, InvalidArgument, IOFailure, error, from_oserror
 from blksnap.fileio import fsync_dir, pwrite_full
@@ -145,8 +146,11 @@ class Hydrate(Filter):
         self.count = src.count
         self.total = src.size
         self.map_path = os.path.abspath(map_path)
-        ident = _digest(src.identity)
         a, b = device.backing.identity
+        ident = _digest(src.identity)
+        # (the live region names the target too: a region a removed
+        # device's hydration left must not be taken for this one's)
+        live_ident = _digest(f"{src.identity}\0{a}\0{b}\0{device.size}")
         self._header = _HEADER.pack(
             _MAGIC, _VERSION, 0, device.size, self.unit, self.count, a, b, ident
         )
@@ -155,9 +159,9 @@ class Hydrate(Filter):
         # taking over finds the units acknowledged writes made done).
         self.region, existed = device.regions.open(self.state_key, _LIVE_HEAD + self.count)
         live = np.frombuffer(self.region, dtype=np.uint8, count=self.count, offset=_LIVE_HEAD)
-        if not existed or bytes(self.region[:32]) != ident:
+        if not existed or bytes(self.region[:32]) != live_ident:
             live[:] = committed
-            self.region[:32] = ident
+            self.region[:32] = live_ident
             _STEER.pack_into(self.region, 32, self.rate, paused)
         else:
             live |= committed  # (never less than what is durable)
@@ -342,7 +346,10 @@ class Hydrate(Filter):
         a = i * self.unit
         n = self.source.unit_length(i)
         if data is None and self.source.is_zero(i):
-            dev.submit_below(self, Bio(Op.WRITE_ZEROES, a, n, device=dev))
+            # (a hole in a file target, as a plain restore leaves it)
+            bio = Bio(Op.WRITE_ZEROES, a, n, device=dev)
+            bio.private[UNMAP] = True
+            dev.submit_below(self, bio)
         else:
             if data is None:
                 data = self.source.read_unit(i)
@@ -389,14 +396,17 @@ class Hydrate(Filter):
                     break
                 i, fut = pending.popleft()
                 data = fut.result()
-                with self.locks[i % STRIPES]:
-                    if self.done[i]:
-                        continue  # a write or a read got there first
-                    dev.queue.enter()
-                    try:
+                # The gate first, then the unit's lock, as a request takes
+                # them (the other order waits on a drain that waits on a
+                # request that waits on the lock).
+                dev.queue.enter()
+                try:
+                    with self.locks[i % STRIPES]:
+                        if self.done[i]:
+                            continue  # a write or a read got there first
                         self._fill(i, data)
-                    finally:
-                        dev.queue.leave()
+                finally:
+                    dev.queue.leave()
                 n = self.source.unit_length(i)
                 self.copied += n
                 if data is not None:
@@ -435,6 +445,9 @@ class Hydrate(Filter):
 
     def _failed(self, exc: BaseException) -> None:
         msg = exc.message if isinstance(exc, BlksnapError) else str(exc)
+        if self.device.closing:  # (the device goes: the copy stops with it)
+            log.debug("%s: hydration stopped with the device: %s", self.device.name, msg)
+            return
         log.error("%s: hydration stopped: %s (blksnap ctl -d %s --filter hydrate resume "
                   "tries again)", self.device.name, msg, self.device.name)  # fmt: skip
         self.error = msg
@@ -452,7 +465,13 @@ class Hydrate(Filter):
         self.finished = time.monotonic()
         log.info("%s: hydration done (%d bytes copied in %.1f s, %d filled by requests)",
                  dev.name, self.copied, self.finished - self.started, self.filled)  # fmt: skip
-        dev.retire_filter(self, self._retired)
+        # (the status answered once off the stack is there before it goes)
+        dev.retired[self.name] = {**self.status(), "state": "done"}
+        try:
+            dev.retire_filter(self, self._retired)
+        except BaseException:
+            dev.retired.pop(self.name, None)
+            raise
 
     def _retired(self) -> None:
         """Off the stack (the device drained, the record says so)."""
@@ -487,6 +506,8 @@ class Hydrate(Filter):
             self._resume.clear()
             self._steer()
         elif cmd == "resume":
+            if self.error is not None and self._thread is not threading.current_thread():
+                self._thread.join(timeout=30)  # (on its way out after the failure)
             self.paused = False
             self.error = None
             self._pace_from, self._pace_base = time.monotonic(), self.paced

@@ -85,7 +85,11 @@ class Image:
         self._gate.enter()
         try:
             diff_area.check()
-            device = diff_area.device.backing.extents(offset, length, limit)
+            dev = diff_area.device
+            if all(flt.reads_backing for flt in dev.filters):
+                device = dev.backing.extents(offset, length, limit)
+            else:  # (a filter serves reads from elsewhere: a hydration)
+                device = [(offset, length, False)]
             stored = diff_area.stored_runs(offset, length)
             diff_area.check()
         finally:

@@ -498,12 +498,6 @@ def test_a_snapshot_taken_during_hydration_reads_the_source(
     engine.snapshot_destroy(sid)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Image.allocation asks the device's backing store, so during a hydration "
-    "it calls units not yet copied holes (zeros) while the image reads the source's data "
-    "there (Device.allocation checks Filter.reads_backing; Image.allocation does not)",
-)
 def test_image_allocation_during_hydration_says_no_hole_where_data_reads(
     engine, make_file, register, tmp_path, storage_dir
 ):
@@ -618,11 +612,6 @@ def test_a_source_failure_fails_the_read_and_stops_the_copy(engine, make_file, r
     assert file_bytes(target)[:SRC_SIZE] == data[: 2 * UNIT] + model + data[3 * UNIT :]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a resume while the failed copy thread is still on its way out (status "
-    "already 'failed') starts no new thread: the copy never goes on, state 'running'",
-)
 def test_resume_right_after_a_failure(engine, make_file, register, tmp_path, monkeypatch):
     """The failed copy's last steps (its fetchers' pool shut down) are held
     until ``resume`` has been asked: the window made wide."""
@@ -685,11 +674,6 @@ def test_rate_limit_and_pause(engine, make_file, register, tmp_path):
     assert file_bytes(target) == data
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: between the filter's removal from the stack and Hydrate._retired, ctl "
-    "status raises ENOENT: the retired status is recorded after the removal",
-)
 def test_status_answers_through_the_retirement(engine, make_file, register, tmp_path):
     """Asked while the filter takes itself off, ``ctl status`` never finds
     no filter at all (as migrate's: the retired status is put in place before
@@ -732,11 +716,6 @@ class _StallingGate(Gate):
         super().enter()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the copy takes a unit's lock, then enters the device gate; a request "
-    "takes the gate, then the lock: a drain (snapshot take, attach) in between deadlocks",
-)
 def test_a_drain_while_the_copy_fills_a_unit_a_request_waits_for(
     engine, make_file, register, tmp_path
 ):
