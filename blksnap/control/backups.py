@@ -92,6 +92,9 @@ class BackupServing:
         self.mounts: dict[str, Opened] = {}
         #: device name -> how its hydration source was opened.
         self.hydrations: dict[str, Opened] = {}
+        #: At a boot: the hydration sources of devices not served again yet
+        #: (kept in the record meanwhile), device name -> recorded doc.
+        self.unrestored: dict[str, dict[str, Any]] = {}
 
     # -- opening --------------------------------------------------------------
 
@@ -307,6 +310,7 @@ class BackupServing:
         d.filter_opts[(name, "blksnap")] = {}
         d.filter_opts[(name, "hydrate")] = {k: v for k, v in opts.items() if k != "paused"}
         self.hydrations[name] = Opened(repo.path, src.backup_id, name, key_id, args.get("key_file"))
+        self.unrestored.pop(name, None)
         info = engine.cbt_info(name)
         link: dict[str, Any] | None = None
         try:
@@ -353,7 +357,10 @@ class BackupServing:
     def record(self) -> dict[str, Any]:
         return {
             "mounts": {k: o.doc() for k, o in self.mounts.items()},
-            "sources": {n: o.doc() for n, o in self.hydrations.items()},
+            "sources": {
+                **{n: od for n, od in self.unrestored.items() if n not in self.hydrations},
+                **{n: o.doc() for n, o in self.hydrations.items()},
+            },
         }
 
     def rebuild(self, doc: dict[str, Any]) -> None:
@@ -377,11 +384,16 @@ class BackupServing:
             except (BlksnapError, KeyError, TypeError, ValueError) as exc:
                 log.error("taking over: mounted backup %s not served again: %s", key, exc)
 
-    def boot_source(self, name: str, doc: dict[str, Any]) -> bool:
+    def boot_source(self, name: str) -> bool:
         """At a boot (``--restore-devices``): open the hydration source of
         device ``name`` again if nothing but a key file is needed."""
-        od = (doc.get("sources") or {}).get(name)
+        od = self.unrestored.get(name)
         if not isinstance(od, dict):
+            log.error(
+                "device %s: hydrating, but its source is not recorded: not served; run "
+                "blksnap restore --instant again with the same arguments",
+                name,
+            )
             return False
         try:
             o = Opened.from_doc(od)
@@ -396,6 +408,7 @@ class BackupServing:
             return False
         sources.register(HYDRATE_PREFIX + name, src)
         self.hydrations[name] = o
+        del self.unrestored[name]
         return True
 
     def hydration_status(self, name: str) -> dict[str, Any] | None:

@@ -109,10 +109,15 @@ class Daemon:
         #: run's record, by name, until served again; kept in the record
         #: meanwhile (one whose backing store is missing stays there).
         self.unrestored: dict[str, dict[str, Any]] = {}
+        #: Mounted backups and instant restores.
+        self.backups = BackupServing(self)
         if restore_devices and not self.takeover:
-            for d in (self._read_record(DAEMON_RECORD) or {}).get("devices", []):
+            last = self._read_record(DAEMON_RECORD) or {}
+            for d in last.get("devices", []):
                 if isinstance(d, dict) and isinstance(d.get("name"), str):
                     self.unrestored[d["name"]] = d
+            # (hydrations of those devices: kept in the record until served)
+            self.backups.unrestored = dict(last.get("sources") or {})
         #: Options of the filters attached: (device, filter) -> options.
         self.filter_opts: dict[tuple[str, str], dict[str, Any]] = {}
         #: One writer of the record at a time (the control thread, and a
@@ -120,8 +125,6 @@ class Daemon:
         self._record_lock = threading.Lock()
         self.engine.on_backing_switch = self._backing_switched
         self.engine.on_filter_retired = self._filter_retired
-        #: Mounted backups and instant restores.
-        self.backups = BackupServing(self)
         #: Snapshots a dead worker had, gone with it: id -> why.
         self.lost_snapshots: dict[str, str] = {}
         self.lost_image_loops: dict[str, str] = {}
@@ -494,14 +497,13 @@ class Daemon:
         attached again (a flakey or powercut left attached must not greet a
         boot; a migration starts again when asked). A device that cannot be
         served (its file missing) stays in the record for the next start."""
-        doc = self._read_record(DAEMON_RECORD) or {}
         for name, d in list(self.unrestored.items()):
             filters = [f.get("filter") for f in d.get("filters") or [] if isinstance(f, dict)]
             hydrate = next(
                 (f for f in d.get("filters") or [] if isinstance(f, dict)
                  and f.get("filter") == "hydrate"), None,
             )  # fmt: skip
-            if hydrate is not None and not await self.thread(self.backups.boot_source, name, doc):
+            if hydrate is not None and not await self.thread(self.backups.boot_source, name):
                 # (served without its hydration it would read what is not restored yet)
                 continue
             try:

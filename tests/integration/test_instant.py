@@ -342,3 +342,75 @@ def test_mounted_encrypted_backup_over_nbd_blocks_prune(nbd_daemon: Daemon, tmp_
     assert jcli(daemon, "daemon", "status")["mounted_backups"] == []
     daemon.cli("prune", "--repo", str(repo), "--key-file", str(key), "--keep-last", "1")
     assert len(jcli(daemon, "backups", "--repo", str(repo), "--key-file", str(key))) == 1
+
+
+def test_hydration_carries_on_after_blksnapd_dies_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """blksnapd killed whole (supervisor and worker: the live maps are gone),
+    then started at boot with --restore-devices: a hydration from a
+    repository without a key carries on by itself, one that needs a
+    passphrase waits unserved until restore --instant is given again; in
+    both the flushed writes made before are kept (the committed map), and
+    the targets end as the backups plus those writes."""
+    from tests.integration.conftest import SKIP
+
+    if SKIP:
+        pytest.skip(SKIP)
+    from blksnap.tools import sandbox
+    from tests.integration.helpers import kill_daemon
+
+    rng = random.Random(21)
+    monkeypatch.setenv("BLKSNAP_PASSPHRASE", "hydrate me")
+    root = tmp_path / "d"
+    d = sandbox.start(root, ["--restore-devices"])
+    models: dict[str, bytearray] = {}
+    targets: dict[str, Path] = {}
+    try:
+        for name, encrypted in (("p0", False), ("q0", True)):
+            data = rng.randbytes(12 * MiB) + bytes(4 * MiB)
+            src = tmp_path / f"{name}.src"
+            src.write_bytes(data)
+            repo = tmp_path / f"repo-{name}"
+            if encrypted:
+                d.cli("key", "create", "--repo", str(repo))
+            d.client.add_device(str(src), name)
+            d.client.attach(name)
+            b = jcli(d, "backup", "-d", name, "--repo", str(repo), "--no-progress")
+            d.client.remove_device(name)
+            targets[name] = tmp_path / f"{name}.target"
+            got = jcli(
+                d, "restore", "--instant", "--repo", str(repo), "-b", b["id"], "-d", name,
+                "--to", str(targets[name]), "--paused",
+            )  # fmt: skip
+            model = bytearray(data)
+            for off, length in ((3 * MiB + 4096, 8192), (9 * MiB, MiB), (13 * MiB, 4096)):
+                chunk = rng.randbytes(length)
+                direct_write(got["path"], off, chunk)  # (each fsync'd: a flush)
+                model[off : off + length] = chunk
+            assert direct_read(got["path"], 6 * MiB, 4096) == bytes(model[6 * MiB : 6 * MiB + 4096])
+            models[name] = model
+    finally:
+        kill_daemon(d)
+    d = sandbox.start(root, ["--restore-devices"])
+    try:
+        names = [x["name"] for x in d.client.devices()]
+        assert names == ["p0"], names  # q0 waits for its passphrase
+        assert "q0" in d.log_text() and "restore --instant again" in d.log_text()
+        h = hydration(d, "p0")
+        assert h["done"] >= 3 * MiB, h  # what was written and flushed is done
+        path = os.path.join(d.mount, "dev", "p0")
+        assert direct_read(path, 9 * MiB, MiB) == bytes(models["p0"][9 * MiB : 10 * MiB])
+        wait_hydrated(d, "p0")  # (a pause is not carried across a boot)
+        assert md5(targets["p0"].read_bytes()) == md5(bytes(models["p0"]))
+        # q0: given again, with the passphrase in the environment.
+        b = jcli(d, "backups", "--repo", str(tmp_path / "repo-q0"))[0]
+        got = jcli(
+            d, "restore", "--instant", "--repo", str(tmp_path / "repo-q0"), "-b", b["id"],
+            "-d", "q0", "--to", str(targets["q0"]),
+        )  # fmt: skip
+        assert got["resumed"] and got["hydration"]["done"] >= 3 * MiB, got
+        wait_hydrated(d, "q0")
+        assert md5(targets["q0"].read_bytes()) == md5(bytes(models["q0"]))
+    finally:
+        d.stop()
