@@ -414,3 +414,34 @@ def test_hydration_carries_on_after_blksnapd_dies_whole(
         assert md5(targets["q0"].read_bytes()) == md5(bytes(models["q0"]))
     finally:
         d.stop()
+
+
+@pytest.mark.skipif(not have("mkfs.xfs"), reason="mkfs.xfs is not installed")
+def test_file_level_restore_from_xfs_beside_the_live_file_system(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    """xfs: the backup's loop device is mounted (ro, norecovery, nouuid)
+    while the device it came from is still mounted with the same UUID, and
+    a deleted file is copied back out of it."""
+    rng = random.Random(9)
+    path = tmp_path / "x0.img"
+    with open(path, "wb") as f:
+        f.truncate(320 * MiB)
+    out = add_device(daemon, str(path), "x0")
+    daemon.cli("attach", "-d", "x0")
+    run("mkfs.xfs", "-q", "-f", out["loop"])
+    where = daemon.mount_fs(out["loop"], tmp_path / "live")
+    want = populate(where, rng, 8, "x")
+    run("sync", "-f", where)
+    b = backup(daemon, tmp_path / "repo", "x0")
+    lost = next(k for k, v in want.items() if v != "dir" and os.path.getsize(Path(where, k)))
+    os.unlink(os.path.join(where, lost))
+    got = jcli(
+        daemon, "mount", "--repo", str(tmp_path / "repo"), "-b", b["id"], "-d", "x0", "--loop"
+    )
+    old = daemon.mount_fs(got["loop"], tmp_path / "old", "ro", "norecovery", "nouuid")
+    assert tree(old) == want
+    Path(where, lost).write_bytes(Path(old, lost).read_bytes())
+    assert md5(Path(where, lost).read_bytes()) == want[lost]
+    daemon.umount(old)
+    daemon.cli("umount", "-b", b["id"], "-d", "x0")
