@@ -445,3 +445,38 @@ def test_file_level_restore_from_xfs_beside_the_live_file_system(
     assert md5(Path(where, lost).read_bytes()) == want[lost]
     daemon.umount(old)
     daemon.cli("umount", "-b", b["id"], "-d", "x0")
+
+
+def test_backup_of_a_device_while_it_hydrates(daemon: Daemon, tmp_path: Path) -> None:
+    """A full backup taken of an instant-restored device before its copy
+    ran: the snapshot's image reads the backup where the target has nothing
+    yet (through the hydrate filter), and the new backup restores to the
+    backup plus the writes."""
+    rng = random.Random(4)
+    data = rng.randbytes(10 * MiB) + bytes(6 * MiB)
+    src = tmp_path / "h0.src"
+    src.write_bytes(data)
+    add_device(daemon, str(src), "h0", loop=False)
+    daemon.cli("attach", "-d", "h0")
+    repo = tmp_path / "repo"
+    b = backup(daemon, repo, "h0")
+    daemon.cli("device", "remove", "h0")
+    got = jcli(
+        daemon, "restore", "--instant", "--repo", str(repo), "-b", b["id"], "-d", "h0",
+        "--to", str(tmp_path / "h0.target"), "--paused",
+    )  # fmt: skip
+    model = bytearray(data)
+    for off, length in ((MiB + 512 * 1024, 4096), (7 * MiB, 2 * MiB), (12 * MiB, 65536)):
+        chunk = rng.randbytes(length)
+        direct_write(got["path"], off, chunk)
+        model[off : off + length] = chunk
+    before = hydration(daemon, "h0")["done"]
+    full = backup(daemon, repo, "h0", "--full")
+    assert full["devices"][0]["kind"] == "full"
+    out = tmp_path / "full.img"
+    daemon.cli("restore", "--repo", str(repo), "-b", full["id"], "-d", "h0", "--to", str(out))
+    assert md5(out.read_bytes()) == md5(bytes(model))
+    assert hydration(daemon, "h0")["done"] > before  # (the image's reads filled units)
+    daemon.cli("ctl", "-d", "h0", "--filter", "hydrate", "resume")
+    wait_hydrated(daemon, "h0")
+    assert md5((tmp_path / "h0.target").read_bytes()) == md5(bytes(model))
