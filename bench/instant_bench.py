@@ -78,27 +78,21 @@ class BenchError(RuntimeError):
 def make_device(path: Path, size: int, read: Callable[[int, int], bytes]) -> list[int]:
     """Write ``read``'s bytes to a sparse file (zero pieces left as holes);
     the indexes of the 1 MiB pieces that hold data."""
-    data = []
-    with open(path, "wb") as f:
-        f.truncate(size)
-        for i in range(size // MiB):
-            piece = read(i * MiB, MiB)
-            if piece.count(0) != MiB:
-                f.seek(i * MiB)
-                f.write(piece)
-                data.append(i)
-        f.flush()
-        os.fsync(f.fileno())
-    return data
+    return _write_pieces(path, size, read, 1)
 
 
 def make_sparse(path: Path, size: int, seed: int) -> list[int]:
     """A mostly-zero device: the synthetic data in one 1 MiB piece in 32."""
-    read = synthetic(size, seed)
+    return _write_pieces(path, size, synthetic(size, seed), 32)
+
+
+def _write_pieces(path: Path, size: int, read: Callable[[int, int], bytes], step: int) -> list[int]:
+    """A sparse file of ``size`` holding every ``step``-th 1 MiB piece of
+    ``read``; the indexes of the pieces that hold data."""
     data = []
     with open(path, "wb") as f:
         f.truncate(size)
-        for i in range(0, size // MiB, 32):
+        for i in range(0, size // MiB, step):
             piece = read(i * MiB, MiB)
             if piece.count(0) != MiB:
                 f.seek(i * MiB)

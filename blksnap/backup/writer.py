@@ -227,7 +227,8 @@ class BackupWriter:
             if parent is None:
                 raise InvalidArgument(f"device {name}: parent backup {record.parent} not found")
             linked = False
-            if parent.ok and record.generation_id != parent.device(name).generation_id:
+            held = parent.ok and any(d.name == name for d in parent.devices)
+            if held and record.generation_id != parent.device(name).generation_id:
                 # (a generation an instant restore started from this parent)
                 link = self.repo.generation_link(record.generation_id)
                 linked = bool(link and link.get("backup") == parent.id

@@ -586,19 +586,24 @@ class Daemon:
         if os.path.commonpath([os.path.abspath(path), self.mount]) == self.mount:
             raise InvalidArgument("a file served by blksnapd cannot back another device")
         await self.thread(self.engine.add_device, path, name)
+        try:
+            await self._serve_new(name, bool(args.get("loop")))
+        except BlksnapError:
+            self.fs.remove_device(name)
+            await self.thread(self.engine.remove_device, name)
+            raise
+        return self._describe_device(name)
+
+    async def _serve_new(self, name: str, loop_wanted: bool) -> None:
+        """A device just added to the engine: its FUSE file, the record,
+        and a loop device over it if wanted (a failure of that is raised)."""
         self.fs.add_device(name)
         self.unrestored.pop(name, None)
-        if args.get("loop"):
+        if loop_wanted:
             self.loop_wanted.add(name)
         self.save_record()
-        if args.get("loop"):
-            try:
-                await self._attach_loop(self.device_path(name))
-            except BlksnapError:
-                self.fs.remove_device(name)
-                await self.thread(self.engine.remove_device, name)
-                raise
-        return self._describe_device(name)
+        if loop_wanted:
+            await self._attach_loop(self.device_path(name))
 
     async def op_device_remove(self, args: dict[str, Any]) -> Any:
         name = args["name"]
@@ -676,16 +681,10 @@ class Daemon:
         if os.path.commonpath([os.path.abspath(target), self.mount]) == self.mount:
             raise InvalidArgument("a file served by blksnapd cannot be a restore target")
         got = await self.thread(self.backups.start_hydration, args)
-        self.fs.add_device(name)
-        self.unrestored.pop(name, None)
-        if args.get("loop"):
-            self.loop_wanted.add(name)
-        self.save_record()
-        if args.get("loop"):
-            try:
-                await self._attach_loop(self.device_path(name))
-            except BlksnapError as exc:
-                log.error("device %s: no loop device: %s", name, exc)
+        try:
+            await self._serve_new(name, bool(args.get("loop")))
+        except BlksnapError as exc:  # (served, hydrating: only the loop device is missing)
+            log.error("device %s: no loop device: %s", name, exc)
         desc = self._describe_device(name)
         return {
             "name": name,

@@ -410,7 +410,7 @@ def test_diff_storage_on_a_flakey_device_fails_only_the_snapshot(
 def test_filter_list_ctl_and_device_list(daemon: Daemon, tmp_path: Path) -> None:
     kinds = json.loads(daemon.cli("--json", "filter", "list").stdout)
     names = [k["filter"] for k in kinds]
-    assert names == ["flakey", "delay", "blksnap", "powercut", "migrate"]
+    assert names == ["flakey", "delay", "blksnap", "powercut", "hydrate", "migrate"]
     assert [k["altitude"] for k in kinds] == sorted(k["altitude"] for k in kinds)
     text = daemon.cli("filter", "list").stdout
     assert "flakey" in text and "ALTITUDE" in text

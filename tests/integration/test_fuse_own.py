@@ -59,7 +59,7 @@ def cbt_marked_after(daemon: Daemon, name: str, changes_number: int) -> set[int]
 def test_status_and_tree(own: Daemon) -> None:
     st = own.client.status()
     assert st["fuse"] == "up" and st["healthy"], st
-    assert sorted(os.listdir(own.mount)) == ["dev", "images"]
+    assert sorted(os.listdir(own.mount)) == ["backups", "dev", "images"]
 
 
 def test_ext4_take_mounted_image_files(own: Daemon, backing, tmp_path) -> None:
