@@ -33,6 +33,9 @@ import errno
 import logging
 import os
 import stat
+import threading
+import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from blksnap import inuse
@@ -42,7 +45,16 @@ from blksnap.backup.source import BackupSource
 from blksnap.control.users import host_users
 from blksnap.engine import cbt_checkpoint
 from blksnap.engine import source as sources
-from blksnap.errors import BlksnapError, Busy, Exists, InvalidArgument, NotFound, error
+from blksnap.engine.source import Source
+from blksnap.errors import (
+    BlksnapError,
+    Busy,
+    Exists,
+    InvalidArgument,
+    IOFailure,
+    NotFound,
+    error,
+)
 
 if TYPE_CHECKING:
     from blksnap.control.daemon import Daemon
@@ -56,16 +68,30 @@ MAPS = "hydrate"
 
 
 class Opened:
-    """What blksnapd needs to open one source again (a worker taking over)."""
+    """What blksnapd needs to open one source again (a worker taking over),
+    and what it was (size, unit, identity: a :class:`Deferred` stands in
+    for it with them)."""
 
     def __init__(
-        self, repo: str, backup: str, device: str, key_id: str | None, key_file: str | None
+        self,
+        repo: str,
+        backup: str,
+        device: str,
+        key_id: str | None,
+        key_file: str | None,
+        shape: dict[str, Any] | None = None,
     ) -> None:
         self.repo = repo
         self.backup = backup
         self.device = device
         self.key_id = key_id
         self.key_file = key_file
+        self.shape = shape or {}
+
+    @classmethod
+    def of(cls, src: BackupSource, key_id: str | None, key_file: str | None) -> Opened:
+        shape = {"size": src.size, "unit": src.unit, "identity": src.identity}
+        return cls(src.repo.path, src.backup_id, src.device, key_id, key_file, shape)
 
     def doc(self) -> dict[str, Any]:
         return {
@@ -74,13 +100,77 @@ class Opened:
             "device": self.device,
             "key_id": self.key_id,
             "key_file": self.key_file,
+            **self.shape,
         }
 
     @classmethod
     def from_doc(cls, d: dict[str, Any]) -> Opened:
+        shape = {k: d[k] for k in ("size", "unit", "identity") if k in d}
         return cls(
-            str(d["repo"]), str(d["backup"]), str(d["device"]), d.get("key_id"), d.get("key_file")
+            str(d["repo"]),
+            str(d["backup"]),
+            str(d["device"]),
+            d.get("key_id"),
+            d.get("key_file"),
+            shape,
         )
+
+
+class Deferred(Source):
+    """A hydration's source that a worker taking over could not open (the
+    repository gone for a while, a damaged index ...), in its place: same
+    size, unit and identity, so the device is served on with its filter;
+    units not restored yet fail with ``EIO`` naming why, and each fetch
+    tries to open the source again (at most every :data:`RETRY` seconds),
+    so ``ctl resume`` carries on once the repository is back."""
+
+    RETRY = 5.0
+
+    def __init__(self, o: Opened, reopen: Callable[[Opened], BackupSource], why: str) -> None:
+        self.size = int(o.shape["size"])
+        self.unit = int(o.shape["unit"])
+        self.identity = str(o.shape["identity"])
+        self.description = f"backup {o.backup} of device {o.device} in {o.repo}"
+        self._o = o
+        self._reopen = reopen
+        self._why = why
+        self._src: BackupSource | None = None
+        self._next = time.monotonic() + self.RETRY
+        self._lock = threading.Lock()
+
+    def _get(self) -> BackupSource:
+        src = self._src
+        if src is not None:
+            return src
+        with self._lock:
+            if self._src is None and time.monotonic() >= self._next:
+                try:
+                    got = self._reopen(self._o)
+                    if (got.size, got.unit, got.identity) != (self.size, self.unit, self.identity):
+                        got.close()
+                        raise IOFailure(f"{self.description} is not the one being restored")
+                    self._src = got
+                    log.info("hydration source %s open again", self.description)
+                except BlksnapError as exc:
+                    self._why = exc.message
+                    self._next = time.monotonic() + self.RETRY
+            if self._src is None:
+                raise IOFailure(
+                    f"{self.description} cannot be read ({self._why}): regions not restored "
+                    "yet fail until it can (blksnap ctl ... --filter hydrate resume tries again)"
+                )
+            return self._src
+
+    def is_zero(self, index: int) -> bool:
+        src = self._src
+        return src.is_zero(index) if src is not None else False
+
+    def read_unit(self, index: int) -> bytes:
+        return self._get().read_unit(index)
+
+    def close(self) -> None:
+        if self._src is not None:
+            self._src.close()
 
 
 class BackupServing:
@@ -309,7 +399,7 @@ class BackupServing:
             raise
         d.filter_opts[(name, "blksnap")] = {}
         d.filter_opts[(name, "hydrate")] = {k: v for k, v in opts.items() if k != "paused"}
-        self.hydrations[name] = Opened(repo.path, src.backup_id, name, key_id, args.get("key_file"))
+        self.hydrations[name] = Opened.of(src, key_id, args.get("key_file"))
         self.unrestored.pop(name, None)
         info = engine.cbt_info(name)
         link: dict[str, Any] | None = None
@@ -369,10 +459,23 @@ class BackupServing:
         for name, od in (doc.get("sources") or {}).items():
             try:
                 o = Opened.from_doc(od)
-                sources.register(HYDRATE_PREFIX + name, self.reopen(o))
-                self.hydrations[name] = o
-            except (BlksnapError, KeyError, TypeError, ValueError) as exc:
-                log.error("taking over: hydration source of %s not opened again: %s", name, exc)
+            except (KeyError, TypeError, ValueError) as exc:
+                log.error("taking over: hydration source of %s unreadable in the record: %s",
+                          name, exc)  # fmt: skip
+                continue
+            src: Source
+            try:
+                src = self.reopen(o)
+            except BlksnapError as exc:
+                if not {"size", "unit", "identity"} <= set(o.shape):
+                    log.error("taking over: hydration source of %s not opened again: %s",
+                              name, exc)  # fmt: skip
+                    continue
+                log.error("taking over: hydration source of %s not opened again (%s): its "
+                          "regions not restored yet fail until it opens", name, exc)  # fmt: skip
+                src = Deferred(o, self.reopen, exc.message)
+            sources.register(HYDRATE_PREFIX + name, src)
+            self.hydrations[name] = o
 
     def rebuild_mounts(self, doc: dict[str, Any]) -> None:
         for key, od in (doc.get("mounts") or {}).items():

@@ -44,7 +44,7 @@ from blksnap.control.supervisor import RESTART_STATUS, Inherited
 from blksnap.control.users import Users
 from blksnap.engine.engine import Engine
 from blksnap.engine.params import Params
-from blksnap.errors import BlksnapError, InvalidArgument, error
+from blksnap.errors import BlksnapError, InvalidArgument, IOFailure, error
 from blksnap.settings import SETTINGS
 
 if TYPE_CHECKING:
@@ -431,6 +431,11 @@ class Daemon:
                 except BlksnapError as exc:
                     log.error("taking over: filter %s of device %s not attached again: %s",
                               f["filter"], name, exc)  # fmt: skip
+                    if f["filter"] == "hydrate":
+                        # Served without it, the device would read what is not
+                        # restored yet: every request fails instead.
+                        why = f"{name}: its hydration could not be carried on: {exc.message}"
+                        self.engine.device(name).queue.close(lambda why=why: IOFailure(why))
             self.fs.add_device(name)
             lp = d.get("loop")
             if d.get("loop_wanted") or lp:

@@ -5,6 +5,7 @@ crash in the middle carried on, the next backup incremental."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -480,3 +481,48 @@ def test_backup_of_a_device_while_it_hydrates(daemon: Daemon, tmp_path: Path) ->
     daemon.cli("ctl", "-d", "h0", "--filter", "hydrate", "resume")
     wait_hydrated(daemon, "h0")
     assert md5((tmp_path / "h0.target").read_bytes()) == md5(bytes(model))
+
+
+def test_a_worker_taking_over_without_the_repository_fails_only_what_is_missing(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    """The repository gone when blksnapd's worker is killed: the new worker
+    serves the device on, regions restored read as before, regions not
+    restored fail with EIO (never zeros), and once the repository is back
+    the hydration carries on and ends right."""
+    rng = random.Random(8)
+    data = rng.randbytes(16 * MiB)
+    src = tmp_path / "g0.src"
+    src.write_bytes(data)
+    add_device(daemon, str(src), "g0", loop=False)
+    daemon.cli("attach", "-d", "g0")
+    repo = tmp_path / "repo"
+    b = backup(daemon, repo, "g0")
+    daemon.cli("device", "remove", "g0")
+    target = tmp_path / "g0.target"
+    got = jcli(
+        daemon, "restore", "--instant", "--repo", str(repo), "-b", b["id"], "-d", "g0",
+        "--to", str(target), "--paused",
+    )  # fmt: skip
+    path = got["path"]
+    assert direct_read(path, 2 * MiB, MiB) == data[2 * MiB : 3 * MiB]  # (now restored)
+    os.rename(repo, tmp_path / "away")
+    kill_worker(daemon)
+    assert direct_read(path, 2 * MiB, MiB) == data[2 * MiB : 3 * MiB]
+    with pytest.raises(OSError) as exc:
+        direct_read(path, 9 * MiB, 4096)
+    assert exc.value.errno == errno.EIO
+    assert "cannot be read" in daemon.log_text() or "not opened again" in daemon.log_text()
+    os.rename(tmp_path / "away", repo)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # (the source is tried again every few seconds)
+        try:
+            assert direct_read(path, 9 * MiB, 4096) == data[9 * MiB : 9 * MiB + 4096]
+            break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        raise AssertionError("the repository back, the device still fails")
+    daemon.cli("ctl", "-d", "g0", "--filter", "hydrate", "resume")
+    wait_hydrated(daemon, "g0")
+    assert md5(target.read_bytes()) == md5(data)
