@@ -40,6 +40,29 @@ def backup(daemon: Daemon, repo: Path, name: str, *mode: str) -> dict:
     return jcli(daemon, "backup", "-d", name, "--repo", str(repo), "--no-progress", *mode)
 
 
+def backed_up_and_lost(
+    daemon: Daemon, tmp_path: Path, name: str, data: bytes | bytearray
+) -> tuple[Path, dict]:
+    """Device ``name`` holding ``data``, tracked, backed up into
+    ``tmp_path/repo``, then removed (lost): the repository and the backup."""
+    src = tmp_path / f"{name}.src"
+    src.write_bytes(bytes(data))
+    add_device(daemon, str(src), name, loop=False)
+    daemon.cli("attach", "-d", name)
+    repo = tmp_path / "repo"
+    b = backup(daemon, repo, name)
+    daemon.cli("device", "remove", name)
+    return repo, b
+
+
+def instant(daemon: Daemon, repo: Path, b: dict, name: str, target: Path, *more: str) -> dict:
+    """``blksnap restore --instant`` of ``name`` as of backup ``b`` onto ``target``."""
+    return jcli(
+        daemon, "restore", "--instant", "--repo", str(repo), "-b", b["id"], "-d", name,
+        "--to", str(target), *more,
+    )  # fmt: skip
+
+
 def ext4_device(daemon: Daemon, tmp_path: Path, name: str, size: int = SIZE) -> tuple[str, str]:
     """A device with ext4 on it, mounted: (its loop device, the mount point)."""
     path = tmp_path / f"{name}.img"
@@ -107,18 +130,9 @@ def test_mount_every_backup_of_a_chain(daemon: Daemon, tmp_path: Path) -> None:
 def test_instant_restore_smoke(daemon: Daemon, tmp_path: Path) -> None:
     rng = random.Random(5)
     data = bytearray(rng.randbytes(8 * MiB)) + bytes(8 * MiB)
-    src = tmp_path / "src.img"
-    src.write_bytes(data)
-    add_device(daemon, str(src), "d0", loop=False)
-    daemon.cli("attach", "-d", "d0")
-    repo = tmp_path / "repo"
-    b = backup(daemon, repo, "d0")
-    daemon.cli("device", "remove", "d0")
+    repo, b = backed_up_and_lost(daemon, tmp_path, "d0", data)
     target = tmp_path / "target.img"
-    got = jcli(
-        daemon, "restore", "--instant", "--repo", str(repo), "-b", b["id"], "-d", "d0",
-        "--to", str(target), "--paused",
-    )  # fmt: skip
+    got = instant(daemon, repo, b, "d0", target, "--paused")
     assert got["hydration"]["state"] == "paused", got
     path = got["path"]
     with open(path, "rb") as f:
@@ -129,14 +143,11 @@ def test_instant_restore_smoke(daemon: Daemon, tmp_path: Path) -> None:
     # another file: nothing of the first hydration counts for the second.
     daemon.cli("device", "remove", "d0")
     other = tmp_path / "other.img"
-    got = jcli(
-        daemon, "restore", "--instant", "--repo", str(repo), "-b", b["id"], "-d", "d0",
-        "--to", str(other), "--paused",
-    )  # fmt: skip
+    got = instant(daemon, repo, b, "d0", other, "--paused")
     assert got["hydration"]["done"] == 0 and not got["resumed"], got
     daemon.cli("ctl", "-d", "d0", "--filter", "hydrate", "resume")
     wait_hydrated(daemon, "d0")
-    assert sha256_file(got["path"]) == sha256_file(src) == sha256_file(other)
+    assert md5(Path(got["path"]).read_bytes()) == md5(bytes(data)) == md5(other.read_bytes())
     assert "hydrate" not in daemon.client.devices()[0]["filters"]
     # Zero chunks are holes in the target, as a plain restore leaves them.
     assert os.stat(other).st_blocks * 512 <= 8 * MiB + MiB, os.stat(other)
@@ -154,19 +165,10 @@ def test_instant_restore_bytes_match_a_model_across_a_worker_kill(
     size = 48 * MiB
     data = bytearray(rng.randbytes(size))
     data[20 * MiB : 28 * MiB] = bytes(8 * MiB)  # zero chunks: never stored, still restored
-    src = tmp_path / "src.img"
-    src.write_bytes(data)
-    add_device(daemon, str(src), "r0", loop=False)
-    daemon.cli("attach", "-d", "r0")
-    repo = tmp_path / "repo"
-    b = backup(daemon, repo, "r0")
-    daemon.cli("device", "remove", "r0")
-    os.unlink(src)
+    repo, b = backed_up_and_lost(daemon, tmp_path, "r0", data)
+    os.unlink(tmp_path / "r0.src")
     target = tmp_path / "target.img"
-    got = jcli(
-        daemon, "restore", "--instant", "--repo", str(repo), "-b", b["id"], "-d", "r0",
-        "--to", str(target), "--rate", "6M",
-    )  # fmt: skip
+    got = instant(daemon, repo, b, "r0", target, "--rate", "6M")
     assert got["linked"] and got["target"] == str(target)
     model = bytearray(data)
     path = got["path"]
@@ -230,10 +232,7 @@ def test_instant_restore_of_ext4_used_at_once(daemon: Daemon, tmp_path: Path) ->
     daemon.cli("device", "remove", "e0")
     target = tmp_path / "e0-restored.img"
     t0 = time.monotonic()
-    got = jcli(
-        daemon, "restore", "--instant", "--repo", str(repo), "-b", b["id"], "-d", "e0",
-        "--to", str(target), "--loop", "--paused",
-    )  # fmt: skip
+    got = instant(daemon, repo, b, "e0", target, "--loop", "--paused")
     mnt = daemon.mount_fs(got["loop"], tmp_path / "restored")
     assert tree(os.path.join(mnt, "files")) == want  # every file, read at once
     assert sorted(os.listdir(mnt)) == sorted(["files", "lost+found", *ballast])
@@ -455,17 +454,8 @@ def test_backup_of_a_device_while_it_hydrates(daemon: Daemon, tmp_path: Path) ->
     backup plus the writes."""
     rng = random.Random(4)
     data = rng.randbytes(10 * MiB) + bytes(6 * MiB)
-    src = tmp_path / "h0.src"
-    src.write_bytes(data)
-    add_device(daemon, str(src), "h0", loop=False)
-    daemon.cli("attach", "-d", "h0")
-    repo = tmp_path / "repo"
-    b = backup(daemon, repo, "h0")
-    daemon.cli("device", "remove", "h0")
-    got = jcli(
-        daemon, "restore", "--instant", "--repo", str(repo), "-b", b["id"], "-d", "h0",
-        "--to", str(tmp_path / "h0.target"), "--paused",
-    )  # fmt: skip
+    repo, b = backed_up_and_lost(daemon, tmp_path, "h0", data)
+    got = instant(daemon, repo, b, "h0", tmp_path / "h0.target", "--paused")
     model = bytearray(data)
     for off, length in ((MiB + 512 * 1024, 4096), (7 * MiB, 2 * MiB), (12 * MiB, 65536)):
         chunk = rng.randbytes(length)
@@ -492,18 +482,9 @@ def test_a_worker_taking_over_without_the_repository_fails_only_what_is_missing(
     the hydration carries on and ends right."""
     rng = random.Random(8)
     data = rng.randbytes(16 * MiB)
-    src = tmp_path / "g0.src"
-    src.write_bytes(data)
-    add_device(daemon, str(src), "g0", loop=False)
-    daemon.cli("attach", "-d", "g0")
-    repo = tmp_path / "repo"
-    b = backup(daemon, repo, "g0")
-    daemon.cli("device", "remove", "g0")
+    repo, b = backed_up_and_lost(daemon, tmp_path, "g0", data)
     target = tmp_path / "g0.target"
-    got = jcli(
-        daemon, "restore", "--instant", "--repo", str(repo), "-b", b["id"], "-d", "g0",
-        "--to", str(target), "--paused",
-    )  # fmt: skip
+    got = instant(daemon, repo, b, "g0", target, "--paused")
     path = got["path"]
     assert direct_read(path, 2 * MiB, MiB) == data[2 * MiB : 3 * MiB]  # (now restored)
     os.rename(repo, tmp_path / "away")
