@@ -180,6 +180,25 @@ def test_a_destroy_cut_short_is_finished(workers, paths, storage_dir, tmp_path) 
     second.snapshot_take(second.snapshot_create(["a"], storage=storage_dir, limit=4 * MiB))
 
 
+def test_a_create_cut_short_before_its_state_was_whole_never_was(
+    workers, paths, storage_dir
+) -> None:
+    """The worker killed inside ``snapshot create``, after the state's region
+    was made but before its magic (written last): the next worker finds no
+    snapshot to carry on and none lost (the create never returned)."""
+    first = workers.next()
+    serve(first, paths, False)
+    sid = first.snapshot_create(["a"], storage=storage_dir, limit=8 * MiB)
+    first.snapshot(sid).keep.words[0] = 0  # (as it was before the magic)
+    second = workers.next()
+    serve(second, paths, True)
+    assert second.snapshots_left() == [sid]
+    assert second.snapshot_resume(sid) is None
+    assert not [k for k in workers.held() if k.startswith("snap/")]
+    assert second.snapshot_of("a") is None and second.snapshot_collect() == []
+    second.snapshot_take(second.snapshot_create(["a"], storage=storage_dir, limit=4 * MiB))
+
+
 def test_a_snapshot_whose_device_is_gone_is_released(workers, paths, storage_dir) -> None:
     first = workers.next()
     serve(first, paths, False)
