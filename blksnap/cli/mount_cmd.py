@@ -68,7 +68,9 @@ the rest ('blksnap device list' shows its progress; 'blksnap ctl -d N --filter
 hydrate pause|resume|status|rate SIZE' steers it). Which regions are done is
 durable: a crash of blksnapd's worker or of the machine carries on, never
 copying over what was written since (after a boot, a passphrase repository
-needs this command again, with the same arguments). The tracker is attached
+needs this command again, with the same arguments; so does a device removed
+before it was done, and --force gives such an unfinished restore up to start
+another backup or target under its name). The tracker is attached
 from the first instant, in a CBT generation linked to the backup: the next
 backup of N is incremental against it."""
 

@@ -45,6 +45,7 @@ from blksnap.backup.source import BackupSource
 from blksnap.control.users import host_users
 from blksnap.engine import cbt_checkpoint
 from blksnap.engine import source as sources
+from blksnap.engine.hydrate import map_state
 from blksnap.engine.source import Source
 from blksnap.errors import (
     BlksnapError,
@@ -55,6 +56,7 @@ from blksnap.errors import (
     NotFound,
     error,
 )
+from blksnap.fileio import fd_size, storage_identity
 
 if TYPE_CHECKING:
     from blksnap.control.daemon import Daemon
@@ -171,6 +173,14 @@ class Deferred(Source):
     def close(self) -> None:
         if self._src is not None:
             self._src.close()
+
+
+def _blockdev_size(path: str) -> int:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return fd_size(fd)
+    finally:
+        os.close(fd)
 
 
 class BackupServing:
@@ -315,17 +325,39 @@ class BackupServing:
     def map_path(self, name: str) -> str:
         return os.path.join(self.d.state_dir, MAPS, f"{name}.map")
 
-    def prepare_target(self, target: str, size: int, name: str, force: bool) -> tuple[str, bool]:
-        """(Blocking.) The target's real path, made (a sparse file of ``size``)
-        if missing; and whether this carries on an earlier hydration (its map
-        is there). Refused: in use (EBUSY), holding data without ``force``
-        and not carried on (EEXIST), too small (ENOSPC), served already."""
+    def prepare_target(
+        self, target: str, src: BackupSource, name: str, force: bool
+    ) -> tuple[str, bool]:
+        """(Blocking.) The target's real path, made (a sparse file of the
+        source's size) if missing; and whether this carries on an earlier
+        hydration of the same backup onto the same target (its map is
+        there). Refused: in use (EBUSY), holding data without ``force`` and
+        not carried on (EEXIST), the unfinished hydration of device ``name``
+        from another backup or onto another target without ``force``
+        (EEXIST: ``force`` gives it up)."""
         real = os.path.realpath(target)
-        resume = os.path.exists(self.map_path(name))
+        size = src.size
         try:
             st = os.stat(real)
         except FileNotFoundError:
             st = None
+        resume = False
+        if st is not None and (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            served = max(st.st_size, size) if stat.S_ISREG(st.st_mode) else _blockdev_size(real)
+            state = map_state(self.map_path(name), src, storage_identity(st), served)
+            resume = state == "same"
+            if state == "other" and not force:
+                raise Exists(
+                    f"device {name} has an unfinished instant restore of another backup or "
+                    f"onto another target ({self.map_path(name)}): given again with that "
+                    "backup and target it carries on; --force gives it up and starts this one"
+                )
+        elif os.path.exists(self.map_path(name)) and not force:
+            raise Exists(
+                f"device {name} has an unfinished instant restore onto another target "
+                f"({self.map_path(name)}): given again with that backup and target it "
+                "carries on; --force gives it up and starts this one"
+            )
         if st is None:
             if not os.path.isdir(os.path.dirname(real)):
                 raise NotFound(f"{os.path.dirname(real)}: no such directory")
@@ -365,7 +397,7 @@ class BackupServing:
         registered = False
         added = False
         try:
-            real, resume = self.prepare_target(args["target"], src.size, name, args.get("force"))
+            real, resume = self.prepare_target(args["target"], src, name, bool(args.get("force")))
             if not resume:
                 # (the maps of an earlier hydration of another backup or target)
                 try:

@@ -103,6 +103,30 @@ def _digest(identity: str) -> bytes:
     return hashlib.blake2b(identity.encode(), digest_size=32).digest()
 
 
+def _header(size: int, src: sources.Source, target: tuple[int, int]) -> bytes:
+    """The map header of a hydration of ``src`` onto a target of ``size``
+    bytes whose storage identity is ``target`` (not complete)."""
+    a, b = target
+    return _HEADER.pack(_MAGIC, _VERSION, 0, size, src.unit, src.count, a, b, _digest(src.identity))
+
+
+def map_state(path: str, src: sources.Source, target: tuple[int, int], size: int) -> str:
+    """What the map file at ``path`` is to a hydration of ``src`` onto the
+    target ``target`` (storage identity) of ``size`` bytes: ``"none"`` (no
+    file), ``"same"`` (it carries this hydration on), ``"other"`` (another
+    source, target or size, or not a map)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_HEADER.size)
+    except FileNotFoundError:
+        return "none"
+    except OSError as exc:
+        raise from_oserror(exc, path) from None
+    want = _header(size, src, target)
+    same = len(head) == _HEADER.size and head[:12] + head[16:] == want[:12] + want[16:]
+    return "same" if same else "other"
+
+
 class Hydrate(Filter):
     name = "hydrate"
     altitude = ALTITUDE_HYDRATE
@@ -147,13 +171,10 @@ class Hydrate(Filter):
         self.total = src.size
         self.map_path = os.path.abspath(map_path)
         a, b = device.backing.identity
-        ident = _digest(src.identity)
         # (the live region names the target too: a region a removed
         # device's hydration left must not be taken for this one's)
         live_ident = _digest(f"{src.identity}\0{a}\0{b}\0{device.size}")
-        self._header = _HEADER.pack(
-            _MAGIC, _VERSION, 0, device.size, self.unit, self.count, a, b, ident
-        )
+        self._header = _header(device.size, src, (a, b))
         committed = self._open_map()
         # The live map: kept by the supervisor when there is one (a worker
         # taking over finds the units acknowledged writes made done).

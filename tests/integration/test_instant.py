@@ -139,11 +139,21 @@ def test_instant_restore_smoke(daemon: Daemon, tmp_path: Path) -> None:
         assert f.read(4096) == bytes(data[:4096])
         f.seek(5 * MiB)
         assert f.read(MiB) == bytes(data[5 * MiB : 6 * MiB])
-    # Given up half-way (the device removed), then restored again onto
-    # another file: nothing of the first hydration counts for the second.
+    # Left half-way (the device removed): given again onto the same target
+    # it carries on; onto another one it is refused unless --force gives
+    # the first up, and then nothing of the first counts for the second.
+    daemon.cli("device", "remove", "d0")
+    again = instant(daemon, repo, b, "d0", target, "--paused")
+    assert again["resumed"] and again["hydration"]["done"] == 2 * MiB, again
     daemon.cli("device", "remove", "d0")
     other = tmp_path / "other.img"
-    got = instant(daemon, repo, b, "d0", other, "--paused")
+    err = daemon.cli(
+        "--json", "restore", "--instant", "--repo", str(repo), "-b", b["id"], "-d", "d0",
+        "--to", str(other), check=False,
+    )  # fmt: skip
+    assert err.returncode != 0 and "EEXIST" in err.stderr and "--force" in err.stderr, err
+    assert not other.exists()
+    got = instant(daemon, repo, b, "d0", other, "--paused", "--force")
     assert got["hydration"]["done"] == 0 and not got["resumed"], got
     daemon.cli("ctl", "-d", "d0", "--filter", "hydrate", "resume")
     wait_hydrated(daemon, "d0")
