@@ -79,6 +79,10 @@ STRIPES = 64
 FETCH_AHEAD = 8
 #: Fetching threads of the copy.
 FETCHERS = 3
+#: The copy's current rate is measured over its last units (at most this
+#: many, at most RATE_WINDOW seconds old).
+RATE_SAMPLES = 64
+RATE_WINDOW = 5.0
 #: The copy commits the map (target flushed first) after this many bytes.
 COMMIT_BYTES = 256 << 20
 #: ... or after this many seconds with something to commit.
@@ -210,6 +214,8 @@ class Hydrate(Filter):
         #: Bytes of data (not zero units: those cost no I/O) the copy wrote:
         #: what the rate limit paces.
         self.paced = 0
+        #: (time, bytes copied) of the copy's last units: its current rate.
+        self._recent: deque[tuple[float, int]] = deque(maxlen=RATE_SAMPLES)
         self._pace_from, self._pace_base = time.monotonic(), 0
         self._thread = threading.Thread(
             target=self._run, name=f"hydrate-{device.name}", daemon=True
@@ -433,6 +439,7 @@ class Hydrate(Filter):
                 if data is not None:
                     self.paced += n
                 self._since_commit += n
+                self._recent.append((time.monotonic(), self.copied))
                 self._maybe_commit()
                 self._pace()
             else:  # (stopped: a detach at close; no break)
@@ -548,6 +555,16 @@ class Hydrate(Filter):
             return super().ctl(cmd, arg)
         return self.status()
 
+    def _rate(self) -> int:
+        """Bytes per second the copy moved over the last RATE_WINDOW seconds
+        (0 while paused, failed or done)."""
+        now = time.monotonic()
+        recent = [(t, c) for t, c in list(self._recent) if now - t <= RATE_WINDOW]
+        if self.complete or len(recent) < 2:
+            return 0
+        (t0, c0), (t1, c1) = recent[0], recent[-1]
+        return int((c1 - c0) / (t1 - t0)) if t1 > t0 else 0
+
     def _steer(self) -> None:
         if not self.retired:
             _STEER.pack_into(self.region, 32, self.rate, self.paused)
@@ -569,7 +586,8 @@ class Hydrate(Filter):
             "total": self.total,
             "copied": self.copied,
             "filled": self.filled,
-            "rate": int(self.copied / elapsed),
+            "rate": self._rate(),
+            "average_rate": int(self.copied / elapsed),
             "rate_limit": self.rate,
             "source": self.source.description,
             "error": self.error,

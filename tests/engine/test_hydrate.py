@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 import blksnap
+import blksnap.engine.hydrate as hydrate_module
 from blksnap.engine import hydrate as hydrate_mod
 from blksnap.engine import source as sources
 from blksnap.engine.device import Device
@@ -644,7 +645,7 @@ def test_resume_right_after_a_failure(engine, make_file, register, tmp_path, mon
 # -- steering -------------------------------------------------------------------------
 
 
-def test_rate_limit_and_pause(engine, make_file, register, tmp_path):
+def test_rate_limit_and_pause(engine, make_file, register, tmp_path, monkeypatch):
     size = 4 * MiB
     data = source_bytes(size, zero=())
     target = _target(make_file, size=size)
@@ -661,12 +662,19 @@ def test_rate_limit_and_pause(engine, make_file, register, tmp_path):
     # 1 MiB/s for about a second (a slow machine only copies less).
     assert 0 < status["done"] <= 2.5 * MiB, status
     assert status["state"] == "running"
+    # The current rate: what the copy moves now (at most the limit, give or
+    # take a unit), not an average since the attach.
+    assert 0 < status["rate"] <= 1.5 * MiB, status
     status = engine.ctl("d", "hydrate", "pause")
     assert status["state"] == "paused"
     time.sleep(0.2)  # (the unit under way finishes; then nothing)
     paused_at = _status(engine)["done"]
     time.sleep(0.2)
     assert _status(engine)["done"] == paused_at < size
+    monkeypatch.setattr(hydrate_module, "RATE_WINDOW", 0.3)
+    time.sleep(0.4)
+    status = _status(engine)
+    assert status["rate"] == 0 and status["average_rate"] > 0, status
     engine.ctl("d", "hydrate", "rate", "0")
     engine.ctl("d", "hydrate", "resume")
     last = _wait_retired(engine)
