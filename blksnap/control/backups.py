@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from blksnap import inuse
+from blksnap import hostinfo, inuse
 from blksnap.backup.crypto import Keys
 from blksnap.backup.repository import Repository
 from blksnap.backup.source import BackupSource
@@ -478,7 +478,10 @@ class BackupServing:
 
     def record(self) -> dict[str, Any]:
         return {
-            "mounts": {k: o.doc() for k, o in self.mounts.items()},
+            "mounts": {
+                k: {**o.doc(), "loop": self.d.loops.get(self.mount_path(k))}
+                for k, o in self.mounts.items()
+            },
             "sources": {
                 **{n: od for n, od in self.unrestored.items() if n not in self.hydrations},
                 **{n: o.doc() for n, o in self.hydrations.items()},
@@ -516,8 +519,14 @@ class BackupServing:
                 sources.register(MOUNT_PREFIX + key, self.reopen(o))
                 self.mounts[key] = o
                 self.d.fs.add_backup(key)
+                lp, path = od.get("loop"), self.mount_path(key)
+                if lp and hostinfo.backing_file(os.path.basename(lp)) == path:
+                    self.d.loops[path] = lp  # (still blksnapd's own)
             except (BlksnapError, KeyError, TypeError, ValueError) as exc:
                 log.error("taking over: mounted backup %s not served again: %s", key, exc)
+                lp = od.get("loop") if isinstance(od, dict) else None
+                if lp:  # (detached once serving, as a lost image's)
+                    self.d.lost_image_loops[self.mount_path(key)] = lp
 
     def boot_source(self, name: str) -> bool:
         """At a boot (``--restore-devices``): open the hydration source of

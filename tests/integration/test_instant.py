@@ -517,3 +517,33 @@ def test_a_worker_taking_over_without_the_repository_fails_only_what_is_missing(
     daemon.cli("ctl", "-d", "g0", "--filter", "hydrate", "resume")
     wait_hydrated(daemon, "g0")
     assert md5(target.read_bytes()) == md5(data)
+
+
+def test_a_mounted_encrypted_backup_outlives_a_worker_kill(
+    daemon: Daemon, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A backup of a passphrase repository mounted with a loop device: the
+    worker killed, the new one opens the repository again with the key the
+    supervisor held (the passphrase is not in its environment), and the
+    same file and loop device read the backup on."""
+    rng = random.Random(12)
+    data = rng.randbytes(6 * MiB) + bytes(2 * MiB)
+    src = tmp_path / "k0.src"
+    src.write_bytes(data)
+    add_device(daemon, str(src), "k0", loop=False)
+    daemon.cli("attach", "-d", "k0")
+    repo = tmp_path / "repo"
+    monkeypatch.setenv("BLKSNAP_PASSPHRASE", "a mounted secret")
+    daemon.cli("key", "create", "--repo", str(repo))
+    b = backup(daemon, repo, "k0")
+    got = jcli(daemon, "mount", "--repo", str(repo), "-b", b["id"], "-d", "k0", "--loop")
+    monkeypatch.delenv("BLKSNAP_PASSPHRASE")
+    for where in (got["path"], got["loop"]):
+        assert direct_read(where, MiB, 4096) == data[MiB : MiB + 4096]
+    kill_worker(daemon)
+    for where in (got["path"], got["loop"]):
+        for off in (0, 3 * MiB + 8192, 7 * MiB):  # (chunks not read before the kill too)
+            assert direct_read(where, off, 65536) == data[off : off + 65536], (where, off)
+    assert jcli(daemon, "daemon", "status")["mounted_backups"] == [f"{b['id']}/k0"]
+    daemon.cli("umount", "-b", b["id"], "-d", "k0")
+    assert got["loop"] not in jcli(daemon, "daemon", "status")["loops"]
