@@ -65,6 +65,9 @@ log = logging.getLogger("blksnapd.backups")
 
 MOUNT_PREFIX = "mount/"
 HYDRATE_PREFIX = "hydrate/"
+#: A hydration's source keeps no decoded chunks: each is written to the
+#: target once and read from there after (a mount's keeps SETTINGS.mount_cache).
+HYDRATION_CACHE = 0
 #: Where hydration maps live, under the state dir.
 MAPS = "hydrate"
 
@@ -219,7 +222,7 @@ class BackupServing:
         repo = Repository.open(path, key_file=key_file)
         return repo, repo.keys.key_id or None
 
-    def reopen(self, o: Opened) -> BackupSource:
+    def reopen(self, o: Opened, cache: int | None = None) -> BackupSource:
         """Open a recorded source again (a worker taking over, a boot)."""
         keys = None
         if o.key_id:
@@ -232,7 +235,7 @@ class BackupServing:
             raise error(errno.ENOKEY, f"{o.repo} is encrypted and its key is not held here")
         else:
             repo = Repository.open(o.repo, key_file=o.key_file)
-        return BackupSource(repo, o.backup, o.device)
+        return BackupSource(repo, o.backup, o.device, cache)
 
     def key_regions(self) -> set[str]:
         """The regions holding keys still needed."""
@@ -393,7 +396,7 @@ class BackupServing:
         if name in {dev.name for dev in engine.devices()}:
             raise Exists(f"a device named {name!r} is already served")
         repo, key_id = self.open_repo(args["repo"], args.get("key"), args.get("key_file"))
-        src = BackupSource(repo, args["backup"], name)
+        src = BackupSource(repo, args["backup"], name, HYDRATION_CACHE)
         registered = False
         added = False
         try:
@@ -500,7 +503,7 @@ class BackupServing:
                 continue
             src: Source
             try:
-                src = self.reopen(o)
+                src = self.reopen(o, HYDRATION_CACHE)
             except BlksnapError as exc:
                 if not {"size", "unit", "identity"} <= set(o.shape):
                     log.error("taking over: hydration source of %s not opened again: %s",
@@ -508,7 +511,7 @@ class BackupServing:
                     continue
                 log.error("taking over: hydration source of %s not opened again (%s): its "
                           "regions not restored yet fail until it opens", name, exc)  # fmt: skip
-                src = Deferred(o, self.reopen, exc.message)
+                src = Deferred(o, lambda o: self.reopen(o, HYDRATION_CACHE), exc.message)
             sources.register(HYDRATE_PREFIX + name, src)
             self.hydrations[name] = o
 
@@ -541,7 +544,7 @@ class BackupServing:
             return False
         try:
             o = Opened.from_doc(od)
-            src = self.reopen(o)
+            src = self.reopen(o, HYDRATION_CACHE)
         except (BlksnapError, KeyError, TypeError, ValueError) as exc:
             log.error(
                 "device %s: its instant restore cannot carry on by itself (%s): run "
