@@ -428,8 +428,8 @@ class Repository:
             raise from_oserror(exc, f"record {path}") from None
         return doc
 
-    def generation_link(self, generation_id: str) -> dict[str, Any] | None:
-        """The link recorded for ``generation_id`` (checked), or None."""
+    def generation_link(self, generation_id: str, device: str) -> dict[str, Any] | None:
+        """The link recorded for ``generation_id`` of ``device`` (checked), or None."""
         if not _UUID_RE.fullmatch(generation_id or ""):
             return None
         path = os.path.join(self.path, LINKS, generation_id + ".json")
@@ -450,7 +450,7 @@ class Repository:
             return None
         if not isinstance(doc.get("backup"), str) or not isinstance(doc.get("changes_number"), int):
             return None
-        return doc
+        return doc if doc.get("device") == device else None
 
     # -- writing ------------------------------------------------------------
 

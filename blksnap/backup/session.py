@@ -240,8 +240,8 @@ def _linked_parent(
     restore linked it: :meth:`Repository.link_generation`) and the changes
     number above which its blocks changed since, if that backup is still
     there, good, of one of ``kinds`` for ``name``; None otherwise."""
-    link = repo.generation_link(gen)
-    if link is None or link.get("device") != name:
+    link = repo.generation_link(gen, name)
+    if link is None:
         return None
     try:
         info = repo.get(link["backup"])

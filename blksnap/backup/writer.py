@@ -226,13 +226,9 @@ class BackupWriter:
             parent = self._index.get(record.parent)
             if parent is None:
                 raise InvalidArgument(f"device {name}: parent backup {record.parent} not found")
-            linked = False
-            held = parent.ok and any(d.name == name for d in parent.devices)
-            if held and record.generation_id != parent.device(name).generation_id:
-                # (a generation an instant restore started from this parent)
-                link = self.repo.generation_link(record.generation_id)
-                linked = bool(link and link.get("backup") == parent.id
-                              and link.get("device") == name)  # fmt: skip
+            # (a generation an instant restore started from this parent)
+            link = self.repo.generation_link(record.generation_id, name)
+            linked = link is not None and link["backup"] == parent.id
             check_parent(f"device {name}", parent, record, linked=linked)
             if parent_index is None:
                 parent_index = self.repo.read_index(parent, name)

@@ -439,7 +439,7 @@ class BackupServing:
         info = engine.cbt_info(name)
         link: dict[str, Any] | None = None
         try:
-            link = repo.generation_link(info.generation_id)
+            link = repo.generation_link(info.generation_id, name)
             if link is None and not resume:
                 link = repo.link_generation(
                     info.generation_id, src.backup_id, name, info.changes_number

@@ -91,7 +91,7 @@ def test_a_link_is_not_used_when_it_cannot_be_trusted(repo: Repository, tmp_path
     doc = json.loads(path.read_text())
     # Altered (its MAC fails): not used.
     path.write_text(json.dumps({**doc, "changes_number": 0, "backup": "20990101T000000Z"}))
-    assert repo.generation_link(NEW_GEN) is None
+    assert repo.generation_link(NEW_GEN, "disk0") is None
     plan = plan_device(repo, "disk0", "incremental", cbt(1), cbt_map([0], 1))
     assert plan.kind == "full"
     # Another device's link: not used for this one.
