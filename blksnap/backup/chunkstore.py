@@ -42,6 +42,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 
+import numpy as np
 import zstandard
 
 from blksnap.backup.crypto import Keys
@@ -53,6 +54,7 @@ from blksnap.backup.format import (
     KIND_ZSTD,
     BadChunk,
     chunk_file_size,
+    chunk_length,
     chunk_name,
     decompress,
     frame_chunk,
@@ -141,6 +143,18 @@ class ChunkStore:
         if digest is None:
             digest = self._zero_digests[length] = self.keys.digest(bytes(length))
         return digest
+
+    def zero_chunks(self, digests: np.ndarray, size: int, chunk_size: int) -> np.ndarray:
+        """Which chunks of an index (``digests``, one row per chunk of a
+        device of ``size`` bytes) are all zeros: a bool per chunk."""
+        count = len(digests)
+        if not count:
+            return np.zeros(0, dtype=bool)
+        zero = (digests == np.frombuffer(self.zero_digest(chunk_size), dtype=np.uint8)).all(axis=1)
+        last = chunk_length(size, chunk_size, count - 1)
+        if last != chunk_size:
+            zero[-1] = digests[-1].tobytes() == self.zero_digest(last)
+        return zero
 
     # -- encoding ----------------------------------------------------------
 

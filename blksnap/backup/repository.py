@@ -272,15 +272,20 @@ class Repository:
             f"another backup or prune is running on {self.path}",
         )
 
-    @contextmanager
-    def _read_lock(self, exclusive: bool = False, blocking: bool = True) -> Iterator[None]:
-        fd = _flock(
+    def read_lock_fd(self, exclusive: bool = False, blocking: bool = True) -> int:
+        """The read lock (shared: readers; exclusive: prune), held by the
+        fd returned (-1: none needed) until it is closed."""
+        return _flock(
             os.path.join(self.path, READ_LOCK),
             fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH,
             blocking,
             f"{self.path} is being read (a restore, a verify, a mounted backup or an instant "
             "restore: blksnap umount / wait for it) and cannot be pruned now",
         )
+
+    @contextmanager
+    def _read_lock(self, exclusive: bool = False, blocking: bool = True) -> Iterator[None]:
+        fd = self.read_lock_fd(exclusive, blocking)
         try:
             yield
         finally:

@@ -194,13 +194,7 @@ def _rebuild(
     (counted as written): the caller writes them last."""
     size, cs = record.size, record.chunk_size
     count = record.chunk_count
-    zero = np.zeros(count, dtype=bool)
-    if count:
-        full_zero = np.frombuffer(store.zero_digest(cs), dtype=np.uint8)
-        zero = (digests == full_zero).all(axis=1)
-        last = chunk_length(size, cs, count - 1)
-        if last != cs:
-            zero[-1] = digests[-1].tobytes() == store.zero_digest(last)
+    zero = store.zero_chunks(digests, size, cs)
     per_window = max(1, SETTINGS.restore_window // cs)
     sha = hashlib.sha256()
     blank = bytes(min(per_window * cs, size))

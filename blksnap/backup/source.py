@@ -16,17 +16,12 @@ the hydration) lets it go.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future
-from typing import Any
 
-import numpy as np
-
-from blksnap.backup.format import READ_LOCK
-from blksnap.backup.repository import Repository, _flock
+from blksnap.backup.repository import Repository
 from blksnap.engine.source import Source
 from blksnap.settings import SETTINGS
 
@@ -38,9 +33,7 @@ class BackupSource(Source):
         self, repo: Repository, backup_id: str, device: str, cache_bytes: int | None = None
     ) -> None:
         self.repo = repo
-        self._lock_fd = _flock(
-            os.path.join(repo.path, READ_LOCK), fcntl.LOCK_SH, True, f"{repo.path} is busy"
-        )
+        self._lock_fd = repo.read_lock_fd()
         try:
             info = repo.get(backup_id)
             record = info.device(device)
@@ -56,20 +49,12 @@ class BackupSource(Source):
         self.unit = record.chunk_size
         self.description = f"backup {info.id} of device {device} in {repo.path}"
         self.identity = f"{repo.path}\0{info.id}\0{device}\0{record.index_checksum}"
-        count = self.count
-        zero = np.frombuffer(repo.store.zero_digest(self.unit), dtype=np.uint8)
-        self._zero = np.all(self.digests == zero, axis=1)
-        last = self.unit_length(count - 1)
-        if last != self.unit:
-            tail = np.frombuffer(repo.store.zero_digest(last), dtype=np.uint8)
-            self._zero[-1] = bool(np.all(self.digests[-1] == tail))
+        self._zero = repo.store.zero_chunks(self.digests, self.size, self.unit)
         self.cache_bytes = SETTINGS.mount_cache if cache_bytes is None else cache_bytes
         self._cache: OrderedDict[int, bytes] = OrderedDict()
         self._cached = 0
         self._inflight: dict[int, Future[bytes]] = {}
         self._lock = threading.Lock()
-        self.fetched = 0
-        self.hits = 0
 
     def is_zero(self, index: int) -> bool:
         return bool(self._zero[index])
@@ -79,7 +64,6 @@ class BackupSource(Source):
             data = self._cache.get(index)
             if data is not None:
                 self._cache.move_to_end(index)
-                self.hits += 1
                 return data
             fut = self._inflight.get(index)
             mine = fut is None
@@ -97,7 +81,6 @@ class BackupSource(Source):
             raise
         with self._lock:
             del self._inflight[index]
-            self.fetched += 1
             if self.cache_bytes >= len(data):
                 self._cache[index] = data
                 self._cached += len(data)
@@ -106,9 +89,6 @@ class BackupSource(Source):
                     self._cached -= len(old)
         fut.set_result(data)
         return data
-
-    def stats(self) -> dict[str, Any]:
-        return {"fetched": self.fetched, "cache_hits": self.hits, "cached_bytes": self._cached}
 
     def close(self) -> None:
         fd, self._lock_fd = self._lock_fd, -1

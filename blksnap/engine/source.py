@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import errno as _errno
 import threading
-from typing import Any
 
 from blksnap.errors import BlksnapError, InvalidArgument, NotFound, error
 
@@ -102,10 +101,6 @@ class Source:
             pos = stop
         return out
 
-    def stats(self) -> dict[str, Any]:
-        """What the source counts (fetches, cache hits), for status."""
-        return {}
-
     def close(self) -> None:
         """Release what it holds (descriptors, locks, the cache)."""
 
@@ -115,7 +110,6 @@ class View:
 
     def __init__(self, key: str, source: Source) -> None:
         self.key = key
-        self.name = key
         self.source = source
         self.size = source.size
 
