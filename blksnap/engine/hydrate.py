@@ -114,6 +114,12 @@ def _header(size: int, src: sources.Source, target: tuple[int, int]) -> bytes:
     return _HEADER.pack(_MAGIC, _VERSION, 0, size, src.unit, src.count, a, b, _digest(src.identity))
 
 
+def _same_hydration(head: bytes, want: bytes) -> bool:
+    """Is the map header ``head`` that of the hydration whose header is
+    ``want`` (the complete flag aside)?"""
+    return len(head) == _HEADER.size and head[:12] + head[16:] == want[:12] + want[16:]
+
+
 def map_state(path: str, src: sources.Source, target: tuple[int, int], size: int) -> str:
     """What the map file at ``path`` is to a hydration of ``src`` onto the
     target ``target`` (storage identity) of ``size`` bytes: ``"none"`` (no
@@ -126,8 +132,7 @@ def map_state(path: str, src: sources.Source, target: tuple[int, int], size: int
         return "none"
     except OSError as exc:
         raise from_oserror(exc, path) from None
-    want = _header(size, src, target)
-    same = len(head) == _HEADER.size and head[:12] + head[16:] == want[:12] + want[16:]
+    same = _same_hydration(head, _header(size, src, target))
     return "same" if same else "other"
 
 
@@ -160,7 +165,6 @@ class Hydrate(Filter):
         super().__init__(device, opts)
         if not key or not map_path:
             raise InvalidArgument("hydrate needs source=KEY and map=PATH")
-        self.key = key
         self.source = sources.get(key)
         self.rate = parse_size(rate[:-2] if rate.endswith("/s") else rate)
         src = self.source
@@ -206,7 +210,6 @@ class Hydrate(Filter):
         self.retired = False
         self.started = time.monotonic()
         self.finished: float | None = None
-        self._from = self.done_bytes()
         self.copied = 0  # by the copy, this attach
         self.filled = 0  # by reads and writes, this attach
         self._since_commit = 0
@@ -222,7 +225,7 @@ class Hydrate(Filter):
         )
         self._thread.start()
         log.info("%s: hydrating from %s: %d of %d bytes done", device.name,
-                 src.description, self._from, self.total)  # fmt: skip
+                 src.description, self.done_bytes(), self.total)  # fmt: skip
 
     # -- the map file -----------------------------------------------------------
 
@@ -242,7 +245,7 @@ class Hydrate(Filter):
             head = os.pread(fd, _HEADER.size, 0)
             if len(head) != _HEADER.size or head[:8] != _MAGIC:
                 raise InvalidArgument(f"{self.map_path} is not a hydration map")
-            if head[:12] + head[16:] != self._header[:12] + self._header[16:]:
+            if not _same_hydration(head, self._header):
                 raise error(
                     errno.EEXIST,
                     f"{self.map_path} is the map of another hydration (source, target or "
