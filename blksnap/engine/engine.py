@@ -34,8 +34,7 @@ from blksnap.engine.powercut import Powercut
 from blksnap.engine.regions import LOCAL as LOCAL_REGIONS
 from blksnap.engine.regions import Regions
 from blksnap.engine.snapshot import Snapshot
-from blksnap.engine.snapshot_state import S_DESTROYING, SnapshotState
-from blksnap.engine.snapshot_state import prefix as state_key
+from blksnap.engine.snapshot_state import S_DESTROYING, SnapshotState, drop_regions
 from blksnap.engine.tracker import Tracker
 from blksnap.errors import (
     BlksnapError,
@@ -636,14 +635,9 @@ class Engine:
         carried on is released and ``BlksnapError`` says why."""
         keep = SnapshotState.find(self.regions, sid)
         if keep is None:
-            region = self.regions.find(state_key(sid))
-            if region is not None and (len(region) < 8 or not any(region[:8])):
-                # Its create was cut short before the state's magic, the last
-                # thing written (or before the region had its size): it never
-                # was a snapshot (its create failed).
-                for key in self.regions.held_keys():
-                    if key == f"snap/{sid}" or key.startswith(f"snap/{sid}/"):
-                        self.regions.drop(key)
+            if SnapshotState.cut_short(self.regions, sid):
+                # (it never was a snapshot: its create failed)
+                drop_regions(self.regions, sid)
                 log.info("snapshot %s: its create was cut short; nothing to carry on", sid)
                 return None
             raise InvalidArgument(f"snapshot {sid}: its state was not kept whole")

@@ -41,6 +41,15 @@ def prefix(sid: str) -> str:
     return f"snap/{sid}"
 
 
+def drop_regions(regions: Regions, sid: str) -> None:
+    """Let every region and descriptor of snapshot ``sid`` go."""
+    key = prefix(sid)
+    for held in list(regions.held_keys()):
+        if held.startswith(f"{key}/"):
+            regions.drop(held)
+    regions.drop(key)
+
+
 class SnapshotState:
     """The regions of snapshot ``sid`` (made anew, or found: :meth:`find`)."""
 
@@ -62,6 +71,13 @@ class SnapshotState:
         state.words[1] = S_CREATED
         state.words[0] = _MAGIC  # last: a header without it is no snapshot
         return state
+
+    @staticmethod
+    def cut_short(regions: Regions, sid: str) -> bool:
+        """Is the state of ``sid`` there but without its magic (written last
+        by :meth:`create`): a create cut short, which never was a snapshot?"""
+        region = regions.find(prefix(sid))
+        return region is not None and (len(region) < 8 or not any(region[:8]))
 
     @classmethod
     def find(cls, regions: Regions, sid: str) -> SnapshotState | None:
@@ -132,7 +148,4 @@ class SnapshotState:
 
     def drop(self) -> None:
         """Let every region and descriptor of the snapshot go."""
-        for key in list(self.regions.held_keys()):
-            if key.startswith(f"{self.key}/"):
-                self.regions.drop(key)
-        self.regions.drop(self.key)
+        drop_regions(self.regions, self.sid)
