@@ -48,7 +48,7 @@ def restore(
     <blksnap.backup.repository.Repository.restore>`."""
     real = os.path.realpath(target)
     record = info.device(device)
-    st = _check_target(target, real, force)
+    st = check_target(target, real, force)
     target_fd = -1
     temp: str | None = None
     try:
@@ -106,9 +106,10 @@ def _named(target: str, real: str) -> str:
     return target if os.path.abspath(target) == real else f"{target} ({real})"
 
 
-def _check_target(target: str, real: str, force: bool) -> os.stat_result | None:
-    """Refuse a restore target in use (EBUSY) or holding data without ``force``
-    (EEXIST); its stat, None if it does not exist yet."""
+def check_target(target: str, real: str, force: bool) -> os.stat_result | None:
+    """Refuse a restore target (``real``: its path, symlinks resolved) in use
+    (EBUSY), neither a regular file nor a block device (EINVAL), or holding
+    data without ``force`` (EEXIST); its stat, None if it does not exist yet."""
     try:
         st = os.stat(real)
     except FileNotFoundError:

@@ -38,9 +38,10 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from blksnap import hostinfo, inuse
+from blksnap import hostinfo
 from blksnap.backup.crypto import Keys
 from blksnap.backup.repository import Repository
+from blksnap.backup.restore import check_target
 from blksnap.backup.source import BackupSource
 from blksnap.control.users import host_users
 from blksnap.engine import cbt_checkpoint
@@ -49,7 +50,6 @@ from blksnap.engine.hydrate import map_state
 from blksnap.engine.source import Source
 from blksnap.errors import (
     BlksnapError,
-    Busy,
     Exists,
     InvalidArgument,
     IOFailure,
@@ -344,23 +344,20 @@ class BackupServing:
             st = os.stat(real)
         except FileNotFoundError:
             st = None
-        resume = False
         if st is not None and (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
             served = max(st.st_size, size) if stat.S_ISREG(st.st_mode) else _blockdev_size(real)
             state = map_state(self.map_path(name), src, storage_identity(st), served)
-            resume = state == "same"
-            if state == "other" and not force:
-                raise Exists(
-                    f"device {name} has an unfinished instant restore of another backup or "
-                    f"onto another target ({self.map_path(name)}): given again with that "
-                    "backup and target it carries on; --force gives it up and starts this one"
-                )
-        elif os.path.exists(self.map_path(name)) and not force:
+        else:  # (a map is of another target, then)
+            state = "other" if os.path.exists(self.map_path(name)) else "none"
+        if state == "other" and not force:
             raise Exists(
-                f"device {name} has an unfinished instant restore onto another target "
-                f"({self.map_path(name)}): given again with that backup and target it "
-                "carries on; --force gives it up and starts this one"
+                f"device {name} has an unfinished instant restore of another backup or "
+                f"onto another target ({self.map_path(name)}): given again with that "
+                "backup and target it carries on; --force gives it up and starts this one"
             )
+        resume = state == "same"
+        # (what it holds is overwritten only with --force, or when carried on)
+        st = check_target(target, real, force or resume)
         if st is None:
             if not os.path.isdir(os.path.dirname(real)):
                 raise NotFound(f"{os.path.dirname(real)}: no such directory")
@@ -371,21 +368,8 @@ class BackupServing:
             finally:
                 os.close(fd)
             return real, False
-        if not stat.S_ISREG(st.st_mode) and not stat.S_ISBLK(st.st_mode):
-            raise InvalidArgument(f"{target} is neither a regular file nor a block device")
-        users = inuse.users_of(real)
-        if users:
-            raise Busy(f"{target} is in use: {'; '.join(users)}")
-        if stat.S_ISREG(st.st_mode):
-            if st.st_size < size:
-                if st.st_size and not (force or resume):
-                    raise Exists(f"{target} holds data (use --force to overwrite it)")
-                os.truncate(real, size)
-                return real, resume
-            if st.st_size and not (force or resume):
-                raise Exists(f"{target} holds data (use --force to overwrite it)")
-        elif not (force or resume):
-            raise Exists(f"{target} is a block device: its data is overwritten only with --force")
+        if stat.S_ISREG(st.st_mode) and st.st_size < size:
+            os.truncate(real, size)
         return real, resume
 
     def start_hydration(self, args: dict[str, Any]) -> dict[str, Any]:
