@@ -43,7 +43,6 @@ from blksnap.backup.crypto import Keys
 from blksnap.backup.repository import Repository
 from blksnap.backup.restore import check_target
 from blksnap.backup.source import BackupSource
-from blksnap.control.users import host_users
 from blksnap.engine import cbt_checkpoint
 from blksnap.engine import source as sources
 from blksnap.engine.hydrate import map_state
@@ -57,13 +56,16 @@ from blksnap.errors import (
     error,
 )
 from blksnap.fileio import fd_size, storage_identity
+from blksnap.frontends.targets import BackupTarget
 
 if TYPE_CHECKING:
     from blksnap.control.daemon import Daemon
 
 log = logging.getLogger("blksnapd.backups")
 
-MOUNT_PREFIX = "mount/"
+#: Where a mounted backup's source is registered, and the folder (and NBD
+#: export prefix) it is served under: the front-ends' names.
+MOUNT_PREFIX = BackupTarget.KEY_PREFIX
 HYDRATE_PREFIX = "hydrate/"
 #: A hydration's source keeps no decoded chunks: each is written to the
 #: target once and read from there after (a mount's keeps SETTINGS.mount_cache).
@@ -252,7 +254,7 @@ class BackupServing:
     # -- mounts ---------------------------------------------------------------
 
     def mount_path(self, key: str) -> str:
-        return os.path.join(self.d.mount, "backups", key)
+        return os.path.join(self.d.mount, BackupTarget.PREFIX + key)
 
     def mount(self, args: dict[str, Any]) -> dict[str, Any]:
         """(In a worker thread.) Serve a backup read-only."""
@@ -266,9 +268,7 @@ class BackupServing:
         except BaseException:
             src.close()
             raise
-        self.mounts[key] = Opened(
-            repo.path, src.backup_id, src.device, key_id, args.get("key_file")
-        )
+        self.mounts[key] = Opened.of(src, key_id, args.get("key_file"))
         self.d.fs.add_backup(key)
         log.info("mounted %s at %s", src.description, self.mount_path(key))
         return {"key": key, "size": src.size, "source": src.description}
@@ -287,41 +287,6 @@ class BackupServing:
         if key not in self.mounts:
             raise NotFound(f"backup {backup} device {device} is not mounted")
         return key
-
-    def mount_users(self, key: str) -> list[str]:
-        """(Blocking.) Who uses a mounted backup: what an umount would break."""
-        path = self.mount_path(key)
-        own = self.d.loops.get(path)
-        found, other_loops, named = host_users(path, own)
-        try:
-            src = sources.get(MOUNT_PREFIX + key)
-        except BlksnapError:
-            return found
-        handles = self._open_handles(src) - (1 if own else 0) - other_loops
-        if handles > 0 and not named:
-            found.append(f"{path} is open in {handles} file handle(s)")
-        nbd = self.d.nbd
-        if nbd is not None:
-            name = "backups/" + key
-            n = sum(
-                1
-                for c in list(nbd.connections)
-                if c.export is not None and c.export.name == name and not c.finished
-            )
-            if n:
-                found.append(f"{n} NBD client(s) on export {name}")
-        return found
-
-    def _open_handles(self, src: Any) -> int:
-        s = self.d.fs.session
-        if s is None:
-            return 0
-        n = 0
-        for node in list(s.handles.values()):
-            t = getattr(node.backing, "target", None)
-            if t is not None and getattr(getattr(t, "view", None), "source", None) is src:
-                n += 1
-        return n
 
     # -- instant restore ------------------------------------------------------------
 

@@ -305,9 +305,7 @@ class Daemon:
         """Who uses any device, image or mounted backup: what a stop would break."""
         users = await self.who.of_all()
         for key in sorted(self.backups.mounts):
-            users += [
-                f"backup {key}: {what}" for what in await self.thread(self.backups.mount_users, key)
-            ]
+            users += await self.who.of_backup(key, grace=0)
         return users
 
     def _loop_of(self, path: str) -> str | None:
@@ -664,7 +662,7 @@ class Daemon:
         key = self.backups.mount_key(args["backup"], args["device"])
         path = self.backups.mount_path(key)
         if not args.get("force"):
-            users = await self.thread(self.backups.mount_users, key)
+            users = await self.who.of_backup(key, grace=0)
             if users:
                 raise error(errno.EBUSY, "in use, not unmounting: " + "; ".join(users))
         await self._detach_loop(path)

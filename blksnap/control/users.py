@@ -18,7 +18,9 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from blksnap import hostinfo, inuse
+from blksnap.engine import source as sources
 from blksnap.errors import BlksnapError
+from blksnap.frontends.targets import BackupTarget
 from blksnap.settings import SETTINGS
 
 if TYPE_CHECKING:
@@ -95,11 +97,10 @@ class Users:
         self.daemon = daemon
         self.grace = SETTINGS.users_grace if grace is None else grace
 
-    def _nbd_image_users(self, sid: str, name: str) -> int:
+    def _nbd_export_users(self, export: str) -> int:
         nbd = self.daemon.nbd
         if nbd is None:
             return 0
-        export = f"{sid}/{name}"
         return sum(
             1
             for c in list(nbd.connections)
@@ -117,10 +118,37 @@ class Users:
         d = self.daemon
         if sid is None:
             target: Any = d.engine.device(name)
-            path, label = d.device_path(name), f"device {name}"
+            path, label, export = d.device_path(name), f"device {name}", name
         else:
             target = d.engine.image(sid, name)
-            path, label = d.image_path(sid, name), f"image {sid}/{name}"
+            export = f"{sid}/{name}"
+            path, label = d.image_path(sid, name), f"image {export}"
+        return await self._watch(target, path, label, export, grace, device=sid is None)
+
+    async def of_backup(self, key: str, *, grace: float | None = None) -> list[str]:
+        """Who uses the mounted backup ``key`` (``B/N``), as :meth:`of`."""
+        return await self._watch(
+            sources.get(BackupTarget.KEY_PREFIX + key),
+            self.daemon.backups.mount_path(key),
+            f"backup {key}",
+            BackupTarget.PREFIX + key,
+            grace,
+        )
+
+    async def _watch(
+        self,
+        target: Any,
+        path: str,
+        label: str,
+        export: str,
+        grace: float | None,
+        *,
+        device: bool = False,
+    ) -> list[str]:
+        """Who uses the FUSE file ``path`` served from ``target`` (its NBD
+        export ``export``, a device's if ``device``), asked again for up to
+        ``grace`` seconds while someone does."""
+        d = self.daemon
         deadline = trio.current_time() + (self.grace if grace is None else grace)
         while True:
             own = d.loops.get(path)
@@ -128,13 +156,12 @@ class Users:
             handles = d.fs.open_count(target) - (1 if own else 0) - other_loops
             if handles > 0 and not named:  # held, but not by a process we can name
                 found.append(f"{path} is open in {handles} file handle(s)")
-            nbd = (
-                self._nbd_image_users(sid, name)
-                if sid is not None
-                else (d.nbd.device_users(name) if d.nbd else 0)
-            )
+            if not device:
+                nbd = self._nbd_export_users(export)
+            else:
+                nbd = d.nbd.device_users(export) if d.nbd else 0
             if nbd:
-                found.append(f"{nbd} NBD client(s) on export {sid + '/' if sid else ''}{name}")
+                found.append(f"{nbd} NBD client(s) on export {export}")
             if not found or trio.current_time() > deadline:
                 return [f"{label}: {what}" for what in found]
             await trio.sleep(0.05)

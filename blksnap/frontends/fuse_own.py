@@ -316,14 +316,17 @@ class OwnFS:
         self._changed(self.backups, bid)
 
     def open_count(self, target: Any) -> int:
-        """Open handles of the file served from ``target`` (a Device or an
-        Image, or its target); a loop device over the file holds one."""
+        """Open handles of the file served from ``target`` (a Device, an
+        Image or a mounted backup's Source, or its target); a loop device
+        over the file holds one."""
         s = self.session
         if s is None:
             return 0
         n = 0
         for node in list(s.handles.values()):
             t = node.backing.target if isinstance(node.backing, TargetBacking) else None
-            if t is not None and (t is target or t.served is target):
+            if t is not None and (
+                t is target or t.served is target or getattr(t.served, "source", None) is target
+            ):
                 n += 1
         return n
