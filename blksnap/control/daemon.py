@@ -45,6 +45,7 @@ from blksnap.control.users import Users
 from blksnap.engine.engine import Engine
 from blksnap.engine.params import Params
 from blksnap.errors import BlksnapError, InvalidArgument, IOFailure, error
+from blksnap.frontends.targets import BackupTarget
 from blksnap.settings import SETTINGS
 
 if TYPE_CHECKING:
@@ -311,8 +312,8 @@ class Daemon:
     def _loop_of(self, path: str) -> str | None:
         return self.loops.get(path)
 
-    async def _attach_loop(self, path: str) -> str:
-        dev = await self.thread(loop.attach, path)
+    async def _attach_loop(self, path: str, read_only: bool = False) -> str:
+        dev = await self.thread(lambda: loop.attach(path, read_only=read_only))
         self.loops[path] = dev
         self.save_record()
         return dev
@@ -582,12 +583,17 @@ class Daemon:
             "hydration": self.backups.hydration_status(name),
         }
 
+    def _check_store(self, path: str, what: str, ours: str) -> None:
+        """A path to serve a device from (``what``): absolute, and not a
+        file of blksnapd's mount (refused saying ``ours``)."""
+        if not os.path.isabs(path):
+            raise InvalidArgument(f"{what} path must be absolute: {path}")
+        if os.path.commonpath([os.path.abspath(path), self.mount]) == self.mount:
+            raise InvalidArgument(ours)
+
     async def op_device_add(self, args: dict[str, Any]) -> Any:
         path, name = args["path"], args["name"]
-        if not os.path.isabs(path):
-            raise InvalidArgument(f"backing path must be absolute: {path}")
-        if os.path.commonpath([os.path.abspath(path), self.mount]) == self.mount:
-            raise InvalidArgument("a file served by blksnapd cannot back another device")
+        self._check_store(path, "backing", "a file served by blksnapd cannot back another device")
         await self.thread(self.engine.add_device, path, name)
         try:
             await self._serve_new(name, bool(args.get("loop")))
@@ -635,10 +641,10 @@ class Daemon:
     def _served_backup(self, key: str) -> dict[str, Any]:
         path = self.backups.mount_path(key)
         return {
-            "name": "backups/" + key,
+            "name": BackupTarget.PREFIX + key,
             "path": path,
             "loop": self._loop_of(path),
-            "nbd_export": ("backups/" + key) if self.nbd else None,
+            "nbd_export": (BackupTarget.PREFIX + key) if self.nbd else None,
         }
 
     async def op_mount(self, args: dict[str, Any]) -> Any:
@@ -646,16 +652,13 @@ class Daemon:
         key = got["key"]
         self.save_record()
         if args.get("loop"):
-            path = self.backups.mount_path(key)
             try:
-                lp = await self.thread(lambda: loop.attach(path, read_only=True))
+                await self._attach_loop(self.backups.mount_path(key), read_only=True)
             except BlksnapError:
                 self.fs.remove_backup(key)
                 self.backups.forget_mount(key)
                 self.save_record()
                 raise
-            self.loops[path] = lp
-            self.save_record()
         return {**self._served_backup(key), "size": got["size"], "source": got["source"]}
 
     async def op_umount(self, args: dict[str, Any]) -> Any:
@@ -669,7 +672,7 @@ class Daemon:
         self.fs.remove_backup(key)
         await self.thread(self.backups.forget_mount, key)
         self.save_record()
-        return {"name": "backups/" + key, "unmounted": True}
+        return {"name": BackupTarget.PREFIX + key, "unmounted": True}
 
     async def op_mounts(self, args: dict[str, Any]) -> Any:
         return [
@@ -678,11 +681,9 @@ class Daemon:
 
     async def op_restore_instant(self, args: dict[str, Any]) -> Any:
         name = args["device"]
-        target = args["target"]
-        if not os.path.isabs(target):
-            raise InvalidArgument(f"target path must be absolute: {target}")
-        if os.path.commonpath([os.path.abspath(target), self.mount]) == self.mount:
-            raise InvalidArgument("a file served by blksnapd cannot be a restore target")
+        self._check_store(
+            args["target"], "target", "a file served by blksnapd cannot be a restore target"
+        )
         got = await self.thread(self.backups.start_hydration, args)
         try:
             await self._serve_new(name, bool(args.get("loop")))
