@@ -354,6 +354,28 @@ class Writer(Background):
         return self.wait(timeout)
 
 
+# -- fio -------------------------------------------------------------------------------
+
+
+def fio_verify(filename: str, size: str, runtime: int, name: str = "verify") -> subprocess.Popen:
+    """fio writing 4 KiB blocks at random into ``filename`` (QD 32, O_DIRECT)
+    for ``runtime`` seconds, each block checked against its crc32c as it
+    goes (JSON on stdout: :func:`fio_json`)."""
+    return subprocess.Popen(
+        ["fio", f"--name={name}", f"--filename={filename}", f"--size={size}",
+         "--ioengine=libaio", "--direct=1", "--rw=randwrite", "--bs=4k", "--iodepth=32",
+         "--verify=crc32c", "--verify_fatal=1", "--verify_backlog=256",
+         "--verify_state_save=0", f"--runtime={runtime}", "--time_based",
+         "--output-format=json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def fio_json(out: str) -> dict:
+    """The first job of fio's JSON output (after whatever it printed first)."""
+    return json.loads(out[out.index("{") :])["jobs"][0]
+
+
 # -- blksnapd's worker ---------------------------------------------------------------
 
 

@@ -24,6 +24,8 @@ from tests.integration.helpers import (
     add_device,
     direct_read,
     direct_write,
+    fio_json,
+    fio_verify,
     kill_worker,
     md5,
     sha256_file,
@@ -70,10 +72,6 @@ def files_ok(root: str, want: dict[str, str]) -> None:
     for name, digest in want.items():
         with open(os.path.join(root, name), "rb") as f:
             assert md5(f.read()) == digest, name
-
-
-def fio_json(out: str) -> dict:
-    return json.loads(out[out.index("{") :])["jobs"][0]
 
 
 # -- flakey ---------------------------------------------------------------------------
@@ -279,13 +277,7 @@ def test_migrate_a_mounted_ext4_under_fio_and_a_writer(daemon: Daemon, tmp_path:
         f.truncate(160 * MiB)  # larger than the device: it keeps its size
     os.makedirs(os.path.join(mnt, "w"))
     writer = Writer(os.path.join(mnt, "w"), tmp_path / "stop", keep=40, maxsize=200_000)
-    fio = subprocess.Popen(
-        ["fio", "--name=mig", f"--filename={mnt}/fio.dat", "--size=24M", "--ioengine=libaio",
-         "--direct=1", "--rw=randwrite", "--bs=4k", "--iodepth=32", "--verify=crc32c",
-         "--verify_fatal=1", "--verify_backlog=256", "--verify_state_save=0", "--runtime=8",
-         "--time_based", "--output-format=json"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    fio = fio_verify(f"{mnt}/fio.dat", "24M", 8, name="mig")
     try:
         time.sleep(1)
         attach(daemon, "a", "migrate", target=str(target), rate="24M")

@@ -9,7 +9,6 @@ import errno
 import json
 import os
 import random
-import subprocess
 import time
 from pathlib import Path
 
@@ -21,6 +20,8 @@ from tests.integration.helpers import (
     add_device,
     direct_read,
     direct_write,
+    fio_json,
+    fio_verify,
     kill_worker,
     md5,
     populate,
@@ -251,13 +252,7 @@ def test_instant_restore_of_ext4_used_at_once(daemon: Daemon, tmp_path: Path) ->
     assert h["state"] == "paused" and h["done"] < h["total"], (h, served_in)
     os.makedirs(os.path.join(mnt, "w"))
     writer = Writer(os.path.join(mnt, "w"), tmp_path / "stop", keep=30, maxsize=200_000)
-    fio = subprocess.Popen(
-        ["fio", "--name=inst", f"--filename={mnt}/fio.dat", "--size=16M", "--ioengine=libaio",
-         "--direct=1", "--rw=randwrite", "--bs=4k", "--iodepth=32", "--verify=crc32c",
-         "--verify_fatal=1", "--verify_backlog=256", "--verify_state_save=0", "--runtime=6",
-         "--time_based", "--output-format=json"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    fio = fio_verify(f"{mnt}/fio.dat", "16M", 6, name="inst")
     try:
         daemon.cli("ctl", "-d", "e0", "--filter", "hydrate", "rate", "256K")
         daemon.cli("ctl", "-d", "e0", "--filter", "hydrate", "resume")
@@ -280,7 +275,7 @@ def test_instant_restore_of_ext4_used_at_once(daemon: Daemon, tmp_path: Path) ->
             fio.wait()
         writer.stop()
     assert fio.returncode == 0, err[-2000:]
-    job = json.loads(out[out.index("{") :])["jobs"][0]
+    job = fio_json(out)
     assert job["error"] == 0 and job["read"]["io_bytes"] > 0
     assert not writer.errors() and writer.count() > 5, writer.describe()
     files = writer.files()
