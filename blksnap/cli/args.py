@@ -1,6 +1,7 @@
 """Argument helpers shared by the command modules of ``blksnap``: value types
 (sizes, seconds, sector ranges, K=V), ``-r SECTOR:COUNT``, the per-call
-timeout, and :class:`Commands`, which adds a command's parser with the
+timeout, ``--repo``/``--key-file`` and the repository they open, and
+:class:`Commands`, which adds a command's parser with the
 common options (``--json``, ``--socket``, ``--timeout``).
 
 A command module's ``register(sub, cmd)`` adds its parsers with ``cmd`` and
@@ -119,3 +120,23 @@ class Commands:
             name, help=help, description=help, parents=parents, **kw
         )
         return parser
+
+
+# -- repositories ---------------------------------------------------------------------
+
+KEY_HELP = (
+    "key file of an encrypted repository (else the passphrase in BLKSNAP_PASSPHRASE opens it)"
+)
+
+
+def repo_args(parser: argparse.ArgumentParser, help: str = "repository directory") -> None:
+    """``--repo R`` and ``--key-file F``."""
+    parser.add_argument("--repo", required=True, help=help)
+    parser.add_argument("--key-file", metavar="FILE", help=KEY_HELP)
+
+
+def open_repo(args: argparse.Namespace) -> Any:
+    """The repository of ``--repo``, opened by ``--key-file`` or the passphrase."""
+    from blksnap.backup.repo import Repository
+
+    return Repository.open(args.repo, key_file=args.key_file)

@@ -17,24 +17,13 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from blksnap.cli.args import Commands, sizearg
-from blksnap.cli.mount_cmd import INSTANT_EPILOG, KEY_HELP, restore_instant
+from blksnap.cli.args import Commands, open_repo, repo_args, sizearg
+from blksnap.cli.mount_cmd import INSTANT_EPILOG, restore_instant
 from blksnap.cli.mount_cmd import register as register_mount
 from blksnap.cli.output import table
 from blksnap.cli.progress import progress
 from blksnap.errors import error
 from blksnap.units import format_size
-
-
-def _repo_args(parser: argparse.ArgumentParser, help: str = "repository directory") -> None:
-    parser.add_argument("--repo", required=True, help=help)
-    parser.add_argument("--key-file", metavar="FILE", help=KEY_HELP)
-
-
-def _open(args: argparse.Namespace) -> Any:
-    from blksnap.backup.repo import Repository
-
-    return Repository.open(args.repo, key_file=args.key_file)
 
 
 def register(sub: Any, cmd: Commands) -> None:
@@ -57,9 +46,7 @@ def register(sub: Any, cmd: Commands) -> None:
         metavar="N",
         help="devices to back up, all taken at one instant",
     )
-    _repo_args(
-        bk, "repository directory (created if missing, without encryption: see 'key create')"
-    )
+    repo_args(bk, "repository directory (created if missing, without encryption: see 'key create')")
     kind = bk.add_mutually_exclusive_group()
     kind.add_argument("--full", dest="mode", action="store_const", const="full", help="every block")
     kind.add_argument(
@@ -97,7 +84,7 @@ def register(sub: Any, cmd: Commands) -> None:
     bk.add_argument("--no-progress", action="store_true", help="no progress bar")
     bk.set_defaults(handler=cmd_backup, long_timeout=True)
     bl = cmd(sub, "backups", "the backups in a repository (or one backup's devices)")
-    _repo_args(bl)
+    repo_args(bl)
     bl.add_argument("--backup", "-b", help="show this backup's devices ('latest' works too)")
     bl.set_defaults(handler=cmd_backups)
     rs = cmd(
@@ -107,7 +94,7 @@ def register(sub: Any, cmd: Commands) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=RESTORE_EPILOG + "\n\n" + INSTANT_EPILOG,
     )
-    _repo_args(rs)
+    repo_args(rs)
     rs.add_argument("--backup", "-b", required=True, help="backup id, or 'latest'")
     rs.add_argument("-d", "--device", required=True)
     rs.add_argument("--to", required=True, metavar="PATH", help="a file, or a block device")
@@ -137,7 +124,7 @@ def register(sub: Any, cmd: Commands) -> None:
         "check a repository (or one backup): manifests, indexes, and every chunk they"
         " name, once each (present, its seal opens, its digest is its name)",
     )
-    _repo_args(vf)
+    repo_args(vf)
     vf.add_argument("--backup", "-b", help="only this backup")
     vf.add_argument("--no-progress", action="store_true", help="no progress bar")
     vf.set_defaults(handler=cmd_verify)
@@ -148,7 +135,7 @@ def register(sub: Any, cmd: Commands) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=PRUNE_EPILOG,
     )
-    _repo_args(pr)
+    repo_args(pr)
     pr.add_argument("--keep", type=int, metavar="N", help="the same as --keep-last N")
     for rule, what in (
         ("last", "the N newest backups"),
@@ -170,7 +157,7 @@ def register(sub: Any, cmd: Commands) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=GC_EPILOG,
     )
-    _repo_args(gc)
+    repo_args(gc)
     gc.add_argument("--dry-run", action="store_true", help="only say what would be removed")
     gc.add_argument(
         "--grace",
@@ -353,7 +340,7 @@ def _terminate(signum: int, _frame: object) -> None:
 
 
 def cmd_backups(args: argparse.Namespace, client: Any, out: Any) -> int:
-    repo = _open(args)
+    repo = open_repo(args)
     if args.backup:
         return _show_backup(repo.get(args.backup), out)
     backups = repo.backups()
@@ -425,7 +412,7 @@ def cmd_restore(args: argparse.Namespace, client: Any, out: Any) -> int:
     for flag in ("loop", "rate", "paused"):
         if getattr(args, flag):
             raise error(errno.EINVAL, f"--{flag} goes with --instant")
-    repo = _open(args)
+    repo = open_repo(args)
     b = repo.get(args.backup)
     rec = b.device(args.device)
     # SIGTERM unwinds like Ctrl-C: the half-written temporary file is removed.
@@ -441,7 +428,7 @@ def cmd_restore(args: argparse.Namespace, client: Any, out: Any) -> int:
 
 
 def cmd_verify(args: argparse.Namespace, client: Any, out: Any) -> int:
-    repo = _open(args)
+    repo = open_repo(args)
     chosen = [repo.get(args.backup)] if args.backup else [b for b in repo.backups() if b.ok]
     total = sum(d.size for b in chosen if b.ok for d in b.devices)
     with progress("verify", total, show=_show(args)) as advance:
@@ -494,7 +481,7 @@ def cmd_prune(args: argparse.Namespace, client: Any, out: Any) -> int:
             errno.EINVAL,
             "say what to keep: --keep-last N, --keep-hourly/daily/weekly/monthly/yearly N",
         )
-    repo = _open(args)
+    repo = open_repo(args)
     decisions = repo.prune(policy, dry_run=args.dry_run)
     removed = [d.id for d in decisions if not d.keep]
     verb = "would remove" if args.dry_run else "removed"
@@ -517,7 +504,7 @@ def cmd_prune(args: argparse.Namespace, client: Any, out: Any) -> int:
 
 
 def cmd_gc(args: argparse.Namespace, client: Any, out: Any) -> int:
-    repo = _open(args)
+    repo = open_repo(args)
     r = repo.gc(dry_run=args.dry_run, grace=args.grace)
     verb = "would remove" if args.dry_run else "removed"
     out.emit(

@@ -8,13 +8,9 @@ import argparse
 import errno
 from typing import Any
 
-from blksnap.cli.args import Commands
+from blksnap.cli.args import Commands, open_repo, repo_args
 from blksnap.errors import error
 from blksnap.units import format_size
-
-KEY_HELP = (
-    "key file of an encrypted repository (else the passphrase in BLKSNAP_PASSPHRASE opens it)"
-)
 
 
 def register(sub: Any, cmd: Commands) -> None:
@@ -25,8 +21,7 @@ def register(sub: Any, cmd: Commands) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=MOUNT_EPILOG,
     )
-    mt.add_argument("--repo", required=True, help="repository directory")
-    mt.add_argument("--key-file", metavar="FILE", help=KEY_HELP)
+    repo_args(mt)
     mt.add_argument("--backup", "-b", required=True, help="backup id, or 'latest'")
     mt.add_argument("-d", "--device", required=True)
     mt.add_argument("--loop", action="store_true", help="also a read-only loop device over it")
@@ -78,9 +73,7 @@ backup of N is incremental against it."""
 def _keys_of(args: argparse.Namespace) -> tuple[Any, bytes | None]:
     """The repository (opened here: the passphrase or key file stays with
     the command) and its master key for blksnapd (None: not encrypted)."""
-    from blksnap.backup.repo import Repository
-
-    repo = Repository.open(args.repo, key_file=args.key_file)
+    repo = open_repo(args)
     return repo, repo.keys.master()
 
 
