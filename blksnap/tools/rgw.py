@@ -26,8 +26,11 @@ import socket
 import subprocess
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from blksnap.tools import sandbox
 
 #: The binaries it needs.
 TOOLS = ("ceph-mon", "ceph-osd", "radosgw", "radosgw-admin", "ceph-authtool", "monmaptool", "ceph")
@@ -57,13 +60,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _run(*args: str, timeout: float = 60, **kw: object) -> str:
-    out = subprocess.run(
-        list(args), capture_output=True, text=True, timeout=timeout, check=False, **kw
-    )  # type: ignore[call-overload]
-    if out.returncode != 0:
-        raise RuntimeError(f"{' '.join(args)} -> {out.returncode}\n{out.stdout}\n{out.stderr}")
-    return str(out.stdout)
+def _run(*args: str, timeout: float = 60) -> str:
+    """:func:`sandbox.run` with a time limit; its output."""
+    return sandbox.run(*args, timeout=timeout).stdout
 
 
 @dataclass
@@ -205,7 +204,7 @@ class Gateway:
         with socket.create_connection(("127.0.0.1", int(self.endpoint.rsplit(":", 1)[1])), 2):
             pass
 
-    def _wait(self, probe: object, deadline: float, what: str) -> None:
+    def _wait(self, probe: Callable[[], object], deadline: float, what: str) -> None:
         last: BaseException | None = None
         while time.monotonic() < deadline:
             for name, p in self.procs.items():
@@ -214,7 +213,7 @@ class Gateway:
                         f"ceph {name} exited ({p.returncode}): {self.log_tail(name)}"
                     )
             try:
-                probe()  # type: ignore[operator]
+                probe()
                 return
             except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
                 last = exc
