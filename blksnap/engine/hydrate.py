@@ -575,8 +575,12 @@ class Hydrate(Filter):
     def status(self) -> dict[str, Any]:
         end = self.finished or time.monotonic()
         elapsed = max(end - self.started, 1e-9)
-        if self.complete:
+        # "done" once off the stack (the retired status): until then the
+        # last commit and the retirement are still to come.
+        if self.retired:
             state = "done"
+        elif self.complete:
+            state = "running"
         elif self.error:
             state = "failed"
         elif self.paused:

@@ -706,6 +706,30 @@ def test_status_answers_through_the_retirement(engine, make_file, register, tmp_
     assert seen[0]["state"] == "done"
 
 
+def test_done_only_once_off_the_stack(engine, make_file, register, tmp_path, monkeypatch):
+    """``state: done`` means the device is an ordinary one again: while the
+    last commit runs, every unit done but the filter still on the stack,
+    the status says it is still at work (a poller that saw "done" then found
+    the filter still attached)."""
+    data = source_bytes()
+    engine.add_device(_target(make_file), name="d")
+    _attach(engine, "d", register(MemSource(data)), tmp_path / "h.map", paused="1")
+    seen: list[tuple[bool, str]] = []
+    commit = hydrate_module.Hydrate.commit
+
+    def watched(self: Any, *args: Any) -> None:
+        if self.complete:  # (the last commit, in the copy's thread)
+            seen.append(("hydrate" in engine.filters("d"), _status(engine)["state"]))
+        commit(self, *args)
+
+    monkeypatch.setattr(hydrate_module.Hydrate, "commit", watched)
+    engine.ctl("d", "hydrate", "resume")
+    last = _wait_retired(engine)
+    assert seen and all(on for on, _ in seen), seen
+    assert all(state != "done" for _, state in seen), seen
+    assert last["state"] == "done"
+
+
 class _StallingGate(Gate):
     """A device gate that holds the copy thread's first ``enter`` until told."""
 
