@@ -104,6 +104,14 @@ class Settings:
     #: before it started (on top of the rule that protects every chunk a
     #: running backup touched: docs/REPOSITORY.md, "Garbage collection").
     gc_grace: float = 300.0
+    #: In an object store (``s3://``), a running backup, gc or reader renews
+    #: the record saying so every third of this many seconds; a record older
+    #: than this (by the store's clock) is one of a process that died.
+    object_lease: float = 300.0
+    #: A backup into an object store lists the chunks present when it
+    #: begins (a request per 1000) and keeps up to this many digests (about
+    #: 150 bytes each), so that it asks nothing for a chunk it has listed.
+    object_known_chunks: int = 4_000_000
     #: Restore rebuilds a device this many bytes at a time, fetching its
     #: chunks with this many threads.
     restore_window: int = 16 * MiB

@@ -2,13 +2,13 @@
 
 ``chunks/<first two hex digits>/<64 hex digits>``: a fan-out of 256
 directories (a million chunks, a terabyte at 1 MiB, is about 4000 files a
-directory; ext4's and xfs's hashed directories take far more). A chunk is
-written under a temporary name in its directory and linked to its name
-(``link`` fails if the name exists: the store is put-if-absent) and the
-temporary removed. Durability is batched, not per chunk (an ``fdatasync``
-per chunk costs a journal commit each): the chunks stored since the last
-flush are synced together (``fdatasync``), in the background as a backup goes and
-all of them before it publishes anything that names them
+directory; ext4's and xfs's hashed directories take far more), kept by a
+:class:`blksnap.backup.storage.Storage` (a directory or an object store),
+whose ``put_if_absent`` makes the store put-if-absent. In a directory a chunk
+is written under a temporary name and linked to its name. Durability is
+batched, not per chunk (an ``fdatasync`` per chunk costs a journal commit
+each): the chunks stored since the last flush are synced together, in the
+background as a backup goes and all of them before it publishes anything that names them
 (:meth:`ChunkStore.flush`, then :meth:`ChunkStore.sync` for the
 directories). Until then a power cut can leave a chunk file under its name
 that is shorter than it should be: its header says its full size, so the
@@ -33,13 +33,10 @@ is older than its cutoff (:mod:`blksnap.backup.gc`).
 from __future__ import annotations
 
 import ctypes
-import errno
 import fcntl
 import os
-import secrets
 import threading
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 
 import numpy as np
@@ -50,6 +47,7 @@ from blksnap.backup.format import (
     CHUNK_HEADER,
     CHUNK_LOCK,
     CHUNKS,
+    DIGEST,
     KIND_RAW,
     KIND_ZSTD,
     BadChunk,
@@ -60,11 +58,9 @@ from blksnap.backup.format import (
     frame_chunk,
     unframe_chunk,
 )
-from blksnap.errors import IOFailure, from_oserror
-from blksnap.fileio import fsync_dir, pwrite_full
+from blksnap.backup.storage import Entry, Storage
+from blksnap.errors import BlksnapError, IOFailure, NotFound, from_oserror
 
-#: Temporary chunk files start with this (gc removes old ones).
-TEMP_PREFIX = ".tmp-"
 #: Chunks from this size on are probed before compression: PROBE_SAMPLES
 #: slices of PROBE_BYTES; if they do not shrink below PROBE_RATIO of their
 #: size, the chunk is stored raw.
@@ -72,9 +68,6 @@ PROBE_MIN = 256 * 1024
 PROBE_SAMPLES = 8
 PROBE_BYTES = 4096
 PROBE_RATIO = 0.97
-#: fdatasyncs in flight when a batch of chunks is flushed (the file system
-#: folds concurrent ones into few journal commits).
-FLUSH_THREADS = 16
 
 
 def syncfs(path: str) -> None:
@@ -84,17 +77,6 @@ def syncfs(path: str) -> None:
         if ctypes.CDLL(None, use_errno=True).syncfs(fd) != 0:
             err = ctypes.get_errno()
             raise OSError(err, os.strerror(err), path)
-    finally:
-        os.close(fd)
-
-
-def _fdatasync_path(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return  # removed by gc since (it was not named by any index)
-    try:
-        os.fdatasync(fd)
     finally:
         os.close(fd)
 
@@ -117,25 +99,37 @@ class _LockFile:
 class ChunkStore:
     """The ``chunks/`` directory of a repository (see the module docstring)."""
 
-    def __init__(self, root: str, keys: Keys, compression: str, level: int = 1) -> None:
-        self.root = root
-        self.dir = os.path.join(root, CHUNKS)
+    def __init__(self, storage: Storage, keys: Keys, compression: str, level: int = 1) -> None:
+        self.storage = storage
+        #: The repository directory (None in an object store): flock lives there.
+        self.root = storage.local_path
+        self.dir = os.path.join(self.root, CHUNKS) if self.root else f"{storage.url}/{CHUNKS}"
         self.keys = keys
         self.compression = compression
         self.level = level
         self._tls = threading.local()
-        self._dirty: set[str] = set()
-        self._dirty_lock = threading.Lock()
-        self._unsynced: list[str] = []
+        self._pending_lock = threading.Lock()
         #: Bytes of chunk files stored and not yet flushed.
         self.pending_bytes = 0
         self._zero_digests: dict[int, bytes] = {}
+        #: Digests known present (an object store: listed when a backup
+        #: begins, so that a chunk costs no request to look for), and whether
+        #: that list is the whole store.
+        self._known: set[bytes] | None = None
+        self._known_whole = False
 
     # -- names -------------------------------------------------------------
 
-    def path(self, digest: bytes) -> str:
+    @staticmethod
+    def key(digest: bytes) -> str:
+        """The storage key of chunk ``digest``."""
         fan, name = chunk_name(digest)
-        return os.path.join(self.dir, fan, name)
+        return f"{CHUNKS}/{fan}/{name}"
+
+    def path(self, digest: bytes) -> str:
+        """Where chunk ``digest`` is: a file path, or its URL in an object store."""
+        fan, name = chunk_name(digest)
+        return os.path.join(self.dir, fan, name) if self.root else f"{self.dir}/{fan}/{name}"
 
     def zero_digest(self, length: int) -> bytes:
         """The digest of ``length`` zero bytes (a zero chunk is never stored)."""
@@ -221,127 +215,116 @@ class ChunkStore:
 
     # -- store and fetch ---------------------------------------------------
 
+    def preload(self, limit: int) -> int:
+        """List the chunks present (a request per 1000) and look for chunks in
+        that list instead of asking the storage for each: a chunk not in a
+        whole list is put at once (put-if-absent still finds one stored
+        since). At most ``limit`` digests are kept (about 150 bytes each);
+        past that, chunks not listed are looked for one by one. Returns how
+        many are known."""
+        known: set[bytes] = set()
+        whole = True
+        for fan in self.fanouts():
+            for entry in self.entries(fan):
+                name = entry.key.rsplit("/", 1)[-1]
+                if len(name) == 2 * DIGEST and name.startswith(fan):
+                    try:
+                        known.add(bytes.fromhex(name))
+                    except ValueError:
+                        continue
+            if len(known) >= limit:
+                whole = False
+                break
+        self._known, self._known_whole = known, whole
+        return len(known)
+
+    def forget(self) -> None:
+        """Stop using the list :meth:`preload` made."""
+        self._known, self._known_whole = None, False
+
     def touch(self, digest: bytes) -> bool:
-        """Is the chunk present and whole (its size is what its header says)?
-        If so its mtime becomes now (gc's grace rule: a chunk a running backup
-        reuses is never old). A chunk file cut short counts as absent.
-        Hold :meth:`shared`."""
-        try:
-            fd = os.open(self.path(digest), os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return False
-        except OSError as exc:
-            raise from_oserror(exc, f"chunk {digest.hex()}") from None
-        try:
-            if chunk_file_size(os.pread(fd, CHUNK_HEADER.size, 0)) != os.fstat(fd).st_size:
+        """Is the chunk present and whole? If so its time is renewed where the
+        storage makes that cheap (a directory: gc's grace rule, a chunk a
+        running backup reuses is never old). A chunk file cut short (its size
+        is not what its header says: a power cut in a directory) counts as
+        absent. Hold :meth:`shared`."""
+        known = self._known
+        if known is not None:
+            if digest in known:
+                return True
+            if self._known_whole:
                 return False
-            os.utime(fd)
+        key = self.key(digest)
+        entry = self.storage.touch(key)
+        if entry is None:
+            return False
+        if self.storage.atomic_puts:
             return True
-        except OSError as exc:
-            raise from_oserror(exc, f"chunk {digest.hex()}") from None
-        finally:
-            os.close(fd)
+        try:
+            head = self.storage.get_range(key, 0, CHUNK_HEADER.size)
+        except NotFound:
+            return False  # removed since
+        return chunk_file_size(head) == entry.size
 
     def put(self, digest: bytes, blob: bytes) -> bool:
         """Store the chunk file ``blob`` under ``digest`` unless a whole one is
         there; True if this call stored it (durable after :meth:`flush`).
         Hold :meth:`shared`."""
-        fan, name = chunk_name(digest)
-        where = os.path.join(self.dir, fan)
-        final = os.path.join(where, name)
-        temp = os.path.join(where, f"{TEMP_PREFIX}{name[:16]}-{secrets.token_hex(6)}")
-        try:
-            try:
-                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            except FileNotFoundError:
-                os.makedirs(where, mode=0o700, exist_ok=True)
-                self._mark_dirty(self.dir)
-                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            try:
-                pwrite_full(fd, 0, blob)
-            finally:
-                os.close(fd)
-            try:
-                os.link(temp, final)
-                stored = True
-            except FileExistsError:
-                if self.touch(digest):
-                    stored = False  # stored meanwhile: the same content
-                else:  # a file cut short by a power cut: replace it
-                    os.rename(temp, final)
-                    stored = True
-            if stored:
-                with self._dirty_lock:
-                    self._dirty.add(where)
-                    self._unsynced.append(final)
-                    self.pending_bytes += len(blob)
-        except OSError as exc:
-            raise from_oserror(exc, f"store chunk {name}") from None
-        finally:
-            with suppress(OSError):
-                os.unlink(temp)
+        key = self.key(digest)
+        stored = self.storage.put_if_absent(key, blob, durable=False)
+        if not stored and not self.storage.atomic_puts and not self.touch(digest):
+            # a file cut short by a power cut: replace it
+            self.storage.put(key, blob, durable=False)
+            stored = True
+        if stored:
+            with self._pending_lock:
+                self.pending_bytes += len(blob)
+        known = self._known
+        if known is not None:
+            known.add(digest)
         return stored
 
     def flush(self) -> None:
         """Make the chunks stored so far durable (data; :meth:`sync` does the
         directories)."""
-        with self._dirty_lock:
-            paths, self._unsynced = self._unsynced, []
+        with self._pending_lock:
             self.pending_bytes = 0
-        if not paths:
-            return
-        try:
-            with ThreadPoolExecutor(
-                max_workers=min(FLUSH_THREADS, len(paths)), thread_name_prefix="blksnap-flush"
-            ) as pool:
-                list(pool.map(_fdatasync_path, paths))
-        except OSError as exc:
-            with self._dirty_lock:
-                self._unsynced[:0] = paths
-            raise from_oserror(exc, "flush the chunk store") from None
+        self.storage.flush()
 
     def read(self, digest: bytes, expect: int) -> bytes:
         """The checked plain bytes of chunk ``digest`` (IOFailure naming it)."""
-        path = self.path(digest)
         try:
-            with open(path, "rb") as f:
-                blob = f.read()
-        except FileNotFoundError:
+            blob = self.storage.get(self.key(digest))
+        except NotFound:
             raise IOFailure(f"chunk {digest.hex()}: missing from the repository") from None
-        except OSError as exc:
-            raise from_oserror(exc, f"chunk {digest.hex()}") from None
+        except BlksnapError as exc:
+            raise IOFailure(f"chunk {digest.hex()}: {exc.message}") from None
         try:
             return self.decode(digest, blob, expect)
         except BadChunk as exc:
             raise IOFailure(f"chunk {digest.hex()}: {exc}") from None
 
-    def _mark_dirty(self, path: str) -> None:
-        with self._dirty_lock:
-            self._dirty.add(path)
-
     def sync(self) -> None:
-        """fsync every directory chunks were linked into since the last call."""
-        with self._dirty_lock:
-            dirty, self._dirty = self._dirty, set()
-        try:
-            for path in sorted(dirty, key=len, reverse=True):  # fan-outs before chunks/
-                fsync_dir(path)
-        except OSError as exc:
-            with self._dirty_lock:
-                self._dirty |= dirty
-            raise from_oserror(exc, "fsync the chunk store") from None
+        """Make the directories chunks were linked into durable too."""
+        self.storage.flush(dirs=True)
 
     # -- locks -------------------------------------------------------------
 
     def _lock_fd(self) -> int:
         lock = getattr(self._tls, "lock", None)
         if lock is None:
+            assert self.root is not None
             lock = self._tls.lock = _LockFile(os.path.join(self.root, CHUNK_LOCK))
         return lock.fd
 
     @contextmanager
     def shared(self) -> Iterator[None]:
-        """Hold the chunk lock shared."""
+        """Hold the chunk lock shared (a directory; an object store has no
+        lock: gc and backups there follow the rules of
+        :mod:`blksnap.backup.objects`)."""
+        if self.root is None:
+            yield
+            return
         fd = self._lock_fd()
         fcntl.flock(fd, fcntl.LOCK_SH)
         try:
@@ -351,6 +334,9 @@ class ChunkStore:
 
     @contextmanager
     def exclusive(self) -> Iterator[None]:
+        if self.root is None:
+            yield
+            return
         fd = self._lock_fd()
         fcntl.flock(fd, fcntl.LOCK_EX)
         try:
@@ -361,19 +347,8 @@ class ChunkStore:
     # -- listing -----------------------------------------------------------
 
     def fanouts(self) -> list[str]:
-        try:
-            return sorted(e.name for e in os.scandir(self.dir) if e.is_dir(follow_symlinks=False))
-        except FileNotFoundError:
-            return []
-        except OSError as exc:
-            raise from_oserror(exc, self.dir) from None
+        return self.storage.list_dirs(CHUNKS + "/")
 
-    def entries(self, fan: str) -> Iterator[os.DirEntry[str]]:
-        try:
-            with os.scandir(os.path.join(self.dir, fan)) as it:
-                yield from it
-        except FileNotFoundError:
-            return
-        except OSError as exc:
-            if exc.errno != errno.ENOENT:
-                raise from_oserror(exc, os.path.join(self.dir, fan)) from None
+    def entries(self, fan: str) -> Iterator[Entry]:
+        """The objects of fan-out directory ``fan`` (keys relative to the storage)."""
+        return self.storage.list(f"{CHUNKS}/{fan}/")

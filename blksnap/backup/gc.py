@@ -28,16 +28,17 @@ from __future__ import annotations
 
 import fcntl
 import os
-import secrets
 import time
-from collections.abc import Callable
-from contextlib import suppress
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from blksnap.backup.chunkstore import TEMP_PREFIX
-from blksnap.backup.format import BEGUN_FILE, DIGEST, GC_LOCK, ID_RE, INDEX_SUFFIX
-from blksnap.errors import Busy, from_oserror
+from blksnap.backup import objects
+from blksnap.backup.format import BACKUPS, BEGUN_FILE, DIGEST, GC_LOCK, ID_RE, INDEX_SUFFIX
+from blksnap.backup.storage import TEMP_PREFIX, Storage
+from blksnap.errors import Busy, NotFound, from_oserror
 from blksnap.settings import SETTINGS
 
 if TYPE_CHECKING:
@@ -69,21 +70,8 @@ def _iso(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
-def _store_now(repo: Repository) -> float:
-    """Now, by the repository file system's clock."""
-    os.makedirs(repo.tmp_dir, mode=0o700, exist_ok=True)
-    probe = os.path.join(repo.tmp_dir, f"gc-clock-{os.getpid()}-{secrets.token_hex(4)}")
-    fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        return os.fstat(fd).st_mtime
-    finally:
-        os.close(fd)
-        with suppress(FileNotFoundError):  # a backup's begin may have cleaned tmp/
-            os.unlink(probe)
-
-
 def _running_since(repo: Repository) -> list[float]:
-    """When each running backup began (staging dirs with ``begun``)."""
+    """When each running backup of a directory began (staging dirs with ``begun``)."""
     out = []
     try:
         names = os.listdir(repo.tmp_dir)
@@ -101,24 +89,47 @@ def _marked(repo: Repository) -> tuple[set[bytes], int]:
     """Every digest named by an index under ``backups/``; (digests, indexes read)."""
     seen: set[bytes] = set()
     count = 0
-    try:
-        backups = [e.path for e in os.scandir(repo.backups_dir) if ID_RE.match(e.name)]
-    except FileNotFoundError:
-        return seen, 0
-    for path in backups:
-        try:
-            names = [n for n in os.listdir(path) if n.endswith(INDEX_SUFFIX)]
-        except FileNotFoundError:
-            continue  # pruned meanwhile
-        for name in names:
-            try:
-                with open(os.path.join(path, name), "rb") as f:
-                    raw = f.read()
-            except FileNotFoundError:
-                continue
+    storage = repo.storage
+    keys = [
+        e.key
+        for e in storage.list(BACKUPS + "/")
+        if e.key.endswith(INDEX_SUFFIX) and ID_RE.match(e.key.split("/")[1])
+    ]
+    with ThreadPoolExecutor(storage.parallelism) as pool:
+        for raw in pool.map(_get_or_empty(storage), keys):
+            if raw is None:
+                continue  # pruned meanwhile
             count += 1
             seen.update(raw[i : i + DIGEST] for i in range(0, len(raw) - DIGEST + 1, DIGEST))
     return seen, count
+
+
+def _get_or_empty(storage: Storage) -> Callable[[str], bytes | None]:
+    def get(key: str) -> bytes | None:
+        try:
+            return storage.get(key)
+        except NotFound:
+            return None
+
+    return get
+
+
+@contextmanager
+def _local_guard(repo: Repository) -> Iterator[None]:
+    """One gc at a time in a directory: ``gc.lock``."""
+    lock_path = os.path.join(repo.path, GC_LOCK)
+    try:
+        lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise from_oserror(exc, lock_path) from None
+    try:
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise Busy(f"another gc is running on {repo.path}") from None
+        yield
+    finally:
+        os.close(lock_fd)
 
 
 def collect(
@@ -131,19 +142,16 @@ def collect(
     """Run gc on ``repo`` (module docstring); ``progress(1)`` per fan-out directory."""
     grace = SETTINGS.gc_grace if grace is None else float(grace)
     started = time.monotonic()
-    lock_path = os.path.join(repo.path, GC_LOCK)
-    try:
-        lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except OSError as exc:
-        raise from_oserror(exc, lock_path) from None
-    try:
+    storage = repo.storage
+    with ExitStack() as stack:
+        if repo.local:
+            stack.enter_context(_local_guard(repo))
+            guard = None
+        else:
+            guard = stack.enter_context(objects.gc_guard(repo))
         try:
-            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise Busy(f"another gc is running on {repo.path}") from None
-        try:
-            now = _store_now(repo)
-            running = _running_since(repo)
+            now = storage.now()
+            running = _running_since(repo) if guard is None else guard.running_since()
         except OSError as exc:
             raise from_oserror(exc, f"gc {repo.path}") from None
         cutoff = now - grace
@@ -169,11 +177,11 @@ def collect(
             seconds=0.0,
         )
         for fan in store.fanouts():
-            doomed = []
+            doomed: list[tuple[str, bytes | None]] = []
             for entry in store.entries(fan):
-                name = entry.name
+                name = entry.key.rsplit("/", 1)[-1]
                 if name.startswith(TEMP_PREFIX):
-                    doomed.append((entry.path, None))
+                    doomed.append((entry.key, None))
                     continue
                 try:
                     digest = bytes.fromhex(name)
@@ -183,33 +191,51 @@ def collect(
                     continue
                 report.chunks += 1
                 if digest not in referenced:
-                    doomed.append((entry.path, digest))
+                    doomed.append((entry.key, digest))
             if doomed:
                 with store.exclusive():
-                    for path, digest in doomed:
-                        try:
-                            st = os.stat(path)
-                        except FileNotFoundError:
-                            continue
-                        if st.st_mtime >= cutoff:
-                            if digest is not None:
-                                report.chunks_recent += 1
-                            continue
-                        if not dry_run:
-                            try:
-                                os.unlink(path)
-                            except FileNotFoundError:
-                                continue
-                            except OSError as exc:
-                                raise from_oserror(exc, f"gc {path}") from None
-                        if digest is None:
-                            report.temps_removed += 1
-                        else:
-                            report.chunks_removed += 1
-                            report.bytes_removed += st.st_size
+                    _sweep(storage, doomed, cutoff, dry_run, report)
             if progress:
                 progress(1)
+        if guard is not None and not dry_run:
+            for entry in objects.orphan_indexes(repo, guard, cutoff):
+                storage.delete(entry.key)
         report.seconds = round(time.monotonic() - started, 3)
         return report
-    finally:
-        os.close(lock_fd)
+
+
+def _sweep(
+    storage: Storage,
+    doomed: list[tuple[str, bytes | None]],
+    cutoff: float,
+    dry_run: bool,
+    report: GcReport,
+) -> None:
+    """Remove the ``doomed`` objects still older than ``cutoff`` (each looked at
+    again just before: a backup may have renewed it since the listing)."""
+
+    def one(item: tuple[str, bytes | None]) -> tuple[bytes | None, int] | None:
+        key, digest = item
+        entry = storage.stat(key)
+        if entry is None:
+            return None
+        if entry.mtime >= cutoff:
+            return (digest, -1)
+        if not dry_run:
+            storage.delete(key)
+        return (digest, entry.size)
+
+    workers = 1 if storage.local_path else storage.parallelism
+    with ThreadPoolExecutor(workers) as pool:
+        for result in pool.map(one, doomed):
+            if result is None:
+                continue
+            digest, size = result
+            if size < 0:
+                if digest is not None:
+                    report.chunks_recent += 1
+            elif digest is None:
+                report.temps_removed += 1
+            else:
+                report.chunks_removed += 1
+                report.bytes_removed += size

@@ -34,15 +34,18 @@ import logging
 import os
 import re
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 
 from blksnap.backup import gc as _gc
+from blksnap.backup import objects, retention
 from blksnap.backup import restore as _restore
-from blksnap.backup import retention
 from blksnap.backup import verify as _verify
+from blksnap.backup.backends import open_storage
 from blksnap.backup.chunkstore import ChunkStore, syncfs
 from blksnap.backup.crypto import Keys, create_encryption, open_keys, passphrase_from_env
 from blksnap.backup.format import (
@@ -70,6 +73,7 @@ from blksnap.backup.format import (
     parse_repo_meta,
     repo_meta,
 )
+from blksnap.backup.storage import DirStorage, Storage, TrafficCount
 from blksnap.backup.verify import Problem
 from blksnap.backup.writer import BackupWriter, remove_tree, write_file
 from blksnap.errors import (
@@ -138,18 +142,45 @@ def _time_or_epoch(info: BackupInfo) -> Any:
 
 
 class Repository:
-    """A backup repository directory (see the module docstring)."""
+    """A backup repository: a directory, or a prefix of an object store
+    bucket (see the module docstring and :mod:`blksnap.backup.objects`)."""
 
-    def __init__(self, path: str, meta: dict[str, Any], keys: Keys) -> None:
-        self.path = path
+    def __init__(self, storage: Storage | str, meta: dict[str, Any], keys: Keys) -> None:
+        if isinstance(storage, str):
+            storage = DirStorage(storage)
+        self.storage = storage
+        #: The directory, or the ``s3://`` URL.
+        self.path = storage.url
+        #: A local directory (flock, staging by rename); False: an object store.
+        self.local = storage.local_path is not None
         self.compression: str = meta["compression"]
         self.chunk_size: int = meta["chunk_size"]
         self.encryption: dict[str, Any] | None = meta.get("encryption")
         self.created: str = meta.get("created", "")
         self.keys = keys
-        self.backups_dir = os.path.join(path, BACKUPS)
-        self.tmp_dir = os.path.join(path, TMP)
-        self.store = ChunkStore(path, keys, self.compression, SETTINGS.backup_zstd_level)
+        self.backups_dir = (
+            os.path.join(self.path, BACKUPS) if self.local else f"{self.path}/{BACKUPS}"
+        )
+        self.tmp_dir = os.path.join(self.path, TMP) if self.local else f"{self.path}/{TMP}"
+        self.store = ChunkStore(storage, keys, self.compression, SETTINGS.backup_zstd_level)
+
+    @property
+    def locator(self) -> str:
+        """What opens this repository again elsewhere (blksnapd): the path,
+        or the ``s3://`` URL with its endpoint when one was given."""
+        endpoint = getattr(self.storage, "endpoint", None)
+        return f"{self.path}?endpoint={quote(endpoint, safe=':/')}" if endpoint else self.path
+
+    def traffic(self) -> TrafficCount:
+        """Requests and bytes exchanged with the storage so far."""
+        return self.storage.traffic.snapshot()
+
+    def backup_path(self, backup_id: str) -> str:
+        return (
+            os.path.join(self.backups_dir, backup_id)
+            if self.local
+            else f"{self.backups_dir}/{backup_id}"
+        )
 
     def __repr__(self) -> str:
         enc = f" encrypted key_id={self.keys.key_id}" if self.keys.encrypted else ""
@@ -160,15 +191,17 @@ class Repository:
     @classmethod
     def init(
         cls,
-        path: str,
+        path: str | Storage,
         compression: str = "zstd",
         *,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         passphrase: bytes | None = None,
         key_file: str | None = None,
         encrypt: bool = False,
+        endpoint: str | None = None,
     ) -> Repository:
-        """Make ``path`` a repository (``mkdir -p``), or open it if it already is one.
+        """Make ``path`` a repository (``mkdir -p``; ``s3://BUCKET/PREFIX``: in
+        an object store, the bucket made if missing), or open it if it already is one.
 
         An existing repository keeps its own compression, chunk size and keys
         (``passphrase``/``key_file`` then open it). With ``encrypt``, a new
@@ -182,15 +215,19 @@ class Repository:
                 f"unknown compression {compression!r} (one of: {', '.join(COMPRESSIONS)})"
             )
         check_chunk_size(chunk_size)
-        path = os.path.abspath(path)
-        if os.path.exists(os.path.join(path, REPO_FILE)):
-            repo = cls.open(path, passphrase=passphrase, key_file=key_file)
+        storage = path if isinstance(path, Storage) else open_storage(path, endpoint=endpoint)
+        path = storage.url
+        if storage.stat(REPO_FILE) is not None:
+            repo = cls.open(storage, passphrase=passphrase, key_file=key_file)
             if encrypt and not repo.keys.encrypted:
                 raise Exists(
                     f"{path} is a repository without encryption; encryption is chosen when"
                     " a repository is made (make a new one and back up into it)"
                 )
             return repo
+        if not storage.local_path:
+            objects.init(storage, compression, chunk_size, passphrase, key_file, encrypt)
+            return cls.open(storage, passphrase=passphrase, key_file=key_file)
         try:
             if os.path.lexists(path):
                 if not os.path.isdir(path):
@@ -221,29 +258,28 @@ class Repository:
             fsync_dir(path)
         except OSError as exc:
             raise from_oserror(exc, f"init repository {path}") from None
-        return cls.open(path, passphrase=passphrase, key_file=key_file)
+        return cls.open(storage, passphrase=passphrase, key_file=key_file)
 
     @classmethod
     def open(
         cls,
-        path: str,
+        path: str | Storage,
         *,
         passphrase: bytes | None = None,
         key_file: str | None = None,
         keys: Keys | None = None,
+        endpoint: str | None = None,
     ) -> Repository:
-        """Open the repository at ``path``; an encrypted one needs ``key_file``
-        or ``passphrase`` (default: ``BLKSNAP_PASSPHRASE``), or its ``keys``
-        already opened (blksnapd is handed them by the command line)."""
-        path = os.path.abspath(path)
-        meta_path = os.path.join(path, REPO_FILE)
+        """Open the repository at ``path`` (a directory or ``s3://BUCKET/PREFIX``,
+        ``endpoint`` for an S3-compatible service); an encrypted one needs
+        ``key_file`` or ``passphrase`` (default: ``BLKSNAP_PASSPHRASE``), or its
+        ``keys`` already opened (blksnapd is handed them by the command line)."""
+        storage = path if isinstance(path, Storage) else open_storage(path, endpoint=endpoint)
+        path = storage.url
         try:
-            with open(meta_path, "rb") as f:
-                raw = f.read()
-        except (FileNotFoundError, NotADirectoryError):
+            raw = storage.get(REPO_FILE)
+        except NotFound:
             raise NotFound(f"{path} is not a blksnap repository (no {REPO_FILE})") from None
-        except OSError as exc:
-            raise from_oserror(exc, meta_path) from None
         meta = parse_repo_meta(path, raw)
         if keys is not None:
             enc = meta.get("encryption")
@@ -254,17 +290,19 @@ class Repository:
                     f"repository's ({want or 'not encrypted'})",
                     errno.EKEYREJECTED,
                 )
-            return cls(path, meta, keys)
+            return cls(storage, meta, keys)
         if passphrase is None and key_file is None:
             passphrase = passphrase_from_env()
         keys = open_keys(
             meta.get("encryption"), passphrase=passphrase, key_file=key_file, where=path
         )
-        return cls(path, meta, keys)
+        return cls(storage, meta, keys)
 
     # -- locks --------------------------------------------------------------
 
     def _write_lock(self, blocking: bool = True) -> int:
+        if not self.local:
+            return -1  # many writers: see blksnap.backup.objects
         return _flock(
             os.path.join(self.path, WRITE_LOCK),
             fcntl.LOCK_EX,
@@ -274,7 +312,11 @@ class Repository:
 
     def read_lock_fd(self, exclusive: bool = False, blocking: bool = True) -> int:
         """The read lock (shared: readers; exclusive: prune), held by the
-        fd returned (-1: none needed) until it is closed."""
+        fd returned (-1: none needed) until it is closed). An object store
+        has no lock: readers there are not protected from a prune (see
+        :mod:`blksnap.backup.objects`)."""
+        if not self.local:
+            return -1
         return _flock(
             os.path.join(self.path, READ_LOCK),
             fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH,
@@ -327,28 +369,30 @@ class Repository:
     # -- listing ------------------------------------------------------------
 
     def _load(self, backup_id: str) -> BackupInfo | None:
-        """The backup ``backup_id`` (damaged if its manifest is bad), None if absent."""
-        path = os.path.join(self.backups_dir, backup_id)
+        """The backup ``backup_id`` (damaged if its manifest is bad), None if absent.
+
+        In an object store a backup without a manifest is not published (being
+        written, or abandoned): absent. In a directory, ``backups/ID`` exists
+        only by the rename that publishes it, so a missing manifest is damage."""
+        path = self.backup_path(backup_id)
         try:
-            with open(os.path.join(path, MANIFEST), "rb") as f:
-                raw = f.read()
-        except (FileNotFoundError, NotADirectoryError):
-            if not os.path.isdir(path):
+            raw = self.storage.get(f"{BACKUPS}/{backup_id}/{MANIFEST}")
+        except NotFound:
+            if not self.local or not os.path.isdir(path):
                 return None  # never there, or removed by a prune meanwhile
             return damaged(backup_id, path, "manifest.json is missing")
-        except OSError as exc:
-            return damaged(backup_id, path, f"manifest.json unreadable: {exc.strerror}")
+        except BlksnapError as exc:
+            return damaged(backup_id, path, f"manifest.json unreadable: {exc.message}")
         return parse_manifest(backup_id, path, raw, self.keys.mac)
 
     def backups(self) -> list[BackupInfo]:
         """Every published backup (ok, failed, damaged), oldest first (by seq)."""
-        try:
-            names = [e.name for e in os.scandir(self.backups_dir) if ID_RE.match(e.name)]
-        except FileNotFoundError:
-            return []
-        except OSError as exc:
-            raise from_oserror(exc, self.backups_dir) from None
-        infos = [info for info in map(self._load, names) if info is not None]
+        names = [n for n in self.storage.list_dirs(BACKUPS + "/") if ID_RE.match(n)]
+        if self.local:
+            infos = [info for info in map(self._load, names) if info is not None]
+        else:  # a request each: several in flight
+            with ThreadPoolExecutor(self.storage.parallelism) as pool:
+                infos = [info for info in pool.map(self._load, names) if info is not None]
         infos.sort(key=lambda b: (b.seq, b.id))
         return infos
 
@@ -383,12 +427,10 @@ class Repository:
         if not info.ok:
             raise InvalidArgument(f"backup {info.id} is {info.state}: it cannot be read")
         record = info.device(device)
-        path = os.path.join(info.path, record.file + INDEX_SUFFIX)
         try:
-            with open(path, "rb") as f:
-                raw = f.read()
-        except OSError as exc:
-            raise from_oserror(exc, f"{where}: index") from None
+            raw = self.storage.get(f"{BACKUPS}/{info.id}/{record.file}{INDEX_SUFFIX}")
+        except BlksnapError as exc:
+            raise BlksnapError(f"{where}: index: {exc.message}", exc.errno) from None
         expect = record.chunk_count * DIGEST
         if len(raw) != expect:
             raise IOFailure(f"{where}: index holds {len(raw)} bytes, not {expect} (truncated?)")
@@ -422,28 +464,21 @@ class Repository:
             "created": now(),
         }
         doc["mac"] = self.keys.mac(_canonical(doc))
-        links = os.path.join(self.path, LINKS)
-        path = os.path.join(links, generation_id + ".json")
-        try:
-            os.makedirs(links, mode=0o700, exist_ok=True)
-            write_file(path + ".tmp", json.dumps(doc, indent=1).encode() + b"\n")
-            os.rename(path + ".tmp", path)
-            fsync_dir(links)
-        except OSError as exc:
-            raise from_oserror(exc, f"record {path}") from None
+        self.storage.put(
+            f"{LINKS}/{generation_id}.json", json.dumps(doc, indent=1).encode() + b"\n"
+        )
         return doc
 
     def generation_link(self, generation_id: str, device: str) -> dict[str, Any] | None:
         """The link recorded for ``generation_id`` of ``device`` (checked), or None."""
         if not _UUID_RE.fullmatch(generation_id or ""):
             return None
-        path = os.path.join(self.path, LINKS, generation_id + ".json")
+        path = f"{LINKS}/{generation_id}.json"
         try:
-            with open(path, "rb") as f:
-                doc = json.loads(f.read())
-        except FileNotFoundError:
+            doc = json.loads(self.storage.get(path))
+        except NotFound:
             return None
-        except (OSError, ValueError) as exc:
+        except (BlksnapError, ValueError) as exc:
             log.warning("%s: link %s unreadable, not used: %s", self.path, path, exc)
             return None
         if not isinstance(doc, dict) or doc.get("generation_id") != generation_id:
@@ -482,6 +517,8 @@ class Repository:
         ``as_of`` (id, seq, started) keeps a converted backup's own identity."""
         if kind not in KINDS:
             raise InvalidArgument(f"unknown backup kind {kind!r} (one of: {', '.join(KINDS)})")
+        if not self.local:
+            return objects.begin(self, kind, snapshot_id, as_of)
         lock_fd = self._write_lock(blocking)
         try:
             abandoned = self._clean_tmp()
@@ -618,6 +655,9 @@ class Repository:
 
     def _remove(self, doomed: list[BackupInfo]) -> None:
         """Unpublish (rename into tmp/, one fsync) and then delete backups."""
+        if not self.local:
+            objects.remove_backups(self, doomed)
+            return
         self._clean_tmp()
         moved = []
         try:

@@ -46,6 +46,7 @@ import numpy as np
 
 from blksnap.backup.format import BackupInfo, DeviceRecord
 from blksnap.backup.repository import Repository
+from blksnap.backup.storage import TrafficCount
 from blksnap.errors import BlksnapError, InvalidArgument, error
 from blksnap.settings import SETTINGS
 from blksnap.units import GiB, MiB
@@ -130,6 +131,8 @@ class BackupResult:
     storage_added: int = 0
     #: The snapshot's events, in order.
     events: list[str] = field(default_factory=list)
+    #: Requests and bytes exchanged with the repository's storage.
+    traffic: TrafficCount | None = None
 
     def as_dict(self) -> dict[str, Any]:
         doc = self.backup.as_dict()
@@ -149,6 +152,8 @@ class BackupResult:
         doc["seconds"] = round(self.seconds, 3)
         doc["storage_added"] = self.storage_added
         doc["events"] = list(self.events)
+        if self.traffic is not None:
+            doc["traffic"] = self.traffic.as_dict()
         return doc
 
 
@@ -526,7 +531,11 @@ def run_backup(
     first, most = default_storage_sizes(sum(sizes.values()))
     first = storage_size or first
     most = storage_max or most
+    if storage is None and not repo.local:  # (an object store holds no diff storage)
+        storage = os.path.join(SETTINGS.state_dir, "diff")
+        os.makedirs(storage, mode=0o700, exist_ok=True)
     where = os.path.abspath(storage or repo.path)
+    traffic = repo.traffic()
 
     # The repository's writer lock first: holding it proves that the backups
     # whose staging dirs are left over are dead, so the snapshots they name
@@ -616,7 +625,12 @@ def run_backup(
         info = writer.commit()
         writer = None
         return BackupResult(
-            info, plans, time.monotonic() - started, watcher.added, list(watcher.events)
+            info,
+            plans,
+            time.monotonic() - started,
+            watcher.added,
+            list(watcher.events),
+            repo.traffic().since(traffic),
         )
     finally:
         watcher.stop()

@@ -96,7 +96,7 @@ class PreparedChunk:
 @dataclass
 class _DeviceState:
     record: DeviceRecord
-    index_path: str
+    index_path: str  # (a directory's staging file; an object store's key)
     digests: np.ndarray  # (chunk_count, 32) uint8: the index being built
     filled: np.ndarray  # bool per chunk: has a digest (inherited or put)
     zero: bytes  # chunk_size zero bytes
@@ -257,7 +257,7 @@ class BackupWriter:
             zero = self._zeros[record.chunk_size] = bytes(record.chunk_size)
         self._devices[name] = _DeviceState(
             record=record,
-            index_path=os.path.join(self.path, record.file + INDEX_SUFFIX),
+            index_path=self._index_location(record.file + INDEX_SUFFIX),
             digests=digests,
             filled=filled,
             zero=zero,
@@ -375,23 +375,40 @@ class BackupWriter:
             self.store.sync()
             for state in self._devices.values():
                 raw = state.digests.tobytes()
-                write_file(state.index_path, raw)
+                self._write_index(state.index_path, raw)
                 state.record.index_checksum = self.store.keys.mac(raw)
         except OSError as exc:
             raise from_oserror(exc, f"commit backup {self.id}") from None
+        self._before_publish([state.digests for state in self._devices.values()])
         return self._publish("ok", None)
+
+    # -- where a backup is staged and how it is published: a directory's way
+    # (staging dir, one rename); blksnap.backup.objects has an object store's.
+
+    def _index_location(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    def _write_index(self, where: str, raw: bytes) -> None:
+        write_file(where, raw)
+
+    def _remove_index(self, where: str) -> None:
+        try:
+            os.unlink(where)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise from_oserror(exc, f"fail backup {self.id}") from None
+
+    def _before_publish(self, indexes: list[np.ndarray]) -> None:
+        """Last check before the indexes are published (none in a directory:
+        gc and writers exclude each other there by ``chunks.lock``)."""
 
     def fail(self, err: int, message: str) -> BackupInfo:
         """Record a failed backup: the manifest only, with the error. The chunks
         it stored stay until gc (a retry reuses them)."""
         self._check_open()
         for state in self._devices.values():
-            try:
-                os.unlink(state.index_path)
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                raise from_oserror(exc, f"fail backup {self.id}") from None
+            self._remove_index(state.index_path)
             state.record.file = ""
             state.record.index_checksum = ""
         name = errno.errorcode.get(err, f"E{err}")
@@ -411,6 +428,9 @@ class BackupWriter:
             mac=self.store.keys.mac,
             finished=self.finished,
         )
+        return self._publish_manifest(manifest)
+
+    def _publish_manifest(self, manifest: dict[str, Any]) -> BackupInfo:
         final = os.path.join(self.repo.backups_dir, self.id)
         try:
             with suppress(FileNotFoundError):  # only a staging dir names its snapshot
@@ -441,11 +461,14 @@ class BackupWriter:
         if self._done:
             return
         self._done = True
+        self._discard()
+        self._release()
+
+    def _discard(self) -> None:
         try:
             remove_tree(self.path)
         except OSError as exc:
             log.warning("backup %s: cannot remove %s: %s", self.id, self.path, exc)
-        self._release()
 
     def _release(self) -> None:
         if self._flusher is not None:

@@ -129,14 +129,34 @@ KEY_HELP = (
 )
 
 
-def repo_args(parser: argparse.ArgumentParser, help: str = "repository directory") -> None:
-    """``--repo R`` and ``--key-file F``."""
+REPO_HELP = "repository: a directory, or s3://BUCKET/PREFIX in an S3-compatible object store"
+S3_ENDPOINT_HELP = (
+    "URL of the S3-compatible service (env BLKSNAP_S3_ENDPOINT or AWS_ENDPOINT_URL; default"
+    " AWS); credentials and region come from the usual AWS variables or ~/.aws files"
+)
+
+
+def repo_args(parser: argparse.ArgumentParser, help: str = REPO_HELP) -> None:
+    """``--repo R``, ``--key-file F`` and ``--s3-endpoint URL``."""
     parser.add_argument("--repo", required=True, help=help)
     parser.add_argument("--key-file", metavar="FILE", help=KEY_HELP)
+    endpoint_arg(parser)
+
+
+def endpoint_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--s3-endpoint", metavar="URL", help=S3_ENDPOINT_HELP)
 
 
 def open_repo(args: argparse.Namespace) -> Any:
     """The repository of ``--repo``, opened by ``--key-file`` or the passphrase."""
     from blksnap.backup.repo import Repository
 
-    return Repository.open(args.repo, key_file=args.key_file)
+    return Repository.open(args.repo, key_file=args.key_file, endpoint=args.s3_endpoint)
+
+
+def repo_exists(args: argparse.Namespace) -> bool:
+    """Is ``--repo`` a repository already?"""
+    from blksnap.backup.backends import open_storage
+    from blksnap.backup.repo import REPO_FILE
+
+    return open_storage(args.repo, endpoint=args.s3_endpoint).stat(REPO_FILE) is not None

@@ -11,13 +11,12 @@ import argparse
 import contextlib
 import errno
 import getpass
-import os
 import signal
 import sys
 from collections.abc import Callable
 from typing import Any
 
-from blksnap.cli.args import Commands, open_repo, repo_args, sizearg
+from blksnap.cli.args import Commands, endpoint_arg, open_repo, repo_args, repo_exists, sizearg
 from blksnap.cli.mount_cmd import INSTANT_EPILOG, restore_instant
 from blksnap.cli.mount_cmd import register as register_mount
 from blksnap.cli.output import table
@@ -46,7 +45,11 @@ def register(sub: Any, cmd: Commands) -> None:
         metavar="N",
         help="devices to back up, all taken at one instant",
     )
-    repo_args(bk, "repository directory (created if missing, without encryption: see 'key create')")
+    repo_args(
+        bk,
+        "repository: a directory or s3://BUCKET/PREFIX (created if missing, without"
+        " encryption: see 'key create')",
+    )
     kind = bk.add_mutually_exclusive_group()
     kind.add_argument("--full", dest="mode", action="store_const", const="full", help="every block")
     kind.add_argument(
@@ -65,8 +68,8 @@ def register(sub: Any, cmd: Commands) -> None:
     )
     bk.add_argument(
         "--storage",
-        help="diff storage of the snapshot: a directory (default: the repository), "
-        "a file or a block device",
+        help="diff storage of the snapshot: a directory (default: the repository, or"
+        " /var/lib/blksnap/diff for an object store), a file or a block device",
     )
     bk.add_argument("--storage-size", type=sizearg, help="first size and growth step")
     bk.add_argument("--storage-max", type=sizearg, help="most diff storage to use")
@@ -176,7 +179,8 @@ def register(sub: Any, cmd: Commands) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=KEY_EPILOG,
     )
-    kc.add_argument("--repo", required=True, help="a new or empty directory")
+    kc.add_argument("--repo", required=True, help="a new or empty directory, or s3://BUCKET/PREFIX")
+    endpoint_arg(kc)
     kc.add_argument(
         "--key-file",
         metavar="FILE",
@@ -254,11 +258,11 @@ def _show(args: argparse.Namespace) -> bool:
 
 
 def cmd_backup(args: argparse.Namespace, client: Any, out: Any) -> int:
-    from blksnap.backup.repo import DEFAULT_CHUNK_SIZE, REPO_FILE, Repository
+    from blksnap.backup.repo import DEFAULT_CHUNK_SIZE, Repository
     from blksnap.backup.session import BackupFailed, DevicePlan, run_backup
 
     client.status()  # no daemon: say so before making a repository
-    if args.key_file and not os.path.exists(os.path.join(args.repo, REPO_FILE)):
+    if args.key_file and not repo_exists(args):
         raise error(
             errno.ENOENT,
             f"{args.repo} is not a repository yet, and --key-file asks for an encrypted one:"
@@ -269,6 +273,7 @@ def cmd_backup(args: argparse.Namespace, client: Any, out: Any) -> int:
         compression=args.compress,
         chunk_size=args.chunk_size or DEFAULT_CHUNK_SIZE,
         key_file=args.key_file,
+        endpoint=args.s3_endpoint,
     )
     show = _show(args)
 
@@ -330,6 +335,12 @@ def cmd_backup(args: argparse.Namespace, client: Any, out: Any) -> int:
                 f"{d.name}: re-read after an unclean stop: {format_size(p.recheck_bytes)} "
                 f"({len(p.recheck)} chunks), {p.recheck_unchanged} unchanged"
             )
+    if res.traffic is not None and not repo.local:
+        t = res.traffic
+        lines.append(
+            f"{repo.path}: {t.requests} requests, sent {format_size(t.bytes_sent)},"
+            f" received {format_size(t.bytes_received)}, {t.retries} retried"
+        )
     lines.append(f"backup {b.id} ({b.kind}) done in {res.seconds:.1f} s")
     out.emit(doc, "\n".join(lines))
     return 0
@@ -539,9 +550,9 @@ def _new_passphrase() -> bytes:
 
 
 def cmd_key_create(args: argparse.Namespace, client: Any, out: Any) -> int:
-    from blksnap.backup.repo import DEFAULT_CHUNK_SIZE, REPO_FILE, Repository
+    from blksnap.backup.repo import DEFAULT_CHUNK_SIZE, Repository
 
-    if os.path.exists(os.path.join(args.repo, REPO_FILE)):
+    if repo_exists(args):
         raise error(
             errno.EEXIST,
             f"{args.repo} is already a repository; encryption is chosen when one is made"
@@ -555,6 +566,7 @@ def cmd_key_create(args: argparse.Namespace, client: Any, out: Any) -> int:
         passphrase=passphrase,
         key_file=args.key_file,
         encrypt=True,
+        endpoint=args.s3_endpoint,
     )
     where = f"key file {args.key_file}" if args.key_file else "the passphrase"
     out.emit(

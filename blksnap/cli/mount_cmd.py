@@ -82,7 +82,7 @@ def cmd_mount(args: argparse.Namespace, client: Any, out: Any) -> int:
     b = repo.get(args.backup)
     b.device(args.device)
     r = client.mount(
-        repo.path, b.id, args.device, key=master, key_file=args.key_file, loop=args.loop
+        repo.locator, b.id, args.device, key=master, key_file=args.key_file, loop=args.loop
     )
     if args.nbd and not r.get("nbd_export"):
         raise error(errno.ENOTCONN, "blksnapd serves no NBD (start it with --nbd)")
@@ -106,7 +106,7 @@ def restore_instant(args: argparse.Namespace, client: Any, out: Any) -> int:
     b = repo.get(args.backup)
     b.device(args.device)
     r = client.restore_instant(
-        repo.path,
+        repo.locator,
         b.id,
         args.device,
         args.to,

@@ -98,7 +98,7 @@ class Opened:
     @classmethod
     def of(cls, src: BackupSource, key_id: str | None, key_file: str | None) -> Opened:
         shape = {"size": src.size, "unit": src.unit, "identity": src.identity}
-        return cls(src.repo.path, src.backup_id, src.device, key_id, key_file, shape)
+        return cls(src.repo.locator, src.backup_id, src.device, key_id, key_file, shape)
 
     def doc(self) -> dict[str, Any]:
         return {

@@ -320,7 +320,7 @@ class Client:
         repository)."""
         return self.call(
             "backup.mount",
-            repo=os.path.abspath(repo),
+            repo=repo if "://" in repo else os.path.abspath(repo),
             backup=backup,
             device=device,
             key=key.hex() if key else None,
@@ -351,7 +351,7 @@ class Client:
         """Serve ``target`` at once as device ``device``, hydrated from the backup."""
         return self.call(
             "restore.instant",
-            repo=os.path.abspath(repo),
+            repo=repo if "://" in repo else os.path.abspath(repo),
             backup=backup,
             device=device,
             target=os.path.abspath(target),

@@ -193,7 +193,7 @@ SCHEMAS: dict[str, dict[str, Field]] = {
     "snapshot.waitevent": {"id": F(_str, True), "timeout_ms": F(_timeout, True)},
     "snapshot.destroy": {"id": F(_str, True), "force": F(_bool, doc="even with images in use")},
     "backup.mount": {
-        "repo": F(_str, True, "repository directory"),
+        "repo": F(_str, True, "repository directory or s3:// URL"),
         "backup": F(_str, True, "backup id or latest"),
         "device": F(_str, True),
         "key": F(_hexkey, doc="master key of an encrypted repository, hex"),
@@ -203,7 +203,7 @@ SCHEMAS: dict[str, dict[str, Field]] = {
     "backup.umount": {"backup": F(_str, True), "device": F(_str, True), "force": F(_bool)},
     "backup.mounts": {},
     "restore.instant": {
-        "repo": F(_str, True, "repository directory"),
+        "repo": F(_str, True, "repository directory or s3:// URL"),
         "backup": F(_str, True, "backup id or latest"),
         "device": F(_str, True, "the device's name in the backup, and as served"),
         "target": F(_str, True, "file or block device the device is restored onto"),
