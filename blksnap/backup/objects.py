@@ -49,9 +49,10 @@ consistency (S3 since 2020, Ceph RGW always):
   A backup running on another host with that parent is unharmed: its own
   indexes, once written, name the chunks it took from the parent, and the
   check above covers the time before.
-* **Readers** (restore, verify, a mounted backup) take no lock in an object
-  store: a prune on another host while one reads the backup it removes makes
-  the reader fail (``EIO``, missing chunk) once gc has removed the chunks.
+* **Readers** (restore, verify, a mounted backup, an instant restore) make a
+  renewed record ``readers/R.json`` before they read anything, and remove it
+  when done. A prune refuses (``EBUSY``) while one is live; it looks again
+  after it removed the manifests and puts them back if a reader appeared.
 
 The clock is always the store's (:meth:`Storage.now`, ``Last-Modified``),
 never a host's: hosts whose clocks disagree still agree on the cutoff.
@@ -103,6 +104,8 @@ log = logging.getLogger("blksnap.backup.repo")
 SESSIONS = "sessions"
 #: Records of gc runs.
 GC_RUNS = "gc"
+#: Records of readers (restore, verify, a mounted backup, an instant restore).
+READERS = "readers"
 
 
 def _json(doc: dict[str, Any]) -> bytes:
@@ -465,11 +468,44 @@ def orphan_indexes(repo: Repository, guard: GcGuard, cutoff: float) -> list[Entr
     return out
 
 
-def remove_backups(repo: Repository, doomed: list[BackupInfo]) -> None:
-    """Unpublish (the manifest first) and delete backups."""
+def reader(storage: Storage) -> Record:
+    """A reader's record (``readers/R.json``), renewed until closed: a prune
+    on any host refuses (``EBUSY``) while one is live."""
+    while True:
+        record = Record(storage, f"{READERS}/{secrets.token_hex(8)}.json", _who())
+        if record.create():
+            return record
+
+
+def check_no_readers(storage: Storage, busy: str) -> None:
+    """EBUSY (``busy``) if a live reader record exists."""
+    live = [s for s in records(storage, READERS, storage.now()) if s.live]
+    if live:
+        who = live[0].doc
+        raise Busy(f"{busy} (host {who.get('host')}, pid {who.get('pid')})")
+
+
+def remove_backups(repo: Repository, doomed: list[BackupInfo], busy: str) -> None:
+    """Unpublish (the manifests first) and delete backups. A reader that
+    appeared meanwhile puts the manifests back (``EBUSY``): a reader makes its
+    record before it reads a manifest, so either it sees this prune's
+    manifests gone, or this prune sees its record."""
     storage = repo.storage
+    manifests = {}
     for info in doomed:
-        storage.delete(f"{BACKUPS}/{info.id}/{MANIFEST}")
+        key = f"{BACKUPS}/{info.id}/{MANIFEST}"
+        try:
+            manifests[key] = storage.get(key)
+        except NotFound:
+            continue  # pruned by another host meanwhile
+        storage.delete(key)
+    try:
+        check_no_readers(storage, busy)
+    except Busy:
+        for key, raw in manifests.items():
+            storage.put_if_absent(key, raw)
+        raise
+    for info in doomed:
         for entry in storage.list(f"{BACKUPS}/{info.id}/"):
             try:
                 storage.delete(entry.key)
@@ -483,14 +519,17 @@ def digests_of(raw: bytes) -> Iterator[bytes]:
 
 __all__ = [
     "GC_RUNS",
+    "READERS",
     "SESSIONS",
     "GcGuard",
     "ObjectBackupWriter",
     "Record",
     "begin",
+    "check_no_readers",
     "gc_guard",
     "init",
     "orphan_indexes",
+    "reader",
     "records",
     "remove_backups",
     "wait_for_sweeps",

@@ -137,6 +137,23 @@ def _time_or_epoch(info: BackupInfo) -> Any:
         return retention.parse_backup_time("19700101T000000Z", None)
 
 
+class ReadHold:
+    """What keeps a repository held for reading: a locked fd (a directory) or
+    a renewed reader record (an object store); ``close()`` lets go."""
+
+    def __init__(self, fd: int = -1, record: objects.Record | None = None) -> None:
+        self.fd = fd
+        self.record = record
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+        record, self.record = self.record, None
+        if record is not None:
+            record.close()
+
+
 # ---------------------------------------------------------------------------
 # the repository
 
@@ -310,29 +327,38 @@ class Repository:
             f"another backup or prune is running on {self.path}",
         )
 
-    def read_lock_fd(self, exclusive: bool = False, blocking: bool = True) -> int:
-        """The read lock (shared: readers; exclusive: prune), held by the
-        fd returned (-1: none needed) until it is closed). An object store
-        has no lock: readers there are not protected from a prune (see
-        :mod:`blksnap.backup.objects`)."""
+    def read_hold(self, exclusive: bool = False, blocking: bool = True) -> ReadHold:
+        """Hold the repository for reading until ``close()`` (shared: readers;
+        exclusive: prune, which is refused with ``EBUSY`` while anything
+        reads). A directory: ``read.lock``; an object store: a reader record
+        (:mod:`blksnap.backup.objects`)."""
         if not self.local:
-            return -1
-        return _flock(
-            os.path.join(self.path, READ_LOCK),
-            fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH,
-            blocking,
+            if exclusive:
+                objects.check_no_readers(self.storage, self._busy_reading())
+                return ReadHold()
+            return ReadHold(record=objects.reader(self.storage))
+        return ReadHold(
+            fd=_flock(
+                os.path.join(self.path, READ_LOCK),
+                fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH,
+                blocking,
+                self._busy_reading(),
+            )
+        )
+
+    def _busy_reading(self) -> str:
+        return (
             f"{self.path} is being read (a restore, a verify, a mounted backup or an instant "
-            "restore: blksnap umount / wait for it) and cannot be pruned now",
+            "restore: blksnap umount / wait for it) and cannot be pruned now"
         )
 
     @contextmanager
     def _read_lock(self, exclusive: bool = False, blocking: bool = True) -> Iterator[None]:
-        fd = self.read_lock_fd(exclusive, blocking)
+        hold = self.read_hold(exclusive, blocking)
         try:
             yield
         finally:
-            if fd >= 0:
-                os.close(fd)
+            hold.close()
 
     def _clean_tmp(self) -> list[str]:
         """Remove what crashed writers and prunes left in ``tmp/`` (writer lock
@@ -656,7 +682,7 @@ class Repository:
     def _remove(self, doomed: list[BackupInfo]) -> None:
         """Unpublish (rename into tmp/, one fsync) and then delete backups."""
         if not self.local:
-            objects.remove_backups(self, doomed)
+            objects.remove_backups(self, doomed, self._busy_reading())
             return
         self._clean_tmp()
         moved = []

@@ -16,12 +16,11 @@ the hydration) lets it go.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future
 
-from blksnap.backup.repository import Repository
+from blksnap.backup.repository import ReadHold, Repository
 from blksnap.engine.source import Source
 from blksnap.settings import SETTINGS
 
@@ -33,7 +32,7 @@ class BackupSource(Source):
         self, repo: Repository, backup_id: str, device: str, cache_bytes: int | None = None
     ) -> None:
         self.repo = repo
-        self._lock_fd = repo.read_lock_fd()
+        self._hold: ReadHold | None = repo.read_hold()
         try:
             info = repo.get(backup_id)
             record = info.device(device)
@@ -91,8 +90,8 @@ class BackupSource(Source):
         return data
 
     def close(self) -> None:
-        fd, self._lock_fd = self._lock_fd, -1
-        if fd >= 0:
-            os.close(fd)
+        hold, self._hold = self._hold, None
+        if hold is not None:
+            hold.close()
         self._cache = OrderedDict()
         self._cached = 0

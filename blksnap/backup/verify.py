@@ -39,6 +39,7 @@ class Problem:
     offset: int | None  # byte offset of the chunk in the device
     message: str
     digest: str | None = None  # the chunk's name in the store
+    object: str | None = None  # where it is: its file, or its object's URL
 
     def __str__(self) -> str:
         where = f"backup {self.backup}"
@@ -48,7 +49,9 @@ class Problem:
             where += f" chunk {self.chunk}"
             if self.offset is not None:
                 where += f" (offset {self.offset})"
-        if self.digest is not None:
+        if self.object is not None:
+            where += f" [{self.object}]"
+        elif self.digest is not None:
             where += f" [{self.digest[:16]}]"
         return f"{where}: {self.message}"
 
@@ -136,6 +139,7 @@ def verify(
                         i * record.chunk_size,
                         message,
                         raw.tobytes().hex(),
+                        store.path(raw.tobytes()),
                     )
                 )
         if found > MAX_CHUNK_PROBLEMS:

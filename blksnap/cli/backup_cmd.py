@@ -454,6 +454,7 @@ def cmd_verify(args: argparse.Namespace, client: Any, out: Any) -> int:
                 "chunk": p.chunk,
                 "offset": p.offset,
                 "digest": p.digest,
+                "object": p.object,
                 "message": p.message,
             }
             for p in problems

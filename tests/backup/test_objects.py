@@ -310,3 +310,41 @@ def test_manifest_is_published_once(root: Path) -> None:
     key = f"{BACKUPS}/{info.id}/{MANIFEST}"
     assert a.storage.put_if_absent(key, b"{}") is False
     assert a.get(info.id).ok
+
+
+def test_prune_is_busy_while_another_host_reads(root: Path, tmp_path: Path) -> None:
+    a, b = host(root), host(root)
+    first = full(a, make_device(16))
+    full(a, make_device(17))
+    hold = b.read_hold()  # (a restore, a verify, a mounted backup on host B)
+    with pytest.raises(BlksnapError) as exc:
+        a.prune(1)
+    assert exc.value.errno == errno.EBUSY and "being read" in exc.value.message
+    assert len(a.backups()) == 2
+    hold.close()
+    a.prune(1)
+    assert first.id not in {x.id for x in a.backups()}
+
+
+def test_a_reader_arriving_during_a_prune_gets_the_manifests_back(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = host(root), host(root)
+    data = make_device(18)
+    first = full(a, data)
+    full(a, make_device(19))
+    real = a.storage.delete
+    holds = []
+
+    def delete(key: str) -> None:
+        real(key)
+        if key.endswith("/" + MANIFEST) and not holds:
+            holds.append(b.read_hold())  # B starts reading right then
+
+    monkeypatch.setattr(a.storage, "delete", delete)
+    with pytest.raises(BlksnapError) as exc:
+        a.prune(1)
+    assert exc.value.errno == errno.EBUSY
+    assert [x.id for x in b.backups()] == [first.id, a.backups()[1].id]  # published again
+    assert restored(b, first.id, tmp_path) == bytes(data)
+    holds[0].close()

@@ -790,8 +790,8 @@ def test_verify_finds_a_flipped_chunk_byte(repo: Repository, tmp_path: Path) -> 
     ]
     assert problems[1].offset == 12 * CS
     assert str(problems[1]) == (
-        f"backup {b0.id} device disk0 chunk 12 (offset {12 * CS}) [{digests[12][:16]}]:"
-        " digest mismatch"
+        f"backup {b0.id} device disk0 chunk 12 (offset {12 * CS})"
+        f" [{repo.store.path(bytes.fromhex(digests[12]))}]: digest mismatch"
     )
     assert [p.chunk for p in repo.verify(b1.id)] == [2, 12]
     with pytest.raises(BlksnapError) as exc:

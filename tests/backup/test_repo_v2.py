@@ -387,7 +387,8 @@ def test_flipped_chunk_byte(tmp_path: Path, enc: str) -> None:
         digest.hex(),
     )
     assert ("authentication failed" if enc != "none" else "digest mismatch") in p.message
-    assert f"chunk 4 (offset {4 * CS}) [{digest.hex()[:16]}]" in str(p)
+    assert f"chunk 4 (offset {4 * CS}) [{repo.store.path(digest)}]" in str(p)
+    assert p.object == os.path.join(repo.path, "chunks", digest.hex()[:2], digest.hex())
     with pytest.raises(IOFailure) as exc:
         repo.restore(info.id, "disk0", str(tmp_path / "x.img"))
     assert errno_of(exc) == errno.EIO
