@@ -12,13 +12,17 @@ memory. Debian 12's packages: ``ceph-mon ceph-osd radosgw ceph-common``
 
 ``Gateway.start(root)`` returns the running gateway (its ``endpoint``,
 ``access_key``, ``secret_key``); ``stop()`` ends every process it started
-and removes nothing else. ``why_not()`` says why it cannot run here (None
-when it can).
+and removes nothing else. ``stop_gateway()`` and ``start_gateway()`` end and
+restart only ``radosgw`` (same port, same data: the monitor and the OSD keep
+running; the OSD's memstore would lose everything if it stopped), an outage
+of the S3 endpoint for the tests of retries. ``why_not()`` says why it
+cannot run here (None when it can).
 """
 
 from __future__ import annotations
 
 import contextlib
+import http.client
 import os
 import shutil
 import signal
@@ -175,7 +179,7 @@ class Gateway:
              "client.rgw.gw")  # fmt: skip
         self._ceph("auth", "add", "client.rgw.gw", "mon", "allow rw", "osd", "allow rwx",
                    "-i", str(rgw_key))  # fmt: skip
-        self._spawn("rgw", "radosgw", "-f", "-c", conf, "-n", "client.rgw.gw")
+        self._spawn_gateway()
         self._wait(
             lambda: _run(
                 "radosgw-admin", "-c", conf, "-n", "client.admin", "user", "create",
@@ -187,8 +191,12 @@ class Gateway:
         )  # fmt: skip
         self._wait(self._answers, deadline, "the S3 endpoint")
 
+    def _spawn_gateway(self) -> None:
+        self._spawn("rgw", "radosgw", "-f", "-c", str(self.conf), "-n", "client.rgw.gw")
+
     def _spawn(self, name: str, *args: str) -> None:
-        log = open(self.root / f"{name}.out", "wb")  # noqa: SIM115 - the process keeps it
+        # Appended to: a gateway started again keeps the log of the first.
+        log = open(self.root / f"{name}.out", "ab")  # noqa: SIM115 - the process keeps it
         try:
             self.procs[name] = subprocess.Popen(
                 list(args), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
@@ -200,9 +208,24 @@ class Gateway:
         if "1 up" not in self._ceph("osd", "stat", timeout=10):
             raise RuntimeError("osd.0 not up yet")
 
+    @property
+    def port(self) -> int:
+        return int(self.endpoint.rsplit(":", 1)[1])
+
     def _answers(self) -> None:
-        with socket.create_connection(("127.0.0.1", int(self.endpoint.rsplit(":", 1)[1])), 2):
+        with socket.create_connection(("127.0.0.1", self.port), 2):
             pass
+
+    def _serves(self) -> None:
+        """An HTTP answer, whatever it says (the gateway reads requests)."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+        try:
+            conn.request("GET", "/")
+            conn.getresponse().read()
+        except (http.client.HTTPException, OSError) as exc:
+            raise RuntimeError(f"no HTTP answer: {exc}") from exc
+        finally:
+            conn.close()
 
     def _wait(self, probe: Callable[[], object], deadline: float, what: str) -> None:
         last: BaseException | None = None
@@ -244,6 +267,31 @@ class Gateway:
                 with contextlib.suppress(ProcessLookupError):
                     p.kill()
                 p.wait(timeout=15)
+
+    # -- an outage ------------------------------------------------------------
+
+    def stop_gateway(self, timeout: float = 15) -> None:
+        """End ``radosgw`` alone (by its pid; SIGKILL after ``timeout``): the
+        endpoint refuses connections until :meth:`start_gateway`."""
+        p = self.procs.get("rgw")
+        if p is None or p.poll() is not None:
+            return
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                p.kill()
+            p.wait(timeout=timeout)
+
+    def start_gateway(self, timeout: float = 60) -> None:
+        """Start ``radosgw`` again on the same port (its pools and users are
+        in the cluster, which kept running); back when it answers HTTP."""
+        p = self.procs.get("rgw")
+        if p is not None and p.poll() is None:
+            return
+        self._spawn_gateway()
+        self._wait(self._serves, time.monotonic() + timeout, "the S3 endpoint")
 
     # -- for clients ----------------------------------------------------------
 
