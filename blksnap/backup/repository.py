@@ -186,7 +186,9 @@ class Repository:
         """What opens this repository again elsewhere (blksnapd): the path,
         or the ``s3://`` URL with its endpoint when one was given."""
         endpoint = getattr(self.storage, "endpoint", None)
-        return f"{self.path}?endpoint={quote(endpoint, safe=':/')}" if endpoint else self.path
+        if not endpoint or ".amazonaws.com" in endpoint:
+            return self.path
+        return f"{self.path}?endpoint={quote(endpoint, safe=':/')}"
 
     def traffic(self) -> TrafficCount:
         """Requests and bytes exchanged with the storage so far."""
