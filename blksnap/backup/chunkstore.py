@@ -37,6 +37,7 @@ import fcntl
 import os
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 
 import numpy as np
@@ -117,6 +118,13 @@ class ChunkStore:
         #: that list is the whole store.
         self._known: set[bytes] | None = None
         self._known_whole = False
+
+    def threads(self, local: int) -> int:
+        """How many requests to keep in flight: ``local`` for a directory,
+        at least the storage's own parallelism for an object store (each
+        request waits on the network)."""
+        local = max(1, local)
+        return local if self.root else max(local, self.storage.parallelism)
 
     # -- names -------------------------------------------------------------
 
@@ -224,17 +232,26 @@ class ChunkStore:
         many are known."""
         known: set[bytes] = set()
         whole = True
-        for fan in self.fanouts():
-            for entry in self.entries(fan):
-                name = entry.key.rsplit("/", 1)[-1]
+
+        def listing(first: str) -> list[bytes]:
+            out = []
+            for entry in self.storage.list(f"{CHUNKS}/{first}"):
+                fan, _, name = entry.key[len(CHUNKS) + 1 :].partition("/")
                 if len(name) == 2 * DIGEST and name.startswith(fan):
                     try:
-                        known.add(bytes.fromhex(name))
+                        out.append(bytes.fromhex(name))
                     except ValueError:
                         continue
-            if len(known) >= limit:
-                whole = False
-                break
+            return out
+
+        # One listing per first hex digit, several at once (a listing is
+        # 1000 keys a request, one after the other).
+        with ThreadPoolExecutor(self.threads(1), thread_name_prefix="blksnap-list") as pool:
+            for digests in pool.map(listing, "0123456789abcdef"):
+                known.update(digests)
+                if len(known) >= limit:
+                    whole = False
+                    break
         self._known, self._known_whole = known, whole
         return len(known)
 

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from blksnap.backup import objects
 from blksnap.backup.format import BACKUPS, BEGUN_FILE, DIGEST, GC_LOCK, ID_RE, INDEX_SUFFIX
-from blksnap.backup.storage import TEMP_PREFIX, Storage
+from blksnap.backup.storage import TEMP_PREFIX, Entry, Storage
 from blksnap.errors import Busy, NotFound, from_oserror
 from blksnap.settings import SETTINGS
 
@@ -176,9 +176,17 @@ def collect(
             temps_removed=0,
             seconds=0.0,
         )
-        for fan in store.fanouts():
+        fans = store.fanouts()
+        listings: Iterator[list[Entry]]
+        if repo.local:  # one directory at a time
+            listings = (list(store.entries(f)) for f in fans)
+        else:  # the listings of an object store, several requests at once
+            lister = ThreadPoolExecutor(store.threads(1), thread_name_prefix="blksnap-gc-list")
+            stack.callback(lister.shutdown, cancel_futures=True)
+            listings = lister.map(lambda f: list(store.entries(f)), fans)
+        for fan, listing in zip(fans, listings, strict=True):
             doomed: list[tuple[str, bytes | None]] = []
-            for entry in store.entries(fan):
+            for entry in listing:
                 name = entry.key.rsplit("/", 1)[-1]
                 if name.startswith(TEMP_PREFIX):
                     doomed.append((entry.key, None))

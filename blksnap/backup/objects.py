@@ -133,7 +133,7 @@ def init(
     once end with one (the second opens the first's)."""
     make_bucket = getattr(storage, "create_bucket", None)
     if make_bucket is not None:
-        make_bucket()
+        make_bucket()  # (nothing if it exists and is ours)
     for top in (BACKUPS, CHUNKS):
         if any(True for _ in _first(storage.list(top + "/"))):
             raise Exists(f"{storage.url} holds objects and is not a blksnap repository")

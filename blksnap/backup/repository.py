@@ -73,7 +73,7 @@ from blksnap.backup.format import (
     parse_repo_meta,
     repo_meta,
 )
-from blksnap.backup.storage import DirStorage, Storage, TrafficCount
+from blksnap.backup.storage import DirStorage, NoBucket, Storage, TrafficCount
 from blksnap.backup.verify import Problem
 from blksnap.backup.writer import BackupWriter, remove_tree, write_file
 from blksnap.errors import (
@@ -236,7 +236,11 @@ class Repository:
         check_chunk_size(chunk_size)
         storage = path if isinstance(path, Storage) else open_storage(path, endpoint=endpoint)
         path = storage.url
-        if storage.stat(REPO_FILE) is not None:
+        try:
+            exists = storage.stat(REPO_FILE) is not None
+        except NoBucket:  # (made below)
+            exists = False
+        if exists:
             repo = cls.open(storage, passphrase=passphrase, key_file=key_file)
             if encrypt and not repo.keys.encrypted:
                 raise Exists(
@@ -297,6 +301,8 @@ class Repository:
         path = storage.url
         try:
             raw = storage.get(REPO_FILE)
+        except NoBucket:
+            raise
         except NotFound:
             raise NotFound(f"{path} is not a blksnap repository (no {REPO_FILE})") from None
         meta = parse_repo_meta(path, raw)

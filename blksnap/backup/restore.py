@@ -230,7 +230,7 @@ def _rebuild(
         return len(data)
 
     written = 0
-    threads = max(1, SETTINGS.restore_threads)
+    threads = store.threads(SETTINGS.restore_threads)
 
     def hash_window(datas: list[bytes | memoryview]) -> None:
         for d in datas:

@@ -73,7 +73,7 @@ import boto3
 import botocore.exceptions as bex
 from botocore.config import Config
 
-from blksnap.backup.storage import Entry, Storage, check_key
+from blksnap.backup.storage import Entry, NoBucket, Storage, check_key
 from blksnap.errors import BlksnapError, Exists, InvalidArgument, IOFailure, NotFound
 
 log = logging.getLogger(__name__)
@@ -145,6 +145,19 @@ def parse_url(url: str) -> tuple[str, str]:
         except InvalidArgument:
             raise InvalidArgument(f"{url}: bad prefix {prefix!r}") from None
     return bucket, prefix
+
+
+class _Replaced(Exception):
+    """The object changed between two ranged reads of it."""
+
+
+def _total_of(content_range: str | None, got: int) -> int:
+    """The object's size from a ranged answer's ``Content-Range: bytes a-b/TOTAL``
+    (no header: the store sent the object whole)."""
+    if not content_range or "/" not in content_range:
+        return got
+    tail = content_range.rsplit("/", 1)[1]
+    return int(tail) if tail.isdigit() else got
 
 
 def _status(exc: bex.ClientError) -> int:
@@ -320,7 +333,7 @@ class S3Storage(Storage):
         return IOFailure(f"{self.where(key)}: {op}: {_describe(exc)}")
 
     def _no_bucket(self) -> NotFound:
-        return NotFound(
+        return NoBucket(
             f"s3://{self.bucket}: no such bucket at {self.endpoint}"
             " (the first 'blksnap backup' or 'blksnap key create' into it makes it)"
         )
@@ -364,8 +377,34 @@ class S3Storage(Storage):
         return data
 
     def get(self, key: str) -> bytes:
+        """The object; one request up to :attr:`part_size`, a larger one in
+        ranged parts, a few at once (each part checked against the first
+        part's ETag: an object replaced meanwhile is read again whole)."""
         name = self._key(key)
         self._ready()
+        first_span = f"bytes=0-{self.part_size - 1}"
+        for _ in range(3):
+            try:
+                answer, first = self._call("GET", key, lambda _: self._ranged(name, first_span))
+            except bex.ClientError as exc:
+                if _status(exc) != 416:
+                    raise self._error(exc, "GET", key) from None
+                return self._get_whole(key, name)  # an empty object has no byte 0
+            total = _total_of(answer.get("ContentRange"), len(first))
+            if total <= len(first):
+                return first
+            try:
+                etag = _bare(str(answer["ETag"]))
+                return first + self._get_rest(key, name, etag, len(first), total)
+            except _Replaced:
+                continue
+        raise IOFailure(f"{self.where(key)}: GET: the object changed while it was read")
+
+    def _ranged(self, name: str, span: str) -> tuple[dict[str, Any], bytes]:
+        answer = self.client.get_object(Bucket=self.bucket, Key=name, Range=span)
+        return answer, self._read(answer)
+
+    def _get_whole(self, key: str, name: str) -> bytes:
         try:
             return self._call(
                 "GET",
@@ -374,6 +413,29 @@ class S3Storage(Storage):
             )
         except bex.ClientError as exc:
             raise self._error(exc, "GET", key) from None
+
+    def _get_rest(self, key: str, name: str, etag: str, start: int, total: int) -> bytes:
+        spans = [(o, min(total, o + self.part_size)) for o in range(start, total, self.part_size)]
+
+        def part(span: tuple[int, int]) -> bytes:
+            lo, hi = span
+            try:
+                return self._call(
+                    "GET",
+                    key,
+                    lambda _: self._read(
+                        self.client.get_object(
+                            Bucket=self.bucket, Key=name, Range=f"bytes={lo}-{hi - 1}", IfMatch=etag
+                        )
+                    ),
+                )
+            except bex.ClientError as exc:
+                if _status(exc) == 412:
+                    raise _Replaced() from None
+                raise self._error(exc, "GET", key) from None
+
+        with ThreadPoolExecutor(PART_THREADS, thread_name_prefix="blksnap-s3-get") as pool:
+            return b"".join(pool.map(part, spans))
 
     def get_range(self, key: str, offset: int, length: int) -> bytes:
         if offset < 0 or length < 0:

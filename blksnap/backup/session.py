@@ -514,7 +514,8 @@ def run_backup(
     ``threads`` readers (by default ``backup_read_size`` and
     ``backup_read_threads`` of :mod:`blksnap.settings`)."""
     read_size = SETTINGS.backup_read_size if read_size is None else read_size
-    threads = SETTINGS.backup_read_threads if threads is None else threads
+    if threads is None:  # (an object store: as many uploads in flight as it takes)
+        threads = repo.store.threads(SETTINGS.backup_read_threads)
     if mode not in MODES:
         raise InvalidArgument(f"backup mode must be one of {', '.join(MODES)}")
     names = list(devices)

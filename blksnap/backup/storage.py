@@ -51,6 +51,10 @@ TEMP_PREFIX = ".tmp-"
 FLUSH_THREADS = 16
 
 
+class NoBucket(NotFound):
+    """The place itself is missing (an object store's bucket), not an object."""
+
+
 @dataclass(frozen=True)
 class Entry:
     """One object: its key, size in bytes, and when it was last written
@@ -442,6 +446,7 @@ __all__ = [
     "TEMP_PREFIX",
     "DirStorage",
     "Entry",
+    "NoBucket",
     "Storage",
     "Traffic",
     "TrafficCount",

@@ -110,7 +110,7 @@ def verify(
 
     bad: dict[bytes, str] = {}
     with ThreadPoolExecutor(
-        max_workers=max(1, SETTINGS.restore_threads), thread_name_prefix="blksnap-verify"
+        max_workers=store.threads(SETTINGS.restore_threads), thread_name_prefix="blksnap-verify"
     ) as pool:
         items = list(wanted.items())
         for k in range(0, len(items), 1024):  # bounded: not a future per chunk at once

@@ -24,7 +24,7 @@ from tests.backup.test_repo import (
     cheap_argon2,  # noqa: F401 - autouse fixture
     record,
 )
-from tests.s3.conftest import objects_of
+from tests.s3.conftest import empty_bucket, objects_of
 
 MiB = 1 << 20
 CS = 256 * 1024
@@ -282,3 +282,18 @@ def test_a_missing_bucket_is_enoent(s3env: rgw.Gateway) -> None:
     with pytest.raises(BlksnapError) as exc:
         Repository.open(f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}/x")
     assert exc.value.errno == errno.ENOENT
+
+
+def test_a_repository_in_a_bucket_not_made_yet(s3env: rgw.Gateway, tmp_path: Path) -> None:
+    """The first backup into s3://NEW/... makes the bucket (and only then)."""
+    name = f"blksnap-{uuid.uuid4().hex[:12]}"
+    url = f"s3://{name}/first"
+    with pytest.raises(BlksnapError) as exc:
+        Repository.open(url)
+    assert exc.value.errno == errno.ENOENT and "no such bucket" in exc.value.message
+    try:
+        repo = host(url)
+        info = backup(repo, device(50, 2 * MiB))
+        assert restored(Repository.open(url), info.id, tmp_path) == bytes(device(50, 2 * MiB))  # type: ignore[attr-defined]
+    finally:
+        empty_bucket(s3env.client(), name)

@@ -289,6 +289,39 @@ def test_multipart_round_trip(
     assert storage.traffic.snapshot().since(before).requests == 1
 
 
+def test_a_large_object_is_read_in_ranged_parts(
+    make: Callable[..., S3Storage], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A get of an object over one part is a ranged GET per part (the first
+    tells the size), several at once; an object replaced between two parts
+    is read again whole, never a mix of two versions."""
+    storage = make(multipart_threshold=5 * MiB, part_size=5 * MiB)
+    data = os.urandom(12 * MiB + 7)
+    storage.put("big", data)
+    before = storage.traffic.snapshot()
+    assert storage.get("big") == data
+    assert storage.traffic.snapshot().since(before).requests == 3
+    small = b"x" * 100
+    storage.put("small", small)
+    before = storage.traffic.snapshot()
+    assert storage.get("small") == small
+    assert storage.traffic.snapshot().since(before).requests == 1
+    storage.put("empty", b"")
+    assert storage.get("empty") == b""
+    newer = os.urandom(11 * MiB)
+    real = storage._get_rest
+    swapped: list[bool] = []
+
+    def replaced_meanwhile(*args: object) -> bytes:
+        if not swapped:
+            swapped.append(True)
+            storage.put("big", newer)
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(storage, "_get_rest", replaced_meanwhile)
+    assert storage.get("big") == newer
+
+
 def test_put_if_absent_up_to_5_gib_is_one_conditional_put(
     make: Callable[..., S3Storage], gateway: rgw.Gateway, bucket: str
 ) -> None:
