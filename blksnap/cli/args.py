@@ -158,5 +158,9 @@ def repo_exists(args: argparse.Namespace) -> bool:
     """Is ``--repo`` a repository already?"""
     from blksnap.backup.backends import open_storage
     from blksnap.backup.repo import REPO_FILE
+    from blksnap.backup.storage import NoBucket
 
-    return open_storage(args.repo, endpoint=args.s3_endpoint).stat(REPO_FILE) is not None
+    try:
+        return open_storage(args.repo, endpoint=args.s3_endpoint).stat(REPO_FILE) is not None
+    except NoBucket:  # (made with the repository)
+        return False

@@ -181,3 +181,45 @@ def test_two_hosts_one_bucket(
     gc = jcli(b, "gc", "--repo", url, "--grace", "0")
     assert gc["chunks_removed"] > 0
     assert jcli(a, "verify", "--repo", url)["ok"]
+
+
+def test_an_encrypted_fleet_repository(
+    hosts: tuple[Sandbox, Sandbox], s3env: rgw.Gateway, tmp_path: Path
+) -> None:
+    """key create into a bucket not made yet, a backup from host A with the
+    key file, host B mounts it with the key file: no object holds plaintext."""
+    a, b = hosts
+    name = f"blksnap-{os.urandom(6).hex()}"
+    url = f"s3://{name}/enc"
+    key = tmp_path / "fleet.key"
+    marker = b"BLKSNAP-PLAINTEXT-MARKER-"
+    data = bytearray(8 * MiB)
+    for off in range(0, len(data), 4096):
+        data[off : off + len(marker) + 8] = marker + b"%08d" % off
+    img = tmp_path / "secret.img"
+    img.write_bytes(bytes(data))
+    a.client.add_device(str(img), "secret")
+    a.client.attach("secret")
+    try:
+        made = jcli(a, "key", "create", "--repo", url, "--key-file", str(key))
+        assert made["mode"] == "keyfile"
+        doc = json.loads(
+            subprocess.run(
+                [*backup_cmd(a, url, "secret"), "--key-file", str(key)],
+                capture_output=True, text=True, check=True,
+            ).stdout
+        )  # fmt: skip
+        objs = objects_of(s3env, name, "enc/")
+        assert any(k.startswith("enc/chunks/") for k in objs)
+        assert [k for k, v in objs.items() if marker[:12] in v] == []
+        r = b.cli("--json", "mount", "--repo", url, "--backup", doc["id"], "-d", "secret",
+                  check=False)  # fmt: skip
+        assert r.returncode != 0 and json.loads(r.stderr.splitlines()[-1])["error"] == "ENOKEY"
+        m = jcli(b, "mount", "--repo", url, "--backup", doc["id"], "-d", "secret",
+                 "--key-file", str(key))  # fmt: skip
+        assert Path(m["path"]).read_bytes() == bytes(data)
+        b.cli("umount", "--backup", doc["id"], "-d", "secret")
+    finally:
+        from tests.s3.conftest import empty_bucket
+
+        empty_bucket(s3env.client(), name)
