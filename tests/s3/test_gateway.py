@@ -14,6 +14,7 @@ import uuid
 import pytest
 
 from blksnap.tools import rgw
+from tests.s3.conftest import empty_bucket
 
 MiB = 1 << 20
 
@@ -30,14 +31,7 @@ def bucket(gateway: rgw.Gateway):
     try:
         yield s3, name
     finally:
-        keys = [
-            {"Key": o["Key"]}
-            for page in s3.get_paginator("list_objects_v2").paginate(Bucket=name)
-            for o in page.get("Contents", [])
-        ]
-        for i in range(0, len(keys), 1000):
-            s3.delete_objects(Bucket=name, Delete={"Objects": keys[i : i + 1000]})
-        s3.delete_bucket(Bucket=name)
+        empty_bucket(s3, name)
 
 
 def test_put_if_absent_and_conditional_publication(bucket) -> None:

@@ -31,6 +31,11 @@ CS = 256 * 1024
 MARKER = b"BLKSNAP-PLAINTEXT-MARKER-"
 
 
+@pytest.fixture(autouse=True)
+def _aws_environment(s3env: rgw.Gateway) -> None:
+    """Every test here: credentials, region and endpoint in the environment."""
+
+
 def host(url: str, **kw: object) -> Repository:
     """One host's view of the repository at ``url`` (made if missing)."""
     return Repository.init(url, chunk_size=CS, **kw)  # type: ignore[arg-type]

@@ -30,60 +30,19 @@ from blksnap.backup.backends import open_storage
 from blksnap.backup.s3 import S3Storage
 from blksnap.errors import BlksnapError, Exists, InvalidArgument, IOFailure, NotFound
 from blksnap.tools import rgw
+from tests.s3.conftest import empty_bucket
 
 MiB = 1 << 20
 
 
-def empty_bucket(client: Any, name: str) -> None:
-    """Remove a bucket and everything in it (objects, unfinished uploads)."""
-    for page in client.get_paginator("list_multipart_uploads").paginate(Bucket=name):
-        for up in page.get("Uploads", []):
-            client.abort_multipart_upload(Bucket=name, Key=up["Key"], UploadId=up["UploadId"])
-    keys = [
-        {"Key": o["Key"]}
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=name)
-        for o in page.get("Contents", [])
-    ]
-    for i in range(0, len(keys), 1000):
-        client.delete_objects(Bucket=name, Delete={"Objects": keys[i : i + 1000]})
-    client.delete_bucket(Bucket=name)
-
-
 @pytest.fixture
-def bucket(gateway: rgw.Gateway) -> Iterator[str]:
-    """A new bucket of its own for the test, removed after it."""
-    client: Any = gateway.client()
-    name = f"blksnap-{uuid.uuid4().hex[:12]}"
-    client.create_bucket(Bucket=name)
-    try:
-        yield name
-    finally:
-        empty_bucket(client, name)
-
-
-@pytest.fixture
-def s3_env(monkeypatch: pytest.MonkeyPatch, gateway: rgw.Gateway) -> rgw.Gateway:
-    """The gateway's credentials in the environment, as a user would give
-    them; no configuration file of this machine read; no endpoint from it."""
-    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", s3mod.ENDPOINT_ENV, "AWS_PROFILE",
-                 "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION"):  # fmt: skip
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", gateway.access_key)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", gateway.secret_key)
-    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/aws-config")
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/aws-credentials")
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    return gateway
-
-
-@pytest.fixture
-def make(s3_env: rgw.Gateway, bucket: str) -> Iterator[Callable[..., S3Storage]]:
+def make(s3_credentials: rgw.Gateway, bucket: str) -> Iterator[Callable[..., S3Storage]]:
     """Storages on the test's bucket (``prefix``, keyword arguments), closed after."""
     made: list[S3Storage] = []
 
     def new(prefix: str = "", **kwargs: Any) -> S3Storage:
         url = f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
-        kwargs.setdefault("endpoint", s3_env.endpoint)
+        kwargs.setdefault("endpoint", s3_credentials.endpoint)
         storage = S3Storage(url, **kwargs)
         made.append(storage)
         return storage
@@ -128,8 +87,8 @@ def test_addresses() -> None:
             s3mod.parse_url(bad)
 
 
-def test_url_attributes_and_open_storage(s3_env: rgw.Gateway, bucket: str) -> None:
-    storage = open_storage(f"s3://{bucket}/some/prefix/", endpoint=s3_env.endpoint)
+def test_url_attributes_and_open_storage(s3_credentials: rgw.Gateway, bucket: str) -> None:
+    storage = open_storage(f"s3://{bucket}/some/prefix/", endpoint=s3_credentials.endpoint)
     assert isinstance(storage, S3Storage)
     try:
         assert storage.url == f"s3://{bucket}/some/prefix"
@@ -138,7 +97,7 @@ def test_url_attributes_and_open_storage(s3_env: rgw.Gateway, bucket: str) -> No
         assert storage.parallelism >= 8
         assert storage.client.meta.config.max_pool_connections > storage.parallelism
         storage.put("k", b"v")
-        raw: Any = s3_env.client()
+        raw: Any = s3_credentials.client()
         assert raw.get_object(Bucket=bucket, Key="some/prefix/k")["Body"].read() == b"v"
     finally:
         storage.close()
@@ -157,12 +116,12 @@ def test_prefixes_keep_repositories_apart(make: Callable[..., S3Storage]) -> Non
 
 @pytest.mark.parametrize("variable", [s3mod.ENDPOINT_ENV, "AWS_ENDPOINT_URL"])
 def test_endpoint_from_the_environment(
-    s3_env: rgw.Gateway, bucket: str, monkeypatch: pytest.MonkeyPatch, variable: str
+    s3_credentials: rgw.Gateway, bucket: str, monkeypatch: pytest.MonkeyPatch, variable: str
 ) -> None:
-    monkeypatch.setenv(variable, s3_env.endpoint)
+    monkeypatch.setenv(variable, s3_credentials.endpoint)
     storage = S3Storage(f"s3://{bucket}")
     try:
-        assert storage.endpoint.rstrip("/") == s3_env.endpoint
+        assert storage.endpoint.rstrip("/") == s3_credentials.endpoint
         assert storage.client.meta.config.s3["addressing_style"] == "path"
         storage.put("k", b"v")
         assert storage.get("k") == b"v"
@@ -170,9 +129,9 @@ def test_endpoint_from_the_environment(
         storage.close()
 
 
-def test_missing_bucket_is_not_found(s3_env: rgw.Gateway) -> None:
+def test_missing_bucket_is_not_found(s3_credentials: rgw.Gateway) -> None:
     name = f"blksnap-absent-{uuid.uuid4().hex[:8]}"
-    storage = S3Storage(f"s3://{name}/repo", endpoint=s3_env.endpoint)
+    storage = S3Storage(f"s3://{name}/repo", endpoint=s3_credentials.endpoint)
     try:
         for use in (
             lambda: storage.stat("REPO.json"),
@@ -188,31 +147,31 @@ def test_missing_bucket_is_not_found(s3_env: rgw.Gateway) -> None:
         storage.close()
 
 
-def test_create_bucket_is_idempotent(s3_env: rgw.Gateway) -> None:
+def test_create_bucket_is_idempotent(s3_credentials: rgw.Gateway) -> None:
     name = f"blksnap-new-{uuid.uuid4().hex[:8]}"
-    storage = S3Storage(f"s3://{name}", endpoint=s3_env.endpoint)
+    storage = S3Storage(f"s3://{name}", endpoint=s3_credentials.endpoint)
     try:
         storage.create_bucket()
         storage.create_bucket()
         assert storage.put_if_absent("REPO.json", b"{}") is True
-        other = S3Storage(f"s3://{name}/x", endpoint=s3_env.endpoint)
+        other = S3Storage(f"s3://{name}/x", endpoint=s3_credentials.endpoint)
         other.create_bucket()  # exists, ours: nothing to do
         assert other.list_dirs("") == []
         other.close()
     finally:
         storage.close()
-        empty_bucket(s3_env.client(), name)
+        empty_bucket(s3_credentials.client(), name)
 
 
 @pytest.mark.parametrize("which", ["secret", "access key"])
 def test_bad_credentials_are_eacces(
-    s3_env: rgw.Gateway, bucket: str, monkeypatch: pytest.MonkeyPatch, which: str
+    s3_credentials: rgw.Gateway, bucket: str, monkeypatch: pytest.MonkeyPatch, which: str
 ) -> None:
     if which == "secret":
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
     else:
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", "NOSUCHACCESSKEY")
-    storage = S3Storage(f"s3://{bucket}", endpoint=s3_env.endpoint)
+    storage = S3Storage(f"s3://{bucket}", endpoint=s3_credentials.endpoint)
     try:
         for use in (lambda: storage.get("k"), lambda: storage.put("k", b"v")):
             with pytest.raises(BlksnapError) as exc:
@@ -224,11 +183,11 @@ def test_bad_credentials_are_eacces(
 
 
 def test_no_credentials_are_eacces(
-    s3_env: rgw.Gateway, bucket: str, monkeypatch: pytest.MonkeyPatch
+    s3_credentials: rgw.Gateway, bucket: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
-    storage = S3Storage(f"s3://{bucket}", endpoint=s3_env.endpoint)
+    storage = S3Storage(f"s3://{bucket}", endpoint=s3_credentials.endpoint)
     try:
         with pytest.raises(BlksnapError) as exc:
             storage.get("k")
@@ -238,10 +197,10 @@ def test_no_credentials_are_eacces(
         storage.close()
 
 
-def test_bucket_of_another_user_is_refused(s3_env: rgw.Gateway) -> None:
+def test_bucket_of_another_user_is_refused(s3_credentials: rgw.Gateway) -> None:
     """A bucket name taken: create_bucket says so (EEXIST), the data is not ours."""
     name = f"blksnap-taken-{uuid.uuid4().hex[:8]}"
-    storage = S3Storage(f"s3://{name}", endpoint=s3_env.endpoint)
+    storage = S3Storage(f"s3://{name}", endpoint=s3_credentials.endpoint)
     storage.create_bucket()
 
     def taken(**_: Any) -> None:
@@ -256,7 +215,7 @@ def test_bucket_of_another_user_is_refused(s3_env: rgw.Gateway) -> None:
             storage.create_bucket()
     finally:
         storage.close()
-        empty_bucket(s3_env.client(), name)
+        empty_bucket(s3_credentials.client(), name)
 
 
 # ---------------------------------------------------------------------------
@@ -555,7 +514,7 @@ def test_server_errors_are_retried(make: Callable[..., S3Storage]) -> None:
     assert storage.traffic.retries == 2
 
 
-def test_refused_connection_gives_eio_after_the_retries(s3_env: rgw.Gateway) -> None:
+def test_refused_connection_gives_eio_after_the_retries(s3_credentials: rgw.Gateway) -> None:
     storage = S3Storage(
         "s3://bucket/repo", endpoint=f"http://127.0.0.1:{free_port()}", retries=2, backoff=0.01
     )
