@@ -16,6 +16,7 @@ import hashlib
 import os
 import stat
 import tempfile
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import suppress
@@ -179,6 +180,54 @@ def _open_temp(target: str, real: str, size: int, st: os.stat_result | None) -> 
     return fd, temp
 
 
+class _Repeats:
+    """The chunks a device holds more than once (the same digest at several
+    places: a repeated pattern, a file copied): fetched once and kept until
+    their last place is written, at most ``budget`` bytes of them at a time
+    (past it a repeat is fetched again). Thread-safe."""
+
+    def __init__(self, digests: np.ndarray, zero: np.ndarray, budget: int) -> None:
+        rows = np.ascontiguousarray(digests[~zero])
+        self.left: dict[bytes, int] = {}
+        if len(rows):
+            keys = rows.view(np.dtype((np.void, rows.shape[1]))).ravel()
+            uniq, counts = np.unique(keys, return_counts=True)
+            self.left = {bytes(u): int(c) for u, c in zip(uniq, counts, strict=True) if c > 1}
+        self.budget = budget
+        self.kept: dict[bytes, Future[bytes]] = {}
+        self.held = 0
+        self.lock = threading.Lock()
+
+    def read(self, digest: bytes, length: int, fetch: Callable[[], bytes]) -> bytes:
+        if digest not in self.left:
+            return fetch()
+        with self.lock:
+            self.left[digest] -= 1
+            last = self.left[digest] == 0
+            fut = self.kept.get(digest)
+            mine = fut is None and not last and self.held + length <= self.budget
+            if mine:
+                fut = self.kept[digest] = Future()
+                self.held += length
+            elif fut is not None and last:
+                del self.kept[digest]
+                self.held -= length
+        if fut is None:
+            return fetch()
+        if not mine:
+            return fut.result()
+        try:
+            data = fetch()
+        except BaseException as exc:
+            with self.lock:
+                if self.kept.pop(digest, None) is not None:
+                    self.held -= length
+            fut.set_exception(exc)
+            raise
+        fut.set_result(data)
+        return data
+
+
 def _rebuild(
     store: ChunkStore,
     info: BackupInfo,
@@ -197,6 +246,7 @@ def _rebuild(
     count = record.chunk_count
     zero = store.zero_chunks(digests, size, cs)
     per_window = max(1, SETTINGS.restore_window // cs)
+    repeats = _Repeats(digests, zero, 4 * SETTINGS.restore_window)
     sha = hashlib.sha256()
     blank = bytes(min(per_window * cs, size))
     where = f"backup {info.id} device {record.name}"
@@ -206,8 +256,9 @@ def _rebuild(
         the fetching thread: pwrite at an offset needs no order); (its bytes,
         written)."""
         digest = digests[index].tobytes()
+        length = chunk_length(size, cs, index)
         try:
-            data = store.read(digest, chunk_length(size, cs, index))
+            data = repeats.read(digest, length, lambda: store.read(digest, length))
         except IOFailure as exc:
             raise IOFailure(f"{where} chunk {index} (offset {index * cs}): {exc.message}") from None
         if head is not None and index * cs < len(head):

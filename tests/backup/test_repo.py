@@ -1034,3 +1034,30 @@ def test_restore_in_many_windows(
         assert sum(seen) == SIZE and len(seen) == CHUNKS
         pieces = [chunk(version, i) for i in range(CHUNKS)]
         assert result["bytes_written"] == sum(len(p) for p in pieces if any(p))
+
+
+def test_restore_fetches_a_repeated_chunk_once(
+    repo: Repository, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A device holding the same chunk at many places (a pattern, copies of
+    a file): each distinct chunk is fetched once (an object store charges per
+    request), and the device is rebuilt exactly."""
+    rnd = random.Random(77)
+    pattern = rnd.randbytes(CS)
+    data = bytearray()
+    for i in range(CHUNKS):
+        data += pattern if i % 3 == 0 else (bytes(CS) if i % 3 == 1 else rnd.randbytes(CS))
+    info = full(repo, data)
+    calls: list[bytes] = []
+    real = repo.store.read
+
+    def read(digest: bytes, expect: int) -> bytes:
+        calls.append(digest)
+        return real(digest, expect)
+
+    monkeypatch.setattr(repo.store, "read", read)
+    assert restored(repo, info.id, tmp_path) == bytes(data)
+    distinct = {d.tobytes() for d in repo.read_index(info, "disk0")} - {
+        repo.store.zero_digest(CS)
+    }
+    assert len(calls) == len(distinct) == 1 + CHUNKS // 3
