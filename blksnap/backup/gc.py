@@ -201,8 +201,10 @@ def collect(
                 if digest not in referenced:
                     doomed.append((entry.key, digest))
             if doomed:
+                if guard is not None:
+                    guard.check_alive()
                 with store.exclusive():
-                    _sweep(storage, doomed, cutoff, dry_run, report)
+                    _sweep(storage, doomed, cutoff, dry_run, report, guard)
             if progress:
                 progress(1)
         if guard is not None and not dry_run:
@@ -218,12 +220,15 @@ def _sweep(
     cutoff: float,
     dry_run: bool,
     report: GcReport,
+    guard: objects.GcGuard | None = None,
 ) -> None:
     """Remove the ``doomed`` objects still older than ``cutoff`` (each looked at
     again just before: a backup may have renewed it since the listing)."""
 
     def one(item: tuple[str, bytes | None]) -> tuple[bytes | None, int] | None:
         key, digest = item
+        if guard is not None:
+            guard.check_alive()
         entry = storage.stat(key)
         if entry is None:
             return None

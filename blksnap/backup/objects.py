@@ -92,7 +92,7 @@ from blksnap.backup.format import (
 )
 from blksnap.backup.storage import Entry, Storage
 from blksnap.backup.writer import BackupWriter
-from blksnap.errors import BlksnapError, Busy, Exists, NotFound
+from blksnap.errors import BlksnapError, Busy, Exists, IOFailure, NotFound
 from blksnap.settings import SETTINGS
 
 if TYPE_CHECKING:
@@ -169,6 +169,8 @@ class Record:
         self._lock = threading.Lock()
         #: When the record was made, by the store's clock.
         self.began = 0.0
+        #: When it was last written (this host's monotonic clock).
+        self.renewed = time.monotonic()
 
     def create(self) -> bool:
         """Make the record unless one has its key; False if one had."""
@@ -188,6 +190,18 @@ class Record:
         with self._lock:
             self.doc.update(fields)
             self.storage.put(self.key, _json(self.doc))
+            self.renewed = time.monotonic()
+
+    def check_alive(self, what: str) -> None:
+        """EIO if the record went longer than half the lease without being
+        renewed (this process was paused, or the store unreachable): others
+        may take it for a dead process's by now, so ``what`` must stop."""
+        quiet = time.monotonic() - self.renewed
+        if quiet > _lease() / 2:
+            raise IOFailure(
+                f"{what} stopped: its record {self.key} was not renewed for {quiet:.0f} s"
+                " (the process paused, or the store out of reach); run it again"
+            )
 
     def _renew(self) -> None:
         while not self._stop.wait(_lease() / 3):
@@ -422,6 +436,13 @@ class GcGuard:
 
     def running_since(self) -> list[float]:
         return [s.began for s in self.sessions if s.live]
+
+    def check_alive(self) -> None:
+        """Before removing anything: still known to be running (a gc paused
+        past its lease may be taken for dead by a backup, which then
+        publishes without waiting for it)."""
+        if self.record is not None:
+            self.record.check_alive("gc")
 
 
 @contextmanager

@@ -348,3 +348,33 @@ def test_a_reader_arriving_during_a_prune_gets_the_manifests_back(
     assert [x.id for x in b.backups()] == [first.id, a.backups()[1].id]  # published again
     assert restored(b, first.id, tmp_path) == bytes(data)
     holds[0].close()
+
+
+def test_a_gc_paused_past_its_lease_removes_nothing(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A gc whose record went unrenewed for half its lease (the process was
+    paused: a backup elsewhere may have taken it for dead and published
+    without waiting) stops before removing anything."""
+    a = host(root)
+    full(a, make_device(20))
+    full(a, make_device(21))
+    a.prune(1)
+    for key in chunk_keys(a):
+        age(a, key, 3600)
+    before = chunk_keys(a)
+    monkeypatch.setattr(objects, "SETTINGS", dataclasses.replace(SETTINGS, object_lease=1.0))
+    monkeypatch.setattr(objects.Record, "_renew", lambda self: None)  # paused: no renewal
+    real = a.store.fanouts
+
+    def slow_fanouts() -> list[str]:
+        time.sleep(0.7)
+        return real()
+
+    monkeypatch.setattr(a.store, "fanouts", slow_fanouts)
+    with pytest.raises(BlksnapError) as exc:
+        a.gc(grace=0)
+    assert exc.value.errno == errno.EIO and "not renewed" in exc.value.message
+    assert chunk_keys(a) == before
+    (run,) = [s for s in objects.records(a.storage, objects.GC_RUNS, time.time())]
+    assert run.doc["state"] == "failed"
