@@ -351,8 +351,13 @@ class ObjectBackupWriter(BackupWriter):
 
     def _before_publish(self, indexes: list[np.ndarray]) -> None:
         """If a gc removed chunks at any time since this backup began, wait
-        for it to end and check every chunk the indexes name is there."""
+        for it to end and check every chunk the indexes name is there. The
+        same if this backup's own record went unrenewed for half the lease
+        (paused: a gc may have taken it for dead and removed what it stored)."""
         overlapped = wait_for_sweeps(self.storage, self.session.began)
+        quiet = time.monotonic() - self.session.renewed
+        if quiet > _lease() / 2:
+            overlapped.append(f"(its own record unrenewed for {quiet:.0f} s)")
         if not overlapped:
             return
         digests = {row.tobytes() for index in indexes for row in index}

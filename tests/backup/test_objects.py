@@ -378,3 +378,30 @@ def test_a_gc_paused_past_its_lease_removes_nothing(
     assert chunk_keys(a) == before
     (run,) = [s for s in objects.records(a.storage, objects.GC_RUNS, time.time())]
     assert run.doc["state"] == "failed"
+
+
+def test_a_backup_paused_past_its_lease_checks_its_chunks(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A backup whose record went unrenewed (the process paused) may have
+    been taken for dead by a gc elsewhere, which may have removed what it
+    stored: it looks at every chunk before publishing, and refuses (EAGAIN)
+    when one is gone."""
+    a, b = host(root), host(root)
+    data = make_device(22)
+    monkeypatch.setattr(objects, "SETTINGS", dataclasses.replace(SETTINGS, object_lease=1.0))
+    monkeypatch.setattr(objects.Record, "_renew", lambda self: None)  # paused: no renewal
+    w = a.begin("full")
+    w.add_device(record(size=len(data)))
+    for c in range(-(-len(data) // CS)):
+        w.put("disk0", c, chunk(data, c))
+    time.sleep(1.2)  # its record is stale: another host's gc ignores it
+    for key in chunk_keys(a):
+        age(a, key, 3600)
+    monkeypatch.setattr(objects, "wait_for_sweeps", lambda storage, since: [])  # (none seen)
+    assert b.gc(grace=60).chunks_removed > 0
+    with pytest.raises(BlksnapError) as exc:
+        w.commit()
+    assert exc.value.errno == errno.EAGAIN
+    w.abort()
+    assert a.backups() == []
