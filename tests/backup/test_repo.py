@@ -1057,7 +1057,5 @@ def test_restore_fetches_a_repeated_chunk_once(
 
     monkeypatch.setattr(repo.store, "read", read)
     assert restored(repo, info.id, tmp_path) == bytes(data)
-    distinct = {d.tobytes() for d in repo.read_index(info, "disk0")} - {
-        repo.store.zero_digest(CS)
-    }
+    distinct = {d.tobytes() for d in repo.read_index(info, "disk0")} - {repo.store.zero_digest(CS)}
     assert len(calls) == len(distinct) == 1 + CHUNKS // 3
