@@ -351,18 +351,27 @@ def test_failed_multipart_upload_is_aborted(
     assert uploads_left(gateway, bucket) == []
 
 
+def cut_once(storage: S3Storage, event: str, why: str = "lost answer") -> dict[str, int]:
+    """The first ``event`` of the storage's client (``after-call...``: the
+    store did it, the answer is lost; ``before-send...``: it never got
+    there) fails as a closed connection; the count of those failures."""
+    cut = {"n": 0}
+
+    def once(**_: Any) -> None:
+        if cut["n"] == 0:
+            cut["n"] += 1
+            raise ConnectionClosedError(endpoint_url=why)
+
+    storage.client.meta.events.register(event, once)
+    return cut
+
+
 def test_multipart_completion_whose_answer_was_lost(make: Callable[..., S3Storage]) -> None:
     storage = make(multipart_threshold=5 * MiB, part_size=5 * MiB, max_put=5 * MiB, backoff=0.01)
-    lost = {"n": 0}
-
-    def lose_first(**_: Any) -> None:
-        if lost["n"] == 0:
-            lost["n"] += 1
-            raise ConnectionClosedError(endpoint_url="lost answer")
-
-    storage.client.meta.events.register("after-call.s3.CompleteMultipartUpload", lose_first)
+    lost = cut_once(storage, "after-call.s3.CompleteMultipartUpload")
     data = os.urandom(6 * MiB)
     assert storage.put_if_absent("big", data) is True
+    assert lost["n"] == 1
     assert storage.traffic.retries == 1
     assert storage.get("big") == data
 
@@ -375,14 +384,7 @@ def test_put_if_absent_whose_answer_was_lost(make: Callable[..., S3Storage]) -> 
     """The store made the object, the answer never came: the retry gets 412
     for our own object, and the call still says it made it."""
     storage = make(backoff=0.01)
-    lost = {"n": 0}
-
-    def lose_first(**_: Any) -> None:
-        if lost["n"] == 0:
-            lost["n"] += 1
-            raise ConnectionClosedError(endpoint_url="lost answer")
-
-    storage.client.meta.events.register("after-call.s3.PutObject", lose_first)
+    lost = cut_once(storage, "after-call.s3.PutObject")
     assert storage.put_if_absent("chunks/ab/abcd", b"chunk bytes") is True
     assert lost["n"] == 1 and storage.traffic.retries == 1
     assert storage.get("chunks/ab/abcd") == b"chunk bytes"
@@ -393,15 +395,9 @@ def test_put_if_absent_retried_over_someone_elses_object(make: Callable[..., S3S
     for another writer's object: not ours, False."""
     storage = make(backoff=0.01)
     storage.put("manifest", b"theirs")
-    cut = {"n": 0}
-
-    def cut_first(**_: Any) -> None:
-        if cut["n"] == 0:
-            cut["n"] += 1
-            raise ConnectionClosedError(endpoint_url="cut")
-
-    storage.client.meta.events.register("before-send.s3.PutObject", cut_first)
+    cut = cut_once(storage, "before-send.s3.PutObject", "cut")
     assert storage.put_if_absent("manifest", b"mine") is False
+    assert cut["n"] == 1
     assert storage.traffic.retries == 1
     assert storage.get("manifest") == b"theirs"
 
@@ -421,15 +417,9 @@ def test_put_if_match(make: Callable[..., S3Storage]) -> None:
     assert second is not None
     assert storage.put_if_match("head", b"v3", f'"{second}"') is True  # quoted: the same
     # A replacement whose answer was lost: the retry's 412 is for our bytes.
-    lost = {"n": 0}
-
-    def lose_first(**_: Any) -> None:
-        if lost["n"] == 0:
-            lost["n"] += 1
-            raise ConnectionClosedError(endpoint_url="lost answer")
-
-    storage.client.meta.events.register("after-call.s3.PutObject", lose_first)
+    lost = cut_once(storage, "after-call.s3.PutObject")
     assert storage.put_if_match("head", b"v4", hashlib.md5(b"v3").hexdigest()) is True
+    assert lost["n"] == 1
     assert storage.get("head") == b"v4"
 
 
