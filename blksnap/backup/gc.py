@@ -42,6 +42,7 @@ from blksnap.errors import Busy, NotFound, from_oserror
 from blksnap.settings import SETTINGS
 
 if TYPE_CHECKING:
+    from blksnap.backup.chunkstore import ChunkStore
     from blksnap.backup.repository import Repository
 
 
@@ -150,8 +151,10 @@ def collect(
         else:
             guard = stack.enter_context(objects.gc_guard(repo))
         try:
-            now = storage.now()
-            running = _running_since(repo) if guard is None else guard.running_since()
+            if guard is None:
+                now, running = storage.now(), _running_since(repo)
+            else:  # (read with the sessions, once gc's record was made)
+                now, running = guard.now, guard.running_since()
         except OSError as exc:
             raise from_oserror(exc, f"gc {repo.path}") from None
         cutoff = now - grace
@@ -201,10 +204,8 @@ def collect(
                 if digest not in referenced:
                     doomed.append((entry.key, digest))
             if doomed:
-                if guard is not None:
-                    guard.check_alive()
                 with store.exclusive():
-                    _sweep(storage, doomed, cutoff, dry_run, report, guard)
+                    _sweep(store, doomed, cutoff, dry_run, report, guard)
             if progress:
                 progress(1)
         if guard is not None and not dry_run:
@@ -215,7 +216,7 @@ def collect(
 
 
 def _sweep(
-    storage: Storage,
+    store: ChunkStore,
     doomed: list[tuple[str, bytes | None]],
     cutoff: float,
     dry_run: bool,
@@ -224,6 +225,7 @@ def _sweep(
 ) -> None:
     """Remove the ``doomed`` objects still older than ``cutoff`` (each looked at
     again just before: a backup may have renewed it since the listing)."""
+    storage = store.storage
 
     def one(item: tuple[str, bytes | None]) -> tuple[bytes | None, int] | None:
         key, digest = item
@@ -238,8 +240,7 @@ def _sweep(
             storage.delete(key)
         return (digest, entry.size)
 
-    workers = 1 if storage.local_path else storage.parallelism
-    with ThreadPoolExecutor(workers) as pool:
+    with ThreadPoolExecutor(store.threads(1)) as pool:
         for result in pool.map(one, doomed):
             if result is None:
                 continue

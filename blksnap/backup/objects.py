@@ -80,7 +80,6 @@ from blksnap.backup.crypto import create_encryption
 from blksnap.backup.format import (
     BACKUPS,
     CHUNKS,
-    DIGEST,
     ID_RE,
     INDEX_SUFFIX,
     MANIFEST,
@@ -135,7 +134,7 @@ def init(
     if make_bucket is not None:
         make_bucket()  # (nothing if it exists and is ours)
     for top in (BACKUPS, CHUNKS):
-        if any(True for _ in _first(storage.list(top + "/"))):
+        if next(storage.list(top + "/"), None) is not None:
             raise Exists(f"{storage.url} holds objects and is not a blksnap repository")
     encryption = None
     if encrypt:
@@ -143,12 +142,6 @@ def init(
     meta = repo_meta(compression, chunk_size, encryption)
     if not storage.put_if_absent(REPO_FILE, json.dumps(meta, indent=2).encode() + b"\n"):
         log.info("%s: made by another host meanwhile; opening it", storage.url)
-
-
-def _first(it: Iterator[Entry]) -> Iterator[Entry]:
-    for entry in it:
-        yield entry
-        return
 
 
 # ---------------------------------------------------------------------------
@@ -303,7 +296,7 @@ def begin(
             {**_who(), "id": candidate, "kind": kind, "snapshot": snapshot_id},
         )
         # (an id is never reused: a dead writer's indexes may be under it)
-        taken = any(True for _ in _first(storage.list(f"{BACKUPS}/{candidate}/")))
+        taken = next(storage.list(f"{BACKUPS}/{candidate}/"), None) is not None
         if not taken and record.create():
             break
         if as_of is not None:
@@ -438,6 +431,8 @@ class GcGuard:
     storage: Storage
     record: Record | None = None
     sessions: list[Seen] = field(default_factory=list)
+    #: The store's time just after the record was made.
+    now: float = 0.0
 
     def running_since(self) -> list[float]:
         return [s.began for s in self.sessions if s.live]
@@ -457,15 +452,16 @@ def gc_guard(repo: Repository) -> Iterator[GcGuard]:
     record = Record(storage, f"{GC_RUNS}/{run}.json", {**_who(), "state": "sweeping"})
     if not record.create():
         raise Busy(f"gc run {run} exists in {repo.path}")
+    store_now = storage.now()
     others = [
         s
-        for s in records(storage, GC_RUNS, storage.now())
+        for s in records(storage, GC_RUNS, store_now)
         if s.key != record.key and s.live and s.doc.get("state") == "sweeping"
     ]
     if others:
         record.close()
         raise Busy(f"another gc is running on {repo.path} ({others[0].doc.get('host')})")
-    guard = GcGuard(storage, record, records(storage, SESSIONS, storage.now()))
+    guard = GcGuard(storage, record, records(storage, SESSIONS, store_now), store_now)
     try:
         yield guard
     except BaseException:
@@ -473,8 +469,9 @@ def gc_guard(repo: Repository) -> Iterator[GcGuard]:
         raise
     record.finish(state="done")
     # Old records of finished runs go (a backup only needs those since it began).
-    cutoff = storage.now() - 4 * _lease()
-    for seen in records(storage, GC_RUNS, storage.now()):
+    store_now = storage.now()
+    cutoff = store_now - 4 * _lease()
+    for seen in records(storage, GC_RUNS, store_now):
         if seen.key != record.key and not seen.live and seen.mtime < cutoff:
             storage.delete(seen.key)
 
@@ -537,10 +534,6 @@ def remove_backups(repo: Repository, doomed: list[BackupInfo], busy: str) -> Non
                 storage.delete(entry.key)
             except BlksnapError as exc:
                 log.warning("%s: cannot remove %s (gc will): %s", repo.path, entry.key, exc)
-
-
-def digests_of(raw: bytes) -> Iterator[bytes]:
-    return (raw[i : i + DIGEST] for i in range(0, len(raw) - DIGEST + 1, DIGEST))
 
 
 __all__ = [
