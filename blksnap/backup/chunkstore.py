@@ -272,16 +272,10 @@ class ChunkStore:
             if self._known_whole:
                 return False
         key = self.key(digest)
-        entry = self.storage.touch(key)
-        if entry is None:
-            return False
         if self.storage.atomic_puts:
-            return True
-        try:
-            head = self.storage.get_range(key, 0, CHUNK_HEADER.size)
-        except NotFound:
-            return False  # removed since
-        return chunk_file_size(head) == entry.size
+            return self.storage.touch(key) is not None
+        found = self.storage.touch_head(key, CHUNK_HEADER.size)
+        return found is not None and chunk_file_size(found[1]) == found[0].size
 
     def put(self, digest: bytes, blob: bytes) -> bool:
         """Store the chunk file ``blob`` under ``digest`` unless a whole one is

@@ -173,6 +173,16 @@ class Storage(ABC):
         cheap (a directory: ``utime``; an object store: a look only)."""
         return self.stat(key)
 
+    def touch_head(self, key: str, length: int) -> tuple[Entry, bytes] | None:
+        """:meth:`touch`, and the object's first ``length`` bytes; None if absent."""
+        entry = self.touch(key)
+        if entry is None:
+            return None
+        try:
+            return entry, self.get_range(key, 0, length)
+        except NotFound:
+            return None  # removed since
+
     def flush(self, dirs: bool = False) -> None:  # noqa: B027 (no-op by default)
         """Make the puts made with ``durable=False`` durable (``dirs``: the
         directories they were made in too)."""
@@ -387,6 +397,11 @@ class DirStorage(Storage):
         return Entry(key, st.st_size, st.st_mtime)
 
     def touch(self, key: str) -> Entry | None:
+        found = self.touch_head(key, 0)
+        return None if found is None else found[0]
+
+    def touch_head(self, key: str, length: int) -> tuple[Entry, bytes] | None:
+        """One open of the file: its time renewed, its size, its first bytes."""
         path = self.path(key)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -395,13 +410,16 @@ class DirStorage(Storage):
         except OSError as exc:
             raise from_oserror(exc, path) from None
         try:
+            head = os.pread(fd, length, 0) if length else b""
             os.utime(fd)
             st = os.fstat(fd)
         except OSError as exc:
             raise from_oserror(exc, path) from None
         finally:
             os.close(fd)
-        return Entry(key, st.st_size, st.st_mtime)
+        if length:
+            self.traffic.count(received=len(head))
+        return Entry(key, st.st_size, st.st_mtime), head
 
     def now(self) -> float:
         """The mtime of a file made (and removed) in ``tmp/``: the clock of the
