@@ -16,12 +16,13 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from blksnap.backup import objects
 from blksnap.backup.format import BACKUPS, MANIFEST
-from blksnap.backup.repo import Repository
+from blksnap.backup.repo import BackupWriter, Repository
 from blksnap.backup.storage import DirStorage, Entry
 from blksnap.errors import BlksnapError
 from blksnap.settings import SETTINGS
@@ -54,6 +55,15 @@ class ObjectDir(DirStorage):
 def host(root: Path) -> Repository:
     """One host's view of the repository at ``root`` (made if missing)."""
     return Repository.init(ObjectDir(str(root)), chunk_size=CS)
+
+
+def writing(repo: Repository, data: bytes | bytearray, **kw: Any) -> BackupWriter:
+    """A full backup of ``data`` as device disk0, every chunk put, not committed."""
+    w = repo.begin("full", **kw)
+    w.add_device(record(size=len(data)))
+    for c in range(-(-len(data) // CS)):
+        w.put("disk0", c, chunk(data, c))
+    return w
 
 
 def chunk_keys(repo: Repository) -> set[str]:
@@ -128,10 +138,7 @@ def test_two_hosts_at_once_get_distinct_ids_and_share_chunks(root: Path, tmp_pat
 def test_a_backup_being_written_is_invisible(root: Path) -> None:
     a, b = host(root), host(root)
     data = make_device(4)
-    w = a.begin("full")
-    w.add_device(record(size=len(data)))
-    for c in range(-(-len(data) // CS)):
-        w.put("disk0", c, chunk(data, c))
+    w = writing(a, data)
     # its indexes written, the manifest not yet: as after a crash at that point
     state = next(iter(w._devices.values()))
     w._write_index(state.index_path, state.digests.tobytes())
@@ -149,10 +156,7 @@ def test_a_backup_being_written_is_invisible(root: Path) -> None:
 def test_gc_keeps_what_a_running_backup_stored(root: Path, tmp_path: Path) -> None:
     a, b = host(root), host(root)
     data = make_device(5)
-    w = a.begin("full")
-    w.add_device(record(size=len(data)))
-    for c in range(-(-len(data) // CS)):
-        w.put("disk0", c, chunk(data, c))
+    w = writing(a, data)
     report = b.gc(grace=0)  # another host, no grace: the session's start protects
     assert report.running_backups == 1 and report.chunks_removed == 0
     info = w.commit()
@@ -205,10 +209,7 @@ def test_a_gc_that_starts_later_marks_the_unpublished_indexes(
     a.prune(1)
     for key in chunk_keys(a):
         age(a, key, 3600)
-    w = a.begin("full")
-    w.add_device(record(size=len(data)))
-    for c in range(-(-len(data) // CS)):
-        w.put("disk0", c, chunk(data, c))
+    w = writing(a, data)
     real = objects.ObjectBackupWriter._publish_manifest
     reports = []
 
@@ -226,10 +227,7 @@ def test_a_gc_that_starts_later_marks_the_unpublished_indexes(
 def test_a_dead_writer_is_cleared(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     a = host(root)
     data = make_device(10)
-    w = a.begin("full", snapshot_id="snap-1")
-    w.add_device(record(size=len(data)))
-    for c in range(-(-len(data) // CS)):
-        w.put("disk0", c, chunk(data, c))
+    w = writing(a, data, snapshot_id="snap-1")
     state = next(iter(w._devices.values()))
     w._write_index(state.index_path, state.digests.tobytes())
     w.session._halt()  # the process "dies": nothing renews or removes its record
@@ -269,10 +267,7 @@ def test_sessions_are_renewed(root: Path, monkeypatch: pytest.MonkeyPatch) -> No
 def test_a_backup_waits_for_a_running_gc(root: Path, tmp_path: Path) -> None:
     a, b = host(root), host(root)
     data = make_device(11)
-    w = a.begin("full")
-    w.add_device(record(size=len(data)))
-    for c in range(-(-len(data) // CS)):
-        w.put("disk0", c, chunk(data, c))
+    w = writing(a, data)
     run = objects.Record(b.storage, f"{objects.GC_RUNS}/test-run.json", {"state": "sweeping"})
     assert run.create()
     done: list[object] = []
@@ -391,10 +386,7 @@ def test_a_backup_paused_past_its_lease_checks_its_chunks(
     data = make_device(22)
     monkeypatch.setattr(objects, "SETTINGS", dataclasses.replace(SETTINGS, object_lease=1.0))
     monkeypatch.setattr(objects.Record, "_renew", lambda self: None)  # paused: no renewal
-    w = a.begin("full")
-    w.add_device(record(size=len(data)))
-    for c in range(-(-len(data) // CS)):
-        w.put("disk0", c, chunk(data, c))
+    w = writing(a, data)
     time.sleep(1.2)  # its record is stale: another host's gc ignores it
     for key in chunk_keys(a):
         age(a, key, 3600)
