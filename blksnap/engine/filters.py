@@ -152,6 +152,19 @@ class Filter:
     def submit(self, bio: Bio) -> FilterResult:
         return FilterResult.PASS
 
+    #: Every READ passes this filter untouched (:meth:`submit` returns
+    #: PASS at once): the device reads its backing store the short way.
+    passes_reads: ClassVar[bool] = False
+
+    def pass_write(self, offset: int, length: int) -> bool:
+        """The short way of a plain WRITE (no ``bio``; called with the gate
+        held, outside ``no_wait``, when this is the device's only filter):
+        do what :meth:`submit` would do for it and return True if that is
+        all it needs (it then goes straight to the backing store), or do
+        nothing and return False (it is sent through :meth:`submit`). Here:
+        False, always."""
+        return False
+
     def write_may_wait(self, offset: int, length: int) -> bool:
         """Could a device write of ``offset``..``offset+length`` submitted
         now wait in this filter (for I/O of its own, a lock, a delay)? A

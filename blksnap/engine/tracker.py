@@ -251,6 +251,19 @@ class Tracker(Filter):
                 diff_area.cow(bio.offset, bio.length)
         return PASS
 
+    passes_reads = True
+
+    def pass_write(self, offset: int, length: int) -> bool:
+        """A write that copies nothing only marks the CBT (as :meth:`submit`
+        does): no snapshot taken, or every chunk it touches already stored
+        (a rewrite). One that may copy or wait for a copy: the full way.
+        (Inside the gate the diff area's answer cannot go stale.)"""
+        diff_area = self.diff_area
+        if diff_area is not None and diff_area.write_needs_copy(offset, length):
+            return False
+        self.cbt.mark(offset, length)
+        return True
+
     def write_may_wait(self, offset: int, length: int) -> bool:
         """Could a device write of ``offset``..``offset+length`` submitted
         now wait in this filter (copy a chunk to diff storage, or wait for

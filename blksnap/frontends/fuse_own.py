@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from blksnap.engine.engine import Engine
@@ -50,27 +51,16 @@ def _os_error(exc: BlksnapError) -> OSError:
 
 
 class TargetBacking:
-    """A target (a device or an image) as a file of the tree: engine errors
-    become ``OSError`` with their errno, which the session answers with."""
+    """A target (a device or an image) as a file of the tree. Reads and
+    writes are the served object's own methods, called by the session with
+    no layer between (it answers an engine error with its errno); the rest
+    turns engine errors into ``OSError``."""
 
     def __init__(self, target: Target) -> None:
         self.target = target
         self.size = target.size
-        # The served object's own methods: every request goes through them.
-        self._read = target.served.read
-        self._write = target.served.write
-
-    def read(self, offset: int, length: int) -> bytes | bytearray:
-        try:
-            return self._read(offset, length)
-        except BlksnapError as exc:
-            raise _os_error(exc) from None
-
-    def write(self, offset: int, data: memoryview) -> None:
-        try:
-            self._write(offset, data)
-        except BlksnapError as exc:
-            raise _os_error(exc) from None
+        self.read: Callable[[int, int], bytes | bytearray] = target.served.read
+        self.write: Callable[[int, memoryview], None] = target.served.write
 
     def flush(self) -> None:
         try:

@@ -40,6 +40,7 @@ import time
 from collections.abc import Iterable
 from typing import Protocol
 
+from blksnap.errors import BlksnapError
 from blksnap.fileio import fallocate, may_block
 from blksnap.frontends import fuse_proto as proto
 
@@ -112,7 +113,8 @@ def umount(mountpoint: str, lazy: bool = False) -> None:
 
 class Backing(Protocol):
     """What a file of the tree is served from. Methods run in reader threads,
-    several at once; an ``OSError`` becomes its errno in the reply."""
+    several at once; an ``OSError`` (or blksnap's ``BlksnapError``) becomes
+    its errno in the reply."""
 
     size: int
 
@@ -565,7 +567,7 @@ class FuseSession:
             return self._slow(req)
         except proto.ProtocolError:
             raise
-        except OSError as e:
+        except (OSError, BlksnapError) as e:  # (a backing may raise the engine's errors)
             err = e.errno or errno.EIO
             if err not in (errno.ENOENT, errno.ENOSYS):
                 self.errors += 1
