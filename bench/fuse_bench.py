@@ -22,6 +22,9 @@ sequential writes and reads):
   FUSE session (:mod:`blksnap.frontends.fuse_session`, blksnapd's reader
   threads) serving a file whose write returns at once: the ceiling of
   blksnapd's front-end on this machine.
+- ``own-pwrite``: the same session serving a backing file of its own with a
+  bare ``pread``/``pwrite`` per request (``ownnull.py --file``): no engine,
+  the ceiling of any engine in Python behind this session.
 - ``null``: the same over ``bench/nullfs.py``, the do-nothing pyfuse3 file
   system: the old front-end's ceiling, kept as the reference the session is
   measured against.
@@ -143,8 +146,9 @@ class Rig:
     loop device, mount and process it made (processes by pid)."""
 
     DEVICES = ("pass", "tracker", "snap")
-    #: variant -> the script serving it, both with ``MOUNTPOINT --size BYTES``
-    SERVERS = {"null": "nullfs.py", "own-null": "ownnull.py"}
+    #: variant -> the script serving it, all with ``MOUNTPOINT --size BYTES``
+    #: (``own-pwrite`` also with ``--file`` of its own backing file)
+    SERVERS = {"null": "nullfs.py", "own-null": "ownnull.py", "own-pwrite": "ownnull.py"}
 
     def __init__(self, cfg: Config, workdir: str, rng: random.Random) -> None:
         self.cfg = cfg
@@ -173,7 +177,7 @@ class Rig:
 
     def start(self, progress: Callable[[str], None]) -> None:
         size = self.cfg.size
-        for name in ("raw", "raw-buffered", *self.DEVICES, "storage"):
+        for name in ("raw", "raw-buffered", "own-pwrite", *self.DEVICES, "storage"):
             self.files[name] = self.path(f"{name}.img")
             incompressible_file(self.files[name], size, self.rng)
         progress(f"fio: {len(self.files)} files of {size_text(size)} in {self.dir}")
@@ -205,8 +209,11 @@ class Rig:
         os.makedirs(mnt)
         log_path = self.path(f"{variant}.log")
         log = open(log_path, "wb")  # noqa: SIM115 - closed with the process
+        args = [sys.executable, str(HERE / script), mnt, "--size", str(self.cfg.size)]
+        if variant in self.files:
+            args += ["--file", self.files[variant]]
         proc = subprocess.Popen(
-            [sys.executable, str(HERE / script), mnt, "--size", str(self.cfg.size)],
+            args,
             stdout=subprocess.PIPE,
             stderr=log,
             stdin=subprocess.DEVNULL,
@@ -295,6 +302,7 @@ JOBS: dict[str, tuple[Workload, ...]] = {
     "raw-buffered": (SEQ_W, RAND_W),
     "null": WORKLOADS,
     "own-null": WORKLOADS,
+    "own-pwrite": (RAND_W, RAND_R),
     "pass": (*WORKLOADS, SEQ_W, RAND_W),
     "tracker": (SEQ_W, RAND_W),
 }
@@ -447,7 +455,8 @@ class FuseBench:
 
     def warm_up(self) -> None:
         """Every front-end once, briefly: threads, caches, code paths."""
-        for variant in ("raw", "raw-buffered", "null", "own-null", "pass", "tracker", "snap"):
+        for variant in ("raw", "raw-buffered", "null", "own-null", "own-pwrite", "pass",
+                        "tracker", "snap"):  # fmt: skip
             for wl in (SEQ_W, RAND_W):
                 self.timed(variant, wl, runtime=0.5)
 
@@ -559,6 +568,7 @@ LABELS = {
     "raw": "raw: loop (direct I/O) over the plain file",
     "raw-buffered": "raw, buffered: loop (no direct I/O) over the plain file",
     "own-null": "own session, do-nothing (`bench/ownnull.py`)",
+    "own-pwrite": "own session, pread/pwrite only (`bench/ownnull.py --file`)",
     "null": "pyfuse3 do-nothing fs (`bench/nullfs.py`)",
     "pass": "blksnapd, no filter (passthrough)",
     "tracker": "blksnapd, tracker attached",
@@ -653,6 +663,10 @@ OTHERS = (
     *(Ratio("passthrough ÷ pyfuse3 do-nothing", wl, "pass", "null")
       for wl in (RAND_R, SEQ_W, SEQ_R)),
     *(Ratio("own session do-nothing ÷ raw", wl, "own-null", "raw") for wl in WORKLOADS),
+    *(Ratio("own session, pread/pwrite only ÷ raw", wl, "own-pwrite", "raw")
+      for wl in (RAND_W, RAND_R)),
+    *(Ratio("passthrough ÷ own session, pread/pwrite only", wl, "pass", "own-pwrite")
+      for wl in (RAND_W, RAND_R)),
     *(Ratio("pyfuse3 do-nothing ÷ raw", wl, "null", "raw") for wl in (RAND_W, SEQ_W)),
     *(Ratio("passthrough ÷ raw, buffered", wl, "pass", "raw-buffered") for wl in (RAND_W, SEQ_W)),
     *(Ratio("snapshot first writes ÷ passthrough", wl, "snap-first", "pass")
@@ -664,6 +678,7 @@ OTHERS = (
 CPU_VARIANTS = (
     "null",
     "own-null",
+    "own-pwrite",
     "pass",
     "tracker",
     "snap-first",
@@ -998,6 +1013,15 @@ def why(r: Ratio, bench: FuseBench) -> str:
             "trip through a reader thread in Python), and the passthrough "
             f"{ratio('pass', 'own-null', r.wl):.2f} of the do-nothing session"
         )
+        ceiling = ratio("own-pwrite", "raw", r.wl)
+        if ceiling == ceiling:
+            text += (
+                f". The same session doing nothing but a `pread`/`pwrite` of its own "
+                f"backing file per request ({cpu('own-pwrite'):.0f} µs of CPU) reaches "
+                f"{ceiling:.2f} of raw, the passthrough {ratio('pass', 'own-pwrite', r.wl):.2f} "
+                "of that: one Python thread serves at a time, and each microsecond it "
+                "spends on a request lengthens every request's turn"
+            )
     elif r.num == "tracker":
         text = (
             f"The tracker's runs cost {cpu('tracker') - cpu('pass'):+.0f} µs per request more "

@@ -10,24 +10,38 @@ device over it measures what the FUSE round trip and the session's request
 dispatch cost by themselves, the ceiling of blksnapd's front-end (as
 ``bench/nullfs.py`` is the ceiling of a pyfuse3 one).
 
-Usage: ``ownnull.py MOUNTPOINT --size BYTES [--threads N]``; prints ``ready``
-once mounted, serves until SIGTERM or SIGINT, then unmounts.
+With ``--file PATH`` it serves that file instead, each read a ``pread``
+and each write a ``pwrite`` straight from the reader thread, with the page
+cache treated as blksnapd treats a backing file (no readahead, clean cache
+dropped at the start): the least any server in Python on this session can
+do for a request that reaches a file, the ceiling of blksnapd's engine.
+
+Usage: ``ownnull.py MOUNTPOINT --size BYTES [--threads N] [--file PATH]``;
+prints ``ready`` once mounted, serves until SIGTERM or SIGINT, then unmounts.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 
-from blksnap.frontends.fuse_session import FuseSession, NullBacking, Tree
+from blksnap.frontends.fuse_session import FileBacking, FuseSession, NullBacking, Tree
 from blksnap.settings import SETTINGS
 
 
-def serve(mountpoint: str, size: int, threads: int) -> int:
-    """Mount the do-nothing session at ``mountpoint`` until SIGTERM or SIGINT."""
+def serve(mountpoint: str, size: int, threads: int, file: str | None = None) -> int:
+    """Mount the do-nothing session (or ``file``'s) at ``mountpoint`` until
+    SIGTERM or SIGINT."""
     tree = Tree()
-    tree.add_file("disk", NullBacking(size))
+    if file is None:
+        tree.add_file("disk", NullBacking(size))
+    else:
+        backing = FileBacking(file, size)
+        os.posix_fadvise(backing.fd, 0, 0, os.POSIX_FADV_RANDOM)
+        os.posix_fadvise(backing.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        tree.add_file("disk", backing)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)  # only wakes pause()
     with FuseSession(tree, mountpoint, threads=threads):
@@ -46,8 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         default=SETTINGS.fuse_threads,
         help=f"reader threads (default {SETTINGS.fuse_threads}, blksnapd's)",
     )
+    ap.add_argument("--file", help="serve this file with pread/pwrite instead of doing nothing")
     args = ap.parse_args(argv)
-    return serve(args.mountpoint, args.size, args.threads)
+    return serve(args.mountpoint, args.size, args.threads, args.file)
 
 
 if __name__ == "__main__":
