@@ -13,8 +13,10 @@ dispatch cost by themselves, the ceiling of blksnapd's front-end (as
 With ``--file PATH`` it serves that file instead, each read a ``pread``
 and each write a ``pwrite`` straight from the reader thread, with the page
 cache treated as blksnapd treats a backing file (no readahead, clean cache
-dropped at the start): the least any server in Python on this session can
-do for a request that reaches a file, the ceiling of blksnapd's engine.
+dropped at the start): for writes, the least any server in Python on this
+session can do for a request that reaches a file, the ceiling of blksnapd's
+engine. (Its reads hold the turn while they wait for the disk; blksnapd's
+hand it on: no ceiling for reads.)
 
 Usage: ``ownnull.py MOUNTPOINT --size BYTES [--threads N] [--file PATH]``;
 prints ``ready`` once mounted, serves until SIGTERM or SIGINT, then unmounts.
