@@ -119,20 +119,19 @@ def test_backing_store_failures_on_the_short_way_are_counted(eng, filt):
     if filt:
         eng.attach("d", filt)
     dev = eng.device("d")
-    fd = dev.backing.fd
-    ro = os.open(dev.path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.dup2(ro, fd)
-    finally:
-        os.close(ro)
+
+    def reopen(flags: int) -> None:  # (the backing store's fd, opened anew)
+        fd = os.open(dev.path, flags | os.O_CLOEXEC)
+        try:
+            os.dup2(fd, dev.backing.fd)
+        finally:
+            os.close(fd)
+
+    reopen(os.O_RDONLY)
     with pytest.raises(BlksnapError) as exc:
         dev.write(8192, b"x" * 4096)
     assert exc.value.errno == errno.EBADF
-    wo = os.open(dev.path, os.O_WRONLY | os.O_CLOEXEC)
-    try:
-        os.dup2(wo, fd)
-    finally:
-        os.close(wo)
+    reopen(os.O_WRONLY)
     with pytest.raises(BlksnapError) as exc:
         dev.read(0, 4096)
     assert exc.value.errno == errno.EBADF
