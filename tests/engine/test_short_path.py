@@ -169,3 +169,25 @@ def test_rewrites_under_a_snapshot_take_the_short_way_and_keep_the_image(eng, tm
     for off in (0, 4096, far):
         assert cbt.write_map[off >> cbt.block_shift] == cbt.active
     eng.snapshot_destroy(sid)
+
+
+def test_image_reads_of_the_device_meet_a_disk_filter_and_skip_the_tracker(eng, tmp_path):
+    """An image reads the chunks not stored from the device below the
+    tracker: the short way (the backing store itself) while no filter there
+    stands for the disk, through it once one does (a failing disk fails
+    the image's reads too)."""
+    eng.attach("d")
+    dev = eng.device("d")
+    before = dev.read(0, MiB)
+    sid = eng.snapshot_create(["d"], storage=str(tmp_path), limit=8 * MiB)
+    eng.snapshot_take(sid)
+    image = eng.image(sid, "d")
+    assert image.read(4096, 4096) == before[4096:8192]
+    eng.attach("d", "flakey", {"mode": "error_reads"})  # down: reads fail
+    with pytest.raises(BlksnapError) as exc:
+        image.read(8192, 4096)
+    assert exc.value.errno == errno.EIO
+    eng.ctl("d", "flakey", "up")
+    assert image.read(0, MiB) == before
+    eng.detach("d", "flakey")
+    eng.snapshot_destroy(sid)
