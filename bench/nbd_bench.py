@@ -45,6 +45,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
+from fiojobs import warm_cache  # noqa: E402
 from harness import Spread, table  # noqa: E402
 
 from blksnap.tools import sandbox  # noqa: E402
@@ -103,13 +104,6 @@ def write_zeroes(path: str, size: int) -> None:
             f.write(zero)
         f.flush()
         os.fsync(f.fileno())
-
-
-def warm(path: str) -> None:
-    """Read a file once so that both servers start from the page cache."""
-    with open(path, "rb") as f:
-        while f.read(8 * MiB):
-            pass
 
 
 def files_equal(a: str, b: str) -> bool:
@@ -181,8 +175,8 @@ class Rig:
                 )
             )
             wait_for_socket(self.path(sock), self.procs[-1], "qemu-nbd")
-        for name in ("src.img", "copy.raw", "input.raw"):
-            warm(self.path(name))
+        # both servers start from the page cache
+        warm_cache([self.path(name) for name in ("src.img", "copy.raw", "input.raw")])
 
     def uri(self, server: str, export: str = "") -> str:
         sock = {"blksnapd": "nbd.sock", "qemu-read": "q-read.sock", "qemu-write": "q-write.sock"}
