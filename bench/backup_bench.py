@@ -25,7 +25,6 @@ runs it alone.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -44,7 +43,7 @@ for p in (str(HERE), str(ROOT)):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-from harness import Spread, table  # noqa: E402
+from harness import Spread, main_with_output, table  # noqa: E402
 
 from blksnap.tools import sandbox  # noqa: E402
 
@@ -247,15 +246,7 @@ def run_backup_bench(quick: bool, progress: Callable[[str], None] = print) -> st
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--output", "-o")
-    args = ap.parse_args()
-    text = run_backup_bench(args.quick, progress=lambda s: print(s, file=sys.stderr, flush=True))
-    if args.output:
-        Path(args.output).write_text(text)
-    print(text)
-    return 0
+    return main_with_output(__doc__, run_backup_bench)
 
 
 if __name__ == "__main__":

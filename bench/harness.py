@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -329,6 +330,21 @@ def main_alone(
         print(f"skipped: {why}")
         return 0
     print(run(args, lambda m: print(m, file=sys.stderr, flush=True)))
+    return 0
+
+
+def main_with_output(doc: str, run: Callable[..., str], argv: Sequence[str] | None = None) -> int:
+    """A section run on its own whose ``run(quick, progress=...)`` says
+    itself why it skipped: ``--quick``, ``--output FILE`` (the markdown is
+    also printed), progress on stderr."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--output", "-o")
+    args = p.parse_args(argv)
+    text = run(args.quick, progress=lambda s: print(s, file=sys.stderr, flush=True))
+    if args.output:
+        Path(args.output).write_text(text)
+    print(text)
     return 0
 
 

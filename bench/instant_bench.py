@@ -32,7 +32,6 @@ runs it alone.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import math
 import mmap
@@ -53,7 +52,7 @@ for p in (str(HERE), str(ROOT)):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-from harness import Spread, table  # noqa: E402
+from harness import Spread, main_with_output, table  # noqa: E402
 from repo_bench import cli, synthetic  # noqa: E402
 
 from blksnap.backup.repo import Repository  # noqa: E402
@@ -530,15 +529,7 @@ def run_instant_bench(quick: bool, progress: Callable[[str], None] = print) -> s
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--output", "-o")
-    args = ap.parse_args()
-    text = run_instant_bench(args.quick, progress=lambda s: print(s, file=sys.stderr, flush=True))
-    if args.output:
-        Path(args.output).write_text(text)
-    print(text)
-    return 0
+    return main_with_output(__doc__, run_instant_bench)
 
 
 if __name__ == "__main__":

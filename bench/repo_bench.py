@@ -27,7 +27,6 @@ runs it alone.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import os
@@ -48,7 +47,7 @@ for p in (str(HERE), str(ROOT)):
         sys.path.insert(0, p)
 
 from backup_bench import Bench, timed  # noqa: E402
-from harness import Spread, table  # noqa: E402
+from harness import Spread, main_with_output, table  # noqa: E402
 
 from blksnap.backup.repo import DeviceRecord, Repository  # noqa: E402
 from blksnap.tools import sandbox  # noqa: E402
@@ -375,15 +374,7 @@ def run_repo_bench(quick: bool, progress: Callable[[str], None] = print) -> str:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--output", "-o")
-    args = ap.parse_args()
-    text = run_repo_bench(args.quick, progress=lambda s: print(s, file=sys.stderr, flush=True))
-    if args.output:
-        Path(args.output).write_text(text)
-    print(text)
-    return 0
+    return main_with_output(__doc__, run_repo_bench)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,6 @@ it alone.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import os
@@ -63,7 +62,7 @@ for p in (str(HERE), str(ROOT)):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-from harness import Spread, table  # noqa: E402
+from harness import GiB, KiB, MiB, Spread, main_with_output, table  # noqa: E402
 from instant_bench import make_device  # noqa: E402
 from repo_bench import cli, synthetic  # noqa: E402
 
@@ -72,9 +71,6 @@ from blksnap.backup.s3 import S3Storage  # noqa: E402
 from blksnap.tools import rgw, sandbox  # noqa: E402
 
 SECTION = "## Repository in an object store (RADOS Gateway)"
-KiB = 1 << 10
-MiB = 1 << 20
-GiB = 1 << 30
 #: The scattered writes before the incremental.
 WRITE = 64 * KiB
 CHANGED = 0.01
@@ -871,15 +867,7 @@ def report(
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--output", "-o")
-    args = ap.parse_args()
-    text = run_s3_bench(args.quick, progress=lambda s: print(s, file=sys.stderr, flush=True))
-    if args.output:
-        Path(args.output).write_text(text)
-    print(text)
-    return 0
+    return main_with_output(__doc__, run_s3_bench)
 
 
 if __name__ == "__main__":
