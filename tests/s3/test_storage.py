@@ -15,6 +15,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from typing import Any
 
 import pytest
@@ -88,9 +89,10 @@ def test_addresses() -> None:
 
 
 def test_url_attributes_and_open_storage(s3_credentials: rgw.Gateway, bucket: str) -> None:
-    storage = open_storage(f"s3://{bucket}/some/prefix/", endpoint=s3_credentials.endpoint)
-    assert isinstance(storage, S3Storage)
-    try:
+    with closing(
+        open_storage(f"s3://{bucket}/some/prefix/", endpoint=s3_credentials.endpoint)
+    ) as storage:
+        assert isinstance(storage, S3Storage)
         assert storage.url == f"s3://{bucket}/some/prefix"
         assert repr(storage) == f"<S3Storage s3://{bucket}/some/prefix>"
         assert storage.atomic_puts and storage.local_path is None
@@ -99,8 +101,6 @@ def test_url_attributes_and_open_storage(s3_credentials: rgw.Gateway, bucket: st
         storage.put("k", b"v")
         raw: Any = s3_credentials.client()
         assert raw.get_object(Bucket=bucket, Key="some/prefix/k")["Body"].read() == b"v"
-    finally:
-        storage.close()
 
 
 def test_prefixes_keep_repositories_apart(make: Callable[..., S3Storage]) -> None:
@@ -119,20 +119,16 @@ def test_endpoint_from_the_environment(
     s3_credentials: rgw.Gateway, bucket: str, monkeypatch: pytest.MonkeyPatch, variable: str
 ) -> None:
     monkeypatch.setenv(variable, s3_credentials.endpoint)
-    storage = S3Storage(f"s3://{bucket}")
-    try:
+    with closing(S3Storage(f"s3://{bucket}")) as storage:
         assert storage.endpoint.rstrip("/") == s3_credentials.endpoint
         assert storage.client.meta.config.s3["addressing_style"] == "path"
         storage.put("k", b"v")
         assert storage.get("k") == b"v"
-    finally:
-        storage.close()
 
 
 def test_missing_bucket_is_not_found(s3_credentials: rgw.Gateway) -> None:
     name = f"blksnap-absent-{uuid.uuid4().hex[:8]}"
-    storage = S3Storage(f"s3://{name}/repo", endpoint=s3_credentials.endpoint)
-    try:
+    with closing(S3Storage(f"s3://{name}/repo", endpoint=s3_credentials.endpoint)) as storage:
         for use in (
             lambda: storage.stat("REPO.json"),
             lambda: storage.get("REPO.json"),
@@ -143,8 +139,6 @@ def test_missing_bucket_is_not_found(s3_credentials: rgw.Gateway) -> None:
                 use()
             assert exc.value.errno == errno.ENOENT
             assert f"s3://{name}: no such bucket" in str(exc.value)
-    finally:
-        storage.close()
 
 
 def test_create_bucket_is_idempotent(s3_credentials: rgw.Gateway) -> None:
@@ -171,15 +165,12 @@ def test_bad_credentials_are_eacces(
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
     else:
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", "NOSUCHACCESSKEY")
-    storage = S3Storage(f"s3://{bucket}", endpoint=s3_credentials.endpoint)
-    try:
+    with closing(S3Storage(f"s3://{bucket}", endpoint=s3_credentials.endpoint)) as storage:
         for use in (lambda: storage.get("k"), lambda: storage.put("k", b"v")):
             with pytest.raises(BlksnapError) as exc:
                 use()
             assert exc.value.errno == errno.EACCES, exc.value
         assert storage.traffic.retries == 0
-    finally:
-        storage.close()
 
 
 def test_no_credentials_are_eacces(
@@ -187,14 +178,11 @@ def test_no_credentials_are_eacces(
 ) -> None:
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
-    storage = S3Storage(f"s3://{bucket}", endpoint=s3_credentials.endpoint)
-    try:
+    with closing(S3Storage(f"s3://{bucket}", endpoint=s3_credentials.endpoint)) as storage:
         with pytest.raises(BlksnapError) as exc:
             storage.get("k")
         assert exc.value.errno == errno.EACCES
         assert "AWS_ACCESS_KEY_ID" in str(exc.value)
-    finally:
-        storage.close()
 
 
 def test_bucket_of_another_user_is_refused(s3_credentials: rgw.Gateway) -> None:
@@ -505,18 +493,14 @@ def test_server_errors_are_retried(make: Callable[..., S3Storage]) -> None:
 
 
 def test_refused_connection_gives_eio_after_the_retries(s3_credentials: rgw.Gateway) -> None:
-    storage = S3Storage(
-        "s3://bucket/repo", endpoint=f"http://127.0.0.1:{free_port()}", retries=2, backoff=0.01
-    )
-    try:
+    url = f"http://127.0.0.1:{free_port()}"
+    with closing(S3Storage("s3://bucket/repo", endpoint=url, retries=2, backoff=0.01)) as storage:
         with pytest.raises(IOFailure) as exc:
             storage.get("REPO.json")
         assert exc.value.errno == errno.EIO
         assert "s3://bucket/repo" in str(exc.value) and "after 3 attempts" in str(exc.value)
         counted = storage.traffic.snapshot()
         assert (counted.requests, counted.retries) == (3, 2)
-    finally:
-        storage.close()
 
 
 def test_a_put_waits_out_an_outage_of_the_gateway(
