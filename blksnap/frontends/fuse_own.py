@@ -95,6 +95,12 @@ class _Session(FuseSession):
         super().__init__(fs.tree, mountpoint, threads=threads, timeout=timeout)
         self.fs = fs
         self.handles: dict[int, Node] = {}
+        #: The unique of the OPEN each handle was made for (its resend bit
+        #: cleared): a server killed between recording a handle and
+        #: answering its OPEN leaves the kernel without it, and the kernel
+        #: sends that OPEN again to the next server, which must give back
+        #: the handle recorded rather than make a second one nobody releases.
+        self.opens: dict[int, int] = {}
 
     def _file(self, fh: int) -> Node:
         node = self.handles.get(fh)
@@ -110,19 +116,32 @@ class _Session(FuseSession):
             node = self._node(req.nodeid)
             if node.backing is None:
                 raise OSError(errno.EISDIR, "a directory")
+            unique = req.unique & ~proto.RESEND_BIT
             with self.fs.record_lock:
-                fh = self.fs.next_fh
-                self.fs.next_fh += 1
-                self.handles[fh] = node
-                self.fs.save()
+                fh = self._made_for(unique, node) if req.resent else None
+                if fh is None:
+                    fh = self.fs.next_fh
+                    self.fs.next_fh += 1
+                    self.handles[fh] = node
+                    self.opens[fh] = unique
+                    self.fs.save()
             flags = proto.FOPEN_DIRECT_IO | proto.FOPEN_PARALLEL_DIRECT_WRITES
             return [proto.reply(req.unique, proto.open_out(fh, flags))]
         if op == proto.Opcode.RELEASE:
             with self.fs.record_lock:
+                self.opens.pop(req.args.fh, None)
                 if self.handles.pop(req.args.fh, None) is not None:
                     self.fs.save()
             return [proto.reply(req.unique)]
         return super()._slow(req)
+
+    def _made_for(self, unique: int, node: Node) -> int | None:
+        """The handle already made (by this server or the one before) for
+        the OPEN ``unique`` of ``node``, if any."""
+        for fh, u in self.opens.items():
+            if u == unique and self.handles.get(fh) is node:
+                return fh
+        return None
 
 
 class OwnFS:
@@ -170,13 +189,17 @@ class OwnFS:
 
     def record(self) -> dict[str, Any]:
         """``{"version", "next_id", "nodes": {path: id}, "next_fh", "handles":
-        {fh: path}}``: what a process taking over the live connection needs
-        to give every name the id the kernel knows and to know the handles
-        open on it."""
+        {fh: path}, "opens": {fh: unique}}``: what a process taking over the
+        live connection needs to give every name the id the kernel knows, to
+        know the handles open on it, and to answer an OPEN the kernel sends
+        again with the handle made for it (a record without "opens", from an
+        older blksnapd, is read as one without such OPENs)."""
         doc: dict[str, Any] = {"version": 1, **self.tree.record(), "next_fh": self.next_fh}
         s = self.session
         handles = dict(s.handles) if s is not None else {}
+        opens = dict(s.opens) if s is not None else {}
         doc["handles"] = {str(fh): node.path for fh, node in sorted(handles.items())}
+        doc["opens"] = {str(fh): u for fh, u in sorted(opens.items()) if fh in handles}
         return doc
 
     def save(self) -> None:
@@ -218,12 +241,15 @@ class OwnFS:
         files they were opened on: call it after the tree was rebuilt."""
         session = _Session(self, mountpoint, len(fds), self.cache_seconds)
         if self.resume is not None:
+            opens = self.resume.get("opens") or {}
             for fh, path in (self.resume.get("handles") or {}).items():
                 node = self.tree.lookup(path)
                 if node is None:
                     log.warning("file handle %s: %s is gone; its reads and writes fail", fh, path)
                     continue
                 session.handles[int(fh)] = node
+                if fh in opens:
+                    session.opens[int(fh)] = int(opens[fh])
         self.session = session
         try:
             session.adopt(fds, initialized=initialized)
