@@ -45,6 +45,7 @@ from blksnap.control.users import Users
 from blksnap.engine.engine import Engine
 from blksnap.engine.params import Params
 from blksnap.errors import BlksnapError, InvalidArgument, IOFailure, error
+from blksnap.fileio import fsync_dir
 from blksnap.frontends.targets import BackupTarget
 from blksnap.settings import SETTINGS
 
@@ -124,6 +125,8 @@ class Daemon:
         #: One writer of the record at a time (the control thread, and a
         #: migration's copy thread recording its switch).
         self._record_lock = threading.Lock()
+        #: The record as last written (None: not written by this process).
+        self._record_text: str | None = None
         self.engine.on_backing_switch = self._backing_switched
         self.engine.on_filter_retired = self._filter_retired
         #: Snapshots a dead worker had, gone with it: id -> why.
@@ -377,12 +380,22 @@ class Daemon:
             return  # still reading the old one
         path = os.path.join(self.state_dir, DAEMON_RECORD)
         with self._record_lock:
-            # (No fsync: a worker taking over reads it from the same page
-            # cache; it is not read after a reboot. A sync here would sit in
-            # the stall of every takeover.)
+            text = json.dumps(self.record(), indent=1)
+            if text == self._record_text:
+                return
+            # Durable before it counts: ``--restore-devices`` reads it at
+            # boot, and after a power cut an unsynced record can be empty
+            # (the rename on disk before the data) or say a migrated device
+            # is still on its old store. Only a changed record is written
+            # (a worker taking over writes its first once serving again,
+            # outside the stall).
             with open(f"{path}.tmp", "w") as f:
-                json.dump(self.record(), f, indent=1)
+                f.write(text)
+                f.flush()
+                os.fdatasync(f.fileno())
             os.replace(f"{path}.tmp", path)
+            fsync_dir(self.state_dir)
+            self._record_text = text
 
     def _backing_switched(self, name: str, path: str) -> None:
         """A migration is done (in its copy thread, the device drained, the

@@ -15,7 +15,7 @@ import pytest
 from blksnap.backup.repo import Repository
 from blksnap.backup.session import run_backup
 from blksnap.tools import sandbox
-from tests.integration.conftest import SKIP, cli
+from tests.integration.conftest import SKIP, Daemon, cli
 from tests.integration.helpers import kill_daemon, sha256_file
 
 pytestmark = pytest.mark.skipif(bool(SKIP), reason=SKIP or "")
@@ -229,3 +229,50 @@ def test_a_reboot_keeps_the_backups_incremental(tmp_path: Path) -> None:
             sandbox.run("umount", str(mnt))
     finally:
         d.stop()
+
+
+def test_a_power_cut_keeps_the_devices_to_serve_again(daemon: Daemon, tmp_path: Path) -> None:
+    """blksnapd's state dir on ext4 over a device of another blksnapd, with
+    powercut and flakey (drop_writes) on it; a device added, then the power
+    cut at once (writes from then on vanish, then what was not flushed),
+    blksnapd killed, and the file system mounted again from what the disk
+    kept: the record lists the device and ``--restore-devices`` serves it
+    again. (A record renamed into place without a sync is still in the page
+    cache and the journal's open transaction: gone at the cut.)"""
+    disk = tmp_path / "a.img"
+    disk.write_bytes(random.Random(15).randbytes(4 * MiB))
+    image = tmp_path / "s.img"
+    with open(image, "wb") as f:
+        f.truncate(64 * MiB)
+    lp = daemon.client.add_device(str(image), "s", loop=True)["loop"]
+    sandbox.run("mkfs.ext4", "-q", "-E", "lazy_itable_init=0,lazy_journal_init=0", lp)
+    for args in (("powercut",), ("flakey", "--opt", "mode=drop_writes", "--opt", "up=86400")):
+        daemon.cli("attach", "-d", "s", "--filter", *args)
+    # (its state dir a link to the mount: the inner blksnapd's clean-ups
+    # unmount what is under its root, and this mount is the outer one's)
+    root = tmp_path / "inner"
+    root.mkdir()
+    (root / "state").symlink_to(tmp_path / "state")
+    state = daemon.mount_fs(lp, tmp_path / "state")
+    inner = sandbox.start(root, ["--restore-devices"])
+    try:
+        inner.client.add_device(str(disk), "a")
+        daemon.cli("ctl", "-d", "s", "--filter", "flakey", "down")
+        daemon.cli("ctl", "-d", "s", "--filter", "powercut", "cut")
+        kill_daemon(inner)
+    finally:
+        if inner.proc.poll() is None:
+            inner.stop()
+    daemon.umount(state)
+    daemon.cli("ctl", "-d", "s", "--filter", "powercut", "restore")
+    for flt in ("flakey", "powercut"):
+        daemon.cli("detach", "-d", "s", "--filter", flt)
+    state = daemon.mount_fs(lp, tmp_path / "state")  # the boot
+    rec = json.loads((root / "state" / "daemon.json").read_text())
+    assert [x["name"] for x in rec["devices"]] == ["a"], rec
+    inner = sandbox.start(root, ["--restore-devices"])
+    try:
+        assert [x["name"] for x in inner.client.devices()] == ["a"]
+    finally:
+        inner.stop()
+    daemon.umount(state)
