@@ -19,8 +19,9 @@ The story a backup administrator lives, with every result checked:
    of the writer must be a prefix of what it wrote (a write cut by the take);
 5. ``blksnap verify`` checks every manifest, index and chunk of the
    repository;
-6. a forced full backup reads everything and stores only what the
-   repository lacks (the repository deduplicates);
+6. the writer stopped, an incremental, then a forced full backup: it reads
+   everything and stores only what the repository lacks (the repository
+   deduplicates), next to nothing;
 7. a report: per backup, its kind, the bytes read from the images and the
    bytes stored.
 
@@ -282,12 +283,18 @@ class Demo:
         doc = self.cli_json("verify", "--repo", str(self.repo))
         rep.check("blksnap verify: every chunk checks", doc["ok"], f"{len(doc['backups'])} backups")
 
-        rep.step("a forced full backup: everything read, only what the repository lacks stored")
+        rep.step(
+            "the writer stopped: an incremental, then a forced full backup (everything read, "
+            "only what the repository lacks stored: next to nothing)"
+        )
+        self.backup("incremental", expect_kind="incremental")
         doc = self.cli_json("backup", "-d", *NAMES, "--repo", str(self.repo), "--full")
         for d in doc["devices"]:
+            # (what a file system writes when frozen for the take, its super
+            # block and journal, may be new: a few chunks, not its files)
             rep.check(
                 f"{doc['id']} {d['name']}: full, stores only new chunks",
-                d["bytes_read"] == d["size"] and d["bytes_new"] <= d["size"] // 4,
+                d["bytes_read"] == d["size"] and d["bytes_new"] <= d["size"] // 16,
                 f"read {format_size(d['bytes_read'])}, new {format_size(d['bytes_new'])},"
                 f" already stored {format_size(d['bytes_reused'])}",
             )

@@ -23,15 +23,17 @@ def test_demo_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # Every backup of every device restored, fsck-clean, with the files at take.
     assert sum("fsck-clean" in k for k in checks) == 6
     assert sum("exactly the files present at take" in k for k in checks) == 6
-    assert sum("read only chunks holding changed blocks" in k for k in checks) == 4
+    assert sum("read only chunks holding changed blocks" in k for k in checks) == 6
     assert sum("stores only new chunks" in k for k in checks) == 2
     assert all(checks.values())
     report = next(s for s in doc["steps"] if s["title"] == "report")
     kinds = [b["kind"] for b in report["backups"]]
-    assert kinds == ["full", "incremental", "differential"]
-    full, inc, diff = report["backups"]
+    # (the last: an incremental with the writer stopped, before the forced full)
+    assert kinds == ["full", "incremental", "differential", "incremental"]
+    full, inc, diff, last = report["backups"]
     assert full["read"] == 2 * (48 << 20)
     assert 0 < inc["read"] < full["read"] and 0 < diff["read"] < full["read"]
+    assert 0 < last["read"] < full["read"]
     assert os.listdir(tmp_path) == []
     assert not sandbox.mounts_under(str(tmp_path)) and not sandbox.loops_under(str(tmp_path))
 
