@@ -50,3 +50,10 @@ def file_bytes(path: str) -> bytes:
 
 def random_bytes(n: int) -> bytes:
     return os.urandom(n)
+
+
+#: Tests that mount FUSE themselves (the integration tests skip through the sandbox).
+needs_fuse = pytest.mark.skipif(
+    os.geteuid() != 0 or not os.path.exists("/dev/fuse"),
+    reason="mounting FUSE needs root and /dev/fuse",
+)

@@ -10,15 +10,9 @@ import os
 import threading
 from pathlib import Path
 
-import pytest
-
 from blksnap.engine.engine import Engine
 from blksnap.frontends.fuse_session import mount_fuse, umount
-
-needs_fuse = pytest.mark.skipif(
-    os.geteuid() != 0 or not os.path.exists("/dev/fuse"),
-    reason="mounting FUSE needs root and /dev/fuse",
-)
+from tests.conftest import needs_fuse
 
 
 @needs_fuse

@@ -30,6 +30,7 @@ import pytest
 from blksnap.frontends import fuse_proto as p
 from blksnap.frontends import fuse_session
 from blksnap.frontends.fuse_session import FuseSession, NullBacking, Tree
+from tests.conftest import needs_fuse
 
 MiB = 1 << 20
 SIZE = 16 * MiB
@@ -49,12 +50,6 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     if _libc.fallocate(fd, mode, offset, length) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
-
-
-needs_fuse = pytest.mark.skipif(
-    os.geteuid() != 0 or not os.path.exists("/dev/fuse"),
-    reason="mounting FUSE needs root and /dev/fuse",
-)
 
 
 # --- backings and a session that records what it answered --------------------

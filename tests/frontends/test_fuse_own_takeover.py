@@ -12,18 +12,12 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 import blksnap
 from blksnap.frontends import fuse_proto as p
 from blksnap.frontends.fuse_own import OwnFS
+from tests.conftest import needs_fuse
 
 MiB = 1 << 20
-
-needs_fuse = pytest.mark.skipif(
-    os.geteuid() != 0 or not os.path.exists("/dev/fuse"),
-    reason="mounting FUSE needs root and /dev/fuse",
-)
 
 
 @needs_fuse

@@ -22,14 +22,11 @@ from blksnap.control import loop
 from blksnap.fileio import may_block
 from blksnap.frontends import fuse_proto as p
 from blksnap.frontends.fuse_session import FileBacking, FuseSession, NullBacking, Tree
+from tests.conftest import needs_fuse
 
 MiB = 1 << 20
 SIZE = 256 * MiB
 
-needs_fuse = pytest.mark.skipif(
-    os.geteuid() != 0 or not os.path.exists("/dev/fuse"),
-    reason="mounting FUSE needs root and /dev/fuse",
-)
 needs_tools = pytest.mark.skipif(
     not all(shutil.which(t) for t in ("losetup", "mkfs.ext4", "fsck.ext4", "fio")),
     reason="needs losetup, mkfs.ext4, fsck.ext4 and fio",
