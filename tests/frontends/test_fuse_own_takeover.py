@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +22,14 @@ MiB = 1 << 20
 
 
 @needs_fuse
-def test_open_resent_after_a_takeover_gets_the_handle_recorded(tmp_path: Path) -> None:
-    disk = tmp_path / "a.img"
-    with open(disk, "wb") as f:
-        f.truncate(4 * MiB)
+def test_open_resent_after_a_takeover_gets_the_handle_recorded(
+    tmp_path: Path, engine: blksnap.Engine, make_file: Callable[..., str]
+) -> None:
+    disk = make_file(4 * MiB, "a.img")
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     record = tmp_path / "fuse.json"
-    eng = blksnap.Engine(tmp_path / "state")
+    eng = engine
     old = new = None
     opener: threading.Thread | None = None
     entered, die = threading.Event(), threading.Event()
@@ -89,4 +90,3 @@ def test_open_resent_after_a_takeover_gets_the_handle_recorded(tmp_path: Path) -
         if old is not None and old.session is not None:
             old.session.mounted = False  # (unmounted by the new server)
             old.close()
-        eng.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -231,7 +232,9 @@ def test_a_reboot_keeps_the_backups_incremental(tmp_path: Path) -> None:
         d.stop()
 
 
-def test_a_power_cut_keeps_the_devices_to_serve_again(daemon: Daemon, tmp_path: Path) -> None:
+def test_a_power_cut_keeps_the_devices_to_serve_again(
+    daemon: Daemon, backing: Callable[[str, int], str], tmp_path: Path
+) -> None:
     """blksnapd's state dir on ext4 over a device of another blksnapd, with
     powercut and flakey (drop_writes) on it; a device added, then the power
     cut at once (writes from then on vanish, then what was not flushed),
@@ -239,12 +242,8 @@ def test_a_power_cut_keeps_the_devices_to_serve_again(daemon: Daemon, tmp_path: 
     kept: the record lists the device and ``--restore-devices`` serves it
     again. (A record renamed into place without a sync is still in the page
     cache and the journal's open transaction: gone at the cut.)"""
-    disk = tmp_path / "a.img"
-    disk.write_bytes(random.Random(15).randbytes(4 * MiB))
-    image = tmp_path / "s.img"
-    with open(image, "wb") as f:
-        f.truncate(64 * MiB)
-    lp = daemon.client.add_device(str(image), "s", loop=True)["loop"]
+    disk = backing("a.img", 4 * MiB)
+    lp = daemon.client.add_device(backing("s.img", 64 * MiB), "s", loop=True)["loop"]
     sandbox.run("mkfs.ext4", "-q", "-E", "lazy_itable_init=0,lazy_journal_init=0", lp)
     for args in (("powercut",), ("flakey", "--opt", "mode=drop_writes", "--opt", "up=86400")):
         daemon.cli("attach", "-d", "s", "--filter", *args)
@@ -256,7 +255,7 @@ def test_a_power_cut_keeps_the_devices_to_serve_again(daemon: Daemon, tmp_path: 
     state = daemon.mount_fs(lp, tmp_path / "state")
     inner = sandbox.start(root, ["--restore-devices"])
     try:
-        inner.client.add_device(str(disk), "a")
+        inner.client.add_device(disk, "a")
         daemon.cli("ctl", "-d", "s", "--filter", "flakey", "down")
         daemon.cli("ctl", "-d", "s", "--filter", "powercut", "cut")
         kill_daemon(inner)
