@@ -94,6 +94,9 @@ class DiffArea:
         #: Device capacity frozen at take: the image's size.
         self.capacity = device.size
         self._pages: dict[int, np.ndarray] = {}
+        #: The same pages as memoryviews (an item of one reads as an int in
+        #: a third of a numpy item's time: the check of every write).
+        self._views: dict[int, memoryview] = {}
         #: errno of the failure that corrupted the snapshot, 0 while healthy.
         self.error = 0
         self.chunks_stored = 0
@@ -119,6 +122,7 @@ class DiffArea:
             for pno in np.flatnonzero(self._directory).tolist():
                 page = self._page_view(pno)
                 self._pages[pno] = page
+                self._views[pno] = memoryview(page)
                 self.chunks_stored += int(np.count_nonzero(page))
         #: Chunks a thread is copying; threads that need one of them wait on
         #: ``_loaded`` (counted in ``_waiters``, so a copy that nobody waits
@@ -182,6 +186,7 @@ class DiffArea:
         if page is None:  # (under the lock: one thread makes it)
             self._directory[pno] = 1
             page = self._pages[pno] = self._page_view(pno)
+            self._views[pno] = memoryview(page)
         page[idx] = location + 1
         self.chunks_stored += 1
 
@@ -347,10 +352,18 @@ class DiffArea:
         """
         if not self.armed or self.error or length <= 0:
             return False
-        end = min(offset + length, self.capacity)
-        if offset >= end:
-            return False
-        return not self._all_stored(offset >> self.chunk_shift, (end - 1) >> self.chunk_shift)
+        end = offset + length
+        if end > self.capacity:  # (not min(): a third of this method's time)
+            end = self.capacity
+            if offset >= end:
+                return False
+        shift = self.chunk_shift
+        first, last = offset >> shift, (end - 1) >> shift
+        if first == last:  # (one chunk: most writes; _all_stored's, one call less)
+            pno, idx = divmod(first, self.page_size)
+            view = self._views.get(pno)
+            return view is None or not view[idx]
+        return not self._all_stored(first, last)
 
     def cow(self, offset: int, length: int) -> None:
         """Before a device write: make sure every chunk it touches is stored.

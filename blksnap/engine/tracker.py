@@ -68,8 +68,7 @@ class Tracker(Filter):
                      device.name, self.cbt.generation_id, self.cbt.active)  # fmt: skip
         #: The snapshot holding this device, while there is one.
         self.snapshot_id: str | None = None
-        #: Set while a taken snapshot needs copy-on-write.
-        self.diff_area: DiffArea | None = None
+        self.diff_area = None  # (sets pass_write)
         self._checkpoint_lock = threading.Lock()
         #: The clean checkpoint is written: no other may follow it.
         self._stopped = False
@@ -253,16 +252,32 @@ class Tracker(Filter):
 
     passes_reads = True
 
-    def pass_write(self, offset: int, length: int) -> bool:
-        """A write that copies nothing only marks the CBT (as :meth:`submit`
-        does): no snapshot taken, or every chunk it touches already stored
-        (a rewrite). One that may copy or wait for a copy: the full way.
-        (Inside the gate the diff area's answer cannot go stale.)"""
-        diff_area = self.diff_area
-        if diff_area is not None and diff_area.write_needs_copy(offset, length):
-            return False
-        self.cbt.mark(offset, length)
-        return True
+    @property
+    def diff_area(self) -> DiffArea | None:
+        """Set while a taken snapshot needs copy-on-write (changed only with
+        the device's gate drained)."""
+        return self._diff_area
+
+    @diff_area.setter
+    def diff_area(self, area: DiffArea | None) -> None:
+        """Also makes :meth:`pass_write` for the new state: every write of a
+        device whose only filter is the tracker calls it, so each Python
+        call left out of it shows in the device's IOPS. A write that copies
+        nothing only marks the CBT (as :meth:`submit` does): no snapshot
+        taken, or every chunk it touches already stored (a rewrite); one
+        that may copy or wait for a copy goes the full way. (Inside the
+        gate the diff area's answer cannot go stale.)"""
+        self._diff_area = area
+        mark = self.cbt.mark  # (True, always)
+        if area is None:
+            self.pass_write = mark  # type: ignore[method-assign]
+            return
+        needs_copy = area.write_needs_copy
+
+        def pass_write(offset: int, length: int) -> bool:
+            return not needs_copy(offset, length) and mark(offset, length)
+
+        self.pass_write = pass_write  # type: ignore[method-assign]
 
     def write_may_wait(self, offset: int, length: int) -> bool:
         """Could a device write of ``offset``..``offset+length`` submitted

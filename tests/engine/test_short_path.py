@@ -171,6 +171,29 @@ def test_rewrites_under_a_snapshot_take_the_short_way_and_keep_the_image(eng, tm
     eng.snapshot_destroy(sid)
 
 
+def test_the_short_way_follows_each_snapshot_and_its_end(eng, tmp_path):
+    """The tracker's short way is made for the state of the moment (its
+    diff area): after a destroy, writes only mark the CBT; after the take of
+    the next snapshot, a chunk the last one stored must be copied again, or
+    the new image would show the writes made after its take."""
+    eng.attach("d")
+    dev = eng.device("d")
+    cbt = eng.tracker_of("d").cbt
+    for round_ in range(2):
+        before = dev.read(0, 2 * MiB)
+        sid = eng.snapshot_create(["d"], storage=str(tmp_path), limit=8 * MiB)
+        eng.snapshot_take(sid)
+        dev.write(0, bytes([round_ + 1]) * 4096)  # copies
+        dev.write(4096, bytes([round_ + 10]) * 4096)  # stored: the short way
+        dev.write(64 * 1024 - 4096, bytes([round_ + 20]) * 8192)  # across two chunks
+        assert eng.image(sid, "d").read(0, 2 * MiB) == before
+        eng.snapshot_destroy(sid)
+        active = cbt.active
+        dev.write(MiB, bytes([round_ + 30]) * 4096)  # no snapshot: marked only
+        assert cbt.write_map[MiB >> cbt.block_shift] == active
+        assert dev.read(MiB, 4096) == bytes([round_ + 30]) * 4096
+
+
 def test_image_reads_of_the_device_meet_a_disk_filter_and_skip_the_tracker(eng, tmp_path):
     """An image reads the chunks not stored from the device below the
     tracker: the short way (the backing store itself) while no filter there
