@@ -301,8 +301,10 @@ class Rig:
 #: (raw reads with direct I/O; raw-buffered through its own loop device).
 SERVED = ("pass", "tracker", "snap", "own-pwrite")
 
-#: The time-based runs of a trial: variant -> workloads (the passthrough's
-#: writes run twice: they are the reference of most ratios).
+#: The time-based runs of a trial: variant -> workloads. The tracker's runs
+#: (and the rewrites of the snapshot sessions) each come with a passthrough
+#: run of the same workload next to them (:data:`PAIRED`): more passthrough
+#: samples, and the reference of those ratios.
 JOBS: dict[str, tuple[Workload, ...]] = {
     "raw": WORKLOADS,
     "raw-buffered": (SEQ_W, RAND_W),
@@ -311,9 +313,16 @@ JOBS: dict[str, tuple[Workload, ...]] = {
     # (writes only: its reads would hold the turn while they wait for the
     # disk, where blksnapd's hand it on, so they are no ceiling of blksnapd's)
     "own-pwrite": (RAND_W,),
-    "pass": (*WORKLOADS, SEQ_W, RAND_W),
+    "pass": WORKLOADS,
     "tracker": (SEQ_W, RAND_W),
 }
+
+#: Variants measured against the passthrough run right next to each of
+#: theirs (the pair in random order), not against the trial's mean: their
+#: targets are a few per cent, while on this shared machine the passthrough's
+#: own runs in one trial, a minute apart, differ by more than that (the
+#: report gives how much, :func:`pass_spread`).
+PAIRED = ("tracker", "snap-rewrite")
 
 
 @dataclass
@@ -321,8 +330,24 @@ class Trial:
     #: (variant, workload key) -> results
     runs: dict[tuple[str, str], list[Result]] = field(default_factory=dict)
 
+    #: (variant, workload key) -> (its rate, the adjacent passthrough's) per pair
+    pairs: dict[tuple[str, str], list[tuple[float, float]]] = field(default_factory=dict)
+
     def add(self, variant: str, wl: Workload, result: Result) -> None:
         self.runs.setdefault((variant, wl.key), []).append(result)
+
+    def add_pair(self, variant: str, wl: Workload, result: Result, ref: Result) -> None:
+        """``result`` and the passthrough's ``ref`` measured next to it."""
+        self.add(variant, wl, result)
+        self.add("pass", wl, ref)
+        self.pairs.setdefault((variant, wl.key), []).append((result.rate(wl), ref.rate(wl)))
+
+    def pair_ratio(self, variant: str, wl: Workload) -> float | None:
+        """The variant's rate ÷ its adjacent passthrough runs' (None: no pair)."""
+        ps = self.pairs.get((variant, wl.key))
+        if not ps:
+            return None
+        return statistics.fmean(a for a, _ in ps) / statistics.fmean(b for _, b in ps)
 
     def rate(self, variant: str, wl: Workload) -> float | None:
         """Mean rate of the variant's runs in this trial (None: not run)."""
@@ -428,7 +453,7 @@ class FuseBench:
             out.add("snap-first", SEQ_W, fio_once(dev, SEQ_W, size, pid))
             self._check_all_stored(sid, "sequential first writes")
             self.rig.settle()
-            out.add("snap-rewrite", SEQ_W, self.timed("snap", SEQ_W))
+            self.pair("snap-rewrite", "snap", SEQ_W, out)
             warm_cache([self.rig.files["storage"]])
             out.add("image-read-stored", SEQ_R, fio_timed(img, SEQ_R, size, runtime, pid))
             self._check_all_stored(sid, "sequential rewrites")
@@ -448,11 +473,19 @@ class FuseBench:
             out.add("snap-first", RAND_W, fio_replay(log, self.rig.pid("snap")))
             self._check_all_stored(sid, "random first writes")
             self.rig.settle()
-            out.add("snap-rewrite", RAND_W, self.timed("snap", RAND_W))
+            self.pair("snap-rewrite", "snap", RAND_W, out)
             self._check_all_stored(sid, "random rewrites")
         finally:
             self.client.snapshot_destroy(sid)
         self.rig.settle()
+
+    def pair(self, key: str, variant: str, wl: Workload, out: Trial) -> None:
+        """``variant``'s run (recorded as ``key``) and a passthrough run
+        next to it, in random order (:data:`PAIRED`)."""
+        order = [variant, "pass"]
+        self.rng.shuffle(order)
+        res = {v: self.timed(v, wl) for v in order}
+        out.add_pair(key, wl, res[variant], res["pass"])
 
     # -- one trial --
 
@@ -469,6 +502,9 @@ class FuseBench:
                 self.seq_session(out)
             elif variant == "rand-session":
                 self.rand_session(out)
+            elif variant in PAIRED:
+                assert wl is not None
+                self.pair(variant, variant, wl, out)
             else:
                 assert wl is not None
                 out.add(variant, wl, self.timed(variant, wl))
@@ -627,6 +663,10 @@ class Ratio:
     def values(self, trials: Sequence[Trial]) -> list[float]:
         out = []
         for t in trials:
+            if self.num in PAIRED and self.den == "pass":
+                if (r := t.pair_ratio(self.num, self.wl)) is not None:
+                    out.append(r)
+                continue
             a = t.rate(self.num, self.wl)
             b = t.rate(self.den, self.wl) if self.den is not None else 1.0
             if a is not None and b is not None:
@@ -713,6 +753,17 @@ def median_rate(trials: Sequence[Trial], variant: str, wl: Workload) -> float:
     return statistics.median(rs) if rs else float("nan")
 
 
+def pass_spread(trials: Sequence[Trial], wl: Workload) -> float | None:
+    """The largest spread of the passthrough's own runs of ``wl`` within one
+    trial (fastest ÷ slowest - 1; None: fewer than two runs in every trial)."""
+    spreads = []
+    for t in trials:
+        rates = [r.rate(wl) for r in t.runs.get(("pass", wl.key), [])]
+        if len(rates) > 1 and min(rates) > 0:
+            spreads.append(max(rates) / min(rates) - 1)
+    return max(spreads) if spreads else None
+
+
 def median_cpu(trials: Sequence[Trial], variant: str, wl: Workload) -> float:
     us = [u for t in trials if (u := t.cpu_us(variant, wl)) is not None]
     return statistics.median(us) if us else float("nan")
@@ -768,6 +819,23 @@ def ratio_rows(rs: Sequence[Ratio], trials: Sequence[Trial]) -> list[list[str]]:
     return rows
 
 
+def spread_text(trials: Sequence[Trial]) -> str:
+    """Why the pairs: how far apart the passthrough's own runs of a trial were."""
+    parts = [
+        f"{x * 100:.0f} % ({wl.label})"
+        for wl in (RAND_W, SEQ_W)
+        if (x := pass_spread(trials, wl)) is not None
+    ]
+    if not parts:
+        return ""
+    return (
+        "The passthrough's own runs within one trial differed by up to "
+        + " and ".join(parts)
+        + " in this run (fastest ÷ slowest - 1): more than the few per cent the "
+        "tracker and rewrite targets allow, hence the pairs. "
+    )
+
+
 def report(bench: FuseBench, elapsed: float) -> str:
     cfg = bench.cfg
     trials = bench.trials
@@ -779,9 +847,12 @@ def report(bench: FuseBench, elapsed: float) -> str:
         f"fio: `ioengine=libaio`, `direct=1`, `iodepth={QD}`, one job; "
         f"{cfg.runtime:g} s per time-based run over a {size_text(cfg.size)} device; "
         f"{'a short warm-up of every variant, then ' if cfg.warmup else ''}"
-        f"{cfg.trials} trial(s), every variant once per trial (the passthrough's writes "
-        "twice, their mean being the reference within the trial) in a fresh random order; "
-        "ratios taken within a trial, median in bold, range over trials. Backing "
+        f"{cfg.trials} trial(s), every variant once per trial in a fresh random order, "
+        "the tracker's runs and the snapshot's rewrites each with a passthrough run of "
+        "the same workload right next to it (the pair in random order); ratios taken "
+        "within a trial (those of the tracker and the rewrites to the passthrough "
+        "against the runs next to them, the others against the mean of the trial's "
+        "passthrough runs), median in bold, range over trials. " + spread_text(trials) + "Backing "
         "files are full of random data and written back (`fsync`) after every run, "
         "and before every write run its file is dropped from the page cache "
         "(`posix_fadvise(DONTNEED)` of that file only), so that no variant's writes "
@@ -1127,7 +1198,7 @@ def make_config(
     return Config(
         size=(size_mib or (32 if quick else 256)) * MiB,
         runtime=runtime or (0.5 if quick else 2.0),
-        trials=trials or (1 if quick else 3),
+        trials=trials or (1 if quick else 5),
         warmup=not quick,
         tmpdir=tmpdir,
         seed=seed,
