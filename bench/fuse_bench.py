@@ -831,8 +831,8 @@ def spread_text(trials: Sequence[Trial]) -> str:
     return (
         "The passthrough's own runs within one trial differed by up to "
         + " and ".join(parts)
-        + " in this run (fastest ÷ slowest - 1): more than the few per cent the "
-        "tracker and rewrite targets allow, hence the pairs. "
+        + " in this run (fastest ÷ slowest - 1), against the 3-10 % the tracker and "
+        "rewrite targets leave: hence the pairs. "
     )
 
 
