@@ -708,6 +708,10 @@ class Device:
             if made is not None:
                 flt.prepared(made)
             self.filters.add(flt)
+        except BaseException:
+            if made is not None:
+                flt_cls.unprepare(self, made)
+            raise
         finally:
             self.queue.unfreeze()
         log.info("filter %s attached to %s", flt_cls.name, self.name)

@@ -149,6 +149,12 @@ class Filter:
     def prepared(self, what: Any) -> None:
         """Right after ``__init__``, the device drained: what :meth:`prepare` made."""
 
+    @classmethod
+    def unprepare(cls, device: Device, what: Any) -> None:
+        """The attach failed after :meth:`prepare` (in ``__init__``,
+        :meth:`prepared` or joining the stack): release what it made (its
+        open files above all). Called once, for a ``what`` not None."""
+
     def submit(self, bio: Bio) -> FilterResult:
         return FilterResult.PASS
 

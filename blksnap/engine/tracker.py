@@ -83,6 +83,8 @@ class Tracker(Filter):
         checkpoint marked in use (a crash from here on cannot make it look
         clean). When a region carries the map on (a worker taking over), only
         the write intent."""
+        if opts:  # (refused before the checkpoint is marked in use)
+            raise InvalidArgument(f"filter {cls.name!r} takes no option {sorted(opts)[0]!r}")
         path = device.checkpoint_path
         if path is None:
             return None
@@ -155,6 +157,13 @@ class Tracker(Filter):
         if intent_off and intent_off is not True:
             origin += f" (no write intent: {intent_off})"
         return _Start(cp, origin, intent)
+
+    @classmethod
+    def unprepare(cls, device: Device, what: _Start) -> None:
+        """The write intent prepare opened is closed. (The checkpoint stays
+        marked in use with it: trusted again only with that intent file.)"""
+        if what.intent is not None:
+            what.intent.close()
 
     def prepared(self, what: _Start) -> None:
         dev, cbt = self.device, self.cbt

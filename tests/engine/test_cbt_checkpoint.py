@@ -4,6 +4,8 @@ generation and says why."""
 
 from __future__ import annotations
 
+import errno
+import gc
 import os
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import pytest
 
 import blksnap
 from blksnap.engine import cbt_checkpoint
+from blksnap.engine import tracker as tracker_mod
 from blksnap.engine.cbt_checkpoint import BackingFacts
 from tests.conftest import random_bytes
 
@@ -216,4 +219,48 @@ def test_a_checkpoint_that_cannot_be_marked_in_use_is_not_trusted(tmp_path, disk
     assert "could not be marked in use" in eng.tracker("d").origin
     assert eng.cbt_info("d").generation_id != kept.generation_id
     monkeypatch.undo()
+    eng.close()
+
+
+def _open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def test_a_refused_attach_leaves_the_checkpoint_and_no_descriptor(tmp_path, disk, monkeypatch):
+    """An attach that fails (an option the tracker does not take, or a
+    failure once its write intent is open) leaves nothing behind: no
+    descriptor of the intent file left open (blksnapd would run out of them,
+    one per attempt), and with a bad option the clean checkpoint untouched,
+    so the next attach carries the CBT on as if it never happened."""
+    start(tmp_path / "state", disk).close()
+    eng = blksnap.Engine(tmp_path / "state")
+    eng.add_device(disk, name="d")
+    cp_path = eng.device("d").checkpoint_path
+    with open(cp_path, "rb") as f:
+        cp_before = f.read()
+    gc.collect()
+    gc.disable()  # (no other object's finalizer closing fds meanwhile)
+    try:
+        before = _open_fds()
+        for _ in range(3):
+            with pytest.raises(blksnap.BlksnapError) as info:
+                eng.attach("d", "blksnap", {"bogus": "1"})
+            assert info.value.errno == errno.EINVAL
+        assert _open_fds() == before
+        with open(cp_path, "rb") as f:
+            assert f.read() == cp_before
+
+        def no_map(*args, **kwargs):
+            raise blksnap.BlksnapError("no memory for the map", errno.ENOMEM)
+
+        monkeypatch.setattr(tracker_mod, "CbtMap", no_map)
+        with pytest.raises(blksnap.BlksnapError) as info:
+            eng.attach("d")
+        assert info.value.errno == errno.ENOMEM
+        assert _open_fds() == before
+    finally:
+        gc.enable()
+    monkeypatch.undo()
+    eng.attach("d")
+    assert eng.filters("d") == ["blksnap"]
     eng.close()
