@@ -70,6 +70,10 @@ def region_size(capacity: int, chunk_size: int, page_size: int) -> int:
     return _layout(capacity, chunk_size, page_size)[2]
 
 
+def _nobody(exc: BlksnapError) -> None:
+    """Where a disowned diff area's failures go."""
+
+
 class DiffArea:
     def __init__(
         self,
@@ -205,6 +209,12 @@ class DiffArea:
         self._head[4] = self.error
         log.error("snapshot of %s corrupted: %s", self.device.name, exc)
         self._on_error(exc)
+
+    def disown(self) -> None:
+        """Its snapshot is destroyed: a failure has no one to tell (and the
+        callback would keep the snapshot, with this area's chunk map, alive
+        in a cycle until the garbage collector came by)."""
+        self._on_error = _nobody
 
     def check(self) -> None:
         if self.error:

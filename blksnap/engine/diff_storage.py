@@ -603,11 +603,15 @@ class DiffStorage:
         return data
 
     def release(self) -> None:
-        """Close every source; anonymous files vanish with their descriptor."""
+        """Close every source; anonymous files vanish with their descriptor.
+        The low-space callback goes too: nothing to tell any more, and it
+        would keep its snapshot (and the regions it holds) alive in a cycle
+        until the garbage collector came by."""
         with self._lock:
             if self._released:
                 return
             self._released = True
+            self._on_low_space = None
             sources = list(self.sources)
         for src in sources:
             _close(src)

@@ -317,6 +317,8 @@ class Snapshot:
             finally:
                 member.device.queue.unfreeze()
             member.image = None
+            if member.diff_area is not None:
+                member.diff_area.disown()
         self.storage.release()
         self.keep.drop()
         self.events.close()
