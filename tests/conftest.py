@@ -52,6 +52,17 @@ def random_bytes(n: int) -> bytes:
     return os.urandom(n)
 
 
+def open_fd_targets() -> list[str]:
+    """What this process's open descriptors point at (``/proc/self/fd``)."""
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            out.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:  # (the listing's own descriptor, gone)
+            continue
+    return out
+
+
 #: Tests that mount FUSE themselves (the integration tests skip through the sandbox).
 needs_fuse = pytest.mark.skipif(
     os.geteuid() != 0 or not os.path.exists("/dev/fuse"),

@@ -13,7 +13,7 @@ import pytest
 import blksnap
 from blksnap.engine.event_queue import CORRUPTED, LOW_FREE_SPACE, NO_SPACE
 from blksnap.units import MiB
-from tests.conftest import file_bytes
+from tests.conftest import file_bytes, open_fd_targets
 
 CHUNK = blksnap.Params().chunk_size
 
@@ -26,15 +26,7 @@ def drain_events(engine, sid, timeout=0.2):
 
 
 def open_fds_under(directory: str) -> list[str]:
-    out = []
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith(directory):
-            out.append(target)
-    return out
+    return [t for t in open_fd_targets() if t.startswith(directory)]
 
 
 def test_directory_storage_is_anonymous_and_removed(engine, make_file, storage_dir):

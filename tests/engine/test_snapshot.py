@@ -12,7 +12,7 @@ import pytest
 
 import blksnap
 from blksnap.units import KiB, MiB
-from tests.conftest import file_bytes
+from tests.conftest import file_bytes, open_fd_targets
 
 CHUNK = blksnap.Params().chunk_size
 
@@ -107,15 +107,7 @@ def test_destroy_removes_images_and_keeps_tracking(engine, two, storage_dir):
 
 def _snapshot_regions() -> list[str]:
     """The memory regions of snapshots this process holds open."""
-    out = []
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue
-        if "blksnap-snap/" in target:
-            out.append(target)
-    return out
+    return [t for t in open_fd_targets() if "blksnap-snap/" in t]
 
 
 def test_destroy_releases_the_snapshots_memory_at_once(engine, two, storage_dir):
