@@ -63,6 +63,23 @@ def open_fd_targets() -> list[str]:
     return out
 
 
+def kill_engine(eng: blksnap.Engine) -> None:
+    """Leave ``eng`` as a killed blksnapd worker leaves its state: nothing
+    written (no clean checkpoint, no intent cleared), its checkpoint thread
+    stopped, its devices' files closed as the kernel closes a dead
+    process's: an abandoned engine then neither writes again nor holds
+    descriptors and memory for the rest of the run."""
+    eng._stop_checkpoints.set()
+    eng._closed = True
+    if eng._checkpointer is not None:  # (before its files close: numbers get reused)
+        eng._checkpointer.join()
+    for dev in eng.devices():
+        trk = eng.tracker_of(dev.name)
+        if trk is not None and trk.cbt.intent is not None:
+            trk.cbt.intent.close()
+        dev.backing.close()
+
+
 #: Tests that mount FUSE themselves (the integration tests skip through the sandbox).
 needs_fuse = pytest.mark.skipif(
     os.geteuid() != 0 or not os.path.exists("/dev/fuse"),

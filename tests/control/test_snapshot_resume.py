@@ -19,6 +19,7 @@ from blksnap.control.regions import SupervisedRegions
 from blksnap.control.supervisor import Inherited, Supervisor
 from blksnap.engine.snapshot_state import S_DESTROYING, S_TAKING
 from blksnap.units import MiB
+from tests.conftest import kill_engine
 
 CHUNK = blksnap.Params().chunk_size
 
@@ -52,8 +53,15 @@ class Workers:
         return set(self.sup.stored)
 
     def close(self) -> None:
+        for eng in self.engines[:-1]:  # (dead workers)
+            kill_engine(eng)
         if self.engines:
             self.engines[-1].close()
+        for eng in self.engines:  # (what the kernel closes when a worker ends)
+            assert isinstance(eng.regions, SupervisedRegions)
+            for fd in eng.regions.fds.values():
+                os.close(fd)
+            os.close(eng.regions.inherited.status)
         self.sup._read_status(0)
         for fd in self.sup.stored.values():
             os.close(fd)

@@ -18,7 +18,7 @@ from blksnap.engine import cbt_checkpoint, cbt_intent
 from blksnap.engine.params import Params
 from blksnap.engine.regions import LocalRegions
 from blksnap.engine.tracker import intent_path
-from tests.conftest import random_bytes
+from tests.conftest import kill_engine, random_bytes
 
 MiB = 1 << 20
 SIZE = 16 * MiB
@@ -38,22 +38,6 @@ def start(state: Path, disk: str, params: Params = PARAMS) -> blksnap.Engine:
     eng.add_device(disk, name="d")
     eng.attach("d")
     return eng
-
-
-def crash(eng: blksnap.Engine) -> None:
-    """Leave ``eng`` as a killed blksnapd leaves its state: no clean
-    checkpoint, no intent cleared, its threads stopped and its files closed
-    as the kernel closes a dead process's (nothing written; not left open
-    for the rest of the test run)."""
-    eng._stop_checkpoints.set()
-    eng._closed = True
-    if eng._checkpointer is not None:  # (before its files close: numbers get reused)
-        eng._checkpointer.join()
-    for dev in eng.devices():
-        trk = eng.tracker_of(dev.name)
-        if trk is not None and trk.cbt.intent is not None:
-            trk.cbt.intent.close()
-        dev.backing.close()
 
 
 def on_disk(state: Path) -> np.ndarray:
@@ -142,7 +126,7 @@ def test_after_a_crash_the_cbt_is_the_checkpoint_and_the_intent(tmp_path, disk, 
     eng.checkpoint_cbt()
     dev.write(6 * MiB + 70_000, b"after the last checkpoint")
     dev.write(11 * MiB, b"y" * 200_000)
-    crash(eng)
+    kill_engine(eng)
 
     again = start(tmp_path / "state", disk)
     trk = again.tracker("d")
@@ -187,7 +171,7 @@ def test_a_crash_right_after_a_take_lost_before_its_checkpoint(tmp_path, disk, s
     eng.snapshot_destroy(sid)
     backup = eng.cbt_info("d")
     dev.write(7 * MiB, b"after the take")
-    crash(eng)
+    kill_engine(eng)
     again = start(tmp_path / "state", disk)
     cbt = again.tracker("d").cbt
     assert cbt.generation_id == backup.generation_id
@@ -199,7 +183,7 @@ def test_a_damaged_intent_file_starts_a_new_generation(tmp_path, disk):
     eng = start(tmp_path / "state", disk)
     gen = eng.cbt_info("d").generation_id
     eng.device("d").write(0, b"x")
-    crash(eng)
+    kill_engine(eng)
     path = intent_path(cbt_checkpoint.path_for(str(tmp_path / "state"), "d"))
     with open(path, "r+b") as f:
         f.seek(20)
@@ -216,7 +200,7 @@ def test_without_write_intent_a_crash_starts_a_new_generation(tmp_path, disk):
     eng = start(tmp_path / "state", disk, params)
     gen = eng.cbt_info("d").generation_id
     eng.device("d").write(0, b"x")
-    crash(eng)
+    kill_engine(eng)
     again = start(tmp_path / "state", disk, params)
     origin = again.tracker("d").origin
     assert "no write intent covers" in origin, origin
@@ -284,7 +268,7 @@ def test_writes_fail_when_neither_intent_nor_checkpoint_can_be_kept(tmp_path, di
     with pytest.raises(blksnap.BlksnapError):
         dev.write(10 * MiB, b"refused too")
     monkeypatch.undo()
-    crash(eng)
+    kill_engine(eng)
 
 
 def test_regions_smaller_than_a_tracking_block(tmp_path, disk):

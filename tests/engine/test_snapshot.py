@@ -105,9 +105,9 @@ def test_destroy_removes_images_and_keeps_tracking(engine, two, storage_dir):
     engine.snapshot_destroy(sid2)
 
 
-def _snapshot_regions() -> list[str]:
-    """The memory regions of snapshots this process holds open."""
-    return [t for t in open_fd_targets() if "blksnap-snap/" in t]
+def _snapshot_regions(sid: str) -> list[str]:
+    """The memory regions of snapshot ``sid`` this process holds open."""
+    return [t for t in open_fd_targets() if f"blksnap-snap/{sid}" in t]
 
 
 def test_destroy_releases_the_snapshots_memory_at_once(engine, two, storage_dir):
@@ -127,10 +127,10 @@ def test_destroy_releases_the_snapshots_memory_at_once(engine, two, storage_dir)
             b.write(CHUNK, b"y" * 4096)
             img = engine.image(sid, "a")
             img.read(0, 4096)
-            assert _snapshot_regions()
+            assert _snapshot_regions(sid)
             del img
             engine.snapshot_destroy(sid)
-            assert _snapshot_regions() == []
+            assert _snapshot_regions(sid) == []
     finally:
         gc.enable()
 
