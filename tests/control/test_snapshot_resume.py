@@ -59,9 +59,17 @@ class Workers:
             self.engines[-1].close()
         for eng in self.engines:  # (what the kernel closes when a worker ends)
             assert isinstance(eng.regions, SupervisedRegions)
-            for fd in eng.regions.fds.values():
+            for fd in eng.regions.fds.values():  # (plain fds: nothing else owns them)
                 os.close(fd)
-            os.close(eng.regions.inherited.status)
+            # The status fd belongs to the socket made over it, if one was:
+            # closing the number under it would let its finalizer close
+            # whatever file gets that number next.
+            inh = eng.regions.inherited
+            chan = inh.__dict__.get("_chan")
+            if chan is not None:
+                chan.close()
+            else:
+                os.close(inh.status)
         self.sup._read_status(0)
         for fd in self.sup.stored.values():
             os.close(fd)
