@@ -135,8 +135,14 @@ class Filter:
 
     def __init__(self, device: Device, opts: dict[str, str]) -> None:
         self.device = device
+        self.refuse_options(opts)
+
+    @classmethod
+    def refuse_options(cls, opts: dict[str, str]) -> None:
+        """EINVAL for any option in ``opts`` (those left once a filter has
+        taken its own)."""
         if opts:
-            raise InvalidArgument(f"filter {self.name!r} takes no option {sorted(opts)[0]!r}")
+            raise InvalidArgument(f"filter {cls.name!r} takes no option {sorted(opts)[0]!r}")
 
     @classmethod
     def prepare(cls, device: Device, opts: dict[str, str]) -> Any:

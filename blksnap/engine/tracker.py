@@ -83,8 +83,7 @@ class Tracker(Filter):
         checkpoint marked in use (a crash from here on cannot make it look
         clean). When a region carries the map on (a worker taking over), only
         the write intent."""
-        if opts:  # (refused before the checkpoint is marked in use)
-            raise InvalidArgument(f"filter {cls.name!r} takes no option {sorted(opts)[0]!r}")
+        cls.refuse_options(opts)  # (before the checkpoint is marked in use)
         path = device.checkpoint_path
         if path is None:
             return None
