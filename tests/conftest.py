@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -61,6 +63,21 @@ def open_fd_targets() -> list[str]:
         except OSError:  # (the listing's own descriptor, gone)
             continue
     return out
+
+
+@contextlib.contextmanager
+def collector_off() -> Iterator[None]:
+    """Counting this process's descriptors: the garbage collected first and
+    the collector off meanwhile, so that no earlier test's object, freed by
+    it, closes descriptors of its own in between."""
+    gc.collect()
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def kill_engine(eng: blksnap.Engine) -> None:

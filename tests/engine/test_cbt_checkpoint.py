@@ -5,7 +5,6 @@ generation and says why."""
 from __future__ import annotations
 
 import errno
-import gc
 import os
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import blksnap
 from blksnap.engine import cbt_checkpoint
 from blksnap.engine import tracker as tracker_mod
 from blksnap.engine.cbt_checkpoint import BackingFacts
-from tests.conftest import random_bytes
+from tests.conftest import collector_off, random_bytes
 
 MiB = 1 << 20
 SIZE = 16 * MiB
@@ -238,9 +237,7 @@ def test_a_refused_attach_leaves_the_checkpoint_and_no_descriptor(tmp_path, disk
     cp_path = eng.device("d").checkpoint_path
     with open(cp_path, "rb") as f:
         cp_before = f.read()
-    gc.collect()
-    gc.disable()  # (no other object's finalizer closing fds meanwhile)
-    try:
+    with collector_off():
         before = _open_fds()
         for _ in range(3):
             with pytest.raises(blksnap.BlksnapError) as info:
@@ -258,8 +255,6 @@ def test_a_refused_attach_leaves_the_checkpoint_and_no_descriptor(tmp_path, disk
             eng.attach("d")
         assert info.value.errno == errno.ENOMEM
         assert _open_fds() == before
-    finally:
-        gc.enable()
     monkeypatch.undo()
     eng.attach("d")
     assert eng.filters("d") == ["blksnap"]

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import errno
-import gc
 import os
 
 import pytest
 
 import blksnap
-from tests.conftest import file_bytes
+from tests.conftest import collector_off, file_bytes
 
 
 def test_read_write_flush_roundtrip(engine, make_file):
@@ -178,17 +177,11 @@ def test_add_device_refuses_what_is_no_disk(engine, make_file, tmp_path, kind, w
         path = kind
         if not os.path.exists(path):
             pytest.skip(f"no {path} here")
-    # (the process's garbage collected first and the collector off while
-    # counting: an earlier test's object freed meanwhile closes its fds)
-    gc.collect()
-    gc.disable()
-    try:
+    with collector_off():
         fds = len(os.listdir("/proc/self/fd"))
         with pytest.raises(blksnap.BlksnapError) as info:
             engine.add_device(path, name="d0")
         after = len(os.listdir("/proc/self/fd"))
-    finally:
-        gc.enable()
     assert info.value.errno == errno.EINVAL, info.value
     assert why in info.value.message and path in info.value.message, info.value.message
     assert engine.devices() == []

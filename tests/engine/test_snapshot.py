@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import gc
 import os
 import threading
 import uuid
@@ -12,7 +11,7 @@ import pytest
 
 import blksnap
 from blksnap.units import KiB, MiB
-from tests.conftest import file_bytes, open_fd_targets
+from tests.conftest import collector_off, file_bytes, open_fd_targets
 
 CHUNK = blksnap.Params().chunk_size
 
@@ -117,9 +116,7 @@ def test_destroy_releases_the_snapshots_memory_at_once(engine, two, storage_dir)
     may not collect for a long time, and each snapshot of a busy device
     leaves a chunk map of touched pages."""
     a, b = two
-    gc.collect()
-    gc.disable()
-    try:
+    with collector_off():
         for _ in range(3):
             sid = engine.snapshot_create(["a", "b"], storage=storage_dir, limit=4 * MiB)
             engine.snapshot_take(sid)
@@ -131,8 +128,6 @@ def test_destroy_releases_the_snapshots_memory_at_once(engine, two, storage_dir)
             del img
             engine.snapshot_destroy(sid)
             assert _snapshot_regions(sid) == []
-    finally:
-        gc.enable()
 
 
 def test_collect_and_info(engine, two, storage_dir):
