@@ -13,7 +13,8 @@ Variants (each a loop device, 4096-byte sectors; fio with ``ioengine=libaio``,
 sequential writes and reads):
 
 - ``raw``: a loop device over a plain backing file, attached exactly as
-  blksnapd attaches its own (``blksnap.control.loop.attach``: direct I/O on).
+  blksnapd attaches its own (``blksnap.control.loop.attach``: direct I/O on,
+  completions not steered to the submitting CPU).
   The reference of the targets: the same loop device with blksnapd taken out.
 - ``raw-buffered``: the same without direct I/O: the loop device writes into
   the backing file's page cache, which is where blksnapd's engine writes go
@@ -876,7 +877,8 @@ def report(bench: FuseBench, elapsed: float) -> str:
         "",
         "- **Raw** (the reference of the targets against raw): a loop device over the "
         "plain backing file, attached as blksnapd attaches its own "
-        "(`blksnap.control.loop.attach`: 4096-byte sectors, direct I/O on); so the only "
+        "(`blksnap.control.loop.attach`: 4096-byte sectors, direct I/O on, completions "
+        "not steered to the submitting CPU); so the only "
         "difference from the blksnapd rows is the FUSE file and the daemon in between. "
         "Its I/O goes to the disk with O_DIRECT, while blksnapd's engine reads and writes "
         "the backing file through the page cache, which flatters blksnapd on small writes "

@@ -52,9 +52,18 @@ def _run(args: list[str]) -> str:
 
 
 def attach(
-    path: str, *, direct_io: bool = True, sector_size: int = 4096, read_only: bool = False
+    path: str,
+    *,
+    direct_io: bool = True,
+    sector_size: int = 4096,
+    read_only: bool = False,
+    steered: bool = False,
 ) -> str:
-    """Attach ``path`` to a free loop device; its /dev path."""
+    """Attach ``path`` to a free loop device; its /dev path.
+
+    Its completions are not steered (:func:`unsteer`: the loop devices the
+    product makes are over FUSE files); ``steered`` keeps the kernel's
+    default (a loop device over a plain file, as a reference)."""
     args = ["losetup", "--find", "--show", f"--sector-size={sector_size}"]
     if direct_io:
         args.append("--direct-io=on")
@@ -71,7 +80,33 @@ def attach(
         args.remove("--direct-io=on")
         loop = _run(args)
     log.info("loop device %s attached to %s", loop, path)
+    if not steered:
+        unsteer(loop)
     return loop
+
+
+def unsteer(loop: str) -> None:
+    """End the loop device's requests on the CPU where they finish
+    (``rq_affinity`` 0) rather than on the CPU that submitted each.
+
+    Over a FUSE file a request of the loop device finishes in the FUSE
+    server's reply (its ``writev`` to /dev/fuse). Under the kernel's default
+    (``rq_affinity`` 1) a reply sent from a CPU other than the submitter's
+    (here: one not sharing its L2 cache) is steered to the submitter with an
+    inter-processor interrupt, a VM exit in a guest. Measured with blksnapd
+    on 2 CPUs, 4 KiB random writes: steered, the worker spent 12-14 µs of CPU
+    per request against 9-10 µs, the whole machine 26-28 µs against 22-23,
+    and ran 5-15 % slower; under the default a device's runs got one or the
+    other depending on where the scheduler had put fio and the serving
+    thread, which made runs of the same workload differ that much.
+    Unsteered, the completion is a soft interrupt on the server's CPU.
+    Not set (a warning): the device works, steered."""
+    attr = f"/sys/block/{os.path.basename(loop)}/queue/rq_affinity"
+    try:
+        with open(attr, "w") as f:
+            f.write("0")
+    except OSError as exc:
+        log.warning("%s: completions stay steered (%s: %s)", loop, attr, exc.strerror)
 
 
 @contextlib.contextmanager
