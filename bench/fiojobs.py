@@ -65,6 +65,8 @@ class Result:
     seconds: float
     #: CPU seconds the server process spent during the run (None: not measured).
     cpu: float | None = None
+    #: Involuntary context switches of the server's threads during the run.
+    preempted: int | None = None
 
     def rate(self, wl: Workload) -> float:
         return self.iops if wl.small else self.bw
@@ -79,6 +81,12 @@ class Result:
             return None
         return self.cpu / self.ios * 1e6
 
+    @property
+    def preempted_per_request(self) -> float | None:
+        if self.preempted is None or not self.ios:
+            return None
+        return self.preempted / self.ios
+
 
 def _stat(pid: int | str) -> list[str]:
     with open(f"/proc/{pid}/stat") as f:
@@ -86,10 +94,9 @@ def _stat(pid: int | str) -> list[str]:
     return text[text.rindex(")") + 2 :].split()  # the name may hold spaces and parens
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of process ``pid`` and of every process below it (all
-    their threads, live and ended): blksnapd is a supervisor whose worker
-    process serves, and a worker may be replaced."""
+def _tree(pid: int) -> tuple[list[int], dict[int, int]]:
+    """Process ``pid`` and every process below it; the CPU ticks (utime +
+    stime, of all their threads, live and ended) of every process."""
     children: dict[int, list[int]] = {}
     ticks: dict[int, int] = {}
     for entry in os.listdir("/proc"):
@@ -102,27 +109,71 @@ def cpu_seconds(pid: int) -> float:
         child = int(entry)
         children.setdefault(int(fields[1]), []).append(child)
         ticks[child] = int(fields[11]) + int(fields[12])
-    total, todo = 0, [pid]
+    out, todo = [], [pid]
     while todo:
         p = todo.pop()
-        total += ticks.get(p, 0)
+        out.append(p)
         todo += children.get(p, [])
-    return total / _TICK
+    return out, ticks
 
 
-def fio(args: list[str], pid: int | None = None) -> tuple[dict, float | None]:
-    """fio's JSON document, and the CPU seconds process ``pid`` spent meanwhile."""
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of process ``pid`` and of every process below it (all
+    their threads, live and ended): blksnapd is a supervisor whose worker
+    process serves, and a worker may be replaced."""
+    procs, ticks = _tree(pid)
+    return sum(ticks.get(p, 0) for p in procs) / _TICK
+
+
+def preemptions(pid: int) -> int:
+    """Involuntary context switches (the thread was runnable and the
+    scheduler gave its CPU to another) of every live thread of process
+    ``pid`` and of the processes below it."""
+    total = 0
+    for p in _tree(pid)[0]:
+        try:
+            tids = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{p}/task/{tid}/status") as f:
+                    for line in f:
+                        if line.startswith("nonvoluntary_ctxt_switches:"):
+                            total += int(line.split()[1])
+            except OSError:  # ended meanwhile
+                continue
+    return total
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What the server process spent during a run."""
+
+    cpu: float  # seconds
+    preempted: int  # involuntary context switches of its live threads
+
+
+def usage(pid: int) -> Usage:
+    return Usage(cpu_seconds(pid), preemptions(pid))
+
+
+def fio(args: list[str], pid: int | None = None) -> tuple[dict, Usage | None]:
+    """fio's JSON document, and what process ``pid`` spent meanwhile."""
     cmd = ["fio", "--output-format=json", *args]
-    c0 = cpu_seconds(pid) if pid else 0.0
+    u0 = usage(pid) if pid else None
     out = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=600)
-    cpu = cpu_seconds(pid) - c0 if pid else None
+    spent = None
+    if pid and u0 is not None:
+        u1 = usage(pid)
+        spent = Usage(u1.cpu - u0.cpu, u1.preempted - u0.preempted)
     if out.returncode != 0:
         raise BenchError(f"{' '.join(cmd)} -> {out.returncode}\n{out.stderr}{out.stdout[-2000:]}")
     text = out.stdout
-    return json.loads(text[text.index("{") :]), cpu  # fio may print notes before the JSON
+    return json.loads(text[text.index("{") :]), spent  # fio may print notes before the JSON
 
 
-def parse(doc: dict, wl: Workload, cpu: float | None = None) -> Result:
+def parse(doc: dict, wl: Workload, spent: Usage | None = None) -> Result:
     job = doc["jobs"][0]
     side = job["read" if wl.is_read else "write"]
     if job.get("error"):
@@ -132,7 +183,8 @@ def parse(doc: dict, wl: Workload, cpu: float | None = None) -> Result:
         float(side["iops"]),
         int(side["total_ios"]),
         float(side["runtime"]) / 1000.0,
-        cpu,
+        None if spent is None else spent.cpu,
+        None if spent is None else spent.preempted,
     )
 
 
@@ -182,9 +234,9 @@ def fio_replay(log: str, pid: int | None = None) -> Result:
     return parse(*_run(args, RAND_W, pid))
 
 
-def _run(args: list[str], wl: Workload, pid: int | None) -> tuple[dict, Workload, float | None]:
-    doc, cpu = fio(args, pid)
-    return doc, wl, cpu
+def _run(args: list[str], wl: Workload, pid: int | None) -> tuple[dict, Workload, Usage | None]:
+    doc, spent = fio(args, pid)
+    return doc, wl, spent
 
 
 def first_write_log(path: str, target: str, size: int, chunk: int, rng: random.Random) -> int:

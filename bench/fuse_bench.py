@@ -361,6 +361,13 @@ class Trial:
         ios = sum(r.ios for r in rs)
         return sum(r.cpu or 0.0 for r in rs) / ios * 1e6 if ios else None
 
+    def preempted(self, variant: str, wl: Workload) -> float | None:
+        """Involuntary context switches of the serving process's threads per
+        request, over the variant's runs."""
+        rs = [r for r in self.runs.get((variant, wl.key), []) if r.preempted is not None]
+        ios = sum(r.ios for r in rs)
+        return sum(r.preempted or 0 for r in rs) / ios if ios else None
+
 
 class FuseBench:
     def __init__(self, cfg: Config, rig: Rig, rng: random.Random) -> None:
@@ -406,6 +413,8 @@ class FuseBench:
         self.rig.settle()
         if self.verbose:
             cpu = f" cpu {res.cpu_us:.0f} µs/req" if res.cpu_us is not None else ""
+            if res.preempted_per_request is not None:
+                cpu += f" preempted {res.preempted_per_request:.2f}/req"
             print(
                 f"  {variant:13} {wl.label:17} {res.text(wl):>13}{cpu}  fio {t1 - t0:.1f}s"
                 f" settle {time.perf_counter() - t1:.1f}s",
@@ -778,6 +787,11 @@ def median_cpu(trials: Sequence[Trial], variant: str, wl: Workload) -> float:
     return statistics.median(us) if us else float("nan")
 
 
+def median_preempted(trials: Sequence[Trial], variant: str, wl: Workload) -> float:
+    ps = [p for t in trials if (p := t.preempted(variant, wl)) is not None]
+    return statistics.median(ps) if ps else float("nan")
+
+
 def median_result(trials: Sequence[Trial], variant: str | None, wl: Workload) -> str:
     if variant is None:
         return "—"
@@ -1126,6 +1140,17 @@ def why(r: Ratio, bench: FuseBench) -> str:
                 f"{ceiling:.2f} of raw, the passthrough {ratio('pass', 'own-pwrite', r.wl):.2f} "
                 "of that: one Python thread serves at a time, and each microsecond it "
                 "spends on a request lengthens every request's turn"
+            )
+        switched = median_preempted(trials, "pass", r.wl)
+        if switched == switched:
+            null = median_preempted(trials, "own-null", r.wl)
+            text += (
+                f". Its threads were switched out {switched:.2f} times per request against "
+                "their will (involuntary context switches; the do-nothing session's "
+                f"{null:.2f}): the loop device's completion, which the answer's `writev` "
+                "raises as a soft interrupt, wakes `ksoftirqd`, and the scheduler gives it "
+                "the serving thread's CPU (seen with `perf record -e sched:sched_switch`), "
+                "while the raw loop device's completions come from the disk's interrupt"
             )
     elif r.num == "tracker":
         text = (
