@@ -117,20 +117,11 @@ def _tree(pid: int) -> tuple[list[int], dict[int, int]]:
     return out, ticks
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of process ``pid`` and of every process below it (all
-    their threads, live and ended): blksnapd is a supervisor whose worker
-    process serves, and a worker may be replaced."""
-    procs, ticks = _tree(pid)
-    return sum(ticks.get(p, 0) for p in procs) / _TICK
-
-
-def preemptions(pid: int) -> int:
+def _preempted(procs: list[int]) -> int:
     """Involuntary context switches (the thread was runnable and the
-    scheduler gave its CPU to another) of every live thread of process
-    ``pid`` and of the processes below it."""
+    scheduler gave its CPU to another) of every live thread of ``procs``."""
     total = 0
-    for p in _tree(pid)[0]:
+    for p in procs:
         try:
             tids = os.listdir(f"/proc/{p}/task")
         except OSError:
@@ -148,14 +139,19 @@ def preemptions(pid: int) -> int:
 
 @dataclass(frozen=True)
 class Usage:
-    """What the server process spent during a run."""
+    """What a server process and the processes below it spent: blksnapd is a
+    supervisor whose worker process serves, and a worker may be replaced."""
 
-    cpu: float  # seconds
-    preempted: int  # involuntary context switches of its live threads
+    cpu: float  # utime + stime, seconds, of all their threads (live and ended)
+    preempted: int  # involuntary context switches of their live threads
+
+    def __sub__(self, other: Usage) -> Usage:
+        return Usage(self.cpu - other.cpu, self.preempted - other.preempted)
 
 
 def usage(pid: int) -> Usage:
-    return Usage(cpu_seconds(pid), preemptions(pid))
+    procs, ticks = _tree(pid)
+    return Usage(sum(ticks.get(p, 0) for p in procs) / _TICK, _preempted(procs))
 
 
 def fio(args: list[str], pid: int | None = None) -> tuple[dict, Usage | None]:
@@ -163,10 +159,7 @@ def fio(args: list[str], pid: int | None = None) -> tuple[dict, Usage | None]:
     cmd = ["fio", "--output-format=json", *args]
     u0 = usage(pid) if pid else None
     out = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=600)
-    spent = None
-    if pid and u0 is not None:
-        u1 = usage(pid)
-        spent = Usage(u1.cpu - u0.cpu, u1.preempted - u0.preempted)
+    spent = usage(pid) - u0 if pid and u0 is not None else None
     if out.returncode != 0:
         raise BenchError(f"{' '.join(cmd)} -> {out.returncode}\n{out.stderr}{out.stdout[-2000:]}")
     text = out.stdout

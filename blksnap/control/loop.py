@@ -57,13 +57,10 @@ def attach(
     direct_io: bool = True,
     sector_size: int = 4096,
     read_only: bool = False,
-    steered: bool = False,
 ) -> str:
-    """Attach ``path`` to a free loop device; its /dev path.
-
-    Its completions are not steered (:func:`unsteer`: the loop devices the
-    product makes are over FUSE files); ``steered`` keeps the kernel's
-    default (a loop device over a plain file, as a reference)."""
+    """Attach ``path`` to a free loop device; its /dev path. Its completions
+    are not steered (:func:`unsteer`: the loop devices the product makes
+    are over FUSE files)."""
     args = ["losetup", "--find", "--show", f"--sector-size={sector_size}"]
     if direct_io:
         args.append("--direct-io=on")
@@ -80,8 +77,7 @@ def attach(
         args.remove("--direct-io=on")
         loop = _run(args)
     log.info("loop device %s attached to %s", loop, path)
-    if not steered:
-        unsteer(loop)
+    unsteer(loop)
     return loop
 
 
