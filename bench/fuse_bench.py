@@ -64,7 +64,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -355,18 +355,25 @@ class Trial:
         rs = self.runs.get((variant, wl.key))
         return statistics.fmean(r.rate(wl) for r in rs) if rs else None
 
+    def _per_request(
+        self, variant: str, wl: Workload, of: Callable[[Result], float | None]
+    ) -> float | None:
+        """``of`` (a server's usage in a run) per request, over the variant's
+        runs that measured it."""
+        runs = self.runs.get((variant, wl.key), [])
+        vals = [(v, r.ios) for r in runs if (v := of(r)) is not None]
+        ios = sum(n for _, n in vals)
+        return sum(v for v, _ in vals) / ios if ios else None
+
     def cpu_us(self, variant: str, wl: Workload) -> float | None:
         """The serving process's CPU µs per request, over the variant's runs."""
-        rs = [r for r in self.runs.get((variant, wl.key), []) if r.cpu is not None]
-        ios = sum(r.ios for r in rs)
-        return sum(r.cpu or 0.0 for r in rs) / ios * 1e6 if ios else None
+        per = self._per_request(variant, wl, lambda r: r.cpu)
+        return None if per is None else per * 1e6
 
     def preempted(self, variant: str, wl: Workload) -> float | None:
         """Involuntary context switches of the serving process's threads per
         request, over the variant's runs."""
-        rs = [r for r in self.runs.get((variant, wl.key), []) if r.preempted is not None]
-        ios = sum(r.ios for r in rs)
-        return sum(r.preempted or 0 for r in rs) / ios if ios else None
+        return self._per_request(variant, wl, lambda r: r.preempted)
 
 
 class FuseBench:
@@ -766,9 +773,13 @@ CPU_VARIANTS = (
 )
 
 
+def _median(vals: Iterable[float | None]) -> float:
+    known = [v for v in vals if v is not None]
+    return statistics.median(known) if known else float("nan")
+
+
 def median_rate(trials: Sequence[Trial], variant: str, wl: Workload) -> float:
-    rs = [r for t in trials if (r := t.rate(variant, wl)) is not None]
-    return statistics.median(rs) if rs else float("nan")
+    return _median(t.rate(variant, wl) for t in trials)
 
 
 def pass_spread(trials: Sequence[Trial], wl: Workload) -> float | None:
@@ -783,13 +794,11 @@ def pass_spread(trials: Sequence[Trial], wl: Workload) -> float | None:
 
 
 def median_cpu(trials: Sequence[Trial], variant: str, wl: Workload) -> float:
-    us = [u for t in trials if (u := t.cpu_us(variant, wl)) is not None]
-    return statistics.median(us) if us else float("nan")
+    return _median(t.cpu_us(variant, wl) for t in trials)
 
 
 def median_preempted(trials: Sequence[Trial], variant: str, wl: Workload) -> float:
-    ps = [p for t in trials if (p := t.preempted(variant, wl)) is not None]
-    return statistics.median(ps) if ps else float("nan")
+    return _median(t.preempted(variant, wl) for t in trials)
 
 
 def median_result(trials: Sequence[Trial], variant: str | None, wl: Workload) -> str:

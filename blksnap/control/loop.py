@@ -52,11 +52,7 @@ def _run(args: list[str]) -> str:
 
 
 def attach(
-    path: str,
-    *,
-    direct_io: bool = True,
-    sector_size: int = 4096,
-    read_only: bool = False,
+    path: str, *, direct_io: bool = True, sector_size: int = 4096, read_only: bool = False
 ) -> str:
     """Attach ``path`` to a free loop device; its /dev path. Its completions
     are not steered (:func:`unsteer`: the loop devices the product makes

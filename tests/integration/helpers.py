@@ -27,6 +27,11 @@ MiB = 1 << 20
 # -- daemon, through the CLI -------------------------------------------------------
 
 
+def queue_limit(dev: str, name: str) -> int:
+    """Block device ``dev``'s queue attribute ``name`` (sysfs)."""
+    return int(Path(f"/sys/block/{os.path.basename(dev)}/queue/{name}").read_text())
+
+
 def add_device(daemon: Daemon, path: str, name: str, loop: bool = True) -> dict:
     args = ["--json", "device", "add", path, "--name", name] + (["--loop"] if loop else [])
     out = json.loads(daemon.cli(*args).stdout)

@@ -9,13 +9,9 @@ import socket
 import struct
 
 from tests.integration.conftest import run
+from tests.integration.helpers import queue_limit
 
 MiB = 1 << 20
-
-
-def rq_affinity(dev: str) -> str:
-    with open(f"/sys/block/{os.path.basename(dev)}/queue/rq_affinity") as f:
-        return f.read().strip()
 
 
 def test_device_snapshot_image_ext4(daemon, backing, tmp_path):
@@ -25,7 +21,7 @@ def test_device_snapshot_image_ext4(daemon, backing, tmp_path):
     assert add["loop"].startswith("/dev/loop")
     # its completions are not steered to the submitting CPU (each would cost
     # blksnapd an inter-processor interrupt: blksnap.control.loop.unsteer)
-    assert rq_affinity(add["loop"]) == "0"
+    assert queue_limit(add["loop"], "rq_affinity") == 0
     run("mkfs.ext4", "-q", add["loop"])
     m1 = daemon.mount_fs(add["loop"], tmp_path / "m1")
     with open(os.path.join(m1, "before"), "wb") as f:
@@ -39,7 +35,7 @@ def test_device_snapshot_image_ext4(daemon, backing, tmp_path):
     img = take["images"]["a"]
     assert img["path"] == os.path.join(daemon.mount, "images", sid, "a")
     assert take["frozen"] == [m1]
-    assert rq_affinity(img["loop"]) == "0"
+    assert queue_limit(img["loop"], "rq_affinity") == 0
     with open(os.path.join(m1, "after"), "wb") as f:
         f.write(b"after")
     m2 = daemon.mount_fs(img["loop"], tmp_path / "m2", "ro", "noload")

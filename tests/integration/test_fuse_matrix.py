@@ -27,6 +27,7 @@ from tests.integration.helpers import (
     collect,
     create,
     direct_read,
+    queue_limit,
     storage_dir,
     take_full,
 )
@@ -58,10 +59,6 @@ def random_device(
     with open(path, "r+b") as f:
         f.write(data)
     return path, data
-
-
-def queue_limit(dev: str, name: str) -> int:
-    return int(Path(f"/sys/block/{os.path.basename(dev)}/queue/{name}").read_text())
 
 
 def fio_jobs(dev: str) -> str:
