@@ -11,7 +11,8 @@ APT_PACKAGES := e2fsprogs xfsprogs util-linux fio qemu-utils libnbd-bin
 # A throwaway Ceph cluster with a RADOS Gateway: the real S3 endpoint of the
 # S3 repository tests (blksnap/tools/rgw.py); without recommends: ~57 MiB.
 APT_NORECS := ceph-mon ceph-osd radosgw ceph-common
-# make bench only: libfuse3 to build pyfuse3 for the do-nothing reference fs.
+# make bench only: libfuse3 to build pyfuse3 for the do-nothing reference fs;
+# gcc for it and for bench/cserver.c (the request loop compiled, a measure).
 APT_BENCH := fuse3 libfuse3-dev pkg-config gcc
 BENCH_STAMP := $(VENV)/.installed-bench
 

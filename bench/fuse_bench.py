@@ -26,6 +26,11 @@ sequential writes and reads):
 - ``own-pwrite``: the same session serving a backing file of its own with a
   bare ``pread``/``pwrite`` per request (``ownnull.py --file``): no engine,
   the ceiling of any engine in Python behind this session.
+- ``c-null``, ``c-pwrite``: the same two served by ``bench/cserver.c``,
+  the request loop compiled (built here with the C compiler; skipped when
+  there is none): what the kernel's side of FUSE, and the backing file's
+  page cache, cost without Python; the ceiling a compiled request loop
+  could approach.
 - ``null``: the same over ``bench/nullfs.py``, the do-nothing pyfuse3 file
   system: the old front-end's ceiling, kept as the reference the session is
   measured against.
@@ -143,6 +148,22 @@ def why_not() -> str | None:
 # -- the rig: files, processes, loop devices ---------------------------------------------
 
 
+def build_cserver(workdir: str, progress: Callable[[str], None]) -> str | None:
+    """``bench/cserver.c`` built into ``workdir`` (None, said why: no C
+    compiler here, or it failed)."""
+    cc = shutil.which(os.environ.get("CC", "cc"))
+    if cc is None:
+        progress("fio: no C compiler: the variants of the loop in C are skipped")
+        return None
+    out = os.path.join(workdir, "cserver")
+    cmd = [cc, "-O2", "-Wall", "-pthread", "-o", out, str(HERE / "cserver.c")]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        progress(f"fio: building bench/cserver.c failed, its variants skipped: {done.stderr}")
+        return None
+    return out
+
+
 class Rig:
     """blksnapd with three devices, the two do-nothing file systems, and the
     raw loop devices, all under one work directory; ``close`` removes every
@@ -152,6 +173,8 @@ class Rig:
     #: variant -> the script serving it, all with ``MOUNTPOINT --size BYTES``
     #: (``own-pwrite`` also with ``--file`` of its own backing file)
     SERVERS = {"null": "nullfs.py", "own-null": "ownnull.py", "own-pwrite": "ownnull.py"}
+    #: variants served by ``bench/cserver.c`` (``c-pwrite`` with a file)
+    COMPILED = ("c-null", "c-pwrite")
 
     def __init__(self, cfg: Config, workdir: str, rng: random.Random) -> None:
         self.cfg = cfg
@@ -180,14 +203,17 @@ class Rig:
 
     def start(self, progress: Callable[[str], None]) -> None:
         size = self.cfg.size
-        for name in ("raw", "raw-buffered", "own-pwrite", *self.DEVICES, "storage"):
+        for name in ("raw", "raw-buffered", "own-pwrite", "c-pwrite", *self.DEVICES, "storage"):
             self.files[name] = self.path(f"{name}.img")
             incompressible_file(self.files[name], size, self.rng)
         progress(f"fio: {len(self.files)} files of {size_text(size)} in {self.dir}")
         self.loops["raw"] = self._loop(self.files["raw"], direct_io=True)
         self.loops["raw-buffered"] = self._loop(self.files["raw-buffered"], direct_io=False)
         for variant, script in self.SERVERS.items():
-            self._start_server(variant, script)
+            self._start_server(variant, [sys.executable, str(HERE / script)])
+        cserver = build_cserver(self.dir, progress)
+        for variant in self.COMPILED if cserver else ():
+            self._start_server(variant, [cserver])
         self._start_daemon()
         assert self.client is not None
         for name in self.DEVICES:
@@ -205,16 +231,19 @@ class Rig:
         self.my_loops.append(lp)
         return lp
 
-    def _start_server(self, variant: str, script: str) -> None:
-        """A do-nothing file system in a process of its own (both serve
+    def _start_server(self, variant: str, command: list[str]) -> None:
+        """A do-nothing file system in a process of its own (all serve
         ``disk`` of the devices' size), and a loop device over its file."""
         mnt = self.path(f"{variant}-mnt")
         os.makedirs(mnt)
         log_path = self.path(f"{variant}.log")
         log = open(log_path, "wb")  # noqa: SIM115 - closed with the process
-        args = [sys.executable, str(HERE / script), mnt, "--size", str(self.cfg.size)]
-        if variant in self.files:
-            args += ["--file", self.files[variant]]
+        if variant in self.COMPILED:
+            args = [*command, mnt, str(self.cfg.size), str(SETTINGS.fuse_threads)]
+            args += [self.files[variant]] if variant in self.files else []
+        else:
+            args = [*command, mnt, "--size", str(self.cfg.size)]
+            args += ["--file", self.files[variant]] if variant in self.files else []
         proc = subprocess.Popen(
             args,
             stdout=subprocess.PIPE,
@@ -226,7 +255,7 @@ class Rig:
         assert proc.stdout is not None
         line = proc.stdout.readline()
         if line.strip() != b"ready":
-            raise BenchError(f"{script} did not start: {Path(log_path).read_text()}")
+            raise BenchError(f"{command[-1]} did not start: {Path(log_path).read_text()}")
         self.loops[variant] = self._loop(os.path.join(mnt, "disk"), direct_io=True)
 
     def _start_daemon(self) -> None:
@@ -300,7 +329,7 @@ class Rig:
 
 #: Variants whose file a process of ours serves through the page cache
 #: (raw reads with direct I/O; raw-buffered through its own loop device).
-SERVED = ("pass", "tracker", "snap", "own-pwrite")
+SERVED = ("pass", "tracker", "snap", "own-pwrite", "c-pwrite")
 
 #: The time-based runs of a trial: variant -> workloads. The tracker's runs
 #: (and the rewrites of the snapshot sessions) each come with a passthrough
@@ -314,6 +343,8 @@ JOBS: dict[str, tuple[Workload, ...]] = {
     # (writes only: its reads would hold the turn while they wait for the
     # disk, where blksnapd's hand it on, so they are no ceiling of blksnapd's)
     "own-pwrite": (RAND_W,),
+    "c-null": (RAND_W,),
+    "c-pwrite": (RAND_W,),
     "pass": WORKLOADS,
     "tracker": (SEQ_W, RAND_W),
 }
@@ -509,6 +540,7 @@ class FuseBench:
     def trial(self) -> Trial:
         out = Trial()
         jobs: list[tuple[str, Workload | None]] = [(v, wl) for v, wls in JOBS.items() for wl in wls]
+        jobs = [j for j in jobs if j[0] in self.rig.loops]  # (no compiler: no c-*)
         jobs += [("seq-session", None), ("rand-session", None)]
         if self.cfg.only:
             jobs = [j for j in jobs if j[0] in self.cfg.only]
@@ -529,8 +561,10 @@ class FuseBench:
 
     def warm_up(self) -> None:
         """Every front-end once, briefly: threads, caches, code paths."""
-        for variant in ("raw", "raw-buffered", "null", "own-null", "own-pwrite", "pass",
-                        "tracker", "snap"):  # fmt: skip
+        for variant in ("raw", "raw-buffered", "null", "own-null", "own-pwrite", "c-null",
+                        "c-pwrite", "pass", "tracker", "snap"):  # fmt: skip
+            if variant not in self.rig.loops:
+                continue
             for wl in (SEQ_W, RAND_W):
                 self.timed(variant, wl, runtime=0.5)
 
@@ -643,6 +677,8 @@ LABELS = {
     "raw-buffered": "raw, buffered: loop (no direct I/O) over the plain file",
     "own-null": "own session, do-nothing (`bench/ownnull.py`)",
     "own-pwrite": "own session, pread/pwrite only (`bench/ownnull.py --file`)",
+    "c-null": "the session's loop in C, do-nothing (`bench/cserver.c`)",
+    "c-pwrite": "the session's loop in C, pread/pwrite only (`bench/cserver.c`)",
     "null": "pyfuse3 do-nothing fs (`bench/nullfs.py`)",
     "pass": "blksnapd, no filter (passthrough)",
     "tracker": "blksnapd, tracker attached",
@@ -746,6 +782,9 @@ OTHERS = (
     *(Ratio("own session do-nothing ÷ raw", wl, "own-null", "raw") for wl in WORKLOADS),
     Ratio("own session, pread/pwrite only ÷ raw", RAND_W, "own-pwrite", "raw"),
     Ratio("passthrough ÷ own session, pread/pwrite only", RAND_W, "pass", "own-pwrite"),
+    Ratio("loop in C, do-nothing ÷ raw", RAND_W, "c-null", "raw"),
+    Ratio("loop in C, pread/pwrite only ÷ raw", RAND_W, "c-pwrite", "raw"),
+    Ratio("own session ÷ loop in C, both pread/pwrite only", RAND_W, "own-pwrite", "c-pwrite"),
     *(Ratio("pyfuse3 do-nothing ÷ raw", wl, "null", "raw") for wl in (RAND_W, SEQ_W)),
     *(Ratio("passthrough ÷ raw, buffered", wl, "pass", "raw-buffered") for wl in (RAND_W, SEQ_W)),
     *(Ratio("snapshot first writes ÷ passthrough", wl, "snap-first", "pass")
@@ -763,6 +802,8 @@ CPU_VARIANTS = (
     "null",
     "own-null",
     "own-pwrite",
+    "c-null",
+    "c-pwrite",
     "pass",
     "tracker",
     "snap-first",
@@ -912,6 +953,15 @@ def report(bench: FuseBench, elapsed: float) -> str:
         f"{SETTINGS.fuse_threads} of them, mount options and direct-I/O files) serving a "
         "file whose write returns at once and whose read returns zeroes, in a process of "
         "its own: the ceiling of blksnapd's front-end here.",
+        "- **Loop in C**: `bench/cserver.c`, built here with the C compiler: the "
+        "session's request loop compiled, with the same INIT flags, mount options, "
+        f"reader threads ({SETTINGS.fuse_threads}, each reading its own cloned fd at once: "
+        "there is no interpreter lock to pass) and direct-I/O files, serving a file "
+        "that does nothing (*do-nothing*) or a `pread`/`pwrite` of its own backing "
+        "file per request, as `bench/ownnull.py --file` (*pread/pwrite only*): what "
+        "the kernel's side of FUSE and the page cache cost without Python, the ceiling "
+        "a compiled request loop for blksnapd's short ways could approach. Not a "
+        "product: a measuring stick.",
         "- **pyfuse3 do-nothing**: `bench/nullfs.py`, the same on pyfuse3 (one trio event "
         "loop), the ceiling of the old front-end: the reference the session is measured "
         "against.",
@@ -1050,6 +1100,21 @@ def notes(bench: FuseBench) -> list[str]:
         "(its CBT mark, and whatever else differed between the runs on this shared machine).",
         "",
     ]
+    cpu_cnull, cpu_cpw = (
+        median_cpu(trials, "c-null", RAND_W),
+        median_cpu(trials, "c-pwrite", RAND_W),
+    )
+    if cpu_cnull == cpu_cnull and cpu_cpw == cpu_cpw:
+        cpu_opw = median_cpu(trials, "own-pwrite", RAND_W)
+        out[-2] += (
+            f" The same loop compiled (`bench/cserver.c`) costs {cpu_cnull:.0f} µs per "
+            f"do-nothing request and {cpu_cpw:.0f} µs with the `pwrite` "
+            f"({cpu_own - cpu_cnull:+.0f} and {cpu_opw - cpu_cpw:+.0f} µs in Python: the "
+            "session's own share), and reaches "
+            f"{ratio('loop in C, pread/pwrite only ÷ raw', RAND_W):.2f}x raw with the "
+            f"`pwrite`, where the session in Python reaches "
+            f"{ratio('own session, pread/pwrite only ÷ raw', RAND_W):.2f}x."
+        )
     raw_rand = [r for t in trials if (r := t.rate("raw", RAND_W)) is not None]
     raw_seq = [r for t in trials if (r := t.rate("raw", SEQ_W)) is not None]
     if raw_rand and raw_seq:
@@ -1149,6 +1214,17 @@ def why(r: Ratio, bench: FuseBench) -> str:
                 f"{ceiling:.2f} of raw, the passthrough {ratio('pass', 'own-pwrite', r.wl):.2f} "
                 "of that: one Python thread serves at a time, and each microsecond it "
                 "spends on a request lengthens every request's turn"
+            )
+        compiled = ratio("c-pwrite", "raw", r.wl)
+        if compiled == compiled:
+            text += (
+                f". The same loop compiled (`bench/cserver.c`, every thread serving at "
+                f"once) reaches {compiled:.2f} of raw with the `pwrite` "
+                f"({cpu('c-pwrite'):.0f} µs of CPU per request) and "
+                f"{ratio('c-null', 'raw', r.wl):.2f} without ({cpu('c-null'):.0f} µs, "
+                "the kernel's side of FUSE alone): what stands between blksnapd and this "
+                "target is Python, which a compiled request loop for the short ways "
+                "(passthrough, CBT mark, stored-chunk check) would take out"
             )
         switched = median_preempted(trials, "pass", r.wl)
         if switched == switched:
@@ -1301,7 +1377,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument(
         "--only",
         default="",
-        help="comma-separated variants to run (raw, raw-buffered, null, own-null, pass, "
+        help="comma-separated variants to run (raw, raw-buffered, null, own-null, own-pwrite, "
+        "c-null, c-pwrite, pass, "
         "tracker, seq-session, rand-session); default all",
     )
     ap.add_argument("--no-warmup", action="store_true")
