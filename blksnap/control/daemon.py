@@ -582,6 +582,20 @@ class Daemon:
                 except BlksnapError as exc:
                     log.error("detach %s: %s", lp, exc)
 
+    async def unsteer_loops(self) -> None:
+        """Once serving, after a takeover: the loop devices it carries on whose
+        completions are still steered (attached by a blksnapd from before
+        :func:`loop.unsteer`) stop being so. Not before the new worker serves:
+        storing a queue attribute may freeze the loop device's queue, which
+        waits for the requests in flight, and only a serving worker answers
+        them."""
+        for path, lp in list(self.loops.items()):
+            if hostinfo.backing_file(os.path.basename(lp)) != path:
+                continue  # (detached meanwhile, or another file's now)
+            if await self.thread(loop.steered, lp):
+                log.info("%s: its completions are no longer steered", lp)
+                await self.thread(loop.unsteer, lp)
+
     def _describe_device(self, name: str) -> dict[str, Any]:
         dev = self.engine.device(name)
         path = self.device_path(name)
@@ -969,6 +983,7 @@ class Daemon:
                 if self.takeover:
                     nursery.start_soon(self.thaw_left)
                     await self.drop_lost_images()
+                    nursery.start_soon(self.unsteer_loops)
                 nursery.start_soon(self._signals)
                 log.info(
                     "blksnapd %s ready: socket %s, mount %s, state %s%s",

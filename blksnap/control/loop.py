@@ -101,6 +101,17 @@ def unsteer(loop: str) -> None:
         log.warning("%s: completions stay steered (%s: %s)", loop, attr, exc.strerror)
 
 
+def steered(loop: str) -> bool:
+    """Are the loop device's completions steered to the submitting CPU
+    (``rq_affinity`` not 0: one a blksnapd before :func:`unsteer` attached)?
+    False if it cannot be read (gone)."""
+    try:
+        with open(f"/sys/block/{os.path.basename(loop)}/queue/rq_affinity") as f:
+            return f.read().strip() != "0"
+    except OSError:
+        return False
+
+
 @contextlib.contextmanager
 def attached(path: str, **kw: object) -> Iterator[str]:
     """A loop device over ``path`` (:func:`attach`'s options) for the

@@ -38,6 +38,7 @@ from tests.integration.helpers import (
     create,
     direct_write,
     kill_worker,
+    queue_limit,
     sha256_file,
     storage_dir,
     take_full,
@@ -565,6 +566,10 @@ def test_snapshots_carry_on_across_daemon_restart_and_kill(
     stored = int(daemon.client.snapshot_collect(sid)[0]["devices"][0]["chunks_stored"])
     assert stored > 0
     for i, how in enumerate(("restart", "kill")):
+        # as a blksnapd from before loop.unsteer left them: the new worker
+        # unsteers them once it serves
+        for lp in (la, img_loop):
+            Path(f"/sys/block/{os.path.basename(lp)}/queue/rq_affinity").write_text("1")
         old = worker_pid(daemon)
         if how == "restart":
             daemon.cli("daemon", "restart")
@@ -577,6 +582,10 @@ def test_snapshots_carry_on_across_daemon_restart_and_kill(
         assert int(snap["devices"][0]["chunks_stored"]) >= stored, snap
         assert daemon.client.snapshot_collect(second)[0]["state"] == "created"
         assert img_loop in st["loops"], st
+        deadline = time.monotonic() + 10
+        while any(queue_limit(lp, "rq_affinity") for lp in (la, img_loop)):
+            assert time.monotonic() < deadline, f"{how}: loop devices still steered"
+            time.sleep(0.05)
         assert sha256_file(img_loop) == at_take, how
         assert sha256_file(os.path.join(daemon.mount, "images", sid, "a")) == at_take
         for off in range(size // 2 + i * MiB, size, 4 * MiB):  # copies in the new worker
