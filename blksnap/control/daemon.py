@@ -135,6 +135,8 @@ class Daemon:
         self.rebuilt = False
         self.started = time.time()
         self.stopping = trio.Event()
+        #: Stopping with ``--force``: the FUSE files may still be in use.
+        self.forced = False
         #: Why the FUSE session ended while blksnapd still runs (the kernel
         #: aborted the connection, the mount went away), or None.
         self.fuse_ended: str | None = None
@@ -259,6 +261,7 @@ class Daemon:
                 )
         else:
             log.warning("daemon stop --force: devices and images go away under whoever uses them")
+            self.forced = True
         self.stopping.set()
         return {"stopping": True, "pid": self.pid}
 
@@ -1002,7 +1005,7 @@ class Daemon:
                 nursery.cancel_scope.cancel()
         finally:
             try:
-                self.fuse.unmount()
+                self.fuse.unmount(forced=self.forced)
             except Exception as exc:
                 log.error("unmount %s: %s", self.mount, exc)
             host.unmount_left_behind(self.mount)

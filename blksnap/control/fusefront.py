@@ -70,6 +70,16 @@ class FuseFront:
             await trio.sleep(SETTINGS.fuse_watch_seconds)
         return None if stopping.is_set() else self.ended_why()
 
-    def unmount(self) -> None:
-        """Unmount (lazily if busy) and join the reader threads."""
-        self.fs.close()
+    def unmount(self, forced: bool = False) -> None:
+        """Unmount (lazily if busy) and join the reader threads. ``forced``
+        (``daemon stop --force``): users of the FUSE files may remain, which
+        keep the connection, and the reader threads with it, until this
+        process and its supervisor have exited (the kernel then fails their
+        requests): no use waiting for them."""
+        try:
+            self.fs.close(timeout=1.0 if forced else 10.0)
+        except TimeoutError as exc:
+            if not forced:
+                raise
+            log.warning("%s is still in use (%s): its users get errors once blksnapd "
+                        "has exited", self.mount, exc)  # fmt: skip

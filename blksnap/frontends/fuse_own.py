@@ -279,11 +279,12 @@ class OwnFS:
         s = self.session
         return s is not None and bool(s.threads) and all(t.is_alive() for t in s.threads)
 
-    def close(self) -> None:
-        """Unmount (lazily if busy) and join the reader threads."""
+    def close(self, timeout: float = 10.0) -> None:
+        """Unmount (lazily if busy) and join the reader threads (at most
+        ``timeout`` seconds: :class:`TimeoutError` if some still serve)."""
         session, self.session = self.session, None
         if session is not None:
-            session.close()
+            session.close(timeout)
 
     # -- the tree -----------------------------------------------------------------
 
