@@ -93,7 +93,7 @@ def unsteer(loop: str) -> None:
     thread, which made runs of the same workload differ that much.
     Unsteered, the completion is a soft interrupt on the server's CPU.
     Not set (a warning): the device works, steered."""
-    attr = f"/sys/block/{os.path.basename(loop)}/queue/rq_affinity"
+    attr = _rq_affinity(loop)
     try:
         with open(attr, "w") as f:
             f.write("0")
@@ -106,10 +106,14 @@ def steered(loop: str) -> bool:
     (``rq_affinity`` not 0: one a blksnapd before :func:`unsteer` attached)?
     False if it cannot be read (gone)."""
     try:
-        with open(f"/sys/block/{os.path.basename(loop)}/queue/rq_affinity") as f:
+        with open(_rq_affinity(loop)) as f:
             return f.read().strip() != "0"
     except OSError:
         return False
+
+
+def _rq_affinity(loop: str) -> str:
+    return f"/sys/block/{os.path.basename(loop)}/queue/rq_affinity"
 
 
 @contextlib.contextmanager
