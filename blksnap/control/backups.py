@@ -124,49 +124,80 @@ class Opened:
 
 
 class Deferred(Source):
-    """A hydration's source that a worker taking over could not open (the
-    repository gone for a while, a damaged index ...), in its place: same
-    size, unit and identity, so the device is served on with its filter;
-    units not restored yet fail with ``EIO`` naming why, and each fetch
-    tries to open the source again (at most every :data:`RETRY` seconds),
-    so ``ctl resume`` carries on once the repository is back."""
+    """A recorded source in its place while it is opened again (a worker
+    taking over), or after it could not be (the repository gone for a while,
+    a damaged index ...): same size, unit and identity, so the device or the
+    mounted backup is served on at once, whatever the repository answers.
+
+    Made with no ``why``, it opens the source in a thread of its own at once:
+    a takeover never waits for a repository (an object store that does not
+    answer costs a minute of retries, a big index seconds of reading), and
+    the file systems on the other devices see no more than the takeover's
+    own pause. A read that needs the source meanwhile waits for that open
+    (the storage's retries bound it). Once an open has failed, reads of units
+    not restored yet fail with ``EIO`` naming why, and each tries to open the
+    source again (at most every :data:`RETRY` seconds), so ``ctl resume``
+    carries on once the repository is back."""
 
     RETRY = 5.0
 
-    def __init__(self, o: Opened, reopen: Callable[[Opened], BackupSource], why: str) -> None:
+    def __init__(
+        self, o: Opened, reopen: Callable[[Opened], BackupSource], why: str | None = None
+    ) -> None:
         self.size = int(o.shape["size"])
         self.unit = int(o.shape["unit"])
         self.identity = str(o.shape["identity"])
         self.description = f"backup {o.backup} of device {o.device} in {o.repo}"
         self._o = o
         self._reopen = reopen
-        self._why = why
+        self._why = why or "being opened again"
         self._src: BackupSource | None = None
-        self._next = time.monotonic() + self.RETRY
-        self._lock = threading.Lock()
+        self._closed = False
+        #: One open at a time; a read waits here for the one under way.
+        self._opening = threading.Lock()
+        self._state = threading.Lock()  # _src and _closed
+        if why is None:
+            self._next = 0.0
+            threading.Thread(target=self._open, name="blksnap-reopen", daemon=True).start()
+        else:
+            self._next = time.monotonic() + self.RETRY
+
+    def _open(self) -> None:
+        """Open the source unless it is open, closed, or failed lately."""
+        with self._opening:
+            if self._src is not None or self._closed or time.monotonic() < self._next:
+                return
+            try:
+                got = self._reopen(self._o)
+                if (got.size, got.unit, got.identity) != (self.size, self.unit, self.identity):
+                    got.close()
+                    raise IOFailure(f"{self.description} is not the one recorded")
+            except BlksnapError as exc:
+                self._why = exc.message
+                self._next = time.monotonic() + self.RETRY
+                log.error("%s cannot be opened (%s): its regions not restored yet fail "
+                          "until it can", self.description, exc.message)  # fmt: skip
+                return
+            with self._state:
+                closed = self._closed
+                if not closed:
+                    self._src = got
+            if closed:
+                got.close()
+            else:
+                log.info("source %s open again", self.description)
 
     def _get(self) -> BackupSource:
         src = self._src
-        if src is not None:
-            return src
-        with self._lock:
-            if self._src is None and time.monotonic() >= self._next:
-                try:
-                    got = self._reopen(self._o)
-                    if (got.size, got.unit, got.identity) != (self.size, self.unit, self.identity):
-                        got.close()
-                        raise IOFailure(f"{self.description} is not the one being restored")
-                    self._src = got
-                    log.info("hydration source %s open again", self.description)
-                except BlksnapError as exc:
-                    self._why = exc.message
-                    self._next = time.monotonic() + self.RETRY
-            if self._src is None:
+        if src is None:
+            self._open()  # (or wait for the open under way)
+            src = self._src
+            if src is None:
                 raise IOFailure(
                     f"{self.description} cannot be read ({self._why}): regions not restored "
                     "yet fail until it can (blksnap ctl ... --filter hydrate resume tries again)"
                 )
-            return self._src
+        return src
 
     def is_zero(self, index: int) -> bool:
         src = self._src
@@ -176,8 +207,12 @@ class Deferred(Source):
         return self._get().read_unit(index)
 
     def close(self) -> None:
-        if self._src is not None:
-            self._src.close()
+        """(An open under way closes what it opens.)"""
+        with self._state:
+            self._closed = True
+            src, self._src = self._src, None
+        if src is not None:
+            src.close()
 
 
 def _blockdev_size(path: str) -> int:
@@ -441,8 +476,10 @@ class BackupServing:
         }
 
     def rebuild(self, doc: dict[str, Any]) -> None:
-        """Taking over: open the sources of the hydrations again (before
-        their devices' filters are attached) and serve the mounts again."""
+        """Taking over: the sources of the hydrations again (before their
+        devices' filters are attached), each opened in the background
+        (:class:`Deferred`); one recorded without its shape (size, unit,
+        identity), at once."""
         for name, od in (doc.get("sources") or {}).items():
             try:
                 o = Opened.from_doc(od)
@@ -452,23 +489,27 @@ class BackupServing:
                 continue
             src: Source
             try:
-                src = self.reopen(o, HYDRATION_CACHE)
-            except BlksnapError as exc:
-                if not {"size", "unit", "identity"} <= set(o.shape):
-                    log.error("taking over: hydration source of %s not opened again: %s",
-                              name, exc)  # fmt: skip
-                    continue
-                log.error("taking over: hydration source of %s not opened again (%s): its "
-                          "regions not restored yet fail until it opens", name, exc)  # fmt: skip
-                src = Deferred(o, lambda o: self.reopen(o, HYDRATION_CACHE), exc.message)
+                src = self._reopening(o, HYDRATION_CACHE)
+            except BlksnapError as exc:  # (no shape recorded: opened at once, and failed)
+                log.error("taking over: hydration source of %s not opened again: %s", name, exc)
+                continue
             sources.register(HYDRATE_PREFIX + name, src)
             self.hydrations[name] = o
 
+    def _reopening(self, o: Opened, cache: int | None = None) -> Source:
+        """A recorded source, opened in the background if its shape is
+        recorded (:class:`Deferred`), else at once."""
+        if {"size", "unit", "identity"} <= set(o.shape):
+            return Deferred(o, lambda o: self.reopen(o, cache))
+        return self.reopen(o, cache)
+
     def rebuild_mounts(self, doc: dict[str, Any]) -> None:
+        """Taking over: serve the mounted backups again, their sources
+        opened in the background as the hydrations' (:meth:`rebuild`)."""
         for key, od in (doc.get("mounts") or {}).items():
             try:
                 o = Opened.from_doc(od)
-                sources.register(MOUNT_PREFIX + key, self.reopen(o))
+                sources.register(MOUNT_PREFIX + key, self._reopening(o))
                 self.mounts[key] = o
                 self.d.fs.add_backup(key)
                 lp, path = od.get("loop"), self.mount_path(key)

@@ -6,6 +6,7 @@ restores, mounts and restores instantly from the bucket, on either host."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -19,30 +20,46 @@ import pytest
 
 from blksnap.tools import rgw, sandbox
 from blksnap.tools.sandbox import Sandbox
+from tests.integration.helpers import direct_read, wait_new_worker
 from tests.s3.conftest import objects_of
 
 MiB = 1 << 20
 SIZE = 32 * MiB
 
 
-@pytest.fixture
-def hosts(s3env: rgw.Gateway, tmp_path: Path) -> Iterator[tuple[Sandbox, Sandbox]]:
-    """Two blksnapd (started with the AWS variables of ``s3env``)."""
+@contextlib.contextmanager
+def _sandboxes(tmp_path: Path, *names: str) -> Iterator[list[Sandbox]]:
+    """A blksnapd (with the AWS variables of the environment) in each of
+    ``tmp_path/NAME``; stopped after, nothing left mounted or attached."""
     why = sandbox.why_not()
     if why:
         pytest.skip(why)
     started: list[Sandbox] = []
     try:
-        for name in ("a", "b"):
+        for name in names:
             started.append(sandbox.start(tmp_path / name))
-        yield started[0], started[1]
+        yield started
     finally:
         for d in started:
             d.stop()
-        for name in ("a", "b"):
+        for name in names:
             root = str(tmp_path / name)
             assert not sandbox.mounts_under(root), sandbox.mounts_under(root)
             assert not sandbox.loops_under(root), sandbox.loops_under(root)
+
+
+@pytest.fixture
+def hosts(s3env: rgw.Gateway, tmp_path: Path) -> Iterator[tuple[Sandbox, Sandbox]]:
+    """Two blksnapd (started with the AWS variables of ``s3env``)."""
+    with _sandboxes(tmp_path, "a", "b") as (a, b):
+        yield a, b
+
+
+@pytest.fixture
+def host(s3env: rgw.Gateway, tmp_path: Path) -> Iterator[Sandbox]:
+    """One blksnapd (started with the AWS variables of ``s3env``)."""
+    with _sandboxes(tmp_path, "a") as (a,):
+        yield a
 
 
 def jcli(host: Sandbox, *args: str) -> dict:
@@ -223,3 +240,59 @@ def test_an_encrypted_fleet_repository(
         from tests.s3.conftest import empty_bucket
 
         empty_bucket(s3env.client(), name)
+
+
+def test_a_takeover_does_not_wait_for_an_unreachable_store(
+    host: Sandbox, bucket: str, s3env: rgw.Gateway, tmp_path: Path
+) -> None:
+    """An instant restore from the bucket and a mounted backup, the gateway
+    stopped, the worker killed: the new worker serves before it has tried
+    the store (its sources open in the background), the restored regions
+    read as before; once the gateway is back, the device reads what was not
+    restored, the mounted backup reads, the hydration ends right."""
+    url = f"s3://{bucket}/takeover"
+    rng = random.Random(11)
+    data = rng.randbytes(16 * MiB)
+    img = tmp_path / "src.img"
+    img.write_bytes(data)
+    host.client.add_device(str(img), "src")
+    host.client.attach("src")
+    b = jcli(host, "backup", "--repo", url, "-d", "src", "--storage", str(tmp_path),
+             "--no-progress")  # fmt: skip
+    host.cli("device", "remove", "src")  # (restored as a device of the same name)
+    target = tmp_path / "restored.img"
+    path = jcli(host, "restore", "--instant", "--repo", url, "-b", b["id"], "-d", "src",
+                "--to", str(target), "--paused")["path"]  # fmt: skip
+    assert direct_read(path, 2 * MiB, MiB) == data[2 * MiB : 3 * MiB]  # (now restored)
+    m = jcli(host, "mount", "--repo", url, "--backup", b["id"], "-d", "src")
+    assert sha(m["path"]) == hashlib.sha256(data).hexdigest()
+    s3env.stop_gateway()
+    try:
+        old = host.client.status()["worker_pid"]
+        before = len(host.log_text())
+        os.kill(old, 9)
+        wait_new_worker(host, old)  # type: ignore[arg-type]
+        taken_over = host.log_text()[before:]
+        # serving, and no open of a source failed yet: it did not wait for them
+        assert "cannot be opened" not in taken_over and "not opened again" not in taken_over
+        assert direct_read(path, 2 * MiB, MiB) == data[2 * MiB : 3 * MiB]
+    finally:
+        s3env.start_gateway()
+    deadline = time.monotonic() + 120
+    while True:  # (a source that failed to open is tried again every few seconds)
+        try:
+            assert direct_read(path, 9 * MiB, 4096) == data[9 * MiB : 9 * MiB + 4096]
+            break
+        except OSError:
+            assert time.monotonic() < deadline, "the gateway back, the device still fails"
+            time.sleep(0.5)
+    assert sha(m["path"]) == hashlib.sha256(data).hexdigest()
+    host.cli("umount", "--backup", b["id"], "-d", "src")
+    host.cli("ctl", "-d", "src", "--filter", "hydrate", "resume")
+    while (h := jcli(host, "device", "list")) and any(
+        d["name"] == "src" and d.get("hydration") and d["hydration"]["state"] != "done" for d in h
+    ):
+        assert time.monotonic() < deadline + 60, h
+        time.sleep(0.2)
+    host.cli("device", "remove", "src")
+    assert sha(target) == hashlib.sha256(data).hexdigest()
