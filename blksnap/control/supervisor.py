@@ -127,6 +127,15 @@ class Inherited:
             self.__dict__["_chan"] = chan
         return chan
 
+    def close_status(self) -> None:
+        """Close the status channel to the supervisor: its socket if one was
+        made over the fd (which owns the fd then), else the fd."""
+        chan = self.__dict__.pop("_chan", None)
+        if chan is not None:
+            chan.close()
+        else:
+            os.close(self.status)
+
     def tell(self, what: str, fd: int | None = None) -> None:
         """A message to the supervisor (``init``, ``ready``, ``store KEY``
         with the fd of a region to hold, ``drop KEY``). Sent before this

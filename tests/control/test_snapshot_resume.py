@@ -61,15 +61,7 @@ class Workers:
             assert isinstance(eng.regions, SupervisedRegions)
             for fd in eng.regions.fds.values():  # (plain fds: nothing else owns them)
                 os.close(fd)
-            # The status fd belongs to the socket made over it, if one was:
-            # closing the number under it would let its finalizer close
-            # whatever file gets that number next.
-            inh = eng.regions.inherited
-            chan = inh.__dict__.get("_chan")
-            if chan is not None:
-                chan.close()
-            else:
-                os.close(inh.status)
+            eng.regions.inherited.close_status()
         self.sup._read_status(0)
         for fd in self.sup.stored.values():
             os.close(fd)
