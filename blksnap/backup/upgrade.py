@@ -28,6 +28,7 @@ import numpy as np
 import zstandard
 
 from blksnap.backup import v1format as v1
+from blksnap.backup.backends import open_storage
 from blksnap.backup.format import (
     DEFAULT_CHUNK_SIZE,
     REPO_FILE,
@@ -36,6 +37,7 @@ from blksnap.backup.format import (
     chunk_length,
 )
 from blksnap.backup.repository import Repository
+from blksnap.backup.storage import NoBucket
 from blksnap.errors import InvalidArgument, IOFailure, NotFound, from_oserror
 from blksnap.fileio import pread_upto
 
@@ -173,20 +175,28 @@ def upgrade(
     key_file: str | None = None,
     passphrase: bytes | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    endpoint: str | None = None,
     progress: ProgressFactory | None = None,
 ) -> dict[str, Any]:
-    """Convert the version 1 repository ``old`` into ``new`` (module docstring)."""
+    """Convert the version 1 repository ``old`` into ``new``, a directory or
+    ``s3://BUCKET/PREFIX`` (``endpoint``: of an S3-compatible service)
+    (module docstring)."""
     progress = progress or _no_progress
     source = V1Repository(old)
-    if os.path.exists(os.path.join(new, REPO_FILE)):
-        target = Repository.open(new, key_file=key_file, passphrase=passphrase)
+    storage = open_storage(new, endpoint=endpoint)
+    try:
+        exists = storage.stat(REPO_FILE) is not None
+    except NoBucket:
+        exists = False
+    if exists:
+        target = Repository.open(storage, key_file=key_file, passphrase=passphrase)
     elif key_file is not None or passphrase is not None:
         raise InvalidArgument(
             f"{new} is not a repository yet: make it encrypted first ('blksnap key create"
             f" --repo {new}'), or leave out the key to convert into a new plain one"
         )
     else:
-        target = Repository.init(new, compression=source.compression, chunk_size=chunk_size)
+        target = Repository.init(storage, compression=source.compression, chunk_size=chunk_size)
     read_lock = os.path.join(source.path, v1.READ_LOCK)
     lock_fd = -1
     with contextlib.suppress(OSError):

@@ -203,9 +203,11 @@ def register(sub: Any, cmd: Commands) -> None:
         "--to",
         required=True,
         metavar="NEW",
-        help="new directory (or an empty repository made by 'key create': encrypted)",
+        help="new directory or s3://BUCKET/PREFIX (or an empty repository made by"
+        " 'key create': encrypted)",
     )
     up.add_argument("--key-file", metavar="FILE", help="key file of NEW, if encrypted so")
+    endpoint_arg(up)
     up.add_argument("--no-progress", action="store_true", help="no progress bar")
     up.set_defaults(handler=cmd_repo_upgrade)
 
@@ -588,7 +590,9 @@ def cmd_repo_upgrade(args: argparse.Namespace, client: Any, out: Any) -> int:
     def bar(desc: str, total: int) -> contextlib.AbstractContextManager[Callable[[int], None]]:
         return progress(f"{desc:>10}", total, show=_show(args))
 
-    report = upgrade(args.repo, args.to, key_file=args.key_file, progress=bar)
+    report = upgrade(
+        args.repo, args.to, key_file=args.key_file, endpoint=args.s3_endpoint, progress=bar
+    )
     out.emit(
         report,
         f"{args.to}: {report['converted']} backup(s) converted"

@@ -302,3 +302,55 @@ def test_a_repository_in_a_bucket_not_made_yet(s3env: rgw.Gateway, tmp_path: Pat
         assert restored(Repository.open(url), info.id, tmp_path) == bytes(device(50, 2 * MiB))  # type: ignore[attr-defined]
     finally:
         empty_bucket(s3env.client(), name)
+
+
+@pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "encrypted"])
+def test_a_v1_repository_upgraded_into_a_bucket(
+    s3env: rgw.Gateway, bucket: str, tmp_path: Path, encrypted: bool
+) -> None:
+    """``repo upgrade --to s3://...`` (through the CLI): every ok backup into
+    the bucket, restorable and verified; into an encrypted repository made
+    there by ``key create``, no object holds the plaintext; run again, it
+    converts nothing more."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.backup.test_repo_v2 import (
+        BS1,
+        SIZE1,
+        V1_FULL,
+        V1_INCR,
+        make_v1_repository,
+        marker_device,
+    )
+
+    old, url, key = tmp_path / "old", f"s3://{bucket}/upgraded", tmp_path / "new.key"
+    contents = make_v1_repository(old, "none", sda=marker_device(712, size=SIZE1, cs=BS1))
+    blksnap = [sys.executable, "-m", "blksnap.cli"]
+    keys: list[str] = []
+    if encrypted:
+        subprocess.run([*blksnap, "key", "create", "--repo", url, "--key-file", str(key)],
+                       check=True, capture_output=True)  # fmt: skip
+        keys = ["--key-file", str(key)]
+
+    def upgrade() -> dict:
+        out = subprocess.run([*blksnap, "--json", "repo", "upgrade", "--repo", str(old),
+                              "--to", url, *keys, "--no-progress"],
+                             capture_output=True, text=True)  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    report = upgrade()
+    assert report["converted"] == 2 and report["to"].startswith(url), report
+    repo = Repository.open(url, key_file=str(key) if encrypted else None)
+    assert [b.id for b in repo.backups()] == [V1_FULL, V1_INCR]
+    for backup_id, devices in contents.items():
+        for name, data in devices.items():
+            assert restored(repo, backup_id, tmp_path, name) == data
+    assert repo.verify() == []
+    if encrypted:
+        assert repo.keys.encrypted
+        assert not any(MARKER[:16] in v for v in objects_of(s3env, bucket).values())
+    again = upgrade()
+    assert again["converted"] == 0 and again["skipped"] == 2
