@@ -1,5 +1,5 @@
 """The backup commands of ``blksnap``: backup, backups, restore, mount,
-umount, verify, prune, gc, key create, repo upgrade.
+umount, verify, prune, gc (key create and repo upgrade: ``repo_cmd``).
 
 ``backup``, ``mount``, ``umount`` and ``restore --instant`` talk to blksnapd;
 the others work on the repository alone, so a restore needs no daemon.
@@ -10,17 +10,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
-import getpass
 import signal
-import sys
 from collections.abc import Callable
 from typing import Any
 
-from blksnap.cli.args import Commands, endpoint_arg, open_repo, repo_args, repo_exists, sizearg
+from blksnap.cli.args import Commands, open_repo, repo_args, repo_exists, sizearg
 from blksnap.cli.mount_cmd import INSTANT_EPILOG, restore_instant
 from blksnap.cli.mount_cmd import register as register_mount
 from blksnap.cli.output import table
-from blksnap.cli.progress import progress
+from blksnap.cli.progress import progress, wanted
+from blksnap.cli.repo_cmd import register as register_repo
 from blksnap.errors import error
 from blksnap.units import format_size
 
@@ -169,47 +168,7 @@ def register(sub: Any, cmd: Commands) -> None:
         help="keep unnamed chunks younger than this (default 300)",
     )
     gc.set_defaults(handler=cmd_gc)
-    ky = cmd(sub, "key", "encryption keys of a repository")
-    ksub = ky.add_subparsers(dest="action", metavar="ACTION", required=True)
-    kc = cmd(
-        ksub,
-        "create",
-        "make R a new encrypted repository: a random master key, wrapped by the passphrase"
-        " in BLKSNAP_PASSPHRASE (or asked for), or written to --key-file F",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=KEY_EPILOG,
-    )
-    kc.add_argument("--repo", required=True, help="a new or empty directory, or s3://BUCKET/PREFIX")
-    endpoint_arg(kc)
-    kc.add_argument(
-        "--key-file",
-        metavar="FILE",
-        help="write the key to FILE (new; keep it apart from the repository) instead of"
-        " wrapping it with a passphrase",
-    )
-    kc.add_argument("--compress", choices=["zstd", "none"], default="zstd")
-    kc.add_argument("--chunk-size", type=sizearg, help="a power of two, 64K to 16M (default 1M)")
-    kc.set_defaults(handler=cmd_key_create)
-    rp = cmd(sub, "repo", "repository maintenance")
-    rsub = rp.add_subparsers(dest="action", metavar="ACTION", required=True)
-    up = cmd(
-        rsub,
-        "upgrade",
-        "convert a version 1 repository into a new version 2 repository (the old one is"
-        " only read; remove it once the new one verifies)",
-    )
-    up.add_argument("--repo", required=True, help="the version 1 repository")
-    up.add_argument(
-        "--to",
-        required=True,
-        metavar="NEW",
-        help="new directory or s3://BUCKET/PREFIX (or an empty repository made by"
-        " 'key create': encrypted)",
-    )
-    up.add_argument("--key-file", metavar="FILE", help="key file of NEW, if encrypted so")
-    endpoint_arg(up)
-    up.add_argument("--no-progress", action="store_true", help="no progress bar")
-    up.set_defaults(handler=cmd_repo_upgrade)
+    register_repo(sub, cmd)
 
 
 PRUNE_EPILOG = """Rules as restic's 'forget' and Proxmox Backup Server's prune: backups are taken
@@ -230,14 +189,6 @@ the repository file system's clock). A backup holds chunks.lock shared while it
 reuses or stores a chunk, gc holds it exclusively while it removes: so gc runs
 safely beside backups, and a chunk a running backup reused is never removed."""
 
-KEY_EPILOG = """Every command on an encrypted repository then needs the key: --key-file FILE,
-or the passphrase in BLKSNAP_PASSPHRASE. Chunks are sealed with AES-256-GCM,
-chunk names are keyed digests (they reveal nothing about the data), manifests
-and indexes carry a keyed MAC. Lose the key file or the passphrase and the
-backups cannot be read by anyone: keep a copy of the key file elsewhere.
-Encryption is chosen when a repository is made; to encrypt existing backups,
-make a new encrypted repository and 'blksnap repo upgrade' or back up into it."""
-
 
 RESTORE_EPILOG = """\
 PATH in use is refused with EBUSY, --force or not: a file some process holds
@@ -253,10 +204,6 @@ a restore that fails or is interrupted leaves PATH as it was (after a SIGKILL
 the temporary may remain; remove it by hand). On a block device the first
 64 KiB are zeroed first and written last: a half-restored device shows no file
 system signature."""
-
-
-def _show(args: argparse.Namespace) -> bool:
-    return not args.json and not getattr(args, "no_progress", False)
 
 
 def cmd_backup(args: argparse.Namespace, client: Any, out: Any) -> int:
@@ -277,7 +224,7 @@ def cmd_backup(args: argparse.Namespace, client: Any, out: Any) -> int:
         key_file=args.key_file,
         endpoint=args.s3_endpoint,
     )
-    show = _show(args)
+    show = wanted(args)
 
     def bar(desc: str, total: int) -> contextlib.AbstractContextManager[Callable[[int], None]]:
         return progress(f"{desc:>10}", total, show=show)
@@ -430,7 +377,7 @@ def cmd_restore(args: argparse.Namespace, client: Any, out: Any) -> int:
     rec = b.device(args.device)
     # SIGTERM unwinds like Ctrl-C: the half-written temporary file is removed.
     signal.signal(signal.SIGTERM, _terminate)
-    with progress(f"{args.device:>10}", rec.size, show=_show(args)) as advance:
+    with progress(f"{args.device:>10}", rec.size, show=wanted(args)) as advance:
         r = repo.restore(b.id, args.device, args.to, progress=advance, force=args.force)
     out.emit(
         r,
@@ -444,7 +391,7 @@ def cmd_verify(args: argparse.Namespace, client: Any, out: Any) -> int:
     repo = open_repo(args)
     chosen = [repo.get(args.backup)] if args.backup else [b for b in repo.backups() if b.ok]
     total = sum(d.size for b in chosen if b.ok for d in b.devices)
-    with progress("verify", total, show=_show(args)) as advance:
+    with progress("verify", total, show=wanted(args)) as advance:
         problems = repo.verify(args.backup and chosen[0].id, progress=advance)
     doc = {
         "ok": not problems,
@@ -528,77 +475,5 @@ def cmd_gc(args: argparse.Namespace, client: Any, out: Any) -> int:
         + (f", kept {r.chunks_recent} unnamed but newer than {r.cutoff}" if r.chunks_recent else "")
         + (f", {r.running_backups} backup(s) running" if r.running_backups else "")
         + f" in {r.seconds:.1f} s",
-    )
-    return 0
-
-
-def _new_passphrase() -> bytes:
-    from blksnap.backup.crypto import passphrase_from_env
-
-    given = passphrase_from_env()
-    if given:
-        return given
-    if not sys.stdin.isatty():
-        raise error(
-            errno.ENOKEY,
-            "no passphrase: set BLKSNAP_PASSPHRASE, run on a terminal to be asked,"
-            " or use --key-file FILE",
-        )
-    first = getpass.getpass("passphrase for the new key: ").encode()
-    if getpass.getpass("again: ").encode() != first:
-        raise error(errno.EINVAL, "the passphrases differ")
-    if not first:
-        raise error(errno.EINVAL, "an empty passphrase protects nothing")
-    return first
-
-
-def cmd_key_create(args: argparse.Namespace, client: Any, out: Any) -> int:
-    from blksnap.backup.repo import DEFAULT_CHUNK_SIZE, Repository
-
-    if repo_exists(args):
-        raise error(
-            errno.EEXIST,
-            f"{args.repo} is already a repository; encryption is chosen when one is made"
-            " (make a new encrypted repository and back up or 'repo upgrade' into it)",
-        )
-    passphrase = None if args.key_file else _new_passphrase()
-    repo = Repository.init(
-        args.repo,
-        compression=args.compress,
-        chunk_size=args.chunk_size or DEFAULT_CHUNK_SIZE,
-        passphrase=passphrase,
-        key_file=args.key_file,
-        encrypt=True,
-        endpoint=args.s3_endpoint,
-    )
-    where = f"key file {args.key_file}" if args.key_file else "the passphrase"
-    out.emit(
-        {
-            "repo": repo.path,
-            "key_id": repo.keys.key_id,
-            "mode": "keyfile" if args.key_file else "passphrase",
-            "key_file": args.key_file,
-        },
-        f"{repo.path}: encrypted repository, key {repo.keys.key_id}, opened by {where}",
-    )
-    return 0
-
-
-def cmd_repo_upgrade(args: argparse.Namespace, client: Any, out: Any) -> int:
-    from blksnap.backup.upgrade import upgrade
-
-    def bar(desc: str, total: int) -> contextlib.AbstractContextManager[Callable[[int], None]]:
-        return progress(f"{desc:>10}", total, show=_show(args))
-
-    report = upgrade(
-        args.repo, args.to, key_file=args.key_file, endpoint=args.s3_endpoint, progress=bar
-    )
-    out.emit(
-        report,
-        f"{args.to}: {report['converted']} backup(s) converted"
-        + (f", {report['skipped']} already there" if report["skipped"] else "")
-        + (f", {len(report['not_converted'])} not convertible" if report["not_converted"] else "")
-        + f"; {format_size(report['bytes_stored'])} stored. Check it with"
-        f" 'blksnap verify --repo {args.to}', then remove {args.repo}",
     )
     return 0

@@ -19,6 +19,11 @@ def _noop(_n: int) -> None:
     pass
 
 
+def wanted(args: object) -> bool:
+    """Did the command line leave the bar on (no ``--json``, no ``--no-progress``)?"""
+    return not getattr(args, "json", False) and not getattr(args, "no_progress", False)
+
+
 def enabled(want: bool = True) -> bool:
     return want and sys.stderr.isatty()
 
