@@ -104,14 +104,14 @@ def test_no_index_or_one_digest(n: int) -> None:
         max_size=6,
     ),
 )  # fmt: skip
-def test_verify_wants_each_stored_digest_once_with_its_length(
+def test_verify_wants_each_stored_digest_once_in_first_named_order(
     fold: int, indexes: list[tuple[list[bytes], int]]
 ) -> None:
-    """verify's chunks to read (``verify._Wanted``): each digest with the
-    length its chunk must have, once (a digest found at two lengths, which a
-    damaged index could show, is read at both: one of them fails)."""
+    """verify's chunks to read (``verify._Wanted``): each stored digest
+    once, with the length of its chunk where it was first named, in the
+    order first named (as the backups wrote them), against a dict."""
     wanted = _Wanted()
-    model: set[tuple[bytes, int]] = set()
+    model: dict[bytes, int] = {}  # (insertion order: first named)
     for rows, short in indexes:
         size = len(rows) * CS - short  # (a last chunk short by ``short`` bytes)
         index = np.frombuffer(b"".join(rows), dtype=np.uint8).reshape(-1, DIGEST)
@@ -119,6 +119,31 @@ def test_verify_wants_each_stored_digest_once_with_its_length(
         for i, d in enumerate(rows):
             length = min(CS, size - i * CS)
             if d != zero(length):
-                model.add((d, length))
-    got = [(d.tobytes(), length) for digests, length in wanted.result() for d in digests]
-    assert sorted(got) == sorted(model)  # (each once)
+                model.setdefault(d, length)
+    got = [
+        (d, n)
+        for digests, lengths in wanted.result()
+        for d, n in zip(digests, lengths, strict=True)
+    ]
+    assert got == list(model.items())
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=FIXTURE)
+@given(
+    batches=st.lists(
+        st.lists(st.tuples(st.integers(0, 40), st.integers(0, 1000)), max_size=15), max_size=10
+    ),
+)
+def test_a_sorted_set_keeps_the_payload_of_the_first_add(
+    fold: int, batches: list[list[tuple[int, int]]]
+) -> None:
+    s = SortedSet(np.int64, np.int32)
+    model: dict[int, int] = {}
+    for b in batches:
+        s.add(
+            np.array([v for v, _ in b], dtype=np.int64), np.array([p for _, p in b], dtype=np.int32)
+        )
+        for v, p in b:
+            model.setdefault(v, p)
+    (payload,) = s.payload
+    assert dict(zip(s.values.tolist(), payload.tolist(), strict=True)) == model
