@@ -207,6 +207,15 @@ class Repository:
 
     # -- creation -----------------------------------------------------------
 
+    @staticmethod
+    def exists(storage: Storage) -> bool:
+        """Is there a repository in ``storage`` (its ``REPO.json``)? False
+        also when its bucket is missing (made with the repository)."""
+        try:
+            return storage.stat(REPO_FILE) is not None
+        except NoBucket:
+            return False
+
     @classmethod
     def init(
         cls,
@@ -236,11 +245,7 @@ class Repository:
         check_chunk_size(chunk_size)
         storage = path if isinstance(path, Storage) else open_storage(path, endpoint=endpoint)
         path = storage.url
-        try:
-            exists = storage.stat(REPO_FILE) is not None
-        except NoBucket:  # (made below)
-            exists = False
-        if exists:
+        if cls.exists(storage):
             repo = cls.open(storage, passphrase=passphrase, key_file=key_file)
             if encrypt and not repo.keys.encrypted:
                 raise Exists(

@@ -31,13 +31,11 @@ from blksnap.backup import v1format as v1
 from blksnap.backup.backends import open_storage
 from blksnap.backup.format import (
     DEFAULT_CHUNK_SIZE,
-    REPO_FILE,
     DeviceRecord,
     chunk_count,
     chunk_length,
 )
 from blksnap.backup.repository import Repository
-from blksnap.backup.storage import NoBucket
 from blksnap.errors import InvalidArgument, IOFailure, NotFound, from_oserror
 from blksnap.fileio import pread_upto
 
@@ -184,11 +182,7 @@ def upgrade(
     progress = progress or _no_progress
     source = V1Repository(old)
     storage = open_storage(new, endpoint=endpoint)
-    try:
-        exists = storage.stat(REPO_FILE) is not None
-    except NoBucket:
-        exists = False
-    if exists:
+    if Repository.exists(storage):
         target = Repository.open(storage, key_file=key_file, passphrase=passphrase)
     elif key_file is not None or passphrase is not None:
         raise InvalidArgument(

@@ -157,10 +157,6 @@ def open_repo(args: argparse.Namespace) -> Any:
 def repo_exists(args: argparse.Namespace) -> bool:
     """Is ``--repo`` a repository already?"""
     from blksnap.backup.backends import open_storage
-    from blksnap.backup.repo import REPO_FILE
-    from blksnap.backup.storage import NoBucket
+    from blksnap.backup.repo import Repository
 
-    try:
-        return open_storage(args.repo, endpoint=args.s3_endpoint).stat(REPO_FILE) is not None
-    except NoBucket:  # (made with the repository)
-        return False
+    return Repository.exists(open_storage(args.repo, endpoint=args.s3_endpoint))
