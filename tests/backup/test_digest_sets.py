@@ -40,9 +40,7 @@ def fold(request: pytest.FixtureRequest) -> Iterator[int]:
     SortedSet.FOLD = old
 
 
-@settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
+@settings(max_examples=60, deadline=None, suppress_health_check=FIXTURE)
 @given(
     batches=st.lists(st.lists(st.integers(0, 40), max_size=15), max_size=10),
     queries=st.lists(st.integers(-1, 41), max_size=30),
@@ -57,9 +55,7 @@ def test_a_sorted_set_is_a_set(fold: int, batches: list[list[int]], queries: lis
     assert s.values.tolist() == sorted(model) and len(s) == len(model)
 
 
-@settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
+@settings(max_examples=60, deadline=None, suppress_health_check=FIXTURE)
 @given(
     indexes=st.lists(st.lists(st.sampled_from(POOL), max_size=20), max_size=8),
     queries=st.lists(st.sampled_from(POOL), max_size=30),
@@ -94,9 +90,7 @@ def test_no_index_or_one_digest(n: int) -> None:
     assert marks.named(b"".join(digests) + os.urandom(DIGEST)).tolist() == [True] * n + [False]
 
 
-@settings(
-    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
+@settings(max_examples=40, deadline=None, suppress_health_check=FIXTURE)
 @given(
     indexes=st.lists(
         st.tuples(st.lists(st.sampled_from([*POOL[:16], ZERO, ZERO_SHORT]), max_size=12),

@@ -21,6 +21,7 @@ import pytest
 from blksnap.tools import rgw, sandbox
 from blksnap.tools.sandbox import Sandbox
 from tests.integration.helpers import direct_read, wait_new_worker
+from tests.integration.test_instant import wait_hydrated
 from tests.s3.conftest import objects_of
 
 MiB = 1 << 20
@@ -289,10 +290,6 @@ def test_a_takeover_does_not_wait_for_an_unreachable_store(
     assert sha(m["path"]) == hashlib.sha256(data).hexdigest()
     host.cli("umount", "--backup", b["id"], "-d", "src")
     host.cli("ctl", "-d", "src", "--filter", "hydrate", "resume")
-    while (h := jcli(host, "device", "list")) and any(
-        d["name"] == "src" and d.get("hydration") and d["hydration"]["state"] != "done" for d in h
-    ):
-        assert time.monotonic() < deadline + 60, h
-        time.sleep(0.2)
+    wait_hydrated(host, "src")  # type: ignore[arg-type]
     host.cli("device", "remove", "src")
     assert sha(target) == hashlib.sha256(data).hexdigest()
