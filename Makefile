@@ -5,9 +5,10 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
 # Debian packages: file systems to test on, fio, NBD clients (qemu-img,
-# qemu-nbd, qemu-io; nbdinfo, nbdcopy) for the NBD tests and benchmark.
+# qemu-nbd, qemu-io; nbdinfo, nbdcopy) for the NBD tests and benchmark; gcc
+# for the compiled short way.
 # blksnapd mounts its FUSE files itself (mount(2) on /dev/fuse): no libfuse.
-APT_PACKAGES := e2fsprogs xfsprogs util-linux fio qemu-utils libnbd-bin
+APT_PACKAGES := e2fsprogs xfsprogs util-linux fio qemu-utils libnbd-bin gcc
 # A throwaway Ceph cluster with a RADOS Gateway: the real S3 endpoint of the
 # S3 repository tests (blksnap/tools/rgw.py); without recommends: ~57 MiB.
 APT_NORECS := ceph-mon ceph-osd radosgw ceph-common
@@ -18,7 +19,15 @@ BENCH_STAMP := $(VENV)/.installed-bench
 
 .PHONY: setup apt demo test bench lint clean
 
-setup: $(STAMP)
+# The compiled short way of the FUSE data path (blksnap/shortway.py): plain
+# C, no Python headers; without it blksnapd serves everything in Python.
+SHORTWAY := blksnap/_shortway.so
+CFLAGS_SHORTWAY := -O2 -g -Wall -Wextra -std=gnu11 -shared -fPIC
+
+setup: $(STAMP) $(SHORTWAY)
+
+$(SHORTWAY): blksnap/_shortway.c
+	$${CC:-gcc} $(CFLAGS_SHORTWAY) -o $@.tmp $< && mv $@.tmp $@
 
 apt:
 	@missing=""; for p in $(APT_PACKAGES) $(EXTRA_APT); do \
@@ -54,7 +63,7 @@ $(BENCH_STAMP): $(STAMP)
 	$(PY) -m pip install -q -e '.[dev,bench]'
 	touch $(BENCH_STAMP)
 
-bench: $(BENCH_STAMP)
+bench: $(BENCH_STAMP) $(SHORTWAY)
 	$(PY) bench/run.py --output BENCHMARKS.md
 
 lint: setup
@@ -63,4 +72,4 @@ lint: setup
 	$(VENV)/bin/lint-imports
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache $(SHORTWAY)

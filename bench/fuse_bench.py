@@ -22,20 +22,21 @@ sequential writes and reads):
 - ``own-null``: a loop device (direct I/O) over ``bench/ownnull.py``, our
   FUSE session (:mod:`blksnap.frontends.fuse_session`, blksnapd's reader
   threads) serving a file whose write returns at once: the ceiling of
-  blksnapd's front-end on this machine.
+  blksnapd's requests served in Python on this machine.
 - ``own-pwrite``: the same session serving a backing file of its own with a
   bare ``pread``/``pwrite`` per request (``ownnull.py --file``): no engine,
   the ceiling of any engine in Python behind this session.
 - ``c-null``, ``c-pwrite``: the same two served by ``bench/cserver.c``,
   the request loop compiled (built here with the C compiler; skipped when
   there is none): what the kernel's side of FUSE, and the backing file's
-  page cache, cost without Python; the ceiling a compiled request loop
-  could approach.
+  page cache, cost without Python: what blksnapd's compiled short way
+  (``blksnap/_shortway.c``) is measured against.
 - ``null``: the same over ``bench/nullfs.py``, the do-nothing pyfuse3 file
   system: the old front-end's ceiling, kept as the reference the session is
   measured against.
 - ``pass``: blksnapd serving a device with no filter, loop device from
-  ``blksnap device add --loop``.
+  ``blksnap device add --loop`` (its reads and writes served by the
+  compiled short way when built, as ``make bench`` does).
 - ``tracker``: the same with the ``blksnap`` filter attached (CBT, no snapshot).
 - snapshot taken: first writes (every chunk copied to diff storage), then
   rewrites (chunks already stored); image reads vs device reads.
@@ -952,15 +953,15 @@ def report(bench: FuseBench, elapsed: float) -> str:
         "(`blksnap/frontends/fuse_session.py`, the same reader threads, "
         f"{SETTINGS.fuse_threads} of them, mount options and direct-I/O files) serving a "
         "file whose write returns at once and whose read returns zeroes, in a process of "
-        "its own: the ceiling of blksnapd's front-end here.",
+        "its own: the ceiling of blksnapd's requests served in Python here.",
         "- **Loop in C**: `bench/cserver.c`, built here with the C compiler: the "
         "session's request loop compiled, with the same INIT flags, mount options, "
         f"reader threads ({SETTINGS.fuse_threads}, each reading its own cloned fd at once: "
         "there is no interpreter lock to pass) and direct-I/O files, serving a file "
         "that does nothing (*do-nothing*) or a `pread`/`pwrite` of its own backing "
         "file per request, as `bench/ownnull.py --file` (*pread/pwrite only*): what "
-        "the kernel's side of FUSE and the page cache cost without Python, the ceiling "
-        "a compiled request loop for blksnapd's short ways could approach. Not a "
+        "the kernel's side of FUSE and the page cache cost without Python, against "
+        "which blksnapd's compiled short way (`blksnap/_shortway.c`) is measured. Not a "
         "product: a measuring stick.",
         "- **pyfuse3 do-nothing**: `bench/nullfs.py`, the same on pyfuse3 (one trio event "
         "loop), the ceiling of the old front-end: the reference the session is measured "
@@ -1091,13 +1092,14 @@ def notes(bench: FuseBench) -> list[str]:
         "registration, a task per request). The session reaches "
         f"{ratio('own session do-nothing ÷ pyfuse3 do-nothing', RAND_W):.2f}x pyfuse3's "
         f"IOPS and {ratio('own session do-nothing ÷ raw', RAND_W):.2f}x the raw loop "
-        f"device's. blksnapd's passthrough costs {cpu_pass:.0f} µs per request "
-        f"({cpu_pass - cpu_own:+.0f} µs over the do-nothing session: the engine's "
-        "`Device.write`, bounds, gate, filter stack and the `pwrite` into the backing "
-        "file's page cache) and reaches "
+        f"device's. blksnapd's passthrough, served by the compiled short way "
+        "(`blksnap/_shortway.c`: every reader thread waits for requests in C; the "
+        "device's gate as a counter, the `pwrite` into the backing file's page cache and "
+        f"the reply, no Python), costs {cpu_pass:.0f} µs per request and reaches "
         f"{ratio('passthrough ÷ own session do-nothing', RAND_W):.2f}x the do-nothing "
-        f"session; the tracker's runs cost {cpu_trk - cpu_pass:+.0f} µs per request more "
-        "(its CBT mark, and whatever else differed between the runs on this shared machine).",
+        f"session in Python; the tracker's runs cost {cpu_trk - cpu_pass:+.0f} µs per "
+        "request more (its CBT mark, also in C, and whatever else differed between the "
+        "runs on this shared machine).",
         "",
     ]
     cpu_cnull, cpu_cpw = (
@@ -1193,17 +1195,16 @@ def why(r: Ratio, bench: FuseBench) -> str:
         )
     elif r.num == "pass" and r.den == "null":
         text = (
-            f"The passthrough costs {cpu('pass'):.0f} µs per request, "
-            f"{cpu('pass') - cpu('own-null'):.0f} µs more than the do-nothing session "
-            f"({cpu('own-null'):.0f} µs): the engine's write and its `pwrite` (profile "
-            f"below); it reaches {ratio('pass', 'own-null', r.wl):.2f} of the do-nothing "
+            f"The passthrough (the compiled short way) costs {cpu('pass'):.0f} µs per "
+            f"request against {cpu('own-null'):.0f} µs for the do-nothing session in "
+            f"Python; it reaches {ratio('pass', 'own-null', r.wl):.2f} of the do-nothing "
             "session"
         )
     elif r.num == "pass" and r.den == "raw":
         text = (
             f"The do-nothing session itself reaches {ratio('own-null', 'raw', r.wl):.2f} "
             "of raw (raw is the kernel's loop driver alone; every FUSE request is a round "
-            "trip through a reader thread in Python), and the passthrough "
+            "trip through a reader thread in Python), and the passthrough, served in C, "
             f"{ratio('pass', 'own-null', r.wl):.2f} of the do-nothing session"
         )
         ceiling = ratio("own-pwrite", "raw", r.wl)
@@ -1212,8 +1213,7 @@ def why(r: Ratio, bench: FuseBench) -> str:
                 f". The same session doing nothing but a `pread`/`pwrite` of its own "
                 f"backing file per request ({cpu('own-pwrite'):.0f} µs of CPU) reaches "
                 f"{ceiling:.2f} of raw, the passthrough {ratio('pass', 'own-pwrite', r.wl):.2f} "
-                "of that: one Python thread serves at a time, and each microsecond it "
-                "spends on a request lengthens every request's turn"
+                "of that"
             )
         compiled = ratio("c-pwrite", "raw", r.wl)
         if compiled == compiled:
@@ -1222,9 +1222,8 @@ def why(r: Ratio, bench: FuseBench) -> str:
                 f"once) reaches {compiled:.2f} of raw with the `pwrite` "
                 f"({cpu('c-pwrite'):.0f} µs of CPU per request) and "
                 f"{ratio('c-null', 'raw', r.wl):.2f} without ({cpu('c-null'):.0f} µs, "
-                "the kernel's side of FUSE alone): what stands between blksnapd and this "
-                "target is Python, which a compiled request loop for the short ways "
-                "(passthrough, CBT mark, stored-chunk check) would take out"
+                "the kernel's side of FUSE alone), blksnapd "
+                f"{ratio('pass', 'c-pwrite', r.wl):.2f} of the first"
             )
         switched = median_preempted(trials, "pass", r.wl)
         if switched == switched:
@@ -1240,8 +1239,8 @@ def why(r: Ratio, bench: FuseBench) -> str:
     elif r.num == "tracker":
         text = (
             f"The tracker's runs cost {cpu('tracker') - cpu('pass'):+.0f} µs per request more "
-            "than the passthrough's in this run (the CBT mark, `engine/cbt.py` in the profile "
-            "below, and this shared machine's noise between runs)"
+            "than the passthrough's in this run (the CBT mark, in C, and this shared "
+            "machine's noise between runs)"
         )
         engine = {
             p.scenario: p.parts[ENGINE]
@@ -1257,7 +1256,7 @@ def why(r: Ratio, bench: FuseBench) -> str:
         text = (
             f"A rewrite costs {cpu('snap-rewrite') - cpu('pass'):+.0f} µs more than a "
             "passthrough write: the tracker's CBT mark and the diff area's check that the "
-            "chunks are stored (profile below)"
+            "chunks are stored (both in C)"
         )
     elif r.num == "snap-first":
         text = (
@@ -1276,7 +1275,8 @@ def why(r: Ratio, bench: FuseBench) -> str:
         text = (
             f"An image read costs {cpu('image-read'):.0f} µs against "
             f"{cpu('dev-read'):.0f} µs for the device read: it also looks its chunks up "
-            "in the diff area before and after the device read (profile below)"
+            "in the diff area before and after the device read, in Python, where the "
+            "device read is served in C (profile below)"
         )
     if r.num == "pass" and r.wl is RAND_W and sw is not None:
         few = min(sw.counts, key=lambda n: abs(n - 2))
@@ -1287,8 +1287,8 @@ def why(r: Ratio, bench: FuseBench) -> str:
                 f"{sw.median(few, 'pass') / 1000:,.1f} kIOPS and "
                 f"{sw.cpu_us(few, 'pass'):.0f} µs per request with {few} reader threads, "
                 f"{sw.median(dflt, 'pass') / 1000:,.1f} kIOPS and "
-                f"{sw.cpu_us(dflt, 'pass'):.0f} µs with {dflt} (one thread reads at a "
-                "time, the others stand by for requests that wait)"
+                f"{sw.cpu_us(dflt, 'pass'):.0f} µs with {dflt} (every thread reads in C; "
+                "one at a time serves in Python)"
             )
     prof = next(
         (p for p in bench.profiles if p.scenario == PROFILE_OF.get(r.num) and p.wl is r.wl),

@@ -14,6 +14,7 @@ from typing import Any
 
 import trio
 
+from blksnap import shortway
 from blksnap.engine.engine import Engine
 from blksnap.frontends.fuse_own import OwnFS
 from blksnap.settings import SETTINGS
@@ -42,6 +43,11 @@ class FuseFront:
         self.threads = threads
         record = os.path.join(state_dir, FUSE_RECORD)
         self.fs = OwnFS(engine, threads=threads, record=record, resume=resume)
+        if self.fs.short_way:
+            log.info("devices' reads and writes: the compiled short way")
+        else:
+            log.warning("devices' reads and writes: Python only (%s): several times slower",
+                        shortway.WHY_NOT)  # fmt: skip
 
     def ended_why(self) -> str:
         return (

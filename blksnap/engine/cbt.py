@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from blksnap import shortway
 from blksnap.engine.cbt_checkpoint import (
     MAX_NUMBER,
     BackingFacts,
@@ -181,8 +182,22 @@ class CbtMap:
                     iok[b] = 1
 
     def _intent_cleared(self) -> None:
-        """A new intent epoch (before the checkpoint copies the map)."""
+        """A new intent epoch (before the checkpoint copies the map). The
+        fence keeps the clear before the copy for the compiled short way,
+        whose writes mark the map and then read these bytes (:meth:`mark`)."""
         self._iok[:] = bytes(len(self._iok))
+        shortway.fence()
+
+    def short_way(self) -> tuple[tuple[int, int, int, int, int], tuple[Any, ...]]:
+        """What the compiled short way needs to mark this map as :meth:`mark`
+        does (:meth:`blksnap.shortway.Way.open`'s ``cbt``), and the objects
+        that own those bytes. Asked with the device drained: the map, the
+        active number and the intent's bytes change only then."""
+        iok, pin = 0, None
+        if self._intent is not None and len(self._iok):
+            iok, pin = shortway.address(self._iok)
+        args = (self.write_map.ctypes.data, self.block_shift, self.block_count, self.active, iok)
+        return args, (self.write_map, pin)
 
     def _open(self, capacity: int, *, fresh: bool) -> bool:
         """Map the region for ``capacity``; carry on from what it holds

@@ -21,6 +21,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
+from blksnap import shortway
 from blksnap.engine.filters import READ, REDIRECT, SKIP, WRITE, Bio, FilterStack, Op
 from blksnap.engine.gate import Gate, WouldWait, no_wait
 from blksnap.engine.params import Params
@@ -436,8 +437,12 @@ class Device:
         self.regions = regions
         self.backing = BackingStore(path, settle_cache=settle_cache)
         self.filters = FilterStack()
+        #: Its requests served in C by blksnapd's FUSE session
+        #: (:mod:`blksnap.shortway`; None: not built or turned off). The gate
+        #: closes it at every drain and opens it again after.
+        self.short_way = shortway.Way() if shortway.LIB is not None else None
         #: Drained by snapshot take and by filter attach/detach.
-        self.queue = Gate()
+        self.queue = Gate(self.short_way, self.open_short_way)
         #: Requests the backing store or a filter failed, by op name
         #: ("read", "write", ...), and the last failure (errno, op, offset,
         #: length, time, message). Requests refused for the caller's own
@@ -468,6 +473,7 @@ class Device:
         #: engine sets it): no write intent then, its flushes would go
         #: through a device blksnapd serves.
         self.state_carrier: Callable[[], str | None] | None = None
+        self.open_short_way()
 
     @property
     def path(self) -> str:
@@ -695,6 +701,32 @@ class Device:
             store.zero(bio.offset, bio.length, unmap=bool(bio.private.get(UNMAP)))
         else:  # pragma: no cover - Op is closed
             raise InvalidArgument(f"unknown op {op}")
+
+    # -- the compiled short way ---------------------------------------------------
+
+    def open_short_way(self) -> None:
+        """Open :attr:`short_way` with what the filters allow now: with no
+        filter, reads and writes; with one, what it says
+        (:meth:`Filter.short_way`: the tracker's reads, and its writes with
+        their CBT mark while no snapshot is taken); with more, nothing. Only
+        with the way closed and drained (the gate calls it when its last
+        drain ends). A failure leaves it closed: the long way serves."""
+        way = self.short_way
+        if way is None or self.closing:
+            return
+        try:
+            filters = self.filters._filters
+            if not filters:
+                grant = shortway.Grant(shortway.READS | shortway.WRITES)
+            elif len(filters) == 1:
+                grant = filters[0].short_way()
+            else:
+                grant = shortway.NOTHING
+            if grant.mode:
+                backing = self.backing
+                way.open(grant, backing.fd, backing.size, backing.write_piece)
+        except Exception:
+            log.exception("%s: the short way stays closed", self.name)
 
     # -- filters ------------------------------------------------------------------
 

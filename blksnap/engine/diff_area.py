@@ -39,6 +39,7 @@ import logging
 import mmap
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -345,6 +346,15 @@ class DiffArea:
             n = last - first + 1
             return np.count_nonzero(page[start : start + n]) == n
         return bool(self._locations(first, last).all())
+
+    def short_way(self) -> tuple[tuple[int, int, int], tuple[Any, ...]]:
+        """(chunk map address, chunk shift, capacity) for the compiled short
+        way (:meth:`Tracker.short_way`), and what owns the map. The pages
+        lie in one region, chunk after chunk (a page not made yet reads as
+        zeros: not stored), so the map is one array of int64 from
+        ``_pages_at``."""
+        return (int(self._head.ctypes.data) + self._pages_at, self.chunk_shift,
+                self.capacity), (self._head,)  # fmt: skip
 
     def write_needs_copy(self, offset: int, length: int) -> bool:
         """Could :meth:`cow` for this device write copy a chunk or wait for

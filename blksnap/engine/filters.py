@@ -48,6 +48,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from blksnap import shortway
 from blksnap.errors import AlreadyDone, Busy, Exists, InvalidArgument, NotFound, NotSupported
 
 if TYPE_CHECKING:
@@ -176,6 +177,13 @@ class Filter:
         nothing and return False (it is sent through :meth:`submit`). Here:
         False, always."""
         return False
+
+    def short_way(self) -> shortway.Grant:
+        """What this filter, the device's only one, lets its compiled short
+        way do (:meth:`Device.open_short_way`, :mod:`blksnap.shortway`).
+        Asked with the device drained. Here: nothing (every request goes
+        through :meth:`submit`)."""
+        return shortway.NOTHING
 
     def write_may_wait(self, offset: int, length: int) -> bool:
         """Could a device write of ``offset``..``offset+length`` submitted

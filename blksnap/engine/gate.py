@@ -10,6 +10,12 @@ with :class:`WouldWait` instead of waiting for the drain, and the tracker
 refuses a write that would copy a chunk or wait for one (see
 :meth:`blksnap.tracker.Tracker.write_may_wait`); the caller hands the request
 to a worker thread. Like the kernel's ``REQ_NOWAIT``.
+
+A gate may have a compiled twin, the device's short way
+(:class:`blksnap.shortway.Way`: requests served in C count themselves in and
+out of it). Every drain closes it first and waits for its requests too; when
+the last drain ends, ``on_thaw`` opens it again with what the device's
+filters then allow (:meth:`blksnap.engine.device.Device.open_short_way`).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from contextlib import contextmanager
 
 from blksnap.errors import BlksnapError
 from blksnap.fileio import may_block
+from blksnap.shortway import Way
 
 __all__ = ["Gate", "WouldWait", "may_block", "no_wait"]
 
@@ -50,14 +57,18 @@ no_wait = _NoWait()
 
 
 class Gate:
-    __slots__ = ("_closed_error", "_cond", "_frozen", "_inflight", "_lock")
+    __slots__ = ("_closed_error", "_cond", "_frozen", "_inflight", "_lock", "on_thaw", "way")
 
-    def __init__(self) -> None:
+    def __init__(self, way: Way | None = None, on_thaw: Callable[[], None] | None = None) -> None:
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._inflight = 0
         self._frozen = 0
         self._closed_error: Callable[[], BlksnapError] | None = None
+        #: The compiled twin (closed at every drain), and what opens it
+        #: again when the last drain ends (with the gate's lock held).
+        self.way = way
+        self.on_thaw = on_thaw
 
     def enter(self) -> None:
         with self._lock:  # the lock alone (C), not the condition (Python)
@@ -89,9 +100,13 @@ class Gate:
             self.leave()
 
     def freeze(self) -> None:
-        """Stop new requests and wait until none is in flight."""
+        """Stop new requests and wait until none is in flight (the compiled
+        twin's too)."""
         with self._cond:
             self._frozen += 1
+        if self.way is not None:  # (outside the lock: its requests never take it)
+            self.way.close()
+        with self._cond:
             while self._inflight:
                 self._cond.wait()
 
@@ -99,7 +114,20 @@ class Gate:
         with self._cond:
             self._frozen -= 1
             if not self._frozen:
+                if self._closed_error is None and self.on_thaw is not None:
+                    self.on_thaw()
                 self._cond.notify_all()
+
+    def refresh(self) -> None:
+        """What the compiled twin may do has changed outside a drain (a
+        snapshot resumed): close it, wait for its requests, and open it again
+        unless a drain is under way (its end does). Python's requests go on."""
+        if self.way is None:
+            return
+        with self._cond:
+            self._frozen += 1
+        self.way.close()
+        self.unfreeze()
 
     def close(self, make_error: Callable[[], BlksnapError]) -> None:
         """Fail every later request with ``make_error()`` and drain the current ones."""
@@ -107,6 +135,9 @@ class Gate:
             self._closed_error = make_error
             self._frozen += 1
             self._cond.notify_all()
+        if self.way is not None:
+            self.way.close()
+        with self._cond:
             while self._inflight:
                 self._cond.wait()
 

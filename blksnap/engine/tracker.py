@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from blksnap import shortway
 from blksnap.engine import cbt_checkpoint, cbt_intent
 from blksnap.engine.cbt import CbtMap, tracking_block_shift
 from blksnap.engine.filters import PASS, WRITE_OPS, Bio, Filter, FilterResult
@@ -276,6 +277,7 @@ class Tracker(Filter):
         that may copy or wait for a copy goes the full way. (Inside the
         gate the diff area's answer cannot go stale.)"""
         self._diff_area = area
+        self.device.queue.refresh()  # (the compiled short way, too)
         mark = self.cbt.mark  # (True, always)
         if area is None:
             self.pass_write = mark  # type: ignore[method-assign]
@@ -286,6 +288,20 @@ class Tracker(Filter):
             return not needs_copy(offset, length) and mark(offset, length)
 
         self.pass_write = pass_write  # type: ignore[method-assign]
+
+    def short_way(self) -> shortway.Grant:
+        """Reads pass, always. Writes as :meth:`pass_write` lets them: the
+        CBT marked first, in :meth:`CbtMap.mark`'s order (the write map, then
+        the write intent: a write whose intent is not durable yet goes back to
+        Python); under a snapshot taken, only writes whose chunks are all in
+        diff storage already (:meth:`DiffArea.write_needs_copy`: rewrites)."""
+        cbt, keep = self.cbt.short_way()
+        mode = shortway.READS | shortway.WRITES | shortway.TRACKED
+        area = self._diff_area
+        if area is None:
+            return shortway.Grant(mode, cbt, None, keep)
+        chunks, area_keep = area.short_way()
+        return shortway.Grant(mode | shortway.STORED, cbt, chunks, (*keep, *area_keep))
 
     def write_may_wait(self, offset: int, length: int) -> bool:
         """Could a device write of ``offset``..``offset+length`` submitted

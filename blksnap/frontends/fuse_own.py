@@ -36,6 +36,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from blksnap import shortway
 from blksnap.engine.engine import Engine
 from blksnap.errors import BlksnapError
 from blksnap.frontends import fuse_proto as proto
@@ -61,6 +62,8 @@ class TargetBacking:
         self.size = target.size
         self.read: Callable[[int, int], bytes | bytearray] = target.served.read
         self.write: Callable[[int, memoryview], None] = target.served.write
+        #: A device's compiled short way (None: an image, a backup, or none built).
+        self.short_way: shortway.Way | None = getattr(target.served, "short_way", None)
 
     def flush(self) -> None:
         try:
@@ -94,6 +97,7 @@ class _Session(FuseSession):
     def __init__(self, fs: OwnFS, mountpoint: str, threads: int, timeout: float) -> None:
         super().__init__(fs.tree, mountpoint, threads=threads, timeout=timeout)
         self.fs = fs
+        self.ways = fs.nodes
         self.handles: dict[int, Node] = {}
         #: The unique of the OPEN each handle was made for (its resend bit
         #: cleared): a server killed between recording a handle and
@@ -158,8 +162,16 @@ class OwnFS:
         cache_seconds: float | None = None,
         record: str | None = None,
         resume: dict[str, Any] | None = None,
+        short_way: bool | None = None,
     ) -> None:
         self.engine = engine
+        #: Devices' READs and WRITEs served in C (:mod:`blksnap.shortway`);
+        #: by default whenever it is built and not turned off.
+        self.short_way = shortway.LIB is not None if short_way is None else short_way
+        if self.short_way and shortway.LIB is None:
+            raise RuntimeError(f"no compiled short way: {shortway.WHY_NOT}")
+        #: Which device file (node id) takes which device's short way.
+        self.nodes = shortway.Nodes() if self.short_way else None
         self.settings = settings or SETTINGS
         self.threads = threads if threads is not None else self.settings.fuse_threads
         self.cache_seconds = (
@@ -284,16 +296,25 @@ class OwnFS:
         ``timeout`` seconds: :class:`TimeoutError` if some still serve)."""
         session, self.session = self.session, None
         if session is not None:
-            session.close(timeout)
+            session.close(timeout)  # (TimeoutError: threads may still be in C)
+        nodes, self.nodes = self.nodes, None
+        if nodes is not None:
+            nodes.free()
 
     # -- the tree -----------------------------------------------------------------
 
     def add_device(self, name: str) -> None:
-        self.tree.add_file(f"dev/{name}", TargetBacking(device_target(self.engine, name)))
+        backing = TargetBacking(device_target(self.engine, name))
+        node = self.tree.add_file(f"dev/{name}", backing)
+        way = backing.short_way
+        if self.nodes is not None and way is not None and not self.nodes.bind(node.nodeid, way):
+            log.warning("%s: no room in the short way's table: served in Python", name)
         self._changed(self.dev, name)
 
     def remove_device(self, name: str) -> None:
-        self.tree.remove(f"dev/{name}")
+        node = self.tree.remove(f"dev/{name}")
+        if node is not None and self.nodes is not None:
+            self.nodes.unbind(node.nodeid)
         self._changed(self.dev, name)
 
     def add_snapshot(self, sid: str, names: list[str]) -> None:

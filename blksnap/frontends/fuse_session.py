@@ -40,6 +40,7 @@ import time
 from collections.abc import Iterable
 from typing import Protocol
 
+from blksnap import shortway
 from blksnap.errors import BlksnapError
 from blksnap.fileio import fallocate, may_block
 from blksnap.frontends import fuse_proto as proto
@@ -364,6 +365,12 @@ class FuseSession:
         self._turn_mutex = threading.Lock()
         self._turn_line = threading.Lock()
         self._holder: _Turn | None = None
+        #: Files (node ids) whose READs and WRITEs the compiled short way
+        #: serves (:mod:`blksnap.shortway`; None: every request is served
+        #: here); its owner frees it once the session is closed. With it,
+        #: every thread waits for requests in C at once (Python's lock let go
+        #: meanwhile), and takes the turn in C before serving one here.
+        self.ways: shortway.Nodes | None = None
 
     # --- lifetime ----------------------------------------------------------
 
@@ -412,8 +419,9 @@ class FuseSession:
             raise
 
     def _start(self) -> None:
+        serve = self._serve if self.ways is None else self._serve_compiled
         for i, cfd in enumerate(self.fds):
-            t = threading.Thread(target=self._serve, args=(cfd,), name=f"blksnap-fuse-{i}",
+            t = threading.Thread(target=serve, args=(cfd,), name=f"blksnap-fuse-{i}",
                                  daemon=True)  # fmt: skip
             t.start()
             self.threads.append(t)
@@ -522,8 +530,7 @@ class FuseSession:
                 try:
                     out = handle(view[:n])
                 except proto.ProtocolError as e:
-                    log.error("bad FUSE request: %s", e)
-                    out = None if e.unique is None else [proto.error(e.unique, e.errno)]
+                    out = self._refused(e)
                 turn.busy = False
                 turn.served += 1
                 if out is None:
@@ -531,17 +538,74 @@ class FuseSession:
                 try:
                     writev(fd, out)
                 except OSError as e:
-                    # ENOENT: the request was interrupted or aborted meanwhile,
-                    # or (an INTERRUPT's answer, odd unique) another fd has it.
-                    if e.errno == errno.ENODEV:
+                    if not self._answer_failed(fd, out, e):
                         return
-                    if e.errno != errno.ENOENT:
-                        log.error("answering FUSE request: %s", e)
-                    elif out[0][8] & proto.INT_REQ_BIT:
-                        self._answer_elsewhere(fd, out)
         finally:
             turn.give()  # the next thread finds the connection gone too
             may_block.hook = None
+
+    @staticmethod
+    def _refused(e: proto.ProtocolError) -> list[bytes] | None:
+        """The answer to a request that breaks the protocol (logged), if it
+        can be answered at all."""
+        log.error("bad FUSE request: %s", e)
+        return None if e.unique is None else [proto.error(e.unique, e.errno)]
+
+    def _answer_failed(self, fd: int, out: list[bytes], e: OSError) -> bool:
+        """The answer ``out`` could not be written to ``fd``: False if the
+        connection is gone (ENODEV), else True (logged, or sent on the fd
+        that has the request). ENOENT: the request was interrupted or
+        aborted meanwhile, or (an INTERRUPT's answer, odd unique) another fd
+        has it."""
+        if e.errno == errno.ENODEV:
+            return False
+        if e.errno != errno.ENOENT:
+            log.error("answering FUSE request: %s", e)
+        elif out[0][8] & proto.INT_REQ_BIT:
+            self._answer_elsewhere(fd, out)
+        return True
+
+    def _serve_compiled(self, fd: int) -> None:
+        """One reader thread with the compiled short way: it waits for
+        requests in C (:func:`blksnap.shortway.serve`), which serves the
+        READs and WRITEs of files bound to an open way and returns every
+        other request here with the turn to serve in Python taken (one
+        thread at a time, as :meth:`_serve`; handed on before a wait by
+        :data:`may_block`), to be served as :meth:`_serve` does."""
+        ways = self.ways
+        assert ways is not None
+        may_block.hook = ways.give
+        buf = bytearray(self._bufsize)
+        view = memoryview(buf)
+        addr, pin = shortway.address(buf)
+        size = len(buf)
+        err = ctypes.c_int(0)
+        serve, writev, handle = shortway.serve, os.writev, self.handle
+        try:
+            while True:
+                n = serve(fd, addr, size, ways, err)
+                if n < 0:
+                    if -n != errno.ENODEV:  # unmounted or aborted
+                        log.error("reading /dev/fuse: %s", os.strerror(-n))
+                    return
+                if n == 0:
+                    log.error("answering FUSE request: %s", os.strerror(err.value))
+                    continue
+                try:
+                    out = handle(view[:n])
+                except proto.ProtocolError as e:
+                    out = self._refused(e)
+                if out is None:
+                    continue
+                try:
+                    writev(fd, out)
+                except OSError as e:
+                    if not self._answer_failed(fd, out, e):
+                        return
+        finally:
+            ways.give()
+            may_block.hook = None
+            del view, pin  # (buf's export, before buf goes)
 
     def handle(self, raw: memoryview) -> list[bytes] | None:
         """The reply to one request, as buffers for one ``writev`` (None: no reply).

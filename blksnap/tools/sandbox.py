@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -138,10 +138,11 @@ def start(
     *,
     timeout: float = 20,
     client_timeout: float = 120,
+    env: Mapping[str, str] | None = None,
 ) -> Sandbox:
-    """Start blksnapd with everything under ``root``; wait up to ``timeout``
-    seconds until it answers. The sandbox's client gives each request
-    ``client_timeout`` seconds."""
+    """Start blksnapd with everything under ``root`` (``env``: added to its
+    environment); wait up to ``timeout`` seconds until it answers. The
+    sandbox's client gives each request ``client_timeout`` seconds."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     sock, mount, state = str(root / "blksnapd.sock"), str(root / "mnt"), str(root / "state")
@@ -156,6 +157,7 @@ def start(
             stdout=f,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
+            env=None if env is None else {**os.environ, **env},
         )
     client = Client(sock, timeout=client_timeout)
     deadline = time.monotonic() + timeout

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -34,9 +34,11 @@ def cli(sock: str, *args: str, check: bool = True) -> subprocess.CompletedProces
     return run(str(BIN / "blksnap"), "--socket", sock, *args, check=check)
 
 
-def start_daemon(root: Path, extra: Sequence[str] = ()) -> Daemon:
+def start_daemon(
+    root: Path, extra: Sequence[str] = (), env: Mapping[str, str] | None = None
+) -> Daemon:
     try:
-        return sandbox.start(root, extra)
+        return sandbox.start(root, extra, env=env)
     except RuntimeError as exc:
         raise AssertionError(str(exc)) from None
 

@@ -14,6 +14,7 @@ import shutil
 
 import pytest
 
+from blksnap import shortway
 from tests.integration.conftest import SKIP, Daemon, loops_under, mounts_under, run, start_daemon
 from tests.integration.helpers import (
     MiB,
@@ -91,8 +92,30 @@ def test_ext4_take_mounted_image_files(own: Daemon, backing, tmp_path) -> None:
     assert own.client.status()["healthy"]
 
 
+@pytest.fixture(params=["compiled", "python"])
+def either_way(request, tmp_path):
+    """blksnapd with its compiled short way, and with it turned off
+    (``BLKSNAP_SHORT_WAY=0``: every request served in Python)."""
+    if SKIP:
+        pytest.skip(SKIP)
+    compiled = request.param == "compiled"
+    if compiled and shortway.LIB is None:
+        pytest.skip(f"no compiled short way: {shortway.WHY_NOT}")
+    d = start_daemon(tmp_path, env=None if compiled else {"BLKSNAP_SHORT_WAY": "0"})
+    try:
+        log = d.log.read_text()
+        assert ("the compiled short way" in log) == compiled, log
+        assert ("Python only (BLKSNAP_SHORT_WAY=0" in log) == (not compiled), log
+        yield d
+    finally:
+        d.stop()
+        assert not mounts_under(str(tmp_path)), mounts_under(str(tmp_path))
+        assert not loops_under(str(tmp_path)), loops_under(str(tmp_path))
+
+
 @pytest.mark.skipif(not shutil.which("fio"), reason="fio is not installed")
-def test_fio_verify_qd32_with_snapshot_taken(own: Daemon, backing, tmp_path) -> None:
+def test_fio_verify_qd32_with_snapshot_taken(either_way: Daemon, backing, tmp_path) -> None:
+    own = either_way
     size = 128 * MiB
     path = backing("f.img", size)
     with open(path, "r+b") as f:  # something for the image to keep

@@ -1,0 +1,241 @@
+"""The short way, compiled (``_shortway.c``): READ and WRITE requests of the
+FUSE files of devices served without the interpreter.
+
+Python's share of a 4 KiB request is most of its cost (BENCHMARKS.md, "Block
+layer": ~10 us of CPU a request in Python against ~8 us for the same loop
+compiled, and one Python thread runs at a time). So blksnapd's FUSE reader
+threads wait for requests in C (:func:`serve`, Python's lock let go), serve
+there the reads and writes of a device whose filters ask nothing of them
+but a CBT mark, and hand every other request to Python.
+
+Two objects tie the C side to the engine and the session:
+
+* a :class:`Way` per device says what its requests may do in C (reads,
+  writes, writes that mark a CBT map first); the engine opens it only with
+  it closed and drained, from the device's gate
+  (:class:`blksnap.engine.gate.Gate`), which closes it first at every drain;
+* a :class:`Nodes` table per FUSE file system says which way the requests
+  of each device's file (its node id) take.
+
+Built by ``make`` (``make setup``) with the machine's C compiler into
+``blksnap/_shortway.so``; without it, or with ``BLKSNAP_SHORT_WAY=0`` in the
+environment, :data:`LIB` is None and every request goes the long way (the
+same results, at Python's speed). :data:`WHY_NOT` says why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+#: What a way lets through (``_shortway.c``: BS_READS, BS_WRITES, BS_TRACKED).
+READS = 1
+WRITES = 2
+TRACKED = 4
+STORED = 8
+
+SO_PATH = Path(__file__).with_name("_shortway.so")
+SOURCE_PATH = Path(__file__).with_name("_shortway.c")
+
+_p = ctypes.c_void_p
+_u32, _u64, _i32 = ctypes.c_uint32, ctypes.c_uint64, ctypes.c_int32
+
+
+def _load() -> tuple[ctypes.CDLL | None, str | None]:
+    if os.environ.get("BLKSNAP_SHORT_WAY", "1") == "0":
+        return None, "BLKSNAP_SHORT_WAY=0 in the environment"
+    if not SO_PATH.exists():
+        return None, f"{SO_PATH} is not built (make setup builds it)"
+    try:
+        if SOURCE_PATH.exists() and SOURCE_PATH.stat().st_mtime > SO_PATH.stat().st_mtime:
+            return None, f"{SO_PATH} is older than its source (make setup builds it again)"
+        lib = ctypes.CDLL(str(SO_PATH))
+    except OSError as exc:
+        return None, f"{SO_PATH}: {exc}"
+    lib.bs_way_new.restype = _p
+    lib.bs_way_new.argtypes = []
+    lib.bs_way_close.argtypes = [_p]
+    lib.bs_way_close.restype = None
+    lib.bs_way_open.argtypes = [_p, _u32, _i32, _u64, _u64, _p, _u32, _u64, _u32, _p, _p, _u32,
+                                _u64]  # fmt: skip
+    lib.bs_way_open.restype = None
+    lib.bs_way_mode.argtypes = [_p]
+    lib.bs_way_mode.restype = _u32
+    lib.bs_way_counts.argtypes = [_p, ctypes.POINTER(_u64)]
+    lib.bs_way_counts.restype = None
+    lib.bs_fence.argtypes = []
+    lib.bs_fence.restype = None
+    lib.bs_table_new.argtypes = [ctypes.c_uint]
+    lib.bs_table_new.restype = _p
+    lib.bs_table_free.argtypes = [_p]
+    lib.bs_table_free.restype = None
+    lib.bs_table_bind.argtypes = [_p, _u64, _p]
+    lib.bs_table_bind.restype = ctypes.c_int
+    lib.bs_table_unbind.argtypes = [_p, _u64]
+    lib.bs_table_unbind.restype = None
+    lib.bs_turn_new.argtypes = []
+    lib.bs_turn_new.restype = _p
+    lib.bs_turn_free.argtypes = [_p]
+    lib.bs_turn_free.restype = None
+    lib.bs_turn_give.argtypes = [_p]
+    lib.bs_turn_give.restype = None
+    lib.bs_serve.argtypes = [ctypes.c_int, _p, ctypes.c_size_t, _p, _p,
+                             ctypes.POINTER(ctypes.c_int)]  # fmt: skip
+    lib.bs_serve.restype = ctypes.c_ssize_t
+    return lib, None
+
+
+#: The compiled short way, or None (then :data:`WHY_NOT` says why).
+LIB, WHY_NOT = _load()
+
+
+def fence() -> None:
+    """A full memory barrier, for Python code whose order the C side relies
+    on (a CBT checkpoint: clear the durable marks, fence, copy the map)."""
+    if LIB is not None:
+        LIB.bs_fence()
+
+
+def address(buf: bytearray) -> tuple[int, Any]:
+    """The address of ``buf``'s bytes and the object that pins them (keep it
+    as long as C may use the address: ``buf`` cannot be resized meanwhile)."""
+    pin = (ctypes.c_char * len(buf)).from_buffer(buf)
+    return ctypes.addressof(pin), pin
+
+
+@dataclass(frozen=True)
+class Grant:
+    """What a device's filters let its short way do: ``mode`` (:data:`READS`,
+    :data:`WRITES`, :data:`TRACKED`, :data:`STORED`); ``cbt``: (write map
+    address, block shift, blocks, active number, intent-durable bytes
+    address or 0) for :data:`TRACKED`; ``chunks``: (chunk map address,
+    chunk shift, capacity at take) for :data:`STORED`; ``keep``: the objects
+    that own those bytes."""
+
+    mode: int
+    cbt: tuple[int, int, int, int, int] | None = None
+    chunks: tuple[int, int, int] | None = None
+    keep: tuple[Any, ...] = ()
+
+
+NOTHING = Grant(0)
+
+
+class Way:
+    """One device's short way (closed when made)."""
+
+    __slots__ = ("_keep", "ptr")
+
+    def __init__(self) -> None:
+        assert LIB is not None
+        ptr = LIB.bs_way_new()
+        if not ptr:
+            raise MemoryError("no memory for a short way")
+        #: Never freed: a stale file handle may name this way after its
+        #: device is gone (it finds it closed).
+        self.ptr: int = ptr
+        self._keep: tuple[Any, ...] = ()
+
+    def close(self) -> None:
+        """Close the way and wait until no request is inside (then the
+        memory it was given may go)."""
+        assert LIB is not None
+        LIB.bs_way_close(self.ptr)
+        self._keep = ()
+
+    def open(self, grant: Grant, fd: int, size: int, piece: int = 0) -> None:
+        """Let ``grant`` through to ``fd`` (``size`` bytes; writes in pieces
+        of ``piece``), holding what owns its addresses until the way is
+        closed. Only with the way closed and drained."""
+        assert LIB is not None
+        mode = grant.mode
+        if mode & TRACKED and grant.cbt is None:
+            raise ValueError("a tracked way needs its CBT map")
+        if mode & STORED and grant.chunks is None:
+            raise ValueError("a way under a snapshot needs its chunk map")
+        self._keep = grant.keep
+        addr, shift, blocks, active, iok = grant.cbt or (0, 0, 0, 0, 0)
+        cmap, cshift, capacity = grant.chunks or (0, 0, 0)
+        LIB.bs_way_open(self.ptr, mode, fd, size, piece, addr, shift, blocks, active, iok,
+                        cmap, cshift, capacity)  # fmt: skip
+
+    @property
+    def mode(self) -> int:
+        assert LIB is not None
+        return int(LIB.bs_way_mode(self.ptr))
+
+    def counts(self) -> dict[str, int]:
+        """Requests served in C so far (reads, writes) and READs/WRITEs of a
+        bound handle given back to Python (``returned``)."""
+        assert LIB is not None
+        out = (_u64 * 3)()
+        LIB.bs_way_counts(self.ptr, out)
+        return {"reads": out[0], "writes": out[1], "returned": out[2]}
+
+
+class Nodes:
+    """FUSE node id -> way, for one FUSE file system (a device's file keeps
+    its node id as long as it exists, and ids are never given out twice).
+    Binding and unbinding are done by one thread at a time (the caller's
+    lock); the reader threads read it lock-free. A node the table has no
+    room for goes the long way.
+
+    With it, the session's turn to serve requests in Python, one thread at
+    a time (``_shortway.c``, struct bs_turn): :func:`serve` returns a
+    request with the turn taken and gives it back when called again;
+    :meth:`give` gives it back earlier (before a wait)."""
+
+    BITS = 12
+
+    def __init__(self) -> None:
+        assert LIB is not None
+        ptr = LIB.bs_table_new(self.BITS)
+        turn = LIB.bs_turn_new()
+        if not ptr or not turn:
+            LIB.bs_table_free(ptr)
+            LIB.bs_turn_free(turn)
+            raise MemoryError("no memory for a node table")
+        self.ptr: int = ptr
+        self.turn: int = turn
+        self.bound: dict[int, Way] = {}
+
+    def bind(self, nodeid: int, way: Way) -> bool:
+        """Serve ``nodeid``'s reads and writes by ``way``; False if there is
+        no room (they go the long way)."""
+        assert LIB is not None
+        if LIB.bs_table_bind(self.ptr, nodeid, way.ptr) != 0:
+            return False
+        self.bound[nodeid] = way
+        return True
+
+    def unbind(self, nodeid: int) -> None:
+        assert LIB is not None
+        if self.bound.pop(nodeid, None) is not None:
+            LIB.bs_table_unbind(self.ptr, nodeid)
+
+    def give(self) -> None:
+        """Give the turn back if this thread holds it (``may_block``'s hook)."""
+        assert LIB is not None
+        LIB.bs_turn_give(self.turn)
+
+    def free(self) -> None:
+        """Only once no thread can be in :func:`serve` with it."""
+        assert LIB is not None
+        ptr, self.ptr = self.ptr, 0
+        turn, self.turn = self.turn, 0
+        if ptr:
+            LIB.bs_table_free(ptr)
+        if turn:
+            LIB.bs_turn_free(turn)
+
+
+def serve(fd: int, buf: int, size: int, nodes: Nodes, reply_errno: Any) -> int:
+    """Serve requests from ``fd`` in C until one is for Python (``_shortway.c``,
+    ``bs_serve``): its length (in the ``size`` bytes at address ``buf``),
+    the turn taken; 0 if a reply could not be sent (``reply_errno.value``:
+    its errno); ``-errno`` if reading failed."""
+    assert LIB is not None
+    return int(LIB.bs_serve(fd, buf, size, nodes.ptr, nodes.turn, ctypes.byref(reply_errno)))
