@@ -20,7 +20,13 @@
  *               touches is in diff storage already (a rewrite), else back to
  *               Python, which copies the chunk first (DiffArea.cow). A chunk's
  *               entry in the chunk map is set once its copy is safe and never
- *               cleared while the snapshot lives.
+ *               cleared while the snapshot lives;
+ *   BS_IMAGE    the way of a snapshot image: a read of chunks none of which
+ *               is stored reads the device's backing store, and is given back
+ *               if one became stored meanwhile (DiffArea.read's check: a
+ *               chunk is published before the device write that changes it
+ *               goes on) or the snapshot is corrupted (its error word, set
+ *               before copy-on-write stops); it counts in the image's stats.
  *
  * The way is the device's gate for these requests (blksnap/engine/gate.py):
  * a request counts itself in (inflight) and then looks at the mode; the
@@ -63,6 +69,7 @@
 #define BS_WRITES 2u
 #define BS_TRACKED 4u
 #define BS_STORED 8u
+#define BS_IMAGE 16u
 
 /* linux/fuse.h (protocol 7.x): the sizes and opcodes used here. */
 #define IN_HEADER 40
@@ -86,6 +93,8 @@ struct bs_way {
 	uint32_t chunk_shift; /* BS_STORED: the snapshot's chunk size */
 	const int64_t *chunks; /* BS_STORED: the chunk map (location + 1; 0: not stored) */
 	uint64_t capacity; /* BS_STORED: the capacity frozen at take */
+	const int64_t *error; /* BS_IMAGE: the snapshot's error (0: healthy) */
+	int64_t *stats; /* BS_IMAGE: bytes read, reads */
 	_Atomic uint64_t reads, writes, returned;
 };
 
@@ -124,8 +133,11 @@ void bs_way_close(struct bs_way *w)
 /* Open the way with what it allows; only while closed and drained. */
 void bs_way_open(struct bs_way *w, uint32_t mode, int32_t fd, uint64_t size, uint64_t piece,
 		 uint8_t *map, uint32_t block_shift, uint64_t blocks, uint32_t active,
-		 const uint8_t *iok, const int64_t *chunks, uint32_t chunk_shift, uint64_t capacity)
+		 const uint8_t *iok, const int64_t *chunks, uint32_t chunk_shift, uint64_t capacity,
+		 const int64_t *error, int64_t *stats)
 {
+	w->error = error;
+	w->stats = stats;
 	w->chunks = chunks;
 	w->chunk_shift = chunk_shift;
 	w->capacity = capacity;
@@ -156,6 +168,12 @@ void bs_way_counts(struct bs_way *w, uint64_t out[3])
 void bs_fence(void)
 {
 	atomic_thread_fence(memory_order_seq_cst);
+}
+
+/* *p += n, atomically (counters C and Python both add to). */
+void bs_add64(int64_t *p, int64_t n)
+{
+	__atomic_fetch_add(p, n, __ATOMIC_RELAXED);
 }
 
 /* --- node ids: which way the requests of a FUSE file take (bound by the
@@ -425,6 +443,19 @@ static int stored(struct bs_way *w, uint64_t offset, uint64_t length)
 	return 1;
 }
 
+/* Is no chunk of the read in diff storage, and the snapshot healthy? */
+static int none_stored(struct bs_way *w, uint64_t offset, uint64_t length)
+{
+	uint64_t c, last = (offset + length - 1) >> w->chunk_shift;
+
+	if (__atomic_load_n(w->error, __ATOMIC_ACQUIRE))
+		return 0;
+	for (c = offset >> w->chunk_shift; c <= last; c++)
+		if (__atomic_load_n(&w->chunks[c], __ATOMIC_ACQUIRE))
+			return 0;
+	return 1;
+}
+
 /* Send one reply; 0, or -errno (ENOENT, an interrupted request, is 0). */
 static int reply(int fd, struct iovec *iov, int n)
 {
@@ -491,11 +522,25 @@ static int serve_read(int fd, struct bs_way *w, uint8_t *buf, size_t bufsize, ui
 		return 0;
 	if (RW_END + (size_t)size > bufsize)
 		return 0;
-	if (!enter(w, BS_READS))
+	uint32_t mode = enter(w, BS_READS);
+
+	if (!mode)
 		return 0;
+	if ((mode & BS_IMAGE) && !none_stored(w, offset, size)) {
+		leave(w);
+		return 0;
+	}
 	if (io_all(0, w->fd, data, size, offset, 0) < 0) {
 		leave(w);
 		return 0;
+	}
+	if (mode & BS_IMAGE) {
+		if (!none_stored(w, offset, size)) {
+			leave(w);
+			return 0;
+		}
+		bs_add64(&w->stats[0], size);
+		bs_add64(&w->stats[1], 1);
 	}
 	leave(w);
 	atomic_fetch_add_explicit(&w->reads, 1, memory_order_relaxed);

@@ -36,6 +36,7 @@ READS = 1
 WRITES = 2
 TRACKED = 4
 STORED = 8
+IMAGE = 16
 
 SO_PATH = Path(__file__).with_name("_shortway.so")
 SOURCE_PATH = Path(__file__).with_name("_shortway.c")
@@ -60,7 +61,9 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     lib.bs_way_close.argtypes = [_p]
     lib.bs_way_close.restype = None
     lib.bs_way_open.argtypes = [_p, _u32, _i32, _u64, _u64, _p, _u32, _u64, _u32, _p, _p, _u32,
-                                _u64]  # fmt: skip
+                                _u64, _p, _p]  # fmt: skip
+    lib.bs_add64.argtypes = [_p, ctypes.c_int64]
+    lib.bs_add64.restype = None
     lib.bs_way_open.restype = None
     lib.bs_way_mode.argtypes = [_p]
     lib.bs_way_mode.restype = _u32
@@ -99,6 +102,13 @@ def fence() -> None:
         LIB.bs_fence()
 
 
+def add64(address: int, n: int) -> None:
+    """Add ``n`` to the int64 at ``address`` atomically (a counter the C
+    side adds to as well)."""
+    assert LIB is not None
+    LIB.bs_add64(address, n)
+
+
 def address(buf: bytearray) -> tuple[int, Any]:
     """The address of ``buf``'s bytes and the object that pins them (keep it
     as long as C may use the address: ``buf`` cannot be resized meanwhile)."""
@@ -108,24 +118,26 @@ def address(buf: bytearray) -> tuple[int, Any]:
 
 @dataclass(frozen=True)
 class Grant:
-    """What a device's filters let its short way do: ``mode`` (:data:`READS`,
-    :data:`WRITES`, :data:`TRACKED`, :data:`STORED`); ``cbt``: (write map
+    """What a short way may do: ``mode`` (:data:`READS`, :data:`WRITES`,
+    :data:`TRACKED`, :data:`STORED`, :data:`IMAGE`); ``cbt``: (write map
     address, block shift, blocks, active number, intent-durable bytes
     address or 0) for :data:`TRACKED`; ``chunks``: (chunk map address,
-    chunk shift, capacity at take) for :data:`STORED`; ``keep``: the objects
-    that own those bytes."""
+    chunk shift, capacity at take) for :data:`STORED` and :data:`IMAGE`;
+    ``image``: (error word address, stats address: bytes read, reads) for
+    :data:`IMAGE`; ``keep``: the objects that own those bytes."""
 
     mode: int
     cbt: tuple[int, int, int, int, int] | None = None
     chunks: tuple[int, int, int] | None = None
     keep: tuple[Any, ...] = ()
+    image: tuple[int, int] | None = None
 
 
 NOTHING = Grant(0)
 
 
 class Way:
-    """One device's short way (closed when made)."""
+    """One device's or image's short way (closed when made)."""
 
     __slots__ = ("_keep", "ptr")
 
@@ -154,13 +166,16 @@ class Way:
         mode = grant.mode
         if mode & TRACKED and grant.cbt is None:
             raise ValueError("a tracked way needs its CBT map")
-        if mode & STORED and grant.chunks is None:
+        if mode & (STORED | IMAGE) and grant.chunks is None:
             raise ValueError("a way under a snapshot needs its chunk map")
+        if mode & IMAGE and (grant.image is None or mode & WRITES):
+            raise ValueError("an image's way reads only, and needs its error word and stats")
         self._keep = grant.keep
         addr, shift, blocks, active, iok = grant.cbt or (0, 0, 0, 0, 0)
         cmap, cshift, capacity = grant.chunks or (0, 0, 0)
+        error, stats = grant.image or (0, 0)
         LIB.bs_way_open(self.ptr, mode, fd, size, piece, addr, shift, blocks, active, iok,
-                        cmap, cshift, capacity)  # fmt: skip
+                        cmap, cshift, capacity, error, stats)  # fmt: skip
 
     @property
     def mode(self) -> int:

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from blksnap.engine.filters import Filter
+    from blksnap.engine.image import Image
 
 log = logging.getLogger(__name__)
 
@@ -439,10 +440,13 @@ class Device:
         self.filters = FilterStack()
         #: Its requests served in C by blksnapd's FUSE session
         #: (:mod:`blksnap.shortway`; None: not built or turned off). The gate
-        #: closes it at every drain and opens it again after.
+        #: closes it at every drain and opens it again after, and so the
+        #: ways of the images of its snapshot, which read its backing store.
         self.short_way = shortway.Way() if shortway.LIB is not None else None
+        #: The images of its snapshot taken (their ways follow its gate).
+        self.images: list[Image] = []
         #: Drained by snapshot take and by filter attach/detach.
-        self.queue = Gate(self.short_way, self.open_short_way)
+        self.queue = Gate(self._close_ways if self.short_way else None, self.open_short_way)
         #: Requests the backing store or a filter failed, by op name
         #: ("read", "write", ...), and the last failure (errno, op, offset,
         #: length, time, message). Requests refused for the caller's own
@@ -725,8 +729,17 @@ class Device:
             if grant.mode:
                 backing = self.backing
                 way.open(grant, backing.fd, backing.size, backing.write_piece)
+            for image in self.images:
+                image.open_short_way()
         except Exception:
             log.exception("%s: the short way stays closed", self.name)
+
+    def _close_ways(self) -> None:
+        """Close its way and its images' ways; wait for their requests."""
+        assert self.short_way is not None
+        self.short_way.close()
+        for image in self.images:
+            image.close_short_way()
 
     # -- filters ------------------------------------------------------------------
 

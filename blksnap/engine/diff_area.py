@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from blksnap import shortway
 from blksnap.engine.device import Device
 from blksnap.engine.diff_storage import DiffStorage
 from blksnap.engine.filters import Bio, Op
@@ -206,8 +207,12 @@ class DiffArea:
         """Diff storage could not take a chunk: stop copy-on-write for good."""
         if self.error:
             return
+        # (The word first: a device write that finds ``error`` set goes on
+        # without copy-on-write, and a read of the compiled short way that
+        # saw its data must then find the word set.)
+        self._head[4] = exc.errno or errno.EIO
+        shortway.fence()
         self.error = exc.errno or errno.EIO
-        self._head[4] = self.error
         log.error("snapshot of %s corrupted: %s", self.device.name, exc)
         self._on_error(exc)
 
@@ -355,6 +360,13 @@ class DiffArea:
         ``_pages_at``."""
         return (int(self._head.ctypes.data) + self._pages_at, self.chunk_shift,
                 self.capacity), (self._head,)  # fmt: skip
+
+    def image_short_way(self) -> tuple[int, int]:
+        """(error word address, stats address) for an image's compiled
+        short way (:meth:`Image.open_short_way`): the words it checks and
+        counts in, in the region (they carry on with it)."""
+        base = int(self._head.ctypes.data)
+        return base + 4 * 8, base + 5 * 8
 
     def write_needs_copy(self, offset: int, length: int) -> bool:
         """Could :meth:`cow` for this device write copy a chunk or wait for

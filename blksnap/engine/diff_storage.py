@@ -195,6 +195,11 @@ class DiffStorage:
         #: Device name -> sorted (start, end) byte ranges of it that mapped
         #: sources use (replaced whole when a source is added: read lock-free).
         self.on_devices: dict[str, tuple[tuple[int, int], ...]] = {}
+        #: Set (for good) before the first source on a served device goes in
+        #: service, and then ``before_device_source`` is called: the images'
+        #: compiled short way reads devices whole, without its ranges zeroed.
+        self.on_device = False
+        self.before_device_source: Callable[[], None] | None = None
 
     # -- sources ------------------------------------------------------------------
 
@@ -312,6 +317,10 @@ class DiffStorage:
             if self._released:
                 _close(src)
                 raise InvalidArgument("diff storage already released")
+            if src.device is not None:
+                self.on_device = True
+                if self.before_device_source is not None:
+                    self.before_device_source()
             if self.keep is not None:
                 # Kept before it serves: a slot of it in a chunk map is
                 # always found again.
@@ -554,6 +563,7 @@ class DiffStorage:
             self._slots_total += total
             self._slots_used += used
             if src.device is not None:
+                self.on_device = True
                 src.via = via_for(src.device)
                 ranges = {*self.on_devices.get(src.device, ()),
                           *((o, o + n) for o, n in src.ranges)}  # fmt: skip

@@ -11,11 +11,12 @@ refuses a write that would copy a chunk or wait for one (see
 :meth:`blksnap.tracker.Tracker.write_may_wait`); the caller hands the request
 to a worker thread. Like the kernel's ``REQ_NOWAIT``.
 
-A gate may have a compiled twin, the device's short way
-(:class:`blksnap.shortway.Way`: requests served in C count themselves in and
-out of it). Every drain closes it first and waits for its requests too; when
-the last drain ends, ``on_thaw`` opens it again with what the device's
-filters then allow (:meth:`blksnap.engine.device.Device.open_short_way`).
+A gate may have compiled twins, short ways (:class:`blksnap.shortway.Way`:
+requests served in C count themselves in and out of them): a device's, and
+the ways of the images that read it. Every drain closes them first
+(``close_ways``, which waits for their requests too); when the last drain
+ends, ``on_thaw`` opens them again with what the filters then allow
+(:meth:`blksnap.engine.device.Device.open_short_way`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from contextlib import contextmanager
 
 from blksnap.errors import BlksnapError
 from blksnap.fileio import may_block
-from blksnap.shortway import Way
 
 __all__ = ["Gate", "WouldWait", "may_block", "no_wait"]
 
@@ -57,17 +57,22 @@ no_wait = _NoWait()
 
 
 class Gate:
-    __slots__ = ("_closed_error", "_cond", "_frozen", "_inflight", "_lock", "on_thaw", "way")
+    __slots__ = ("_closed_error", "_cond", "_frozen", "_inflight", "_lock", "close_ways", "on_thaw")
 
-    def __init__(self, way: Way | None = None, on_thaw: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        close_ways: Callable[[], None] | None = None,
+        on_thaw: Callable[[], None] | None = None,
+    ) -> None:
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._inflight = 0
         self._frozen = 0
         self._closed_error: Callable[[], BlksnapError] | None = None
-        #: The compiled twin (closed at every drain), and what opens it
-        #: again when the last drain ends (with the gate's lock held).
-        self.way = way
+        #: Closes the compiled twins and waits for their requests (at every
+        #: drain), and what opens them again when the last drain ends (with
+        #: the gate's lock held).
+        self.close_ways = close_ways
         self.on_thaw = on_thaw
 
     def enter(self) -> None:
@@ -104,8 +109,8 @@ class Gate:
         twin's too)."""
         with self._cond:
             self._frozen += 1
-        if self.way is not None:  # (outside the lock: its requests never take it)
-            self.way.close()
+        if self.close_ways is not None:  # (outside the lock: their requests never take it)
+            self.close_ways()
         with self._cond:
             while self._inflight:
                 self._cond.wait()
@@ -119,14 +124,15 @@ class Gate:
                 self._cond.notify_all()
 
     def refresh(self) -> None:
-        """What the compiled twin may do has changed outside a drain (a
-        snapshot resumed): close it, wait for its requests, and open it again
-        unless a drain is under way (its end does). Python's requests go on."""
-        if self.way is None:
+        """What the compiled twins may do has changed outside a drain (a
+        snapshot resumed, images made): close them, wait for their requests,
+        and open them again unless a drain is under way (its end does).
+        Python's requests go on."""
+        if self.close_ways is None:
             return
         with self._cond:
             self._frozen += 1
-        self.way.close()
+        self.close_ways()
         self.unfreeze()
 
     def close(self, make_error: Callable[[], BlksnapError]) -> None:
@@ -135,11 +141,15 @@ class Gate:
             self._closed_error = make_error
             self._frozen += 1
             self._cond.notify_all()
-        if self.way is not None:
-            self.way.close()
+        if self.close_ways is not None:
+            self.close_ways()
         with self._cond:
             while self._inflight:
                 self._cond.wait()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed_error is not None
 
     @property
     def inflight(self) -> int:

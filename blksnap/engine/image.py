@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING
 
+from blksnap import shortway
 from blksnap.errors import InvalidArgument, NoSpace
 
 if TYPE_CHECKING:
@@ -32,6 +33,11 @@ class Image:
         # a backup tool's reads, as blksnapd saw them (kept with the chunk map).
         self._stats_lock = threading.Lock()
         self._stats = diff_area.stats
+        #: Its reads served in C (:mod:`blksnap.shortway`), while its device
+        #: has no filter but the tracker and its diff storage is on no
+        #: served device; opened and closed with its device's gate (and its
+        #: snapshot's image gate closes it for good).
+        self.short_way = shortway.Way() if shortway.LIB is not None else None
 
     @property
     def bytes_read(self) -> int:
@@ -64,10 +70,43 @@ class Image:
             data = self.diff_area.read(offset, length)
         finally:
             self._gate.leave()
-        with self._stats_lock:
-            self._stats[0] += length
-            self._stats[1] += 1
+        self._count(0, length)
         return data
+
+    def _count(self, which: int, length: int) -> None:
+        """Count a read (``which`` 0) or a write (2) of ``length`` bytes; the
+        compiled short way counts its reads in the same words."""
+        if self.short_way is not None:
+            base = int(self._stats.ctypes.data)
+            shortway.add64(base + which * 8, length)
+            if which == 0:
+                shortway.add64(base + 8, 1)
+            return
+        with self._stats_lock:
+            self._stats[which] += length
+            if which == 0:
+                self._stats[1] += 1
+
+    def open_short_way(self) -> None:
+        """Open its way if its reads may be served in C: its device has no
+        filter but the tracker (none that stands for the disk), its diff
+        storage lies on no served device (whose ranges read as zeros), the
+        snapshot is healthy and not destroyed. Only with the way closed (its
+        device's gate calls it when a drain ends)."""
+        way, area = self.short_way, self.diff_area
+        if way is None or self._gate.closed or area.error or area.storage.on_device:
+            return
+        dev = area.device
+        if len(dev.filters._filters) != 1:
+            return
+        chunks, keep = area.short_way()
+        grant = shortway.Grant(shortway.READS | shortway.IMAGE, None, chunks, keep,
+                               area.image_short_way())  # fmt: skip
+        way.open(grant, dev.backing.fd, self.size)
+
+    def close_short_way(self) -> None:
+        if self.short_way is not None:
+            self.short_way.close()
 
     def allocation(self, offset: int, length: int, limit: int = 0) -> list[tuple[int, int, bool]]:
         """Allocation of the image at ``offset``..``offset+length``: runs
@@ -124,8 +163,7 @@ class Image:
             self.cbt.mark_both(offset, len(data))
         finally:
             self._gate.leave()
-        with self._stats_lock:
-            self._stats[2] += len(data)
+        self._count(2, len(data))
 
     def write_may_wait(self, offset: int, length: int) -> bool:
         """A write to an image may always wait (its chunks are copied into

@@ -94,8 +94,10 @@ class Snapshot:
         self.storage = DiffStorage(
             params, on_low_space=self._low_space, slot_size=self.chunk_size, keep=keep
         )
-        #: Every image I/O holds this gate; destroy closes it.
-        self.image_gate = Gate()
+        #: Every image I/O holds this gate; destroy closes it (and the
+        #: images' compiled short ways).
+        self.image_gate = Gate(self._close_image_ways)
+        self.storage.before_device_source = self._close_image_ways
         self._lock = threading.Lock()
 
     # -- events ---------------------------------------------------------------
@@ -189,9 +191,17 @@ class Snapshot:
     def _make_images(self) -> None:
         for name, member in sorted(self.members.items()):
             assert member.diff_area is not None
-            member.image = Image(
+            member.image = image = Image(
                 self.id, name, member.diff_area, member.tracker.cbt, self.image_gate
             )
+            dev = member.device
+            dev.images = [*dev.images, image]  # (replaced whole: read lock-free)
+            dev.queue.refresh()  # (its way opens with the device's)
+
+    def _close_image_ways(self) -> None:
+        for member in self.members.values():
+            if member.image is not None:
+                member.image.close_short_way()
 
     # -- a process taking over ----------------------------------------------------
 
@@ -310,15 +320,19 @@ class Snapshot:
         sid = self.id
         self.image_gate.close(lambda: NotFound(f"snapshot {sid} has been destroyed"))
         for member in self.members.values():
-            member.device.queue.freeze()
+            dev = member.device
+            dev.queue.freeze()
             try:
                 member.tracker.diff_area = None
                 member.tracker.snapshot_id = None
+                dev.images = [i for i in dev.images if i is not member.image]
             finally:
-                member.device.queue.unfreeze()
+                dev.queue.unfreeze()
             member.image = None
             if member.diff_area is not None:
                 member.diff_area.disown()
+        # (no cycle through its own methods keeps it, and its chunk maps, alive)
+        self.image_gate.close_ways = self.storage.before_device_source = None
         self.storage.release()
         self.keep.drop()
         self.events.close()

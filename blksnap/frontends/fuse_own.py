@@ -303,18 +303,26 @@ class OwnFS:
 
     # -- the tree -----------------------------------------------------------------
 
+    def _bind(self, node: Node) -> None:
+        """A device's or image's file: its reads (and writes) take its
+        compiled short way."""
+        way = getattr(node.backing, "short_way", None)
+        if self.nodes is not None and way is not None and not self.nodes.bind(node.nodeid, way):
+            log.warning("%s: no room in the short way's table: served in Python", node.path)
+
+    def _unbind(self, node: Node) -> None:
+        if self.nodes is not None:
+            self.nodes.unbind(node.nodeid)
+
     def add_device(self, name: str) -> None:
         backing = TargetBacking(device_target(self.engine, name))
-        node = self.tree.add_file(f"dev/{name}", backing)
-        way = backing.short_way
-        if self.nodes is not None and way is not None and not self.nodes.bind(node.nodeid, way):
-            log.warning("%s: no room in the short way's table: served in Python", name)
+        self._bind(self.tree.add_file(f"dev/{name}", backing))
         self._changed(self.dev, name)
 
     def remove_device(self, name: str) -> None:
         node = self.tree.remove(f"dev/{name}")
-        if node is not None and self.nodes is not None:
-            self.nodes.unbind(node.nodeid)
+        if node is not None:
+            self._unbind(node)
         self._changed(self.dev, name)
 
     def add_snapshot(self, sid: str, names: list[str]) -> None:
@@ -322,11 +330,14 @@ class OwnFS:
             self.tree.add_dir(f"images/{sid}")
             for name in names:
                 backing = TargetBacking(image_target(self.engine, sid, name))
-                self.tree.add_file(f"images/{sid}/{name}", backing)
+                self._bind(self.tree.add_file(f"images/{sid}/{name}", backing))
         self._changed(self.images, sid)
 
     def remove_snapshot(self, sid: str) -> None:
-        self.tree.remove(f"images/{sid}")
+        folder = self.tree.remove(f"images/{sid}")
+        if folder is not None:
+            for node in folder.children.values():
+                self._unbind(node)
         self._changed(self.images, sid)
 
     def add_backup(self, key: str) -> None:

@@ -87,7 +87,7 @@ def test_what_the_short_way_serves_and_gives_back(
     tmp_path: Path, engine: blksnap.Engine, make_file: Callable[..., str], storage_dir: str
 ) -> None:
     disk, _dev, way = device_with_way(engine, make_file)
-    with served(engine, tmp_path / "mnt", ["a"]):
+    with served(engine, tmp_path / "mnt", ["a"]) as fs:
         fd = os.open(tmp_path / "mnt" / "dev" / "a", os.O_RDWR | os.O_DIRECT)
         buf = aligned(64 * 1024, b"p")
         try:
@@ -140,8 +140,28 @@ def test_what_the_short_way_serves_and_gives_back(
             # Blocks written either way are marked.
             assert trk.cbt.write_map[1 * MiB >> shift] == trk.cbt.active
 
+            # The image's file: chunks not stored are read in C, from the
+            # device; a stored chunk goes back to Python (diff storage).
+            fs.add_snapshot(sid, ["a"])
+            assert image.short_way is not None
+            iway = image.short_way
+            assert iway.mode == shortway.READS | shortway.IMAGE
+            ifd = os.open(tmp_path / "mnt" / "images" / sid / "a", os.O_RDONLY | os.O_DIRECT)
+            try:
+                i0, reads0 = iway.counts(), image.reads
+                assert os.pread(ifd, 64 * 1024, 5 * MiB) == b"p" * 64 * 1024
+                i1 = iway.counts()
+                assert i1["reads"] == i0["reads"] + 1 and image.reads == reads0 + 1
+                assert os.pread(ifd, 64 * 1024, 1 * MiB) == b"p" * 64 * 1024
+                i2 = iway.counts()
+                assert i2["reads"] == i1["reads"] and i2["returned"] == i1["returned"] + 1
+                assert image.reads == reads0 + 2
+            finally:
+                os.close(ifd)
+            fs.remove_snapshot(sid)
+
             engine.snapshot_destroy(sid)
-            assert way.mode == tracked
+            assert way.mode == tracked and iway.mode == 0
             engine.detach("a")
             assert way.mode == shortway.READS | shortway.WRITES
         finally:
@@ -299,7 +319,9 @@ def test_no_write_gets_past_a_take_or_a_destroy(
     """Writes in flight while snapshots are taken and destroyed, over and
     over. After each take, every block reads from the image at the version
     its last write ended before the take began, or a later one begun before
-    the take ended (none lost, none from after). And what an incremental
+    the take ended (none lost, none from after); read through the image's
+    file (in C: chunks not stored) while the writes go on, it reads the same
+    as in the engine. And what an incremental
     backup relies on: every write the image does not have (a version past
     the image's, ended before the next take) is in the changes the next
     take reports since this one. A write let past a drain, or marked under
@@ -314,7 +336,7 @@ def test_no_write_gets_past_a_take_or_a_destroy(
     shift = trk.cbt.block_shift
     rounds = 8
     with (
-        served(engine, tmp_path / "mnt", ["a"], short_way=compiled),
+        served(engine, tmp_path / "mnt", ["a"], short_way=compiled) as fs,
         _Writers(tmp_path / "mnt" / "dev" / "a", 4, blocks) as writers,
     ):
         #: The take before: its changes number and what its image held.
@@ -327,6 +349,14 @@ def test_no_write_gets_past_a_take_or_a_destroy(
             t1 = time.monotonic()
             changes = engine.cbt_info("a").changes_number
             image = engine.image(sid, "a")
+            fs.add_snapshot(sid, ["a"])
+            ifd = os.open(tmp_path / "mnt" / "images" / sid / "a", os.O_RDONLY | os.O_DIRECT)
+            try:
+                through_file = [os.pread(ifd, 256 * 1024, at) for at in range(0, SIZE, 256 * 1024)]
+            finally:
+                os.close(ifd)
+            fs.remove_snapshot(sid)
+            assert b"".join(through_file) == bytes(image.read(0, SIZE))
             log = {b: list(h) for b, h in list(writers.log.items())}
             held: dict[int, int] = {}
             for b, history in log.items():
@@ -349,3 +379,4 @@ def test_no_write_gets_past_a_take_or_a_destroy(
         assert dev.short_way is not None
         counts = dev.short_way.counts()
         assert counts["writes"] > 0, counts  # (the short way did serve)
+        assert image.short_way is not None and image.short_way.counts()["reads"] > 0
