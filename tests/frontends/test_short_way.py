@@ -328,7 +328,9 @@ def test_no_write_gets_past_a_take_or_a_destroy(
     a stale number, breaks one or the other."""
     if compiled and shortway.LIB is None:
         pytest.skip(f"no compiled short way: {shortway.WHY_NOT}")
-    blocks = SIZE // BS
+    # (the writers leave the last MiB alone: its chunks are never stored, so
+    # the image's file reads them in C whatever the timing)
+    blocks = (SIZE - MiB) // BS
     disk = make_file(SIZE, "a.img")
     dev = engine.add_device(disk, name="a")
     engine.attach("a")
@@ -379,4 +381,4 @@ def test_no_write_gets_past_a_take_or_a_destroy(
         assert dev.short_way is not None
         counts = dev.short_way.counts()
         assert counts["writes"] > 0, counts  # (the short way did serve)
-        assert image.short_way is not None and image.short_way.counts()["reads"] > 0
+        assert image.short_way is not None and image.short_way.counts()["reads"] >= 4
