@@ -46,10 +46,14 @@ class Settings:
     # -- FUSE front-end -------------------------------------------------------------
     #: Reader threads of the FUSE session: each serves a request start to
     #: finish, so a copy-on-write write waiting for its chunk holds one.
-    #: Twice the CPUs, 4 to 16. Measured (make bench, thread sweep, 2 CPUs):
-    #: first writes under a snapshot best at 4 in three runs of four (8 in
-    #: the other), 16: 0.85 of the best; passthrough 4 KiB writes 16.6k IOPS
-    #: with 2 threads, 9.1k with 8 (more threads than CPUs: GIL hand-offs).
+    #: Twice the CPUs, 4 to 16. Measured (make bench, thread sweep, 2 CPUs),
+    #: with the compiled short way: passthrough 4 KiB writes within 3 % from
+    #: 2 to 16 threads (every thread reads in C), 0.85 of the best at 32;
+    #: first writes under a snapshot (served in Python, one thread at a
+    #: time) best at 2 and 32, 0.91 at 4. Kept at 4: spare threads for
+    #: requests that wait. (Before it, in Python only: first writes best at 4
+    #: in three runs of four, passthrough 16.6k IOPS with 2 threads and 9.1k
+    #: with 8, the GIL handed to and fro.)
     fuse_threads: int = field(default_factory=_fuse_threads)
     #: How long the kernel may cache names and attributes of the FUSE files
     #: (changes are pushed to it with invalidation notifications).
