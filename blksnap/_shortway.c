@@ -120,6 +120,13 @@ struct bs_way *bs_way_new(void)
 	return calloc(1, sizeof(struct bs_way));
 }
 
+/* Close the way; the requests still inside (bs_way_close waits for them). */
+uint32_t bs_way_shut(struct bs_way *w)
+{
+	atomic_store(&w->mode, 0);
+	return atomic_load(&w->inflight);
+}
+
 /* Close the way and wait until no request is inside. */
 void bs_way_close(struct bs_way *w)
 {

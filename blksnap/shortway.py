@@ -88,25 +88,41 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     lib.bs_serve.argtypes = [ctypes.c_int, _p, ctypes.c_size_t, _p, _p,
                              ctypes.POINTER(ctypes.c_int)]  # fmt: skip
     lib.bs_serve.restype = ctypes.c_ssize_t
+    lib.bs_way_shut.argtypes = [_p]
+    lib.bs_way_shut.restype = _u32
     return lib, None
 
 
 #: The compiled short way, or None (then :data:`WHY_NOT` says why).
 LIB, WHY_NOT = _load()
+#: The same library for the calls that return at once, made without letting
+#: go of Python's lock: a call through :data:`LIB` lets it go, and taking it
+#: back while other threads run Python waits for one of them to hand it over
+#: (up to the 5 ms switch interval), which a take, a checkpoint or an image's
+#: counters must not pay for a call of a microsecond. Only :func:`serve` and
+#: the wait of :meth:`Way.close` go through :data:`LIB`.
+QUICK: ctypes.PyDLL | None = None
+if LIB is not None:
+    QUICK = ctypes.PyDLL(str(SO_PATH))
+    for _name in ("bs_way_new", "bs_way_shut", "bs_way_open", "bs_way_mode", "bs_way_counts",
+                  "bs_fence", "bs_add64", "bs_table_new", "bs_table_free", "bs_table_bind",
+                  "bs_table_unbind", "bs_turn_new", "bs_turn_free", "bs_turn_give"):  # fmt: skip
+        _f, _g = getattr(LIB, _name), getattr(QUICK, _name)
+        _g.argtypes, _g.restype = _f.argtypes, _f.restype
 
 
 def fence() -> None:
     """A full memory barrier, for Python code whose order the C side relies
     on (a CBT checkpoint: clear the durable marks, fence, copy the map)."""
-    if LIB is not None:
-        LIB.bs_fence()
+    if QUICK is not None:
+        QUICK.bs_fence()
 
 
 def add64(address: int, n: int) -> None:
     """Add ``n`` to the int64 at ``address`` atomically (a counter the C
     side adds to as well)."""
-    assert LIB is not None
-    LIB.bs_add64(address, n)
+    assert QUICK is not None
+    QUICK.bs_add64(address, n)
 
 
 def address(buf: bytearray) -> tuple[int, Any]:
@@ -142,8 +158,8 @@ class Way:
     __slots__ = ("_keep", "ptr")
 
     def __init__(self) -> None:
-        assert LIB is not None
-        ptr = LIB.bs_way_new()
+        assert QUICK is not None
+        ptr = QUICK.bs_way_new()
         if not ptr:
             raise MemoryError("no memory for a short way")
         #: Never freed: a stale file handle may name this way after its
@@ -154,15 +170,16 @@ class Way:
     def close(self) -> None:
         """Close the way and wait until no request is inside (then the
         memory it was given may go)."""
-        assert LIB is not None
-        LIB.bs_way_close(self.ptr)
+        assert LIB is not None and QUICK is not None
+        if QUICK.bs_way_shut(self.ptr):  # (requests inside: wait, Python's lock let go)
+            LIB.bs_way_close(self.ptr)
         self._keep = ()
 
     def open(self, grant: Grant, fd: int, size: int, piece: int = 0) -> None:
         """Let ``grant`` through to ``fd`` (``size`` bytes; writes in pieces
         of ``piece``), holding what owns its addresses until the way is
         closed. Only with the way closed and drained."""
-        assert LIB is not None
+        assert QUICK is not None
         mode = grant.mode
         if mode & TRACKED and grant.cbt is None:
             raise ValueError("a tracked way needs its CBT map")
@@ -174,20 +191,20 @@ class Way:
         addr, shift, blocks, active, iok = grant.cbt or (0, 0, 0, 0, 0)
         cmap, cshift, capacity = grant.chunks or (0, 0, 0)
         error, stats = grant.image or (0, 0)
-        LIB.bs_way_open(self.ptr, mode, fd, size, piece, addr, shift, blocks, active, iok,
+        QUICK.bs_way_open(self.ptr, mode, fd, size, piece, addr, shift, blocks, active, iok,
                         cmap, cshift, capacity, error, stats)  # fmt: skip
 
     @property
     def mode(self) -> int:
-        assert LIB is not None
-        return int(LIB.bs_way_mode(self.ptr))
+        assert QUICK is not None
+        return int(QUICK.bs_way_mode(self.ptr))
 
     def counts(self) -> dict[str, int]:
         """Requests served in C so far (reads, writes) and READs/WRITEs of a
         bound handle given back to Python (``returned``)."""
-        assert LIB is not None
+        assert QUICK is not None
         out = (_u64 * 3)()
-        LIB.bs_way_counts(self.ptr, out)
+        QUICK.bs_way_counts(self.ptr, out)
         return {"reads": out[0], "writes": out[1], "returned": out[2]}
 
 
@@ -206,12 +223,12 @@ class Nodes:
     BITS = 12
 
     def __init__(self) -> None:
-        assert LIB is not None
-        ptr = LIB.bs_table_new(self.BITS)
-        turn = LIB.bs_turn_new()
+        assert QUICK is not None
+        ptr = QUICK.bs_table_new(self.BITS)
+        turn = QUICK.bs_turn_new()
         if not ptr or not turn:
-            LIB.bs_table_free(ptr)
-            LIB.bs_turn_free(turn)
+            QUICK.bs_table_free(ptr)
+            QUICK.bs_turn_free(turn)
             raise MemoryError("no memory for a node table")
         self.ptr: int = ptr
         self.turn: int = turn
@@ -220,31 +237,31 @@ class Nodes:
     def bind(self, nodeid: int, way: Way) -> bool:
         """Serve ``nodeid``'s reads and writes by ``way``; False if there is
         no room (they go the long way)."""
-        assert LIB is not None
-        if LIB.bs_table_bind(self.ptr, nodeid, way.ptr) != 0:
+        assert QUICK is not None
+        if QUICK.bs_table_bind(self.ptr, nodeid, way.ptr) != 0:
             return False
         self.bound[nodeid] = way
         return True
 
     def unbind(self, nodeid: int) -> None:
-        assert LIB is not None
+        assert QUICK is not None
         if self.bound.pop(nodeid, None) is not None:
-            LIB.bs_table_unbind(self.ptr, nodeid)
+            QUICK.bs_table_unbind(self.ptr, nodeid)
 
     def give(self) -> None:
         """Give the turn back if this thread holds it (``may_block``'s hook)."""
-        assert LIB is not None
-        LIB.bs_turn_give(self.turn)
+        assert QUICK is not None
+        QUICK.bs_turn_give(self.turn)
 
     def free(self) -> None:
         """Only once no thread can be in :func:`serve` with it."""
-        assert LIB is not None
+        assert QUICK is not None
         ptr, self.ptr = self.ptr, 0
         turn, self.turn = self.turn, 0
         if ptr:
-            LIB.bs_table_free(ptr)
+            QUICK.bs_table_free(ptr)
         if turn:
-            LIB.bs_turn_free(turn)
+            QUICK.bs_turn_free(turn)
 
 
 def serve(fd: int, buf: int, size: int, nodes: Nodes, reply_errno: Any) -> int:
