@@ -112,8 +112,9 @@ struct bs_table {
 	struct bs_entry e[];
 };
 
-/* --- ways: made by the engine, one per device, never freed (a few dozen
- * bytes per device added: a stale handle may still name one) --- */
+/* --- ways: made by the engine, one per device or image, never freed (a few
+ * dozen bytes each: a reader thread may have looked one up just before its
+ * file was unbound) --- */
 
 struct bs_way *bs_way_new(void)
 {
