@@ -193,7 +193,14 @@ class DiffArea:
             self._directory[pno] = 1
             page = self._pages[pno] = self._page_view(pno)
             self._views[pno] = memoryview(page)
+        # The fences order it for the compiled short way's readers, which
+        # take a chunk found here as copied (its rewrites) and one not found
+        # as untouched on the device (image reads): the copy before the
+        # entry, the entry before the device write that follows it. (x86-64
+        # orders plain stores so already; other machines need them.)
+        shortway.fence()
         page[idx] = location + 1
+        shortway.fence()
         self.chunks_stored += 1
 
     @property
