@@ -133,7 +133,8 @@ void bs_way_close(struct bs_way *w)
 {
 	struct timespec nap = {0, 20000};
 
-	atomic_store(&w->mode, 0);
+	if (!bs_way_shut(w))
+		return;
 	while (atomic_load(&w->inflight))
 		nanosleep(&nap, NULL);
 }
@@ -437,31 +438,38 @@ static int mark(struct bs_way *w, uint64_t offset, uint64_t length)
 	return 1;
 }
 
+/* Is every chunk of offset..offset+length in diff storage (stored 1), or
+ * none of them (stored 0)? */
+static int chunks_all(struct bs_way *w, uint64_t offset, uint64_t length, int stored)
+{
+	uint64_t c, last = (offset + length - 1) >> w->chunk_shift;
+
+	for (c = offset >> w->chunk_shift; c <= last; c++)
+		if ((__atomic_load_n(&w->chunks[c], __ATOMIC_ACQUIRE) != 0) != stored)
+			return 0;
+	return 1;
+}
+
 /* Is every chunk of the write in diff storage? */
 static int stored(struct bs_way *w, uint64_t offset, uint64_t length)
 {
-	uint64_t c, last;
-
-	if (offset + length > w->capacity)
-		return 0;
-	last = (offset + length - 1) >> w->chunk_shift;
-	for (c = offset >> w->chunk_shift; c <= last; c++)
-		if (!__atomic_load_n(&w->chunks[c], __ATOMIC_ACQUIRE))
-			return 0;
-	return 1;
+	return offset + length <= w->capacity && chunks_all(w, offset, length, 1);
 }
 
 /* Is no chunk of the read in diff storage, and the snapshot healthy? */
 static int none_stored(struct bs_way *w, uint64_t offset, uint64_t length)
 {
-	uint64_t c, last = (offset + length - 1) >> w->chunk_shift;
+	return !__atomic_load_n(w->error, __ATOMIC_ACQUIRE) && chunks_all(w, offset, length, 0);
+}
 
-	if (__atomic_load_n(w->error, __ATOMIC_ACQUIRE))
-		return 0;
-	for (c = offset >> w->chunk_shift; c <= last; c++)
-		if (__atomic_load_n(&w->chunks[c], __ATOMIC_ACQUIRE))
-			return 0;
-	return 1;
+/* The out-header of a reply of len bytes (error 0) to unique. */
+static void put_header(uint8_t *out, uint32_t len, uint64_t unique)
+{
+	int32_t err = 0;
+
+	memcpy(out, &len, 4);
+	memcpy(out + 4, &err, 4);
+	memcpy(out + 8, &unique, 8);
 }
 
 /* Send one reply; 0, or -errno (ENOENT, an interrupted request, is 0). */
@@ -483,8 +491,7 @@ static int serve_write(int fd, struct bs_way *w, uint8_t *buf, uint64_t unique, 
 {
 	uint8_t out[OUT_HEADER + 8];
 	struct iovec iov = {out, sizeof(out)};
-	uint32_t len = sizeof(out), zero = 0, mode;
-	int32_t err = 0;
+	uint32_t zero = 0, mode;
 	int r;
 
 	if (!size || offset + size > w->size || offset + size < offset)
@@ -506,9 +513,7 @@ static int serve_write(int fd, struct bs_way *w, uint8_t *buf, uint64_t unique, 
 	}
 	leave(w);
 	atomic_fetch_add_explicit(&w->writes, 1, memory_order_relaxed);
-	memcpy(out, &len, 4);
-	memcpy(out + 4, &err, 4);
-	memcpy(out + 8, &unique, 8);
+	put_header(out, sizeof(out), unique);
 	memcpy(out + 16, &size, 4);
 	memcpy(out + 20, &zero, 4);
 	r = reply(fd, &iov, 1);
@@ -523,7 +528,6 @@ static int serve_read(int fd, struct bs_way *w, uint8_t *buf, size_t bufsize, ui
 	uint8_t *data = buf + RW_END, *out = data - OUT_HEADER;
 	struct iovec iov;
 	uint32_t len;
-	int32_t err = 0;
 	int r;
 
 	if (!size || offset + size > w->size || offset + size < offset)
@@ -553,9 +557,7 @@ static int serve_read(int fd, struct bs_way *w, uint8_t *buf, size_t bufsize, ui
 	leave(w);
 	atomic_fetch_add_explicit(&w->reads, 1, memory_order_relaxed);
 	len = OUT_HEADER + size;
-	memcpy(out, &len, 4);
-	memcpy(out + 4, &err, 4);
-	memcpy(out + 8, &unique, 8);
+	put_header(out, len, unique);
 	iov.iov_base = out;
 	iov.iov_len = len;
 	r = reply(fd, &iov, 1);

@@ -1,21 +1,22 @@
 """The short way, compiled (``_shortway.c``): READ and WRITE requests of the
-FUSE files of devices served without the interpreter.
+FUSE files of devices, and READs of images, served without the interpreter.
 
 Python's share of a 4 KiB request is most of its cost (BENCHMARKS.md, "Block
 layer": ~10 us of CPU a request in Python against ~8 us for the same loop
 compiled, and one Python thread runs at a time). So blksnapd's FUSE reader
 threads wait for requests in C (:func:`serve`, Python's lock let go), serve
 there the reads and writes of a device whose filters ask nothing of them
-but a CBT mark, and hand every other request to Python.
+but a CBT mark (or a check that the chunks are stored), and the reads of an
+image whose chunks are not stored, and hand every other request to Python.
 
 Two objects tie the C side to the engine and the session:
 
-* a :class:`Way` per device says what its requests may do in C (reads,
-  writes, writes that mark a CBT map first); the engine opens it only with
-  it closed and drained, from the device's gate
-  (:class:`blksnap.engine.gate.Gate`), which closes it first at every drain;
+* a :class:`Way` per device and per image says what its requests may do in
+  C (:class:`Grant`); the engine opens it only with it closed and drained,
+  from the device's gate (:class:`blksnap.engine.gate.Gate`), which closes
+  it first at every drain;
 * a :class:`Nodes` table per FUSE file system says which way the requests
-  of each device's file (its node id) take.
+  of each file (its node id) take.
 
 Built by ``make`` (``make setup``) with the machine's C compiler into
 ``blksnap/_shortway.so``; without it, or with ``BLKSNAP_SHORT_WAY=0`` in the
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-#: What a way lets through (``_shortway.c``: BS_READS, BS_WRITES, BS_TRACKED).
+#: What a way lets through (``_shortway.c``: BS_READS, BS_WRITES, ...).
 READS = 1
 WRITES = 2
 TRACKED = 4
@@ -45,6 +46,42 @@ _p = ctypes.c_void_p
 _u32, _u64, _i32 = ctypes.c_uint32, ctypes.c_uint64, ctypes.c_int32
 
 
+#: Each function's argument and result types.
+_SIGNATURES: dict[str, tuple[list[Any], Any]] = {
+    "bs_way_new": ([], _p),
+    "bs_way_shut": ([_p], _u32),
+    "bs_way_close": ([_p], None),
+    "bs_way_open": (
+        [_p, _u32, _i32, _u64, _u64, _p, _u32, _u64, _u32, _p, _p, _u32, _u64, _p, _p],
+        None,
+    ),
+    "bs_way_mode": ([_p], _u32),
+    "bs_way_counts": ([_p, ctypes.POINTER(_u64)], None),
+    "bs_fence": ([], None),
+    "bs_add64": ([_p, ctypes.c_int64], None),
+    "bs_table_new": ([ctypes.c_uint], _p),
+    "bs_table_free": ([_p], None),
+    "bs_table_bind": ([_p, _u64, _p], ctypes.c_int),
+    "bs_table_unbind": ([_p, _u64], None),
+    "bs_turn_new": ([], _p),
+    "bs_turn_free": ([_p], None),
+    "bs_turn_give": ([_p], None),
+    "bs_serve": (
+        [ctypes.c_int, _p, ctypes.c_size_t, _p, _p, ctypes.POINTER(ctypes.c_int)],
+        ctypes.c_ssize_t,
+    ),
+}
+#: The calls that may wait, made with Python's lock let go (through
+#: :data:`LIB`); every other goes through :data:`QUICK`.
+_WAITING = ("bs_serve", "bs_way_close")
+
+
+def _declare(lib: ctypes.CDLL, names: Any) -> None:
+    for name in names:
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = _SIGNATURES[name]
+
+
 def _load() -> tuple[ctypes.CDLL | None, str | None]:
     if os.environ.get("BLKSNAP_SHORT_WAY", "1") == "0":
         return None, "BLKSNAP_SHORT_WAY=0 in the environment"
@@ -56,40 +93,7 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
         lib = ctypes.CDLL(str(SO_PATH))
     except OSError as exc:
         return None, f"{SO_PATH}: {exc}"
-    lib.bs_way_new.restype = _p
-    lib.bs_way_new.argtypes = []
-    lib.bs_way_close.argtypes = [_p]
-    lib.bs_way_close.restype = None
-    lib.bs_way_open.argtypes = [_p, _u32, _i32, _u64, _u64, _p, _u32, _u64, _u32, _p, _p, _u32,
-                                _u64, _p, _p]  # fmt: skip
-    lib.bs_add64.argtypes = [_p, ctypes.c_int64]
-    lib.bs_add64.restype = None
-    lib.bs_way_open.restype = None
-    lib.bs_way_mode.argtypes = [_p]
-    lib.bs_way_mode.restype = _u32
-    lib.bs_way_counts.argtypes = [_p, ctypes.POINTER(_u64)]
-    lib.bs_way_counts.restype = None
-    lib.bs_fence.argtypes = []
-    lib.bs_fence.restype = None
-    lib.bs_table_new.argtypes = [ctypes.c_uint]
-    lib.bs_table_new.restype = _p
-    lib.bs_table_free.argtypes = [_p]
-    lib.bs_table_free.restype = None
-    lib.bs_table_bind.argtypes = [_p, _u64, _p]
-    lib.bs_table_bind.restype = ctypes.c_int
-    lib.bs_table_unbind.argtypes = [_p, _u64]
-    lib.bs_table_unbind.restype = None
-    lib.bs_turn_new.argtypes = []
-    lib.bs_turn_new.restype = _p
-    lib.bs_turn_free.argtypes = [_p]
-    lib.bs_turn_free.restype = None
-    lib.bs_turn_give.argtypes = [_p]
-    lib.bs_turn_give.restype = None
-    lib.bs_serve.argtypes = [ctypes.c_int, _p, ctypes.c_size_t, _p, _p,
-                             ctypes.POINTER(ctypes.c_int)]  # fmt: skip
-    lib.bs_serve.restype = ctypes.c_ssize_t
-    lib.bs_way_shut.argtypes = [_p]
-    lib.bs_way_shut.restype = _u32
+    _declare(lib, _WAITING)
     return lib, None
 
 
@@ -104,11 +108,7 @@ LIB, WHY_NOT = _load()
 QUICK: ctypes.PyDLL | None = None
 if LIB is not None:
     QUICK = ctypes.PyDLL(str(SO_PATH))
-    for _name in ("bs_way_new", "bs_way_shut", "bs_way_open", "bs_way_mode", "bs_way_counts",
-                  "bs_fence", "bs_add64", "bs_table_new", "bs_table_free", "bs_table_bind",
-                  "bs_table_unbind", "bs_turn_new", "bs_turn_free", "bs_turn_give"):  # fmt: skip
-        _f, _g = getattr(LIB, _name), getattr(QUICK, _name)
-        _g.argtypes, _g.restype = _f.argtypes, _f.restype
+    _declare(QUICK, (name for name in _SIGNATURES if name not in _WAITING))
 
 
 def fence() -> None:
@@ -162,8 +162,8 @@ class Way:
         ptr = QUICK.bs_way_new()
         if not ptr:
             raise MemoryError("no memory for a short way")
-        #: Never freed: a stale file handle may name this way after its
-        #: device is gone (it finds it closed).
+        #: Never freed: a reader thread may have looked it up just before
+        #: its file was unbound (it finds it closed).
         self.ptr: int = ptr
         self._keep: tuple[Any, ...] = ()
 

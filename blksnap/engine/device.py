@@ -712,9 +712,10 @@ class Device:
         """Open :attr:`short_way` with what the filters allow now: with no
         filter, reads and writes; with one, what it says
         (:meth:`Filter.short_way`: the tracker's reads, and its writes with
-        their CBT mark while no snapshot is taken); with more, nothing. Only
-        with the way closed and drained (the gate calls it when its last
-        drain ends). A failure leaves it closed: the long way serves."""
+        their CBT mark while no snapshot is taken); with more, nothing. Then
+        its images' ways (:meth:`Image.open_short_way`). Only with the ways
+        closed and drained (the gate calls it when its last drain ends). A
+        failure leaves them closed: the long way serves."""
         way = self.short_way
         if way is None or self.closing:
             return

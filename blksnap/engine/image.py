@@ -38,6 +38,8 @@ class Image:
         #: served device; opened and closed with its device's gate (and its
         #: snapshot's image gate closes it for good).
         self.short_way = shortway.Way() if shortway.LIB is not None else None
+        #: The address of the counters (the short way adds to them too).
+        self._stats_at = int(self._stats.ctypes.data)
 
     @property
     def bytes_read(self) -> int:
@@ -77,10 +79,9 @@ class Image:
         """Count a read (``which`` 0) or a write (2) of ``length`` bytes; the
         compiled short way counts its reads in the same words."""
         if self.short_way is not None:
-            base = int(self._stats.ctypes.data)
-            shortway.add64(base + which * 8, length)
+            shortway.add64(self._stats_at + which * 8, length)
             if which == 0:
-                shortway.add64(base + 8, 1)
+                shortway.add64(self._stats_at + 8, 1)
             return
         with self._stats_lock:
             self._stats[which] += length

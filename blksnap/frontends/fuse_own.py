@@ -62,7 +62,7 @@ class TargetBacking:
         self.size = target.size
         self.read: Callable[[int, int], bytes | bytearray] = target.served.read
         self.write: Callable[[int, memoryview], None] = target.served.write
-        #: A device's compiled short way (None: an image, a backup, or none built).
+        #: A device's or image's compiled short way (None: a backup, or none built).
         self.short_way: shortway.Way | None = getattr(target.served, "short_way", None)
 
     def flush(self) -> None:
